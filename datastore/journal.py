@@ -1,0 +1,83 @@
+"""Append-only, hash-chained journal of everything done to a store.
+
+Each line is a JSON record carrying ``prev`` (the previous record's hash) and ``hash`` (sha256 of the
+record's canonical JSON without ``hash``). Editing, dropping or reordering any earlier line breaks the
+chain, which ``verify_journal`` reports with the line number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+GENESIS = "0" * 64
+
+
+class JournalError(ValueError):
+    pass
+
+
+def _digest(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_journal(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno == len(lines):
+                break  # a torn last line (crash mid-append, no newline yet): the chain ends before it
+            raise JournalError(f"{path}:{lineno}: not valid JSON") from None
+    return records
+
+
+def append_journal(path: Path, event: str, **details) -> dict:
+    """Append one record (fsync'd) and return it."""
+    records = read_journal(path)
+    prev = records[-1]["hash"] if records else GENESIS
+    record = {"seq": len(records), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "event": event, **details, "prev": prev}
+    record["hash"] = _digest(record)
+    line = json.dumps(record, sort_keys=True) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        if fh.tell() > 0 and not _ends_with_newline(path):
+            fh.write("\n")  # a torn line from an earlier crash must not swallow this record
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return record
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
+def verify_journal(path: Path) -> tuple[bool, str, int]:
+    """(ok, message, number of records). Checks each record's hash, sequence and link to the previous."""
+    try:
+        records = read_journal(path)
+    except JournalError as exc:
+        return False, str(exc), 0
+    prev = GENESIS
+    for i, rec in enumerate(records):
+        if rec.get("seq") != i:
+            return False, f"record {i}: sequence number {rec.get('seq')} (expected {i})", len(records)
+        if rec.get("prev") != prev:
+            return False, f"record {i}: does not link to the previous record's hash", len(records)
+        if rec.get("hash") != _digest(rec):
+            return False, f"record {i}: content does not match its hash (edited?)", len(records)
+        prev = rec["hash"]
+    return True, f"{len(records)} record(s), chain intact", len(records)

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny real corpus, a tiny real model trained on it, and a real datastore.
+
+Everything is built once per test session in a temporary folder; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+from silo.training.corpus import load_documents, write_jsonl  # noqa: E402
+
+TINY_MODEL = {"family": "gpt_neox", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+              "intermediate_size": 256, "context_length": 128}
+
+
+def tiny_train_config(corpus, output_dir, **over) -> dict:
+    cfg = dict(corpus=[str(c) for c in corpus], output_dir=str(output_dir), tokenizer={"vocab_size": 600},
+               model=TINY_MODEL, seq_len=128, batch_size=8, max_steps=60, lr=3e-3, warmup_steps=5,
+               eval_every=30, save_every=30, eval_tokens=4096, seed=0)
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A small slice of the shipped demo corpus: permissive training text and two datastore owners."""
+    d = tmp_path_factory.mktemp("corpus")
+    train = [doc for doc in load_documents("pkg:demo/train") if doc.domain in ("bible", "python")]
+    train = sorted(train, key=lambda x: x.id)[:40]
+    for doc in train:
+        doc.text = doc.text[:6000]
+    write_jsonl(train, d / "train.jsonl")
+    store_docs = load_documents("pkg:demo/datastore")
+    plays = sorted([x for x in store_docs if x.domain == "shakespeare"], key=lambda x: x.id)[:3]
+    gcide = sorted([x for x in store_docs if x.domain == "gcide"], key=lambda x: x.id)[:2]
+    for doc in plays + gcide:
+        doc.text = doc.text[:12000]
+    write_jsonl(plays + gcide, d / "datastore.jsonl")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, corpus_dir) -> Path:
+    from silo.training.config import validate
+    from silo.training.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("model") / "model"
+    cfg = validate(TrainConfig, tiny_train_config([corpus_dir / "train.jsonl"], out,
+                                                  eval_corpus=[str(corpus_dir / "train.jsonl")]))
+    train(cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_model, corpus_dir) -> Path:
+    from silo.datastore.store import DatastoreConfig, build_datastore
+    from silo.training.config import validate
+
+    out = tmp_path_factory.mktemp("store") / "store"
+    cfg = validate(DatastoreConfig, dict(model=str(tiny_model), corpus=[str(corpus_dir / "datastore.jsonl")],
+                                         output_dir=str(out), window=128, stride=96, batch_size=16))
+    build_datastore(cfg, progress=False)
+    return out
+
+
+def write_docs(path: Path, docs: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for d in docs:
+            fh.write(json.dumps(d) + "\n")
+    return path

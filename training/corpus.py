@@ -1,0 +1,229 @@
+"""Documents, corpora, licence policy and de-duplication.
+
+A document is ``{id, text, owner, source, license, title?, url?, domain?, split?}``. A corpus is one or
+more JSONL files (optionally gzip-compressed), a folder of them, a split of the shipped demo corpus
+(``pkg:demo/train``, ``pkg:demo/datastore``, ``pkg:demo/val``, ``pkg:demo/test``) or a Hugging Face
+dataset (``hf:NAME[:SPLIT]`` or a local dataset folder ``hf:/path``) with the same columns.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .licenses import DEFAULT_ALLOWED_TIERS, check_tiers, tier_of
+
+DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
+DEMO_SPLITS = ("train", "datastore", "val", "test")
+REQUIRED_FIELDS = ("id", "text", "owner")
+
+
+class CorpusError(ValueError):
+    """A corpus file or document is malformed; the message names the file, line and field."""
+
+
+class PolicyViolation(ValueError):
+    """Documents outside the licence policy were about to reach the weights."""
+
+    def __init__(self, refused: list["Document"], allowed_tiers: tuple[str, ...]):
+        self.refused = refused
+        self.allowed_tiers = allowed_tiers
+        shown = "\n".join(
+            f"  {d.id} (owner {d.owner}, licence {d.license or 'missing'} -> tier {d.tier})" for d in refused[:25]
+        )
+        more = f"\n  ... and {len(refused) - 25} more" if len(refused) > 25 else ""
+        super().__init__(
+            f"{len(refused)} document(s) are outside the training policy (allowed tiers: "
+            f"{', '.join(allowed_tiers)}):\n{shown}{more}\n"
+            "Remove them from the training corpus, put them in the datastore instead, or pass "
+            "--drop-disallowed (train.drop_disallowed: true) to drop them and report the counts."
+        )
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    owner: str
+    source: str = ""
+    license: str = ""
+    title: str = ""
+    url: str = ""
+    domain: str = ""
+    split: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tier(self) -> str:
+        return tier_of(self.license)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        return {k: v for k, v in d.items() if v != "" or k in REQUIRED_FIELDS}
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str) -> "Document":
+        if not isinstance(obj, dict):
+            raise CorpusError(f"{where}: a document must be a JSON object, got {type(obj).__name__}")
+        for key in REQUIRED_FIELDS:
+            if key not in obj or obj[key] is None:
+                raise CorpusError(f"{where}: document is missing the required field '{key}'")
+            if not isinstance(obj[key], str):
+                raise CorpusError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
+        if not obj["id"].strip():
+            raise CorpusError(f"{where}: field 'id' is empty")
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        kwargs = {k: ("" if obj.get(k) is None else str(obj[k])) for k in known if k in obj}
+        extra = {k: v for k, v in obj.items() if k not in known}
+        return cls(**kwargs, extra=extra)
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> Iterator[Document]:
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{where}: not valid JSON ({exc.msg})") from None
+            yield Document.from_json(obj, where)
+
+
+def _from_hf(spec: str) -> Iterator[Document]:
+    import datasets  # heavy; only when asked for
+
+    name, _, split = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if Path(name).is_dir() and (Path(name) / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(name)
+    else:
+        ds = datasets.load_dataset(name, split=split or "train")
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split or "train"]
+    for i, row in enumerate(ds):
+        yield Document.from_json(dict(row), f"hf:{spec}[{i}]")
+
+
+def resolve_corpus_path(spec: str) -> list[Path]:
+    if spec.startswith("pkg:demo/"):
+        split = spec[len("pkg:demo/"):]
+        if split not in DEMO_SPLITS:
+            raise CorpusError(f"unknown demo split '{split}' in '{spec}'; splits are {', '.join(DEMO_SPLITS)}")
+        path = DEMO_DATA_DIR / f"{split}.jsonl.gz"
+        if not path.exists():
+            raise CorpusError(f"{path} is missing; rebuild it with `silo corpus build-demo`")
+        return [path]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
+        if not files:
+            raise CorpusError(f"{path}: folder holds no .jsonl or .jsonl.gz files")
+        return files
+    if not path.exists():
+        raise CorpusError(f"corpus not found: {path}")
+    return [path]
+
+
+def load_documents(specs: str | Iterable[str], domains: Iterable[str] | None = None) -> list[Document]:
+    """Load every document of one or more corpus specs; optionally keep only some domains.
+
+    Ids must be unique across the whole corpus: two documents with one id would make provenance and
+    removal ambiguous, so that is an error naming both places.
+    """
+    if isinstance(specs, str):
+        specs = [specs]
+    keep = set(domains) if domains else None
+    docs: list[Document] = []
+    seen: dict[str, str] = {}
+    for spec in specs:
+        it = _from_hf(spec[3:]) if spec.startswith("hf:") else (
+            d for p in resolve_corpus_path(spec) for d in read_jsonl(p)
+        )
+        for doc in it:
+            if keep is not None and doc.domain not in keep:
+                continue
+            if doc.id in seen:
+                raise CorpusError(f"duplicate document id '{doc.id}' (in {seen[doc.id]} and {spec})")
+            seen[doc.id] = spec
+            docs.append(doc)
+    return docs
+
+
+def write_jsonl(docs: Iterable[Document], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    opener = (lambda p: gzip.GzipFile(p, "wb", mtime=0)) if path.suffix == ".gz" else (lambda p: open(p, "wb"))
+    with opener(tmp) as fh:
+        for d in docs:
+            fh.write((json.dumps(d.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
+    tmp.replace(path)
+
+
+@dataclass
+class PolicyReport:
+    allowed_tiers: tuple[str, ...]
+    kept: list[Document]
+    refused: list[Document]
+    duplicates: list[tuple[str, str]]  # (dropped id, id of the kept copy)
+
+    def summary(self) -> dict:
+        by_tier: dict[str, int] = {}
+        for d in self.kept:
+            by_tier[d.tier] = by_tier.get(d.tier, 0) + 1
+        return {
+            "allowed_tiers": list(self.allowed_tiers),
+            "kept_documents": len(self.kept),
+            "kept_by_tier": by_tier,
+            "refused_documents": len(self.refused),
+            "exact_duplicates_removed": len(self.duplicates),
+        }
+
+
+def normalise_for_dedup(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").strip().split("\n"))
+
+
+def apply_policy(
+    docs: list[Document],
+    allowed_tiers: tuple[str, ...] | list[str] = DEFAULT_ALLOWED_TIERS,
+    drop_disallowed: bool = False,
+) -> PolicyReport:
+    """Refuse (or drop) documents outside the allowed tiers, then remove exact duplicates.
+
+    Raises PolicyViolation naming every refused document unless `drop_disallowed`.
+    """
+    allowed = check_tiers(tuple(allowed_tiers))
+    refused = [d for d in docs if d.tier not in allowed]
+    if refused and not drop_disallowed:
+        raise PolicyViolation(refused, allowed)
+    kept: list[Document] = []
+    first_by_hash: dict[str, str] = {}
+    duplicates: list[tuple[str, str]] = []
+    for d in docs:
+        if d.tier not in allowed:
+            continue
+        h = hashlib.sha256(normalise_for_dedup(d.text).encode("utf-8")).hexdigest()
+        if h in first_by_hash:
+            duplicates.append((d.id, first_by_hash[h]))
+            continue
+        first_by_hash[h] = d.id
+        kept.append(d)
+    return PolicyReport(allowed, kept, refused, duplicates)

@@ -1,0 +1,343 @@
+"""Train a causal LM on permissively licensed text only, with a provenance record.
+
+corpus -> licence policy + exact de-duplication -> byte-level BPE tokenizer -> packed token stream ->
+Hugging Face causal LM (GPT-NeoX or Llama family, sizes from the config) trained with `accelerate`
+(the same script runs on this CPU and on several GPUs under ``accelerate launch``) -> a model folder
+that ``AutoModelForCausalLM.from_pretrained`` loads, plus ``provenance.json``.
+
+The loop follows nanoGPT: random windows of the packed stream, AdamW, linear warm-up then cosine decay,
+periodic held-out loss, and checkpoints that resume bit-for-bit (the batch for step s is drawn from a
+generator seeded by (seed, s), so resuming needs no data-loader state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+from tqdm.auto import tqdm
+
+from .config import StageConfig
+from .corpus import Document, apply_policy, load_documents
+from .fingerprint import model_fingerprint
+from .licenses import POLICIES, TIERS, check_tiers
+from .tokenizer import save_tokenizer, train_tokenizer
+
+
+class ModelSpec(StageConfig):
+    family: Literal["gpt_neox", "llama"] = "gpt_neox"
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(1024, gt=0)
+    context_length: int = Field(256, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class TokenizerSpec(StageConfig):
+    vocab_size: int = Field(8192, ge=300)
+    min_frequency: int = Field(2, ge=1)
+    path: str | None = None  # reuse an existing tokenizer (folder or hub id) instead of training one
+
+
+class TrainConfig(StageConfig):
+    corpus: list[str] = Field(min_length=1)
+    eval_corpus: list[str] = []
+    domains: list[str] | None = None  # keep only these domains of the corpus (None: all)
+    policy: Literal["pd", "pdsw", "pdswby", "custom"] = "pdsw"
+    allowed_tiers: list[str] | None = None  # required when policy is custom
+    drop_disallowed: bool = False
+    output_dir: str
+    checkpoint_dir: str | None = None  # default: <output_dir>-checkpoints
+    init_from: str | None = None  # hub id or folder: continue from these weights (and tokenizer)
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    model: ModelSpec = ModelSpec()
+    seq_len: int = Field(256, gt=1)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(300, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(100, gt=0)
+    eval_tokens: int = Field(32768, gt=0)
+    save_every: int = Field(100, gt=0)
+    seed: int = 0
+    threads: int | None = Field(None, gt=0)
+
+    @field_validator("allowed_tiers")
+    @classmethod
+    def _tiers_known(cls, v):
+        if v is not None:
+            bad = [t for t in v if t not in TIERS]
+            if bad:
+                raise ValueError(f"unknown tier(s) {bad}; tiers are {', '.join(TIERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _policy_consistent(self):
+        if self.policy == "custom" and not self.allowed_tiers:
+            raise ValueError("policy 'custom' needs allowed_tiers")
+        if self.seq_len > self.model.context_length and self.init_from is None:
+            raise ValueError(f"seq_len ({self.seq_len}) exceeds model.context_length ({self.model.context_length})")
+        return self
+
+    def tiers(self) -> tuple[str, ...]:
+        if self.policy == "custom":
+            return check_tiers(tuple(self.allowed_tiers or ()))
+        if self.allowed_tiers is not None and tuple(self.allowed_tiers) != POLICIES[self.policy]:
+            raise ValueError(
+                f"policy '{self.policy}' means tiers {POLICIES[self.policy]} but allowed_tiers says "
+                f"{tuple(self.allowed_tiers)}; use policy: custom for another set"
+            )
+        return POLICIES[self.policy]
+
+
+def build_model(spec: ModelSpec, vocab_size: int, eos_id: int, pad_id: int):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+    if spec.family == "gpt_neox":
+        cfg = GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
+            max_position_embeddings=spec.context_length, rotary_pct=0.25, use_parallel_residual=True,
+            tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+            hidden_dropout=0.0, attention_dropout=0.0,
+        )
+    else:
+        cfg = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
+            intermediate_size=spec.intermediate_size, max_position_embeddings=spec.context_length,
+            tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        )
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def encode_stream(docs: list[Document], tokenizer, desc: str) -> tuple[np.ndarray, list[int]]:
+    """Tokenise documents into one packed stream, EOS after each; returns (stream, tokens per doc)."""
+    eos = tokenizer.eos_token_id
+    counts: list[int] = []
+    parts: list[np.ndarray] = []
+    batch = 64
+    for i in tqdm(range(0, len(docs), batch), desc=desc, unit="batch", leave=False, disable=None):
+        enc = tokenizer([d.text for d in docs[i:i + batch]], add_special_tokens=False)["input_ids"]
+        for ids in enc:
+            counts.append(len(ids))
+            parts.append(np.asarray(ids + [eos], dtype=np.int32))
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return stream, counts
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def sample_batch(stream: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int, rank: int) -> torch.Tensor:
+    g = np.random.default_rng([seed, step, rank])
+    starts = g.integers(0, len(stream) - seq_len, size=batch_size)
+    return torch.from_numpy(np.stack([stream[s:s + seq_len] for s in starts]).astype(np.int64))
+
+
+@torch.inference_mode()
+def heldout_loss(model, stream: np.ndarray, seq_len: int, batch_size: int, device) -> float:
+    """Mean next-token loss over consecutive non-overlapping windows of the held-out stream."""
+    n = (len(stream) - 1) // seq_len
+    if n == 0:
+        return float("nan")
+    windows = torch.from_numpy(stream[: n * seq_len].astype(np.int64)).view(n, seq_len)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        x = windows[i:i + batch_size].to(device)
+        out = model(input_ids=x, labels=x)
+        total += out.loss.item() * x.numel()
+        count += x.numel()
+    if was_training:
+        model.train()
+    return total / count
+
+
+def _atomic_replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a finished folder into place; an existing `dest` is swapped out, never half-overwritten."""
+    old = dest.with_name(dest.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def train(cfg: TrainConfig, config_source: str = "", progress: bool = True) -> dict:
+    """Run the whole training stage; returns the provenance record written next to the model."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tiers = cfg.tiers()
+    out_dir = Path(cfg.output_dir)
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out_dir.with_name(out_dir.name + "-checkpoints")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    say = accelerator.print if progress else (lambda *a, **k: None)
+
+    docs = load_documents(cfg.corpus, cfg.domains)
+    if not docs:
+        raise ValueError(f"train.corpus: no documents found in {cfg.corpus} (domains {cfg.domains})")
+    report = apply_policy(docs, tiers, cfg.drop_disallowed)
+    if report.refused:
+        say(f"dropped {len(report.refused)} document(s) outside the policy (tiers {', '.join(tiers)})")
+    if report.duplicates:
+        say(f"removed {len(report.duplicates)} exact duplicate document(s)")
+    kept = report.kept
+    eval_docs = [d for d in load_documents(cfg.eval_corpus, cfg.domains)] if cfg.eval_corpus else []
+
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+    if cfg.init_from:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from)
+    elif cfg.tokenizer.path:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer.path)
+        model = build_model(cfg.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    else:
+        t0 = time.time()
+        tokenizer = train_tokenizer((d.text for d in kept), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+        say(f"trained a {len(tokenizer)}-token byte-level BPE on {len(kept)} documents in {time.time() - t0:.1f}s")
+        model = build_model(cfg.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    stream, doc_tokens = encode_stream(kept, tokenizer, "tokenising training text")
+    eval_stream, _ = encode_stream(eval_docs, tokenizer, "tokenising held-out text")
+    eval_stream = eval_stream[: cfg.eval_tokens + 1]
+    if len(stream) <= cfg.seq_len + 1:
+        raise ValueError(f"train.corpus: only {len(stream)} tokens after the policy, fewer than seq_len {cfg.seq_len}")
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"model: {cfg.model.family if not cfg.init_from else cfg.init_from}, {n_params / 1e6:.2f}M parameters; "
+        f"training stream {len(stream):,} tokens from {len(kept)} documents")
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    state_file = ckpt_dir / "trainer_state.json"
+    config_json = cfg.model_dump_json()
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        if state.get("config") == config_json:
+            accelerator.load_state(str(ckpt_dir / "state"))
+            start_step = state["step"]
+            say(f"resuming from step {start_step} ({ckpt_dir})")
+        else:
+            say(f"ignoring checkpoint in {ckpt_dir}: it was made with a different config")
+
+    model.train()
+    history: list[dict] = []
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * accelerator.num_processes
+    t_start = time.time()
+    trained_tokens = 0
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step",
+               disable=not (progress and accelerator.is_local_main_process) or None)
+    loss_val = float("nan")
+    for step in range(start_step, cfg.max_steps):
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        for micro in range(cfg.grad_accum):
+            x = sample_batch(stream, cfg.seq_len, cfg.batch_size, cfg.seed,
+                             step * cfg.grad_accum + micro, accelerator.process_index).to(accelerator.device)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=x, labels=x).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        loss_val = loss.item()
+        trained_tokens += tokens_per_step
+        elapsed = time.time() - t_start
+        bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{trained_tokens / max(elapsed, 1e-9):,.0f}")
+        bar.update(1)
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            rec = {"step": done, "train_loss": loss_val, "lr": lr_at(step, cfg)}
+            if len(eval_stream) > cfg.seq_len:
+                rec["heldout_loss"] = heldout_loss(accelerator.unwrap_model(model), eval_stream, cfg.seq_len,
+                                                   cfg.batch_size, accelerator.device)
+                say(f"\nstep {done}: train loss {loss_val:.3f}, held-out loss {rec['heldout_loss']:.3f} "
+                    f"(ppl {math.exp(rec['heldout_loss']):.1f})")
+            history.append(rec)
+        if done % cfg.save_every == 0 and done < cfg.max_steps:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            accelerator.save_state(str(ckpt_dir / "state"))
+            tmp = state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": done, "config": config_json}))
+            os.replace(tmp, state_file)
+    bar.close()
+    train_seconds = time.time() - t_start
+
+    accelerator.wait_for_everyone()
+    provenance: dict = {}
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model)
+        model.eval()
+        tmp_dir = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+        tmp_dir.mkdir(parents=True)
+        model.save_pretrained(str(tmp_dir))
+        save_tokenizer(tokenizer, tmp_dir)
+        provenance = {
+            "format": "silo.provenance.v1",
+            "fingerprint": model_fingerprint(model, tokenizer),
+            "policy": {"name": cfg.policy, "allowed_tiers": list(tiers)},
+            "summary": {
+                **report.summary(),
+                "training_tokens_in_stream": int(len(stream)),
+                "tokens_trained_on": int(trained_tokens + start_step * tokens_per_step),
+                "parameters": int(n_params),
+                "train_seconds_this_run": round(train_seconds, 2),
+                "tokens_per_second": round(trained_tokens / max(train_seconds, 1e-9), 1),
+            },
+            "documents": [
+                {"id": d.id, "owner": d.owner, "license": d.license, "tier": d.tier, "source": d.source,
+                 "sha256": d.sha256, "tokens": n}
+                for d, n in zip(kept, doc_tokens)
+            ],
+            "refused_documents": [{"id": d.id, "license": d.license, "tier": d.tier} for d in report.refused],
+            "duplicates_removed": [{"id": a, "duplicate_of": b} for a, b in report.duplicates],
+            "history": history,
+            "config": json.loads(config_json),
+            "config_source": config_source,
+        }
+        (tmp_dir / "provenance.json").write_text(json.dumps(provenance, indent=1))
+        _atomic_replace_dir(tmp_dir, out_dir)
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)  # the finished model supersedes the resumable state
+    return provenance
