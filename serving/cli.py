@@ -1,0 +1,266 @@
+"""`silo serve` and `silo client ...`; wired into silo/cli.py by `register(subparsers)`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def cmd_serve(args) -> int:
+    from .config import load_serve_config
+    from .metrics import setup_json_logging
+    from .server import serve_forever
+
+    overrides = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
+    cfg = load_serve_config(args.config, overrides)
+    setup_json_logging(args.log_level)
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    return serve_forever(cfg)
+
+
+def _client(args):
+    from .client import SiloClient
+
+    token = args.token or os.environ.get("SILO_ADMIN_TOKEN")
+    return SiloClient(args.target, token=token, tls=args.tls_ca or args.tls, timeout=args.timeout)
+
+
+def _gen_kwargs(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                stop=args.stop, seed=args.seed, mode=args.mode or None, k=args.k, lmbda=args.lmbda, tau=args.tau,
+                return_attributions=not args.no_attributions)
+
+
+def _print_completion(resp, as_json: bool, streamed: bool) -> None:
+    from .client import to_dict
+
+    if as_json:
+        print(json.dumps(to_dict(resp), indent=1))
+        return
+    if not streamed:
+        print(resp.text)
+    print(f"\n[finish_reason={resp.finish_reason} prompt_tokens={resp.usage.prompt_tokens} "
+          f"completion_tokens={resp.usage.completion_tokens} mode={resp.mode}"
+          + (f" store_generation={resp.store_generation}" if resp.HasField("store_generation") else "") + "]")
+    for a in resp.attributions:
+        print(f"- {a.sentence.strip()!r}: parametric {a.parametric_share:.0%}")
+        for s in a.sources:
+            print(f"    {s.share:.0%} {s.owner} / {s.title or s.document_id} ({s.license}, shard {s.shard})")
+
+
+def _run_generation(args, method: str, payload) -> int:
+    """`method` is complete or chat; --stream uses its streaming twin."""
+    with _client(args) as c:
+        if args.stream and not args.json:
+            for piece in getattr(c, f"{method}_stream")(payload, **_gen_kwargs(args)):
+                if isinstance(piece, str):
+                    print(piece, end="", flush=True)
+                else:
+                    _print_completion(piece, False, True)
+        else:
+            _print_completion(getattr(c, method)(payload, **_gen_kwargs(args)), args.json, False)
+    return 0
+
+
+def cmd_complete(args) -> int:
+    return _run_generation(args, "complete", args.prompt)
+
+
+def cmd_chat(args) -> int:
+    messages = []
+    for m in args.message:
+        role, sep, content = m.partition(":")
+        if not sep:
+            raise ValueError(f"--message must be ROLE:TEXT (got {m!r})")
+        messages.append((role.strip(), content.strip()))
+    return _run_generation(args, "chat", messages)
+
+
+def cmd_score(args) -> int:
+    from .client import to_dict
+
+    with _client(args) as c:
+        r = c.score(args.text, mode=args.mode or "", k=args.k, lmbda=args.lmbda, tau=args.tau)
+    if args.json:
+        print(json.dumps(to_dict(r), indent=1))
+    else:
+        print(f"mode {r.mode}: perplexity {r.perplexity:.3f} (parametric {r.perplexity_parametric:.3f}), "
+              f"{len(r.tokens)} tokens")
+        for t in r.tokens:
+            print(f"  {t.text!r:>16} {t.logprob:9.3f} {t.logprob_parametric:9.3f}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .client import to_dict
+
+    with _client(args) as c:
+        out = to_dict(c.info())
+        if args.shards:
+            out["admin_shards"] = to_dict(c.list_shards())
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_swap(args) -> int:
+    from .client import to_dict
+
+    with _client(args) as c:
+        r = c.reload_datastore() if args.reload else c.swap_datastore(args.path)
+    print(json.dumps(to_dict(r), indent=1))
+    return 0
+
+
+def cmd_remove(args) -> int:
+    from .client import to_dict
+
+    with _client(args) as c:
+        r = c.submit_removal(owner=args.owner, document_ids=args.document or (), shards=args.shard or (),
+                             requester=args.requester, reason=args.reason, wait=args.wait,
+                             skip_verification=args.no_verify)
+        out = {"status": to_dict(r)}
+        if args.wait and r.status in ("compacted", "verified"):
+            out["receipt"] = c.get_receipt(r.request_id)
+    print(json.dumps(out, indent=1))
+    return 0 if r.status != "failed" else 1
+
+
+def cmd_removal(args) -> int:
+    from .client import to_dict
+
+    with _client(args) as c:
+        if args.receipt:
+            out = c.get_receipt(args.request_id)
+        elif args.request_id:
+            out = to_dict(c.get_removal(args.request_id))
+        else:
+            out = [to_dict(r) for r in c.list_removals(args.owner or "")]
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_lookup(args) -> int:
+    from .client import to_dict
+
+    with _client(args) as c:
+        r = c.lookup(document_id=args.document or "", text=args.text or "")
+    print(json.dumps(to_dict(r), indent=1))
+    return 0 if r.in_store else 3
+
+
+def _rpc_errors(fn):
+    """Print a gRPC failure as one line (status code and the server's message) instead of a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(args):
+        import grpc
+
+        try:
+            return fn(args)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return wrapper
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("serve", help="gRPC completion/chat backend (silo.v1) with health, metrics, admin")
+    s.add_argument("--config", required=True, help="YAML file with a serve section")
+    s.add_argument("--port", type=int, help="override serve.port (0 = a free port)")
+    s.add_argument("--host", help="override serve.host")
+    s.add_argument("--log-level", default="INFO")
+    s.set_defaults(func=cmd_serve)
+
+    c = subparsers.add_parser("client", help="call a running `silo serve`")
+    cs = c.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+
+    def common(p):
+        p.add_argument("--target", default="127.0.0.1:50051", help="host:port (default: %(default)s)")
+        p.add_argument("--token", help="admin or data-owner token (default: $SILO_ADMIN_TOKEN)")
+        p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+        p.add_argument("--tls-ca", help="TLS with this PEM CA certificate")
+        p.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds")
+        p.add_argument("--json", action="store_true", help="print the response as JSON")
+
+    def knn(p):
+        p.add_argument("--mode", choices=["parametric", "knn"], help="default: knn when the server has a store")
+        p.add_argument("--k", type=int)
+        p.add_argument("--lmbda", type=float)
+        p.add_argument("--tau", type=float)
+
+    def gen(p):
+        common(p)
+        knn(p)
+        p.add_argument("--max-tokens", type=int)
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--stream", action="store_true", help="print text as it is generated")
+        p.add_argument("--no-attributions", action="store_true")
+
+    p = cs.add_parser("complete", help="complete a prompt")
+    p.add_argument("prompt")
+    gen(p)
+    p.set_defaults(func=_rpc_errors(cmd_complete))
+    p = cs.add_parser("chat", help="chat: --message user:'Hello' [--message assistant:... ...]")
+    p.add_argument("--message", "-m", action="append", required=True, help="ROLE:TEXT, roles system|user|assistant")
+    gen(p)
+    p.set_defaults(func=_rpc_errors(cmd_chat))
+    p = cs.add_parser("score", help="perplexity and per-token log-probs of a text")
+    p.add_argument("text")
+    common(p)
+    knn(p)
+    p.set_defaults(func=_rpc_errors(cmd_score))
+    p = cs.add_parser("info", help="model, fingerprint, store generation and shards")
+    common(p)
+    p.add_argument("--shards", action="store_true", help="also call Admin.ListShards (needs --token)")
+    p.set_defaults(func=_rpc_errors(cmd_info))
+    p = cs.add_parser("swap", help="admin: swap in the store at PATH, or --reload the current one")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--reload", action="store_true")
+    common(p)
+    p.set_defaults(func=_rpc_errors(cmd_swap))
+
+    p = cs.add_parser("remove", help="data owner: remove an owner's content, documents or shards (needs --token)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--owner")
+    who.add_argument("--document", action="append", help="document id (repeatable)")
+    who.add_argument("--shard", action="append", help="shard name (repeatable)")
+    p.add_argument("--requester", required=True, help="who asks for the removal")
+    p.add_argument("--reason", required=True, help="why")
+    p.add_argument("--wait", action="store_true", help="return when compacted and verified, with the receipt")
+    p.add_argument("--no-verify", action="store_true", help="skip the model-based verification")
+    common(p)
+    p.set_defaults(func=_rpc_errors(cmd_remove))
+    p = cs.add_parser("removals", help="data owner: list removals, or one request's status / receipt")
+    p.add_argument("request_id", nargs="?")
+    p.add_argument("--receipt", action="store_true", help="print the receipt of REQUEST_ID")
+    p.add_argument("--owner", help="only this owner's requests")
+    common(p)
+    p.set_defaults(func=_rpc_errors(cmd_removal))
+    p = cs.add_parser("lookup", help="is a document or passage in the datastore? (exit 3 if not)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--document", help="document id")
+    what.add_argument("--text", help="a passage")
+    common(p)
+    p.set_defaults(func=_rpc_errors(cmd_lookup))
+
+
+def _main() -> int:  # for `python -m silo.serving.cli` without the silo entry point
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="silo")
+    register(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args()
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

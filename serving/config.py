@@ -1,0 +1,81 @@
+"""`serve:` section of a SILO config (see configs/demo.yaml)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from silo.knn import KNNConfig
+from silo.training.config import ConfigError, StageConfig, load_section, read_yaml, validate
+
+
+class ServeConfig(StageConfig):
+    model: str  # HF folder or hub id
+    store: str | None = None  # datastore folder; None serves parametric mode only
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)  # 0 = pick a free port
+    knn: KNNConfig | None = None  # None: the file's top-level `knn:` section, else KNNConfig defaults
+    max_queue: int = Field(16, ge=1, le=10_000)  # requests waiting for the worker; beyond: RESOURCE_EXHAUSTED
+    max_tokens: int = Field(64, ge=1)  # default new tokens when a request does not say
+    max_tokens_limit: int = Field(512, ge=1)  # largest max_tokens a request may ask for
+    max_score_tokens: int = Field(4096, ge=1)  # longest text Score accepts, in tokens
+    max_stop_sequences: int = Field(8, ge=0)
+    admin_token: str | None = None
+    admin_token_env: str | None = None  # name of an environment variable holding the admin token
+    # data owners: owner -> token, or "sha256:<hex digest of the token>" so the file never holds the secret
+    owner_tokens: dict[str, str] = {}
+    owner_tokens_file: str | None = None  # a JSON or YAML mapping of the same form, merged over owner_tokens
+    public_lookup: bool = True  # DataOwner.Lookup without a token (it reveals ids and counts, never text)
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics; None = off, 0 = free port
+    metrics_host: str = "127.0.0.1"
+    tls_cert: str | None = None  # PEM paths; both or neither
+    tls_key: str | None = None
+    grace_seconds: float = Field(10.0, ge=0.0)  # SIGTERM: time in-flight requests get to finish
+    torch_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.admin_token is not None and self.admin_token_env is not None:
+            raise ValueError("give admin_token or admin_token_env, not both")
+        if self.max_tokens > self.max_tokens_limit:
+            raise ValueError(f"max_tokens ({self.max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})")
+        return self
+
+    def resolved_admin_token(self) -> str | None:
+        """The admin token, or None (admin API disabled). An empty token never enables admin."""
+        if self.admin_token_env:
+            token = os.environ.get(self.admin_token_env, "")
+            return token or None
+        return self.admin_token or None
+
+    def resolved_owner_tokens(self) -> dict[str, str]:
+        tokens = {k: v for k, v in self.owner_tokens.items() if v}
+        if self.owner_tokens_file:
+            data = read_yaml(self.owner_tokens_file)  # YAML is a superset of JSON
+            bad = [k for k, v in data.items() if not isinstance(v, str) or not v]
+            if bad:
+                raise ConfigError(f"{self.owner_tokens_file}: owner token(s) for {bad} must be non-empty strings")
+            tokens.update(data)
+        return tokens
+
+    def resolved_knn(self) -> KNNConfig:
+        return self.knn or KNNConfig()
+
+
+def load_serve_config(path: str | Path, overrides: dict | None = None) -> ServeConfig:
+    """`serve` section of `path`; without `serve.knn`, the file's `knn` section supplies kNN defaults."""
+    cfg = load_section(path, "serve", ServeConfig, overrides)
+    if cfg.knn is None:
+        data = read_yaml(path)
+        if isinstance(data.get("knn"), dict):
+            cfg.knn = validate(KNNConfig, data["knn"], prefix="knn", source=str(path))
+    for name in ("tls_cert", "tls_key"):
+        p = getattr(cfg, name)
+        if p and not Path(p).is_file():
+            raise ConfigError(f"{path}: serve.{name}: file not found: {p}")
+    return cfg

@@ -1,0 +1,250 @@
+"""silo.v1.DataOwner: removal requests, their status and receipts, and membership lookup.
+
+Authorisation (documented in the proto too):
+  * the admin token may do everything;
+  * an owner token (``serve.owner_tokens``: owner -> token, or ``sha256:<hex>`` of the token so the config
+    never holds the secret itself) may remove, and read the removals of, that owner's content only;
+  * ``Lookup`` is open to everyone when ``serve.public_lookup`` is true (ids and counts, never text).
+
+A removal is applied on the engine's worker between two requests (record + new manifest generation +
+`lm.reload_store()`), so it is live for every request that starts after SubmitRemoval returns, and a
+request in flight finishes on the snapshot it started with. Compaction (file I/O) then runs on a
+background thread and the model-based verification on the worker; GetRemoval follows the status
+received -> applied -> compacted -> verified (or failed, with the error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+
+import grpc
+
+from silo.datastore.removal import RemovalError, RemovalManager, RemovalRequest
+from silo.optout import _removed_documents, verify_removal
+
+from .gen import silo_pb2 as pb
+from .gen import silo_pb2_grpc as pb_grpc
+from .rpc import RpcFailure, _handled
+
+log = logging.getLogger("silo.serving.dataowner")
+Code = grpc.StatusCode
+
+
+def token_matches(given: str, configured: str) -> bool:
+    """Constant-time check of a presented token against a configured value (plain or sha256:<hex>)."""
+    if configured.startswith("sha256:"):
+        digest = hashlib.sha256(given.encode()).hexdigest()
+        return hmac.compare_digest(digest, configured[len("sha256:"):].lower())
+    return hmac.compare_digest(given.encode(), configured.encode())
+
+
+class DataOwnerService(pb_grpc.DataOwnerServicer):
+    def __init__(self, server):
+        self.server = server
+        self._lock = threading.Lock()  # one store change at a time
+        self._failures: dict[str, str] = {}
+        self._threads: dict[str, threading.Thread] = {}
+
+    # ----------------------------------------------------------------------------------- auth
+    def _caller(self, context, optional: bool = False) -> tuple[str, str | None] | None:
+        """("admin", None) or ("owner", name); None when no token was given and `optional`."""
+        given = dict(context.invocation_metadata()).get("authorization")
+        if not given:
+            if optional:
+                return None
+            raise RpcFailure(Code.UNAUTHENTICATED, "missing call metadata 'authorization: Bearer <token>' "
+                                                   "(the admin token or the data owner's token)")
+        scheme, _, value = given.partition(" ")
+        value = value.strip()
+        if scheme.lower() != "bearer" or not value:
+            raise RpcFailure(Code.UNAUTHENTICATED, "authorization must be 'Bearer <token>'")
+        admin = self.server.admin_token
+        if admin is not None and hmac.compare_digest(value.encode(), admin.encode()):
+            return ("admin", None)
+        for owner, configured in self.server.cfg.resolved_owner_tokens().items():
+            if token_matches(value, configured):
+                return ("owner", owner)
+        raise RpcFailure(Code.PERMISSION_DENIED, "token not recognised (neither the admin token nor an owner token)")
+
+    def _manager(self) -> RemovalManager:
+        engine = self.server.engine
+        if engine is None:
+            raise RpcFailure(Code.UNAVAILABLE, "the model is still loading; retry shortly")
+        if engine.lm.store is None:
+            raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached to this server")
+        return RemovalManager(engine.lm.store.path)
+
+    @staticmethod
+    def _owners_of(targets: dict, snapshot) -> set[str]:
+        """Owners of every document a resolved request would remove (from the in-memory snapshot)."""
+        whole = {x["name"] for x in targets["drop_shards"]}
+        ids = {x["name"]: set(x["document_ids"]) for x in targets["drop_documents"]}
+        owners = set()
+        for shard in snapshot.shards:
+            for d in shard.documents:
+                if shard.name in whole or d["id"] in ids.get(shard.name, ()):
+                    owners.add(d["owner"])
+        return owners
+
+    def _check_owner_may(self, caller, targets: dict, snapshot) -> None:
+        if caller[0] == "admin":
+            return
+        owners = self._owners_of(targets, snapshot)
+        if owners - {caller[1]}:
+            raise RpcFailure(Code.PERMISSION_DENIED,
+                             f"an owner token for '{caller[1]}' may only remove that owner's content; "
+                             f"this request touches content of {', '.join(sorted(owners - {caller[1]}))}")
+
+    # ----------------------------------------------------------------------------------- conversion
+    def _status_message(self, mgr: RemovalManager, state: dict) -> pb.RemovalStatus:
+        r = state["request"]
+        rid = r["request_id"]
+        status = state["status"]
+        error = self._failures.get(rid, "")
+        if error and status != "verified":
+            status = "failed"
+        msg = pb.RemovalStatus(request_id=rid, status=status, kind=r["kind"], owner=r.get("owner") or "",
+                               document_ids=r.get("document_ids") or [], shards=r.get("shards") or [],
+                               requester=r.get("requester", ""), created=r.get("created", ""),
+                               entries=int(state["targets"]["entries"]),
+                               generation=int(json.loads((mgr.path / "manifest.json").read_text())["generation"]),
+                               error=error)
+        if state.get("verification") is not None:
+            msg.verification_passed = bool(state["verification"].get("passed"))
+        return msg
+
+    def _load_state(self, mgr: RemovalManager, caller, request_id: str) -> dict:
+        if not request_id:
+            raise RpcFailure(Code.INVALID_ARGUMENT, "request_id: required")
+        try:
+            state = mgr.status(request_id)
+        except RemovalError as exc:
+            raise RpcFailure(Code.NOT_FOUND, str(exc)) from None
+        if caller[0] == "owner" and caller[1] not in self._request_owners(state):
+            raise RpcFailure(Code.PERMISSION_DENIED, f"request {request_id} is not about content of '{caller[1]}'")
+        return state
+
+    @staticmethod
+    def _request_owners(state: dict) -> set[str]:
+        """Owners a saved request is about (shard owners; the request's owner for owner requests)."""
+        t = state["targets"]
+        owners = {x.get("owner", "") for x in t["drop_shards"] + t["drop_documents"]} - {""}
+        if state["request"].get("owner"):
+            owners.add(state["request"]["owner"])
+        return owners
+
+    # ----------------------------------------------------------------------------------- RPCs
+    @_handled("SubmitRemoval")
+    def SubmitRemoval(self, request, context, info):
+        caller = self._caller(context)
+        mgr = self._manager()
+        engine = self.server.engine
+        try:
+            req = RemovalRequest(owner=request.owner or None, document_ids=list(request.document_ids),
+                                 shards=list(request.shards), requester=request.requester, reason=request.reason,
+                                 request_id=request.request_id)
+        except RemovalError as exc:
+            raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
+        info.update(request_id=req.request_id, kind=req.kind, caller=caller[1] or caller[0])
+        with self._lock:
+            before = engine.lm.store  # an immutable snapshot: verification's "before" numbers
+            try:
+                targets = mgr.resolve(req, before.manifest)
+            except RemovalError as exc:
+                raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
+            self._check_owner_may(caller, targets, before)
+            removed = _removed_documents(before, targets)
+
+            def apply():
+                state = mgr.submit(req)
+                engine.lm.reload_store()
+                return state
+
+            state = engine.control(apply)  # live for every request after this returns
+        owner = req.owner if req.kind == "owner" else None
+        t = threading.Thread(target=self._finish, name=f"removal-{req.request_id}", daemon=True,
+                             args=(mgr, req.request_id, before, removed, owner, not request.skip_verification))
+        self._threads[req.request_id] = t
+        t.start()
+        if request.wait:
+            t.join()
+            state = mgr.status(req.request_id)
+        info["status"] = state["status"]
+        return self._status_message(mgr, state)
+
+    def _finish(self, mgr: RemovalManager, request_id: str, before, removed, owner, verify: bool) -> None:
+        """Compact (bytes leave the disk), switch the model to the compacted generation, verify."""
+        engine = self.server.engine
+        try:
+            with self._lock:
+                mgr.compact(request_id)
+                engine.control(engine.lm.reload_store)
+            if verify:
+                result = engine.control(lambda: verify_removal(engine.lm, before, removed, owner=owner), timeout=600)
+                mgr.record_verification(request_id, result)
+            log.info("removal finished", extra={"fields": {"event": "removal", "request_id": request_id,
+                                                            "verified": verify}})
+        except Exception as exc:  # noqa: BLE001 - reported through GetRemoval, never kills the server
+            self._failures[request_id] = f"{type(exc).__name__}: {exc}"
+            log.error("removal %s failed after it was applied", request_id, exc_info=exc)
+
+    def wait_background(self, timeout: float | None = None) -> None:
+        """Wait for background compaction/verification threads (tests, draining)."""
+        for t in list(self._threads.values()):
+            t.join(timeout)
+
+    @_handled("GetRemoval")
+    def GetRemoval(self, request, context, info):
+        caller = self._caller(context)
+        mgr = self._manager()
+        state = self._load_state(mgr, caller, request.request_id)
+        return self._status_message(mgr, state)
+
+    @_handled("GetReceipt")
+    def GetReceipt(self, request, context, info):
+        caller = self._caller(context)
+        mgr = self._manager()
+        state = self._load_state(mgr, caller, request.request_id)
+        try:
+            receipt = mgr.receipt(request.request_id)
+        except RemovalError as exc:
+            raise RpcFailure(Code.FAILED_PRECONDITION, str(exc)) from None
+        return pb.Receipt(request_id=request.request_id, status=state["status"], json=json.dumps(receipt, indent=1))
+
+    @_handled("ListRemovals")
+    def ListRemovals(self, request, context, info):
+        caller = self._caller(context)
+        mgr = self._manager()
+        out = pb.ListRemovalsResponse()
+        for summary in mgr.list():
+            state = mgr.status(summary["request_id"])
+            owners = self._request_owners(state)
+            if caller[0] == "owner" and caller[1] not in owners:
+                continue
+            if request.owner and request.owner not in owners:
+                continue
+            out.removals.append(self._status_message(mgr, state))
+        return out
+
+    @_handled("Lookup")
+    def Lookup(self, request, context, info):
+        if not self.server.cfg.public_lookup:
+            self._caller(context)
+        mgr = self._manager()
+        if bool(request.document_id) == bool(request.text):
+            raise RpcFailure(Code.INVALID_ARGUMENT, "give exactly one of document_id or text")
+        try:
+            res = mgr.lookup(document_id=request.document_id or None, text=request.text or None)
+        except RemovalError as exc:
+            raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
+        out = pb.LookupResponse(in_store=res["in_store"], entries=res["entries"], shards=res["shards"],
+                                generation=res["generation"])
+        for m in res["matches"]:
+            out.matches.append(pb.LookupMatch(shard=m["shard"], owner=m["owner"], document_id=m["document_id"],
+                                              title=m["title"], match=m["match"], entries=m["entries"],
+                                              live=m["live"]))
+        return out

@@ -1,0 +1,302 @@
+"""The Engine: owns a SiloLM and runs all model work on ONE worker thread.
+
+Why one thread: generation on CPU is compute bound (torch already uses every core for one forward
+pass), so running requests side by side would only slow each one down, and SiloLM's KV-cache loop,
+tokenizer and store references are simplest to reason about when touched by one thread. Concurrency
+lives in front of the worker: gRPC threads validate, enqueue and stream results back; a bounded queue
+(`max_queue`) turns overload into an immediate RESOURCE_EXHAUSTED instead of unbounded latency.
+
+Datastore swaps also run on the worker (as priority "control" jobs, ahead of queued requests): the new
+store is opened and validated off the worker, then its reference is swapped between two requests, so a
+request in flight always finishes, attributions included, on the snapshot it started with.
+
+Cancellation: each job has a cancel flag (set when the client cancels or the RPC ends) and an optional
+deadline; SiloLM.generate polls `Job.should_stop` before every token, so generation stops within one
+step. A job cancelled while still queued is removed from the queue at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from silo.lm import SentenceAttribution, SiloLM
+
+from .metrics import Metrics
+from .requests import GenRequest, InvalidRequest, ScoreRequest
+
+log = logging.getLogger("silo.serving.engine")
+_ids = itertools.count(1)
+
+
+class EngineBusy(RuntimeError):
+    """The queue is full (RESOURCE_EXHAUSTED)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is draining or stopped and accepts no new work (UNAVAILABLE)."""
+
+
+@dataclass
+class GenResult:
+    text: str
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    mode: str
+    store_generation: int | None
+    attributions: list[SentenceAttribution] = field(default_factory=list)
+
+
+@dataclass
+class JobRecord:
+    """What the engine did with one job (kept for the last few hundred jobs; tests and debugging read it)."""
+
+    id: str
+    kind: str
+    finish_reason: str | None = None  # generations only
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queued_s: float = 0.0
+    run_s: float = 0.0
+    error: str | None = None
+
+
+class Job:
+    def __init__(self, kind: str, fn: Callable[["Job"], Any], deadline: float | None = None):
+        self.id = f"{kind[:1]}{next(_ids):06d}"
+        self.kind = kind
+        self.fn = fn
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.created = time.monotonic()
+        self.cancelled = threading.Event()
+        self.events: queue.Queue = queue.Queue()  # ("delta", str) ... then ("done", value) or ("error", exc)
+        self.record = JobRecord(self.id, kind)
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    def emit(self, text: str) -> None:
+        self.events.put(("delta", text))
+
+    def stream(self, timeout: float | None = None) -> Iterator[tuple[str, Any]]:
+        """("delta", text) events, then ("done", result); raises the job's error (queue.Empty on timeout)."""
+        while True:
+            kind, value = self.events.get(timeout=timeout)
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+
+    def result(self, timeout: float | None = None) -> Any:
+        for kind, value in self.stream(timeout):
+            if kind == "done":
+                return value
+
+
+class Engine:
+    def __init__(self, lm: SiloLM, max_queue: int = 16, metrics: Metrics | None = None,
+                 max_score_tokens: int = 4096):
+        self.lm = lm
+        self.max_queue = max_queue
+        self.max_score_tokens = max_score_tokens
+        self.metrics = metrics or Metrics()
+        self.records: deque[JobRecord] = deque(maxlen=512)
+        self._cv = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._control: deque[Job] = deque()
+        self._accepting = True
+        self._stopping = False
+        self._busy = False
+        self._current: Job | None = None
+        self._worker = threading.Thread(target=self._run, name="silo-engine", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------------------- submission
+    def _submit(self, job: Job, control: bool = False) -> Job:
+        with self._cv:
+            if not self._accepting and not control:
+                raise EngineClosed("the server is shutting down; retry on another replica")
+            if control:
+                self._control.append(job)
+            else:
+                if len(self._queue) >= self.max_queue:
+                    raise EngineBusy(f"queue full ({self.max_queue} requests waiting); retry later")
+                self._queue.append(job)
+                self.metrics.queue_depth.set(len(self._queue))
+            self._cv.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job`: dropped at once if still queued, else its generation stops at the next token."""
+        job.cancelled.set()
+        with self._cv:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return  # running or finished: should_stop takes it from here
+            self.metrics.queue_depth.set(len(self._queue))
+        self._finish_unstarted(job)
+
+    def generate(self, req: GenRequest, deadline: float | None = None) -> Job:
+        return self._submit(Job("generate", lambda job: self._generate(job, req), deadline))
+
+    def score(self, req: ScoreRequest, deadline: float | None = None) -> Job:
+        return self._submit(Job("score", lambda job: self._score(req), deadline))
+
+    def tokenize(self, text: str) -> Job:
+        # on the worker too: HF fast tokenizers are not safe to call from several threads at once
+        return self._submit(Job("tokenize", lambda job: self._tokenize(text)))
+
+    def control(self, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
+        """Run `fn` on the worker between requests (ahead of queued ones) and return its result."""
+        job = self._submit(Job("control", lambda job: fn()), control=True)
+        try:
+            return job.result(timeout)
+        except queue.Empty:
+            job.cancelled.set()
+            raise TimeoutError(f"the worker did not reach the control job within {timeout:.0f}s") from None
+
+    # ------------------------------------------------------------------------------- lifecycle
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def close_intake(self) -> None:
+        with self._cv:
+            self._accepting = False
+
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting work and wait up to `timeout` s for queued and running jobs; True if all finished.
+
+        Whatever is left after the grace period is cancelled (generations end with finish_reason cancelled).
+        """
+        self.close_intake()
+        end = time.monotonic() + timeout
+        with self._cv:
+            while (self._queue or self._control or self._busy) and time.monotonic() < end:
+                self._cv.wait(timeout=max(0.01, min(0.1, end - time.monotonic())))
+            clean = not (self._queue or self._control or self._busy)
+            leftover = list(self._queue)
+        for job in leftover:
+            self.cancel(job)
+        if not clean:
+            self._cancel_running()
+        return clean
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.drain(0.0)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._worker.join(timeout)
+
+    def _cancel_running(self) -> None:
+        job = self._current
+        if job is not None:
+            job.cancelled.set()
+
+    # ------------------------------------------------------------------------------- worker
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._control or self._queue or self._stopping):
+                    self._cv.wait()
+                if self._control:
+                    job = self._control.popleft()
+                elif self._queue:
+                    job = self._queue.popleft()
+                    self.metrics.queue_depth.set(len(self._queue))
+                else:
+                    return
+                self._busy = True
+                self._current = job
+            try:
+                self._execute(job)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._current = None
+                    self._cv.notify_all()
+
+    def _execute(self, job: Job) -> None:
+        start = time.monotonic()
+        job.record.queued_s = start - job.created
+        if job.should_stop():
+            self._finish_unstarted(job)
+            return
+        try:
+            value = job.fn(job)
+        except Exception as exc:  # noqa: BLE001 - delivered to the caller, who maps it to a status
+            if not isinstance(exc, InvalidRequest):
+                log.exception("job %s (%s) failed", job.id, job.kind)
+            job.record.error = f"{type(exc).__name__}: {exc}"
+            job.events.put(("error", exc))
+        else:
+            job.events.put(("done", value))
+        finally:
+            job.record.run_s = time.monotonic() - start
+            self.records.append(job.record)
+
+    def _finish_unstarted(self, job: Job) -> None:
+        """A job cancelled or past its deadline before it ran: answer without touching the model."""
+        if job.kind == "generate":
+            job.record.finish_reason = "cancelled"
+            self.metrics.finish.labels("cancelled").inc()
+            job.events.put(("done", GenResult("", "cancelled", 0, 0, "", None)))
+        else:
+            job.events.put(("error", TimeoutError("cancelled before it ran")))
+        self.records.append(job.record)
+
+    # ------------------------------------------------------------------------------- model work
+    def _generate(self, job: Job, req: GenRequest) -> GenResult:
+        lm = self.lm
+        store = lm.store if req.mode == "knn" else None  # the snapshot this request uses throughout
+        ids = [lm.tokenizer.eos_token_id] + lm.encode(req.prompt)
+        if len(ids) >= lm.context_length:
+            raise InvalidRequest(req.prompt_field, f"{len(ids)} tokens (with BOS); the model's context is "
+                                                   f"{lm.context_length} tokens and at least one must be left to generate")
+        result: dict = {}
+        steps = []
+        t0 = time.monotonic()
+        first = True
+        for step in lm.generate(req.prompt, prompt_ids=ids, max_new_tokens=req.max_tokens,
+                                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=req.stop,
+                                seed=req.seed, mode=req.mode, k=req.k, lmbda=req.lmbda, knn_temperature=req.tau,
+                                should_stop=job.should_stop, result=result):
+            steps.append(step)
+            if step.text:
+                if first:
+                    self.metrics.ttft.observe(time.monotonic() - job.created)
+                    first = False
+                job.emit(step.text)
+        n = len(result["tokens"])
+        self.metrics.tokens.inc(n)
+        self.metrics.generation_seconds.inc(time.monotonic() - t0)
+        self.metrics.finish.labels(result["finish_reason"]).inc()
+        atts = lm.attribute(result["text"], steps, store=store) if req.attributions else []
+        job.record.finish_reason = result["finish_reason"]
+        job.record.prompt_tokens, job.record.completion_tokens = result["prompt_tokens"], n
+        return GenResult(text=result["text"], finish_reason=result["finish_reason"],
+                         prompt_tokens=result["prompt_tokens"], completion_tokens=n, mode=req.mode,
+                         store_generation=result.get("store_generation"), attributions=atts)
+
+    def _score(self, req: ScoreRequest) -> dict:
+        n = len(self.lm.encode(req.text))
+        if n > self.max_score_tokens:
+            raise InvalidRequest("text", f"{n} tokens; Score accepts at most {self.max_score_tokens}")
+        store = self.lm.store if req.mode == "knn" else None
+        res = self.lm.score(req.text, mode=req.mode, k=req.k, lmbda=req.lmbda, temperature=req.tau)[0]
+        return {"result": res, "store_generation": store.generation if store is not None else None,
+                "texts": [self.lm.tokenizer.decode([t]) for t in res.tokens]}
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[str]]:
+        ids = self.lm.encode(text)
+        return ids, [self.lm.tokenizer.decode([i]) for i in ids]

@@ -1,0 +1,107 @@
+"""What every silo.v1 handler shares: status mapping, metrics and one JSON log line per call."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import grpc
+
+from silo.datastore.store import DatastoreError
+from silo.lm import SiloInputError
+
+from .engine import EngineBusy, EngineClosed
+from .metrics import log_request
+
+log = logging.getLogger("silo.serving")
+Code = grpc.StatusCode
+
+
+class RpcFailure(Exception):
+    """Raised by handlers to end a call with `code` (instead of context.abort, which the wrapper would catch)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RpcFailure):
+        return exc.code, str(exc)
+    if isinstance(exc, SiloInputError):  # includes requests.InvalidRequest (message names the field)
+        return Code.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, EngineBusy):
+        return Code.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, EngineClosed):
+        return Code.UNAVAILABLE, str(exc)
+    if isinstance(exc, (DatastoreError, OSError)):
+        return Code.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, TimeoutError):
+        return Code.DEADLINE_EXCEEDED, str(exc)
+    return Code.INTERNAL, "internal error; see the server log"
+
+
+def _handled(method: str, streaming: bool = False):
+    """Metrics, one JSON log line and exception-to-status mapping around a handler.
+
+    Handlers take (self, request, context, info) and may put fields for the log line into `info`.
+    """
+
+    def deco(fn):
+        def begin(self):
+            m = self.server.metrics
+            m.requests.labels(method).inc()
+            m.in_flight.inc()
+            return time.monotonic(), {}
+
+        def end(self, context, started, info, code):
+            if code == "OK" and not info.get("complete") and not context.is_active():
+                rem = context.time_remaining()  # the client went away before we were done
+                code = "DEADLINE_EXCEEDED" if rem is not None and rem <= 0 else "CANCELLED"
+            m = self.server.metrics
+            m.in_flight.dec()
+            m.latency.labels(method).observe(time.monotonic() - started)
+            if code != "OK":
+                m.errors.labels(method, code).inc()
+            info.pop("complete", None)
+            log_request(method, code, started, peer=context.peer(), **info)
+
+        def fail(context, exc, info):
+            code, msg = _status_for(exc)
+            info["error"] = msg
+            if code == Code.INTERNAL:
+                log.error("%s failed", method, exc_info=exc, extra={"fields": {"method": method, **info}})
+            context.abort(code, msg)  # raises; grpc sends the status
+            return code.name
+
+        if streaming:
+            @functools.wraps(fn)
+            def wrapper(self, request, context):
+                started, info = begin(self)
+                code = "OK"
+                try:
+                    yield from fn(self, request, context, info)
+                    info["complete"] = True
+                except Exception as exc:  # noqa: BLE001 - mapped to a status, never crashes the server
+                    code = _status_for(exc)[0].name
+                    fail(context, exc, info)
+                finally:
+                    end(self, context, started, info, code)
+        else:
+            @functools.wraps(fn)
+            def wrapper(self, request, context):
+                started, info = begin(self)
+                code = "OK"
+                try:
+                    out = fn(self, request, context, info)
+                    info["complete"] = context.is_active()
+                    return out
+                except Exception as exc:  # noqa: BLE001
+                    code = _status_for(exc)[0].name
+                    fail(context, exc, info)
+                finally:
+                    end(self, context, started, info, code)
+        return wrapper
+
+    return deco

@@ -1,0 +1,383 @@
+"""The gRPC server: silo.v1 Generation and Admin, grpc.health.v1, reflection, metrics, draining.
+
+    server = SiloServer(cfg).start()      # binds (port 0 = free port), health NOT_SERVING, loads the model
+    server.wait_ready()                   # health SERVING once the model and store are loaded
+    ...
+    server.drain()                        # health NOT_SERVING, refuse new work, finish in-flight, stop
+
+Handlers only validate, enqueue on the Engine (serving/engine.py) and convert results; every handler
+runs inside `_handled`, which counts, times and logs the call and turns exceptions into status codes
+(nothing a client sends can take the server down: unknown failures become INTERNAL plus a log line).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from silo.datastore.store import Datastore
+from silo.lm import SiloLM
+from silo.training.tokenizer import DEFAULT_CHAT_TEMPLATE
+
+from .config import ServeConfig
+from .dataowner import DataOwnerService
+from .engine import Engine, GenResult
+from .gen import silo_pb2 as pb
+from .gen import silo_pb2_grpc as pb_grpc
+from .metrics import Metrics
+from .rpc import RpcFailure, _handled, _status_for  # noqa: F401  (re-exported)
+from .requests import SERVED_MODES, Limits, check_messages, complete_request, generation_request, score_request
+
+log = logging.getLogger("silo.serving")
+SERVICES = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Generation", "Admin", "DataOwner")]
+Code = grpc.StatusCode
+
+
+# ----------------------------------------------------------------------------------------- conversion
+
+def completion_message(res: GenResult, request_id: str) -> pb.CompleteResponse:
+    msg = pb.CompleteResponse(text=res.text, finish_reason=res.finish_reason, mode=res.mode, request_id=request_id,
+                              usage=pb.Usage(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens))
+    if res.store_generation is not None:
+        msg.store_generation = res.store_generation
+    for a in res.attributions:
+        msg.attributions.append(pb.SentenceAttribution(
+            sentence=a.sentence, start=a.start, end=a.end, parametric_share=a.parametric_share,
+            sources=[pb.AttributionSource(owner=s.owner, document_id=s.document_id, title=s.title, license=s.license,
+                                          shard=s.shard, sentence=s.sentence, share=s.share) for s in a.sources]))
+    return msg
+
+
+def store_message(store: Datastore | None) -> pb.StoreInfo:
+    if store is None:
+        return pb.StoreInfo()
+    s = store.summary()
+    return pb.StoreInfo(path=s["path"], generation=s["generation"], fingerprint=s["fingerprint"], index=s["index"],
+                        entries=s["entries"], shard_count=len(s["shards"]),
+                        shards=[pb.ShardInfo(name=x["name"], owner=x["owner"], entries=x["entries"],
+                                             documents=x["documents"]) for x in s["shards"]])
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -1e30  # -inf log-probs (kNN mass 0 with lambda 1) as a large negative
+
+
+# ----------------------------------------------------------------------------------------- services
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, server: "SiloServer"):
+        self.server = server
+
+    def _engine(self) -> Engine:
+        if self.server.engine is None:
+            raise RpcFailure(Code.UNAVAILABLE, "the model is still loading; retry shortly")
+        return self.server.engine
+
+    def _run(self, req, context, info):
+        """Enqueue a generation tied to this call: its deadline, and cancellation when the call ends."""
+        engine = self._engine()
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        job = engine.generate(req, deadline)
+        if not context.add_callback(lambda: engine.cancel(job)):
+            engine.cancel(job)  # the call already ended
+        info.update(request_id=job.id, mode=req.mode, max_tokens=req.max_tokens)
+        return job
+
+    def _done(self, res: GenResult, job, info) -> pb.CompleteResponse:
+        info.update(finish_reason=res.finish_reason, prompt_tokens=res.prompt_tokens,
+                    completion_tokens=res.completion_tokens)
+        if res.finish_reason == "cancelled" and job.deadline is not None and time.monotonic() >= job.deadline:
+            # stopped by the deadline: say so, rather than racing the client's own timer with an OK
+            raise RpcFailure(Code.DEADLINE_EXCEEDED, f"deadline exceeded after {res.completion_tokens} tokens")
+        return completion_message(res, job.id)
+
+    def _stream(self, req, context, info):
+        job = self._run(req, context, info)
+        for kind, value in job.stream():
+            if kind == "delta":
+                yield pb.CompleteChunk(delta=value)
+            else:
+                yield pb.CompleteChunk(done=self._done(value, job, info))
+
+    def _chat_request(self, request):
+        messages = check_messages(request.messages)
+        tok = self._engine().lm.tokenizer
+        try:
+            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             chat_template=tok.chat_template or DEFAULT_CHAT_TEMPLATE)
+        except Exception as exc:  # a template may refuse some orders of roles (raise_exception in Jinja)
+            raise RpcFailure(Code.INVALID_ARGUMENT, f"messages: the chat template refused them: {exc}") from None
+        return generation_request(prompt, request.params, self.server.limits(), prompt_field="messages")
+
+    @_handled("Complete")
+    def Complete(self, request, context, info):
+        req = complete_request(request, self.server.limits())
+        job = self._run(req, context, info)
+        return self._done(job.result(), job, info)
+
+    @_handled("CompleteStream", streaming=True)
+    def CompleteStream(self, request, context, info):
+        yield from self._stream(complete_request(request, self.server.limits()), context, info)
+
+    @_handled("Chat")
+    def Chat(self, request, context, info):
+        job = self._run(self._chat_request(request), context, info)
+        return self._done(job.result(), job, info)
+
+    @_handled("ChatStream", streaming=True)
+    def ChatStream(self, request, context, info):
+        yield from self._stream(self._chat_request(request), context, info)
+
+    @_handled("Score")
+    def Score(self, request, context, info):
+        req = score_request(request, self.server.limits())
+        remaining = context.time_remaining()
+        job = self._engine().score(req, time.monotonic() + remaining if remaining is not None else None)
+        out = job.result()
+        res = out["result"]
+        info.update(request_id=job.id, mode=req.mode, tokens=res.num_tokens)
+        msg = pb.ScoreResponse(perplexity=res.perplexity, perplexity_parametric=res.perplexity_parametric,
+                               mode=req.mode,
+                               tokens=[pb.TokenScore(id=t, text=x, logprob_parametric=_finite(float(lp)),
+                                                     logprob=_finite(float(lq)))
+                                       for t, x, lp, lq in zip(res.tokens, out["texts"], res.logp_parametric, res.logp)])
+        if out["store_generation"] is not None:
+            msg.store_generation = out["store_generation"]
+        return msg
+
+    @_handled("Tokenize")
+    def Tokenize(self, request, context, info):
+        if len(request.text) > self.server.limits().max_score_chars:
+            raise RpcFailure(Code.INVALID_ARGUMENT, "text: too long")
+        ids, tokens = self._engine().tokenize(request.text).result()
+        info["tokens"] = len(ids)
+        return pb.TokenizeResponse(ids=ids, tokens=tokens)
+
+    @_handled("ModelInfo")
+    def ModelInfo(self, request, context, info):
+        lm = self._engine().lm
+        cfg = self.server.cfg
+        knn = lm.knn
+        msg = pb.ModelInfoResponse(
+            model_name=Path(cfg.model).name, model_path=cfg.model, fingerprint=lm.fingerprint,
+            context_length=lm.context_length, vocab_size=lm.vocab_size, training_policy=self.server.policy,
+            knn=pb.KnnDefaults(k=knn.k, lmbda=knn.lmbda, tau=knn.temperature),
+            modes=[m for m in SERVED_MODES if m != "knn" or lm.store is not None],
+            max_tokens_default=cfg.max_tokens, max_tokens_limit=cfg.max_tokens_limit)
+        if lm.store is not None:
+            msg.store.CopyFrom(store_message(lm.store))
+        return msg
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, server: "SiloServer"):
+        self.server = server
+        self._lock = threading.Lock()  # one store change at a time
+
+    def _authorize(self, context) -> Engine:
+        token = self.server.admin_token
+        if token is None:
+            raise RpcFailure(Code.PERMISSION_DENIED, "the admin API is disabled: configure serve.admin_token "
+                                                     "or serve.admin_token_env")
+        given = dict(context.invocation_metadata()).get("authorization")
+        if not given:
+            raise RpcFailure(Code.UNAUTHENTICATED, "missing call metadata 'authorization: Bearer <token>'")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise RpcFailure(Code.PERMISSION_DENIED, "wrong admin token")
+        if self.server.engine is None:
+            raise RpcFailure(Code.UNAVAILABLE, "the model is still loading; retry shortly")
+        return self.server.engine
+
+    @_handled("ListShards")
+    def ListShards(self, request, context, info):
+        engine = self._authorize(context)
+        if engine.lm.store is None:
+            raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached")
+        return store_message(engine.lm.store)
+
+    @_handled("SwapDatastore")
+    def SwapDatastore(self, request, context, info):
+        engine = self._authorize(context)
+        if not request.path:
+            raise RpcFailure(Code.INVALID_ARGUMENT, "path: must not be empty")
+        with self._lock:
+            # open and validate off the worker (slow I/O), then swap between two requests on the worker
+            new = Datastore.open(request.path, fingerprint=engine.lm.fingerprint, device=self.server.cfg.device)
+            prev = engine.control(lambda: engine.lm.swap_store(new))
+        return self._changed(prev, new, info)
+
+    @_handled("ReloadDatastore")
+    def ReloadDatastore(self, request, context, info):
+        engine = self._authorize(context)
+        with self._lock:
+            cur = engine.lm.store
+            if cur is None:
+                raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached; use SwapDatastore")
+            new = Datastore.open(cur.path, fingerprint=engine.lm.fingerprint, device=cur.device, reuse=cur)
+            if new.generation == cur.generation:
+                return pb.DatastoreChange(changed=False, previous=store_message(cur), current=store_message(cur))
+            prev = engine.control(lambda: engine.lm.swap_store(new))
+        return self._changed(prev, new, info)
+
+    def _changed(self, prev, new, info) -> pb.DatastoreChange:
+        self.server.metrics.store_generation.set(new.generation)
+        info.update(store=str(new.path), generation=new.generation)
+        log.info("datastore swapped", extra={"fields": {"event": "store_swap", "store": str(new.path),
+                                                         "generation": new.generation,
+                                                         "previous": str(prev.path) if prev else None}})
+        return pb.DatastoreChange(changed=True, previous=store_message(prev), current=store_message(new))
+
+
+# ----------------------------------------------------------------------------------------- server
+
+class SiloServer:
+    def __init__(self, cfg: ServeConfig, lm: SiloLM | None = None):
+        self.cfg = cfg
+        self._lm = lm  # an already loaded SiloLM (tests, embedding); else loaded from cfg in start()
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.admin_token = cfg.resolved_admin_token()
+        self.policy = ""
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.load_error: BaseException | None = None
+        self._ready = threading.Event()
+        self.health = health.HealthServicer(experimental_non_blocking=True,
+                                            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
+        # enough threads for every queued request plus the running one plus admin/health/info calls;
+        # beyond maximum_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED
+        workers = cfg.max_queue + 8
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="silo-rpc"),
+                                maximum_concurrent_rpcs=workers * 2)
+        pb_grpc.add_GenerationServicer_to_server(GenerationService(self), self.grpc)
+        pb_grpc.add_AdminServicer_to_server(AdminService(self), self.grpc)
+        self.dataowner = DataOwnerService(self)
+        pb_grpc.add_DataOwnerServicer_to_server(self.dataowner, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection([*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _set_health(self, status) -> None:
+        for name in ("", *SERVICES):
+            self.health.set(name, status)
+
+    def limits(self) -> Limits:
+        lm = self.engine.lm
+        return Limits(max_tokens_default=self.cfg.max_tokens, max_tokens_limit=self.cfg.max_tokens_limit,
+                      max_stop_sequences=self.cfg.max_stop_sequences, vocab_size=lm.vocab_size,
+                      has_store=lm.store is not None)
+
+    @property
+    def target(self) -> str:
+        host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::", "[::]") else "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def start(self, background_load: bool = False) -> "SiloServer":
+        """Bind and start serving health (NOT_SERVING); load the model (in a thread if background_load)."""
+        addr = f"{self.cfg.host}:{self.cfg.port}"
+        if self.cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(self.cfg.tls_key).read_bytes(),
+                                                  Path(self.cfg.tls_cert).read_bytes())])
+            self.port = self.grpc.add_secure_port(addr, creds)
+        else:
+            self.port = self.grpc.add_insecure_port(addr)
+        if not self.port:
+            raise OSError(f"could not bind {addr}")
+        self.grpc.start()
+        if self.cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+        log.info("listening", extra={"fields": {"event": "listening", "target": addr, "port": self.port,
+                                                 "tls": bool(self.cfg.tls_cert), "metrics_port": self.metrics_port,
+                                                 "admin": self.admin_token is not None}})
+        if background_load:
+            threading.Thread(target=self._load, name="silo-load", daemon=True).start()
+        else:
+            self._load()
+            if self.load_error is not None:
+                raise self.load_error
+        return self
+
+    def _load(self) -> None:
+        try:
+            t0 = time.monotonic()
+            lm = self._lm or SiloLM.load(self.cfg.model, self.cfg.store, knn=self.cfg.resolved_knn(),
+                                         device=self.cfg.device)
+            prov = Path(self.cfg.model) / "provenance.json"
+            if prov.is_file():
+                import json
+
+                self.policy = json.loads(prov.read_text(encoding="utf-8")).get("policy", {}).get("name", "")
+            self.engine = Engine(lm, max_queue=self.cfg.max_queue, metrics=self.metrics,
+                                 max_score_tokens=self.cfg.max_score_tokens)
+            if lm.store is not None:
+                self.metrics.store_generation.set(lm.store.generation)
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready", extra={"fields": {"event": "ready", "load_s": round(time.monotonic() - t0, 2),
+                                                 "model": self.cfg.model, "store": self.cfg.store}})
+        except BaseException as exc:  # noqa: BLE001 - reported by wait_ready / start
+            self.load_error = exc
+            log.error("loading failed", exc_info=exc)
+        finally:
+            self._ready.set()
+
+    def wait_ready(self, timeout: float | None = None) -> "SiloServer":
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the server did not finish loading within {timeout}s")
+        if self.load_error is not None:
+            raise self.load_error
+        return self
+
+    def drain(self, grace: float | None = None) -> bool:
+        """Graceful stop: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` s, stop.
+
+        Returns True if everything in flight finished within the grace period.
+        """
+        grace = self.cfg.grace_seconds if grace is None else grace
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        t0 = time.monotonic()
+        stopped = self.grpc.stop(grace)  # new RPCs are refused now; in-flight ones get `grace` seconds
+        clean = self.engine.drain(grace) if self.engine is not None else True
+        stopped.wait(grace + 1.0)
+        if self.engine is not None:
+            self.engine.stop()
+        self.metrics.close()
+        log.info("stopped", extra={"fields": {"event": "stopped", "clean": clean,
+                                               "drain_s": round(time.monotonic() - t0, 2)}})
+        return clean
+
+    def stop(self) -> None:
+        self.drain(0.0)
+
+
+def serve_forever(cfg: ServeConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain within cfg.grace_seconds. Returns an exit status."""
+    import signal
+
+    server = SiloServer(cfg)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    server.start(background_load=True)
+    print(f"silo serve: listening on {cfg.host}:{server.port}"
+          + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+    while not server._ready.is_set() and not done.is_set():
+        server._ready.wait(0.2)
+    if server.load_error is not None:
+        server.stop()
+        print(f"error: loading failed: {server.load_error}", flush=True)
+        return 2
+    while not done.wait(0.5):
+        pass
+    print("silo serve: draining", flush=True)
+    return 0 if server.drain() else 1
