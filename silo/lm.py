@@ -19,15 +19,15 @@ from typing import Callable, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
-from silo.datastore.keys import OutputInputCapture, decoder_matches_head_input, encode_document, window_plan
+from silo.datastore.keys import OutputInputCapture, decoder_matches_head_input, window_plan
 from silo.datastore.sentences import sentence_of_offsets, sentence_spans
 from silo.datastore.store import Datastore, DatastoreError, load_lm
 from silo.training.fingerprint import model_fingerprint
 
 from .knn import KNNConfig, interpolate, knn_distribution, knn_target_logprob
 
-Mode = Literal["parametric", "knn"]
-MODES = ("parametric", "knn")
+Mode = Literal["parametric", "knn", "ric"]
+MODES = ("parametric", "knn", "ric")  # ric: retrieval in context, silo/ric.py
 
 
 class SiloInputError(ValueError):
@@ -244,15 +244,18 @@ class SiloLM:
     def _check_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise SiloInputError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
-        if mode == "knn" and self._store is None:
-            raise SiloInputError("mode 'knn' needs a datastore; attach one (store path) or use mode 'parametric'")
+        if mode in ("knn", "ric") and self._store is None:
+            raise SiloInputError(f"mode '{mode}' needs a datastore; attach one (store path) or use mode 'parametric'")
 
     def score(self, texts: Sequence[str] | str, mode: Mode = "knn", k: int | None = None,
-              lmbda: float | None = None, temperature: float | None = None) -> list[ScoreResult]:
+              lmbda: float | None = None, temperature: float | None = None, ric=None) -> list[ScoreResult]:
         """Per-token log-probs and perplexity of each text; parametric and the requested mode from one pass."""
         if isinstance(texts, str):
             texts = [texts]
         self._check_mode(mode)
+        if mode == "ric":  # retrieval in context (RICConfig or dict in `ric`): silo/ric.py
+            from .ric import ric_score
+            return ric_score(self, texts, ric)
         s = self._settings(k, lmbda, temperature)
         pos = self.collect(texts)
         logp = pos.logp_lm
@@ -271,7 +274,7 @@ class SiloLM:
                  top_k: int = 0, stop: Sequence[str] = (), seed: int | None = None, mode: Mode = "knn",
                  k: int | None = None, lmbda: float | None = None, knn_temperature: float | None = None,
                  should_stop: Callable[[], bool] | None = None, result: dict | None = None,
-                 prompt_ids: list[int] | None = None) -> Iterator[GenerationStep]:
+                 prompt_ids: list[int] | None = None, ric=None) -> Iterator[GenerationStep]:
         """Yield tokens one at a time, kNN-LM applied at every step (KV cache reused).
 
         temperature 0 means greedy. `should_stop` is polled before each step (cancellation, deadlines).
@@ -279,6 +282,12 @@ class SiloLM:
         generation used.
         """
         self._check_mode(mode)
+        if mode == "ric":  # prepend retrieved blocks, then generate parametrically: silo/ric.py
+            from .ric import ric_generate
+            yield from ric_generate(self, prompt, ric, max_new_tokens=max_new_tokens, result=result,
+                                    temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
+                                    should_stop=should_stop)
+            return
         s = self._settings(k, lmbda, knn_temperature)
         if max_new_tokens < 1:
             raise SiloInputError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
@@ -364,7 +373,10 @@ class SiloLM:
         comp = Completion(text=result["text"], tokens=result["tokens"], finish_reason=result["finish_reason"],
                           prompt_tokens=result["prompt_tokens"], steps=steps,
                           store_generation=result["store_generation"])
-        if attribute:
+        if attribute and "ric_blocks" in result:  # mode ric: credit the prepended blocks (silo/ric.py)
+            from .ric import ric_attribute
+            comp.attributions = ric_attribute(comp.text, result["ric_blocks"])
+        elif attribute:
             comp.attributions = self.attribute(comp.text, steps)
         return comp
 

@@ -1,0 +1,291 @@
+"""RIC-LM: retrieval in context. The datastore's text blocks (datastore/blocks.py) are retrieved with the
+text before the scored window and prepended to the model's input (In-Context RALM; SILO's RIC-LM).
+
+Scoring protocol: texts are read in sliding windows of `window` tokens with `stride` (default: the model
+context minus one block, and half of that), so that block + window fit the context. The query of a
+window is its unscored prefix (the `window - stride` tokens before the scored ones); the first window of a
+text has no prefix and is scored without a block. The top block(s) are prepended, separated by a blank
+line, and truncated from the LEFT so that block + window fit the context (the end of a block is what
+leads into the text). With `continuation` (default) a block is extended by the next block of its document,
+as RETRO does: the block that best matches the query usually ends where the query ends, and the text
+after it is what can predict the scored tokens. `ensemble=True` instead runs one forward per block and averages the next-token
+distributions (REPLUG, uniform weights). Every position is also scored without a block on the same
+windows (`logp_lm`), the fair parametric baseline for this protocol.
+
+Blocks are stored as text and re-encoded with the scoring LM's tokenizer, so one block store serves any
+LM (the weights of a PD or PDSWBY variant, the reference) and the left truncation absorbs any difference
+in block length between tokenizers.
+
+Attribution: a text generated in RIC mode is credited to the prepended blocks' documents (owner, id,
+title, licence; the block is the supporting passage), split by retrieval rank; the parametric share is 0
+whenever a block was used, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from silo.datastore.blocks import BlockHit, BlockStore
+from silo.datastore.keys import window_plan
+from silo.datastore.sentences import sentence_spans
+from silo.training.config import StageConfig
+
+if TYPE_CHECKING:
+    from .lm import GenerationStep, ScoreResult, SentenceAttribution, SiloLM
+
+
+class RICConfig(StageConfig):
+    retriever: Literal["bm25", "dense"] = "bm25"
+    n_blocks: int = Field(1, ge=1)  # blocks prepended (concatenated) or ensembled
+    ensemble: bool = False  # REPLUG-style: average next-token distributions over the n blocks (scoring only)
+    window: int | None = Field(None, gt=1)  # scored windows; default: context - block_tokens
+    stride: int | None = Field(None, gt=0)  # default: window // 2
+    query_tokens: int | None = Field(None, gt=0)  # cap on the query (last tokens of the prefix)
+    separator: str = "\n\n"
+    continuation: bool = True  # prepend block + the document's next block (RETRO), left-truncated to fit
+    dense_model: str | None = None  # sentence-transformers folder; default: what the blocks were built with
+
+
+@dataclass
+class RICBatch:
+    """Per scored position: target, log-prob with block(s) and without, text index, whether a block was used."""
+
+    targets: np.ndarray
+    logp: np.ndarray
+    logp_lm: np.ndarray
+    text_index: np.ndarray
+    used_block: np.ndarray
+    hits: list[list[BlockHit]]  # per window
+
+    def truncate(self, n: int) -> "RICBatch":
+        return RICBatch(self.targets[:n], self.logp[:n], self.logp_lm[:n], self.text_index[:n],
+                        self.used_block[:n], self.hits)
+
+
+def _as_config(ric: RICConfig | dict | None, **over) -> RICConfig:
+    from .lm import SiloInputError
+
+    base = ric if isinstance(ric, RICConfig) else None
+    data = {**(base.model_dump() if base else dict(ric or {})), **{k: v for k, v in over.items() if v is not None}}
+    try:
+        return RICConfig.model_validate(data)
+    except Exception as exc:
+        raise SiloInputError(f"invalid RIC setting: {exc}") from None
+
+
+def blocks_for(lm: "SiloLM", dense_model: str | None = None) -> BlockStore:
+    """The block store of the LM's current datastore snapshot (cached on the LM until the snapshot changes)."""
+    from .lm import SiloInputError
+
+    store = lm.store
+    if store is None:
+        raise SiloInputError("mode 'ric' needs a datastore with blocks; attach a store (store path) first")
+    cached = lm.__dict__.get("_ric_blocks")
+    if cached is not None and cached[0] is store and cached[1].dense_model == dense_model:
+        return cached[1]
+    bs = BlockStore(store, dense_model)
+    lm.__dict__["_ric_blocks"] = (store, bs)
+    return bs
+
+
+def ric_plan(lm: "SiloLM", cfg: RICConfig, blocks: BlockStore) -> tuple[int, int]:
+    from .lm import SiloInputError
+
+    ctx = lm.context_length
+    window = cfg.window or max(2, ctx - blocks.block_tokens)
+    if window >= ctx:
+        raise SiloInputError(f"ric.window ({window}) leaves no room for a block in the model's context ({ctx} "
+                             "tokens); set ric.window below the context length")
+    stride = cfg.stride or max(1, window // 2)
+    if stride > window:
+        raise SiloInputError(f"ric.stride ({stride}) must not exceed ric.window ({window})")
+    return window, stride
+
+
+def retrieve_windows(lm: "SiloLM", texts: Sequence[str], cfg: RICConfig, blocks: BlockStore, n: int,
+                     max_positions: int | None = None):
+    """Window jobs (text, begin, end, first_new), token ids per text, and top-n hits per job."""
+    window, stride = ric_plan(lm, cfg, blocks)
+    bos = lm.tokenizer.eos_token_id
+    jobs, per_ids, queries = [], [], []
+    scored = 0
+    for ti, text in enumerate(texts):
+        ids = [bos] + lm.encode(text)
+        per_ids.append(ids)
+        for b, e, f in window_plan(len(ids) - 1, window, stride) if len(ids) > 1 else []:
+            if max_positions is not None and scored >= max_positions:
+                break
+            q = ids[max(b, 1): f + 1]  # the unscored prefix of the window (never the scored tokens)
+            if cfg.query_tokens:
+                q = q[-cfg.query_tokens:]
+            jobs.append((ti, b, e, f))
+            queries.append(lm.tokenizer.decode(q) if q else "")
+            scored += e - f
+    hits = blocks.search(queries, n, cfg.retriever) if jobs else []
+    return jobs, per_ids, hits
+
+
+@torch.inference_mode()
+def score_windows(lm: "SiloLM", cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemble: bool,
+                  blocks: BlockStore | None = None) -> RICBatch:
+    """Score each window without a block and with its top `n_blocks` hits (concatenated or ensembled)."""
+    ctx = lm.context_length
+    sep = lm.encode(cfg.separator) if cfg.separator else []
+    block_ids: dict[tuple[int, int], list[int]] = {}
+
+    def ids_of(h: BlockHit) -> list[int]:
+        key = (h.shard, h.block)
+        if key not in block_ids:
+            block_ids[key] = lm.encode(blocks.with_continuation(h) if cfg.continuation and blocks else h.text)
+        return block_ids[key]
+
+    def prefix(hs: list[BlockHit], budget: int) -> list[int]:
+        out: list[int] = []
+        for h in reversed(hs):  # best block last, right before the text; left truncation drops the worst first
+            out += ids_of(h) + sep
+        return out[-budget:] if budget > 0 else []
+
+    # sequences: (job index, variant, prefix ids); variant -1 = no block
+    seqs = []
+    for j, (ti, b, e, f) in enumerate(jobs):
+        seqs.append((j, -1, []))
+        hs = hits[j][:n_blocks]
+        budget = ctx - (e - b)
+        if hs and budget > 0:
+            if ensemble:
+                for v, h in enumerate(hs):
+                    seqs.append((j, v, prefix([h], budget)))
+            else:
+                seqs.append((j, 0, prefix(hs, budget)))
+    lp: dict[tuple[int, int], np.ndarray] = {}
+    pad = lm.tokenizer.pad_token_id
+    for i in range(0, len(seqs), lm.batch_size):
+        chunk = seqs[i:i + lm.batch_size]
+        rows = [(p + per_ids[jobs[j][0]][jobs[j][1]:jobs[j][2]], len(p)) for j, _, p in chunk]
+        T = max(len(r) for r, _ in rows)
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for r, (seq, _) in enumerate(rows):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        _, logits, _ = lm._forward(ids.to(lm.device), mask.to(lm.device))
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for r, ((j, v, _), (_, plen)) in enumerate(zip(chunk, rows)):
+            ti, b, e, f = jobs[j]
+            tgt = torch.tensor(per_ids[ti][f + 1:e + 1], dtype=torch.long, device=logprobs.device)
+            sel = logprobs[r, plen + f - b: plen + e - b]
+            lp[(j, v)] = sel.gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
+    targets, logp, logp_lm, owner, used = [], [], [], [], []
+    for j, (ti, b, e, f) in enumerate(jobs):
+        base = lp[(j, -1)]
+        variants = [lp[k] for k in ((j, v) for v in range(n_blocks)) if k in lp]
+        if variants:
+            # REPLUG: log mean_j p_j(y); for the concatenated case there is one variant
+            best = np.logaddexp.reduce(np.stack(variants), axis=0) - math.log(len(variants))
+        else:
+            best = base
+        targets.append(np.asarray(per_ids[ti][f + 1:e + 1], dtype=np.int64))
+        logp.append(best)
+        logp_lm.append(base)
+        owner.append(np.full(e - f, ti, dtype=np.int32))
+        used.append(np.full(e - f, bool(variants)))
+    if not jobs:
+        z = np.zeros(0)
+        return RICBatch(z.astype(np.int64), z, z, z.astype(np.int32), z.astype(bool), [])
+    return RICBatch(np.concatenate(targets), np.concatenate(logp), np.concatenate(logp_lm),
+                    np.concatenate(owner), np.concatenate(used), [h[:n_blocks] for h in hits])
+
+
+def ric_collect(lm: "SiloLM", texts: Sequence[str], ric: RICConfig | dict | None = None,
+                blocks: BlockStore | None = None, max_positions: int | None = None) -> RICBatch:
+    """Score texts in RIC mode (see the module docstring); `max_positions` stops after that many positions."""
+    cfg = _as_config(ric)
+    blocks = blocks if blocks is not None else blocks_for(lm, cfg.dense_model)
+    jobs, per_ids, hits = retrieve_windows(lm, texts, cfg, blocks, cfg.n_blocks, max_positions)
+    out = score_windows(lm, cfg, jobs, per_ids, hits, cfg.n_blocks, cfg.ensemble, blocks)
+    return out.truncate(max_positions) if max_positions is not None else out
+
+
+def ric_score(lm: "SiloLM", texts: Sequence[str] | str, ric: RICConfig | dict | None = None,
+              blocks: BlockStore | None = None) -> list["ScoreResult"]:
+    """SiloLM.score(mode="ric"): logp with retrieved blocks; logp_parametric on the same windows without."""
+    from .lm import ScoreResult
+
+    if isinstance(texts, str):
+        texts = [texts]
+    rb = ric_collect(lm, texts, ric, blocks)
+    out = []
+    for ti in range(len(texts)):
+        sel = rb.text_index == ti
+        out.append(ScoreResult(tokens=rb.targets[sel].tolist(), logp_parametric=rb.logp_lm[sel],
+                               logp=rb.logp[sel], mode="ric"))
+    return out
+
+
+def ric_generate(lm: "SiloLM", prompt: str, ric: RICConfig | dict | None = None, max_new_tokens: int = 64,
+                 result: dict | None = None, blocks: BlockStore | None = None, **kwargs) -> Iterator["GenerationStep"]:
+    """SiloLM.generate(mode="ric"): retrieve with the prompt, prepend the top block(s), generate.
+
+    The block is truncated from the left to leave room for the prompt and `max_new_tokens`. On return
+    `result["ric_blocks"]` holds [(hit, share)] for attribution (empty when no block fit or matched).
+    """
+    from .lm import SiloInputError
+
+    cfg = _as_config(ric)
+    if cfg.ensemble:
+        raise SiloInputError("ric.ensemble applies to scoring only; generate with ensemble false")
+    blocks = blocks if blocks is not None else blocks_for(lm, cfg.dense_model)
+    p_ids = lm.encode(prompt)
+    q = p_ids[-cfg.query_tokens:] if cfg.query_tokens else p_ids
+    hits = blocks.search([lm.tokenizer.decode(q)], cfg.n_blocks, cfg.retriever)[0] if q else []
+    budget = lm.context_length - 1 - len(p_ids) - max_new_tokens
+    sep = lm.encode(cfg.separator) if cfg.separator else []
+    pre: list[int] = []
+    used: list[BlockHit] = []
+    for h in hits:  # best first; keep whole lower-ranked blocks only while they fit, then cut the last from the left
+        if len(pre) >= budget:
+            break
+        used.append(h)
+        pre = lm.encode(blocks.with_continuation(h) if cfg.continuation else h.text) + sep + pre
+    pre = pre[-budget:] if budget > 0 else []
+    if not pre:
+        used = []
+    ids = [lm.tokenizer.eos_token_id] + pre + p_ids
+    result = result if result is not None else {}
+    yield from lm.generate(prompt, max_new_tokens=max_new_tokens, mode="parametric", result=result,
+                           prompt_ids=ids, **kwargs)
+    result["ric_blocks"] = list(zip(used, rank_shares(len(used))))
+    result["store_generation"] = blocks.store.generation
+
+
+def rank_shares(n: int) -> list[float]:
+    """Shares of n blocks by retrieval rank (1/r, normalised): the best block carries the most."""
+    w = [1.0 / (r + 1) for r in range(n)]
+    s = sum(w)
+    return [x / s for x in w]
+
+
+def ric_attribute(text: str, blocks: Sequence[tuple[BlockHit, float]]) -> list["SentenceAttribution"]:
+    """Every sentence of a RIC completion is credited to the prepended blocks' documents."""
+    from .lm import SentenceAttribution, Source
+
+    by_doc: dict[tuple[int, int], list] = {}
+    for h, share in blocks:
+        key = (h.shard, h.doc)
+        if key in by_doc:
+            by_doc[key][1] += share
+        else:
+            by_doc[key] = [h, share]
+    ranked = sorted(by_doc.values(), key=lambda x: -x[1])
+    out = []
+    for a, b in sentence_spans(text):
+        sources = [Source(owner=h.owner, document_id=h.document_id, title=h.title, license=h.license,
+                          shard=h.shard_name, sentence=h.text, share=share) for h, share in ranked]
+        out.append(SentenceAttribution(text[a:b], a, b, 0.0 if sources else 1.0, sources))
+    return out

@@ -1,0 +1,155 @@
+"""RIC-LM: block store inside the kNN store, BM25 + dense retrieval, removal, scoring and generation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from silo.datastore.blocks import BlockStore, build_blocks
+from silo.datastore.store import Datastore, DatastoreError, read_manifest, write_json_atomic
+
+
+@pytest.fixture(scope="module")
+def ric_store(tmp_path_factory, tiny_model, tiny_store):
+    """A private copy of the shared tiny store with 32-token blocks (stride 16), both retrievers."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("ric") / "store"
+    shutil.copytree(tiny_store, path)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    info = build_blocks(path, tok, block_tokens=32, stride=16, retrievers=("bm25", "dense"), progress=False)
+    assert set(info) == {r["name"] for r in read_manifest(path)["shards"]}
+    return path
+
+
+@pytest.fixture(scope="module")
+def ric_lm(tiny_model, ric_store):
+    from silo.lm import SiloLM
+
+    return SiloLM.load(str(tiny_model), str(ric_store))
+
+
+def _blocks(store_path, shard_name):
+    rec = next(r for r in read_manifest(store_path)["shards"] if r["name"] == shard_name)
+    d = store_path / rec["dir"] / "blocks"
+    return json.loads((d / "blocks.json").read_text()), [json.loads(x) for x in open(d / "blocks.jsonl")]
+
+
+def test_blocks_live_in_shard_folders(ric_store):
+    for rec in read_manifest(ric_store)["shards"]:
+        info, rows = _blocks(ric_store, rec["name"])
+        assert info["block_tokens"] == 32 and info["stride"] == 16 and info["retrievers"] == ["bm25", "dense"]
+        assert info["blocks"] == len(rows) > 0 and info["shard_checksum"] == rec["checksum"]
+        docs = [json.loads(x) for x in open(ric_store / rec["dir"] / "documents.jsonl")]
+        for r in rows[:50]:  # the char span points into the document text
+            assert docs[r["doc"]]["text"][r["start"]:r["end"]] == r["text"]
+    assert "build-blocks" in (ric_store / "journal.jsonl").read_text()
+
+
+@pytest.mark.parametrize("retriever", ["bm25", "dense"])
+def test_retrieval_returns_the_block_a_query_was_cut_from(ric_store, retriever):
+    bs = BlockStore.open(ric_store)
+    store = bs.store
+    for si, shard in enumerate(store.shards):
+        _, rows = _blocks(ric_store, shard.name)
+        target = rows[len(rows) // 2]
+        hit = bs.search([target["text"]], 3, retriever)[0][0]
+        assert (hit.shard, hit.doc) == (si, target["doc"])
+        assert hit.start < target["end"] and target["start"] < hit.end  # the same (or an overlapping) block
+        if retriever == "dense":
+            assert hit.block == target["i"] and hit.score == pytest.approx(1.0, abs=1e-3)
+        assert hit.owner == shard.documents[target["doc"]]["owner"] and hit.document_id
+
+
+def test_empty_query_and_bad_arguments(ric_store):
+    bs = BlockStore.open(ric_store)
+    assert bs.search(["", "   "], 2, "bm25") == [[], []]
+    with pytest.raises(DatastoreError, match="retriever must be one of"):
+        bs.search(["x"], 1, "tfidf")
+
+
+def test_store_without_blocks_names_the_command(tiny_store):
+    with pytest.raises(DatastoreError, match="build-blocks"):
+        BlockStore.open(tiny_store)
+
+
+def _without_owner(src, dst, owner, how):
+    """A copy of the store where `owner` is removed: shard dropped from the manifest, or tombstoned."""
+    shutil.copytree(src, dst)
+    m = read_manifest(dst)
+    if how == "drop":
+        m["shards"] = [r for r in m["shards"] if r["owner"] != owner]
+    else:
+        for r in m["shards"]:
+            if r["owner"] == owner:
+                r["removed_docs"] = list(range(r["documents"]))
+    m["generation"] += 1
+    write_json_atomic(dst / "manifest.json", m)
+    return dst
+
+
+@pytest.mark.parametrize("how", ["drop", "tombstone"])
+def test_removing_an_owner_removes_their_blocks(ric_store, tmp_path, how):
+    full = BlockStore.open(ric_store)
+    owner = full.store.shards[0].owner
+    _, rows = _blocks(ric_store, full.store.shards[0].name)
+    queries = [rows[i]["text"] for i in range(0, len(rows), max(1, len(rows) // 5))]
+    for retriever in ("bm25", "dense"):
+        assert any(h.owner == owner for hs in full.search(queries, 5, retriever) for h in hs)
+    removed = BlockStore.open(_without_owner(ric_store, tmp_path / "s", owner, how))
+    for retriever in ("bm25", "dense"):
+        hits = removed.search(queries, 5, retriever)
+        assert all(h.owner != owner for hs in hits for h in hs)
+        if retriever == "dense":  # the other owner's blocks still answer
+            assert all(len(hs) == 5 for hs in hits)
+
+
+def test_ric_scoring_beats_parametric_on_text_in_the_store(ric_lm, ric_store):
+    doc = ric_lm.store.shards[0].documents[0]
+    text = doc["text"][1000:2600]  # its continuation is in the block store
+    for retriever in ("bm25", "dense"):
+        res = ric_lm.score(text, mode="ric", ric={"retriever": retriever})[0]
+        assert res.mode == "ric" and res.num_tokens > 100
+        assert res.perplexity < res.perplexity_parametric, (retriever, res.perplexity, res.perplexity_parametric)
+    ens = ric_lm.score(text, mode="ric", ric={"retriever": "dense", "n_blocks": 2, "ensemble": True})[0]
+    assert ens.perplexity < ens.perplexity_parametric
+
+
+def test_ric_generation_is_attributed_to_the_blocks(ric_lm):
+    doc = ric_lm.store.shards[0].documents[0]
+    prompt = doc["text"][3000:3080]  # short: the tiny model has a 128-token context
+    comp = ric_lm.complete(prompt, mode="ric", ric={"retriever": "bm25"}, max_new_tokens=24, temperature=0.0)
+    assert comp.tokens and comp.store_generation == ric_lm.store.generation
+    assert comp.attributions
+    for a in comp.attributions:
+        assert a.parametric_share == 0.0
+        assert a.sources[0].owner == doc["owner"] and a.sources[0].document_id == doc["id"]
+        assert abs(sum(s.share for s in a.sources) - 1.0) < 1e-9
+        assert a.sources[0].sentence  # the block text is the supporting passage
+    from silo.lm import SiloInputError
+
+    with pytest.raises(SiloInputError, match="scoring only"):
+        ric_lm.complete(prompt, mode="ric", ric={"ensemble": True}, max_new_tokens=4)
+    with pytest.raises(SiloInputError, match="ric.window"):
+        ric_lm.score("some text here", mode="ric", ric={"window": ric_lm.context_length})
+
+
+def test_ric_mode_needs_a_store(tiny_model):
+    from silo.lm import SiloInputError, SiloLM
+
+    lm = SiloLM.load(str(tiny_model))
+    with pytest.raises(SiloInputError, match="needs a datastore"):
+        lm.score("text", mode="ric")
+
+
+def test_snapshot_view_hides_blocks_without_touching_disk(ric_store):
+    """What the research harness does for opt-out: tombstone in memory only."""
+    store = Datastore.open(ric_store)
+    view = Datastore(store.path, store.manifest, [s.with_removed(frozenset(range(len(s.documents))), 16)
+                                                  if i == 0 else s for i, s in enumerate(store.shards)])
+    bs = BlockStore(view)
+    q = [store.shards[0].documents[0]["text"][:300]]
+    assert all(h.shard != 0 for h in bs.search(q, 5, "dense")[0])
+    assert read_manifest(ric_store)["generation"] == store.generation
