@@ -66,6 +66,9 @@ class DatastoreConfig(StageConfig):
     domains: list[str] | None = None
     output_dir: str
     shard_by: Literal["owner", "domain"] = "owner"
+    # keep whole documents, in corpus order, until a shard holds this many characters; None keeps
+    # all. Lets the demo and quick experiments use a slice of a corpus without writing a new one.
+    max_chars_per_shard: int | None = Field(None, gt=0)
     index: IndexSpec = IndexSpec()
     window: int = Field(256, gt=1)
     stride: int = Field(192, gt=0)
@@ -365,6 +368,8 @@ def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: 
     if not docs:
         raise DatastoreError(f"datastore.corpus: no documents in {cfg.corpus} (domains {cfg.domains})")
     groups = _group_documents(docs, cfg.shard_by)
+    if cfg.max_chars_per_shard:
+        groups = {k: _first_chars(v, cfg.max_chars_per_shard) for k, v in groups.items()}
 
     tmp = out.with_name(f".{out.name}.tmp-build-{os.getpid()}")
     if tmp.exists():
@@ -444,6 +449,7 @@ def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: 
         "index": {"factory": cfg.index.factory, "metric": "l2", "nprobe": cfg.index.nprobe,
                   "quantizer": "quantizer.faiss" if trained else None},
         "build": {"window": cfg.window, "stride": cfg.stride, "config_source": config_source,
+                  "config": cfg.model_dump(exclude={"overwrite"}),
                   "encode_seconds": round(encode_s, 2), "index_seconds": round(index_s, 2)},
         "shards": shard_recs,
     }
@@ -458,6 +464,16 @@ def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: 
         print(f"datastore: {n_total:,} entries in {len(shard_recs)} shard(s) at {out} "
               f"(encode {encode_s:.1f}s, {n_total / max(encode_s, 1e-9):,.0f} keys/s; index {index_s:.1f}s)")
     return Datastore.open(out, fingerprint=fp, device=cfg.index.device)
+
+
+def _first_chars(docs: list[Document], budget: int) -> list[Document]:
+    kept, used = [], 0
+    for d in docs:
+        if kept and used + len(d.text) > budget:
+            break
+        kept.append(d)
+        used += len(d.text)
+    return kept
 
 
 def _sample_keys(tmp: Path, shard_recs: list[dict], dim: int, n: int, seed: int) -> np.ndarray:

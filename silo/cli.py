@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     di = ds.add_parser("info", help="generation, shards and entry counts of a store")
     di.add_argument("store")
     di.set_defaults(func=cmd_datastore_info)
+    from silo.optout_cli import register as register_optout  # light: imports its libraries per command
+
+    register_optout(ds)
 
     e = sub.add_parser("eval", help="perplexity per domain: parametric, kNN-LM (tuned on val), reference")
     e.add_argument("--config", required=True, help="YAML file with an eval section")
@@ -252,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", default="configs/demo.yaml")
     m.add_argument("--retrain", action="store_true", help="train the models again even if up to date")
     m.set_defaults(func=cmd_demo)
+    from silo.serving.cli import register as register_serving  # silo serve, silo client ...
+
+    register_serving(sub)
+    from silo.research_cli import register as register_research  # build-blocks, sweep, scaling, report ...
+
+    register_research(sub)
     return p
 
 

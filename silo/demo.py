@@ -39,15 +39,19 @@ def _store_up_to_date(cfg) -> bool:
         prov = json.loads((Path(cfg.model) / "provenance.json").read_text())
     except Exception:
         return False
-    return (manifest["model"]["fingerprint"] == prov.get("fingerprint")
-            and manifest["index"]["factory"] == cfg.index.factory
-            and manifest["build"]["window"] == cfg.window and manifest["build"]["stride"] == cfg.stride)
+    # generation 1 = nothing removed since the build (the demo's opt-out step removes an owner)
+    return (manifest["model"]["fingerprint"] == prov.get("fingerprint") and manifest["generation"] == 1
+            and manifest["build"].get("config") == cfg.model_dump(exclude={"overwrite"}))
 
 
 def demo_prompt(config: str) -> tuple[str, str]:
-    """A passage from the datastore's first play: (prompt, document id)."""
-    from silo.training.corpus import load_documents
+    """A passage quoted from a play in the datastore: (prompt, document id).
+
+    The quote starts at a line and stops mid-line (at a space): a tiny LM's keys identify a passage by
+    its last few tokens, so a quote that ends inside a line lets kNN-LM carry on the play's own words.
+    """
     from silo.datastore.store import DatastoreConfig
+    from silo.training.corpus import load_documents
 
     ds = load_section(config, "datastore", DatastoreConfig)
     data = read_yaml(config).get("demo") or {}
@@ -57,16 +61,14 @@ def demo_prompt(config: str) -> tuple[str, str]:
     if doc is None:
         return "The meaning of the word", ""
     text = doc.text
-    start = text.find("\n", len(text) // 3) + 1
-    return text[start:start + int(data.get("prompt_chars", 160))], doc.id
+    start = text.find("\n", int(len(text) * float(data.get("prompt_at", 0.3)))) + 1
+    quote = text[start:start + int(data.get("prompt_chars", 200))]
+    return quote[: quote.rfind(" ")], doc.id
 
 
 def run_demo(config: str, retrain: bool = False) -> int:
-    from silo.cli import print_attributed
     from silo.datastore.store import DatastoreConfig, build_datastore
     from silo.evaluate import EvalConfig, evaluate, markdown_table
-    from silo.knn import KNNConfig
-    from silo.lm import SiloLM
     from silo.training.corpus import DEMO_DATA_DIR, load_documents
     from silo.training.train import TrainConfig, train
 
@@ -111,13 +113,105 @@ def run_demo(config: str, retrain: bool = False) -> int:
     print(markdown_table(out))
     print(f"(tables in {ecfg.output_dir}/results.md and results.json)")
 
-    _banner("5. an attributed completion")
-    knn = load_section(config, "knn", KNNConfig) if "knn" in sections else KNNConfig()
-    lm = SiloLM.load(dcfg.model, dcfg.output_dir, knn=knn)
-    prompt, doc_id = demo_prompt(config)
-    print(f"prompt (quoted from {doc_id}):\n{prompt}\u2502")
-    comp = lm.complete(prompt, max_new_tokens=48, temperature=0.0, stop=())
-    print("completion:")
-    print_attributed(comp)
+    _banner("5. the gRPC backend: a completion with per-sentence sources")
+    run_serving_demo(config, dcfg, sections, tuned={r["domain"]: r.get("knn_settings") for r in out["domains"]})
     print(f"\ndemo finished in {time.time() - t_all:.0f}s")
     return 0
+
+
+def _print_response(resp) -> None:
+    """Print a silo.v1 CompleteResponse with its attributions."""
+    print(resp.text)
+    print(f"\n[finish: {resp.finish_reason}; {resp.usage.prompt_tokens} prompt + {resp.usage.completion_tokens} "
+          f"completion tokens; store generation {resp.store_generation}]")
+    for i, a in enumerate(resp.attributions, 1):
+        print(f"  sentence {i}: {a.sentence!r}")
+        print(f"    parametric model alone: {100 * a.parametric_share:.0f}%")
+        for src in a.sources[:3]:
+            print(f"    {100 * src.share:4.0f}%  {src.owner} / {src.document_id} ({src.title}; {src.license})")
+            print(f"          supporting: {src.sentence[:120]!r}")
+
+
+def run_serving_demo(config: str, dcfg, sections: dict, tuned: dict | None = None) -> None:
+    """Serve a copy of the store over gRPC, complete a quoted passage, let its owner opt out, compare."""
+    import secrets
+    import shutil
+
+    from silo.serving.client import SiloClient
+    from silo.serving.config import load_serve_config
+    from silo.serving.server import SiloServer
+    from silo.training.corpus import load_documents
+
+    prompt, doc_id = demo_prompt(config)
+    owner = doc_id.split("/")[0] if doc_id else ""
+    served = Path(dcfg.output_dir).with_name(Path(dcfg.output_dir).name + "-served")
+    if served.exists():
+        shutil.rmtree(served)
+    shutil.copytree(dcfg.output_dir, served)  # the opt-out below edits this copy; the built store stays whole
+    admin, owner_token = secrets.token_hex(16), secrets.token_hex(16)
+    cfg = load_serve_config(config, {"port": 0, "store": str(served), "metrics_port": None,
+                                     "admin_token": admin, "admin_token_env": None,
+                                     "owner_tokens": {owner: owner_token}})
+    server = SiloServer(cfg).start()
+    print(f"silo serve listening on {server.target} (health SERVING, store generation 1)")
+    try:
+        with SiloClient(server.target, timeout=600) as client:
+            gen = dict(max_tokens=40, temperature=0.0, return_attributions=True)
+            print(f"prompt (quoted from {doc_id}):\n{prompt}\u2502")
+            before = client.complete(prompt, **gen)
+            print("completion:")
+            _print_response(before)
+
+            _banner(f"6. opt-out: owner '{owner}' removes its content through silo.v1.DataOwner")
+            look = client.lookup(document_id=doc_id)
+            print(f"lookup {doc_id}: in store = {look.in_store}, {look.entries:,} entries in {list(look.shards)}")
+            test = {d.domain: d.text for d in load_documents("pkg:demo/test", ["shakespeare", "gcide"])}
+            tuned = tuned or {}
+
+            def score(dom):  # each domain with the kNN settings tuned for it on validation (step 4)
+                s = tuned.get(dom) or {}
+                return client.score(test[dom][:6000], k=s.get("k"), lmbda=s.get("lmbda"), tau=s.get("temperature"))
+
+            ppl_before = {dom: score(dom) for dom in test}
+            with SiloClient(server.target, token=owner_token, timeout=900) as data_owner:
+                status = data_owner.submit_removal(owner=owner, requester=f"{owner} (rights holder)",
+                                                   reason="opt-out from the datastore", wait=True)
+                receipt = data_owner.get_receipt(status.request_id)
+            v = receipt.get("verification") or {}
+            print(f"request {status.request_id}: status {status.status}; removed {receipt['removed']['entries']:,} "
+                  f"entries; generation {receipt['generations']['before']} -> {receipt['generations']['current']}")
+            if v:
+                vb = v.get("verbatim") or {}
+                print(f"verification passed: {v.get('passed')}; probe hits before/after: "
+                      f"{v['probe']['before']['hits']}/{v['probe']['after']['hits']}; verbatim ROUGE-L "
+                      f"before/after/parametric: {vb.get('before', {}).get('rouge_l', 'n/a')}/"
+                      f"{vb.get('after', {}).get('rouge_l', 'n/a')}/{vb.get('parametric', {}).get('rouge_l', 'n/a')}")
+                pp = v.get("perplexity") or {}
+                print(f"perplexity of the removed text (serving kNN settings) before/after/parametric: "
+                      f"{pp.get('before')}/{pp.get('after')}/{pp.get('parametric')}")
+            print(f"receipt: {served}/receipts/{status.request_id}.json; journal: {served}/journal.jsonl")
+            look = client.lookup(document_id=doc_id)
+            print(f"lookup {doc_id}: in store = {look.in_store}")
+            after = {dom: score(dom) for dom in test}
+            # SILO's protocol tunes k/lambda/tau on validation for the store being evaluated: re-tune for
+            # the store as it is after the opt-out (a lambda fitted to the owner's text no longer fits).
+            from silo.evaluate import EvalConfig, evaluate
+
+            ecfg = load_section(config, "eval", EvalConfig, {
+                "store": str(served), "reference_model": None, "domains": list(test),
+                "output_dir": str(Path(load_section(config, "eval", EvalConfig).output_dir).with_name("eval-after-optout"))})
+            retuned = {r["domain"]: r for r in evaluate(ecfg, progress=False)["domains"]}
+            print("\nheld-out perplexity (test split) before and after the opt-out; kNN settings tuned per domain "
+                  "on validation (step 4), then re-tuned for the store after the opt-out:")
+            print("| domain | parametric | kNN-LM before | after, same settings | after, re-tuned (λ) |")
+            print("|---|---|---|---|---|")
+            for dom in test:
+                r = retuned.get(dom, {})
+                print(f"| {dom} | {after[dom].perplexity_parametric:.2f} | {ppl_before[dom].perplexity:.2f} | "
+                      f"{after[dom].perplexity:.2f} | {r.get('knn', float('nan')):.2f} "
+                      f"({r.get('knn_settings', {}).get('lmbda', float('nan')):.2f}) |")
+            print("\nthe same completion after the opt-out:")
+            _print_response(client.complete(prompt, **gen))
+    finally:
+        server.drain(5.0)
+        print("server drained and stopped")
