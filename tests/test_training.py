@@ -116,3 +116,27 @@ def test_bad_config_value_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match="missing section 'train'"):
         p.write_text("other: {}\n")
         load_section(p, "train", TrainConfig)
+
+
+def test_llama_family_trains_and_gives_keys(tmp_path, corpus_dir):
+    """The Llama config path trains, reloads, and kNN keys (decoder output == output-layer input) work."""
+    from silo.datastore.keys import KeyExtractor, OutputInputCapture, decoder_matches_head_input
+
+    cfg = validate(TrainConfig, tiny_train_config([corpus_dir / "train.jsonl"], tmp_path / "llama", max_steps=4,
+                                                  eval_every=4, save_every=4,
+                                                  model={"family": "llama", "hidden_size": 64, "num_layers": 1,
+                                                         "num_heads": 4, "intermediate_size": 128,
+                                                         "context_length": 64}, seq_len=64))
+    train(cfg, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "llama"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "llama"))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert decoder_matches_head_input(model)
+    ex = KeyExtractor(model, tok, window=64, stride=48)
+    dk = next(ex.iter_documents(["In the beginning God created the heavens and the earth. " * 4]))
+    assert dk.keys.shape == (len(dk.next_tokens), 64)
+    # the fast path (decoder only) gives the same keys as the forward pre-hook on the output layer
+    ids = torch.tensor([[tok.eos_token_id] + tok("In the beginning God", add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode(), OutputInputCapture(model) as cap:
+        model(input_ids=ids)
+    assert torch.allclose(cap.value[0, :5].float(), torch.from_numpy(dk.keys[:5]), atol=1e-4)
