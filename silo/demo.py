@@ -203,13 +203,14 @@ def run_serving_demo(config: str, dcfg, sections: dict, tuned: dict | None = Non
             retuned = {r["domain"]: r for r in evaluate(ecfg, progress=False)["domains"]}
             print("\nheld-out perplexity (test split) before and after the opt-out; kNN settings tuned per domain "
                   "on validation (step 4), then re-tuned for the store after the opt-out:")
-            print("| domain | parametric | kNN-LM before | after, same settings | after, re-tuned (λ) |")
+            print("| domain | parametric | kNN-LM before | after, same settings | after, re-tuned (λ; its parametric) |")
             print("|---|---|---|---|---|")
             for dom in test:
                 r = retuned.get(dom, {})
                 print(f"| {dom} | {after[dom].perplexity_parametric:.2f} | {ppl_before[dom].perplexity:.2f} | "
                       f"{after[dom].perplexity:.2f} | {r.get('knn', float('nan')):.2f} "
-                      f"({r.get('knn_settings', {}).get('lmbda', float('nan')):.2f}) |")
+                      f"(λ {r.get('knn_settings', {}).get('lmbda', float('nan')):.2f}; "
+                      f"{r.get('parametric', float('nan')):.2f} on its {r.get('tokens', 0)} tokens) |")
             print("\nthe same completion after the opt-out:")
             _print_response(client.complete(prompt, **gen))
     finally:
