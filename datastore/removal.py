@@ -49,7 +49,8 @@ import numpy as np
 from .journal import append_journal, read_journal
 from .sentences import split_sentences
 from .store import (
-    Datastore, DatastoreError, ENTRY_DTYPE, _ivf_of, fsync_dir, read_manifest, sha256_file, write_json_atomic,
+    Datastore, DatastoreError, ENTRY_DTYPE, ShardMissing, _ivf_of, fsync_dir, read_manifest, sha256_file,
+    write_json_atomic,
 )
 
 CRASH_ENV = "SILO_CRASH_AT"
@@ -173,8 +174,8 @@ def open_store_retrying(path: str | Path, attempts: int = 5, **kwargs) -> Datast
     for i in range(attempts):
         try:
             return Datastore.open(path, **kwargs)
-        except DatastoreError as exc:
-            if "missing; the store is damaged" not in str(exc) or i == attempts - 1:
+        except ShardMissing:
+            if i == attempts - 1:
                 raise
             time.sleep(0.05 * (i + 1))
     raise AssertionError("unreachable")

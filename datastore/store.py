@@ -49,6 +49,11 @@ class DatastoreError(RuntimeError):
     """A store is missing, malformed, or used wrongly; the message names the path."""
 
 
+class ShardMissing(DatastoreError):
+    """A shard file named by the manifest is gone: the store is damaged, or a removal deleted the folder
+    between our reading the manifest and loading the shard (then the next manifest read no longer names it)."""
+
+
 class FingerprintMismatch(DatastoreError):
     """The store's keys were made by a different model than the one it is being attached to."""
 
@@ -154,7 +159,7 @@ class Shard:
         d = store_dir / rec["dir"]
         for f in ("index.faiss", "entries.npy", "documents.jsonl"):
             if not (d / f).exists():
-                raise DatastoreError(f"{d / f}: missing; the store is damaged (shard {rec['name']})")
+                raise ShardMissing(f"{d / f}: missing; the store is damaged (shard {rec['name']})")
         index = faiss.read_index(str(d / "index.faiss"))
         if device == "cuda":
             index = _to_gpu(index)

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from silo.datastore.removal import open_store_retrying
 from silo.datastore.store import Datastore
 from silo.lm import SiloLM
 from silo.training.tokenizer import DEFAULT_CHAT_TEMPLATE
@@ -224,7 +225,7 @@ class AdminService(pb_grpc.AdminServicer):
             cur = engine.lm.store
             if cur is None:
                 raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached; use SwapDatastore")
-            new = Datastore.open(cur.path, fingerprint=engine.lm.fingerprint, device=cur.device, reuse=cur)
+            new = open_store_retrying(cur.path, fingerprint=engine.lm.fingerprint, device=cur.device, reuse=cur)
             if new.generation == cur.generation:
                 return pb.DatastoreChange(changed=False, previous=store_message(cur), current=store_message(cur))
             prev = engine.control(lambda: engine.lm.swap_store(new))

@@ -165,7 +165,9 @@ class SiloLM:
         cur = self._store
         if cur is None:
             return False
-        new = Datastore.open(cur.path, fingerprint=self.fingerprint, device=cur.device, reuse=cur)
+        from silo.datastore.removal import open_store_retrying  # retries past a concurrent folder deletion
+
+        new = open_store_retrying(cur.path, fingerprint=self.fingerprint, device=cur.device, reuse=cur)
         if new.generation == cur.generation:
             return False
         self._store = new

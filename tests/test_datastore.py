@@ -74,6 +74,19 @@ def test_search_merges_shards_by_distance(tiny_store):
     assert np.allclose(D, nb.distances, rtol=1e-4, atol=1e-3)
 
 
+def test_missing_shard_file_is_named(tiny_store, tmp_path):
+    import shutil
+
+    from silo.datastore.store import ShardMissing
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    victim = next((store / "shards").iterdir()) / "index.faiss"
+    victim.unlink()
+    with pytest.raises(ShardMissing, match=str(victim)):
+        Datastore.open(store)
+
+
 def test_fingerprint_mismatch_is_refused(tiny_store):
     with pytest.raises(FingerprintMismatch, match="rebuild the store"):
         Datastore.open(tiny_store, fingerprint="sha256:" + "0" * 64)
