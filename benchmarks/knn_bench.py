@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from silo.datastore.keys import KeyExtractor
-from silo.datastore.store import ENTRY_DTYPE, FORMAT, Datastore, write_json_atomic
+from silo.datastore.store import ENTRY_DTYPE, Datastore, write_json_atomic
 from silo.lm import SiloLM
 from silo.training.corpus import load_documents
 
@@ -124,7 +124,7 @@ def main() -> None:
             t0 = time.perf_counter()
             big = tiled_store(store, tmp / factory.replace(",", "_"), args.large, factory)
             t_make = time.perf_counter() - t0
-            lm.swap_store(big) if big.fingerprint == lm.fingerprint else None
+            lm.swap_store(big)
             t_big, _ = timed(lambda: lm.score(texts, mode="knn", k=32))
             print(f"{big.num_entries:,}-entry store, {factory} (made in {t_make:.0f}s): kNN-LM {n_tok / t_big:,.0f} tok/s "
                   f"-> kNN-LM / parametric = {t_par / t_big:.3f}; bytes per entry "

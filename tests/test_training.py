@@ -52,13 +52,12 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, corpus_dir):
                                                                    "num_layers": 1})
     full = validate(TrainConfig, tiny_train_config(corpus, tmp_path / "full", **small))
     train(full, progress=False)
-    # run a copy to step 5, keep its checkpoint, then resume to step 10
+    # run a copy that is interrupted after step 5 (its checkpoint stays), then resume it to step 10
     part_cfg = tiny_train_config(corpus, tmp_path / "part", **small)
     part_cfg["checkpoint_dir"] = str(tmp_path / "ckpt")
     first = validate(TrainConfig, {**part_cfg, "max_steps": 10})
     import silo.training.train as tr
     real_lr_at = tr.lr_at
-    calls = {"n": 0}
 
     class Stop(Exception):
         pass
