@@ -49,7 +49,7 @@ import numpy as np
 from .journal import append_journal, read_journal
 from .sentences import split_sentences
 from .store import (
-    Datastore, DatastoreError, ENTRY_DTYPE, ShardMissing, _ivf_of, fsync_dir, read_manifest, sha256_file,
+    Datastore, DatastoreError, ENTRY_DTYPE, ShardMissing, _ivf_of, fsync_path, read_manifest, sha256_file,
     write_json_atomic,
 )
 
@@ -284,18 +284,10 @@ def _compact_blocks(old: Path, new: Path, remap: np.ndarray, shard_checksum: str
     if (old / "dense.faiss").exists():
         dense = compact_index(faiss.read_index(str(old / "dense.faiss")), np.asarray(keep, dtype=bool))
         faiss.write_index(dense, str(new / "dense.faiss"))
-        _fsync_file(new / "dense.faiss")
+        fsync_path(new / "dense.faiss")
     info.update(shard_checksum=shard_checksum, blocks=len(rows), documents=len({r["doc"] for r in rows}),
                 compacted=_now())
     write_json_atomic(new / "blocks.json", info)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------- manager
@@ -548,9 +540,9 @@ class RemovalManager:
         if index.ntotal != len(new_entries):
             raise DatastoreError(f"{old_dir}: compaction left {index.ntotal} keys for {len(new_entries)} entries")
         faiss.write_index(index, str(new_dir / "index.faiss"))
-        _fsync_file(new_dir / "index.faiss")
+        fsync_path(new_dir / "index.faiss")
         np.save(new_dir / "entries.npy", new_entries.astype(ENTRY_DTYPE))
-        _fsync_file(new_dir / "entries.npy")
+        fsync_path(new_dir / "entries.npy")
         crash_point("mid_compaction_write")
         with open(new_dir / "documents.jsonl", "w", encoding="utf-8") as fh:
             for d in kept_docs:
@@ -566,8 +558,8 @@ class RemovalManager:
         checksum = sha256_file(new_dir / "shard.json")
         if (old_dir / "blocks" / "blocks.json").exists():
             _compact_blocks(old_dir / "blocks", new_dir / "blocks", remap, checksum)
-        fsync_dir(new_dir)
-        fsync_dir(new_dir.parent)
+        fsync_path(new_dir)
+        fsync_path(new_dir.parent)
         rec.update(dir=new_rel, entries=int(len(new_entries)), documents=len(kept_docs), checksum=checksum)
         rec.pop("removed_docs", None)
         manifest["generation"] = gen
@@ -592,7 +584,7 @@ class RemovalManager:
             for tmp in folder.glob(".*.tmp-*") if folder.exists() else []:
                 tmp.unlink(missing_ok=True)
         if gone and sdir.exists():
-            fsync_dir(sdir)
+            fsync_path(sdir)
         return gone
 
     def resume(self, request_id: str) -> dict:

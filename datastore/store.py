@@ -101,7 +101,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes renames and new entries in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -117,7 +118,7 @@ def write_json_atomic(path: Path, obj) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def read_manifest(path: Path) -> dict:
@@ -499,7 +500,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
-    fsync_dir(out.parent)
+    fsync_path(out.parent)
     if old.exists():
         shutil.rmtree(old)
 

@@ -24,7 +24,8 @@ import threading
 import grpc
 
 from silo.datastore.removal import RemovalError, RemovalManager, RemovalRequest
-from silo.optout import _removed_documents, verify_removal
+from silo.datastore.store import read_manifest
+from silo.optout import removed_documents, verify_removal
 
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
@@ -78,29 +79,20 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
             raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached to this server")
         return RemovalManager(engine.lm.store.path)
 
-    @staticmethod
-    def _owners_of(targets: dict, snapshot) -> set[str]:
-        """Owners of every document a resolved request would remove (from the in-memory snapshot)."""
-        whole = {x["name"] for x in targets["drop_shards"]}
-        ids = {x["name"]: set(x["document_ids"]) for x in targets["drop_documents"]}
-        owners = set()
-        for shard in snapshot.shards:
-            for d in shard.documents:
-                if shard.name in whole or d["id"] in ids.get(shard.name, ()):
-                    owners.add(d["owner"])
-        return owners
-
-    def _check_owner_may(self, caller, targets: dict, snapshot) -> None:
+    def _check_owner_may(self, caller, targets: dict, removed: list[dict]) -> None:
+        """An owner token may only remove its own content: the documents the request removes and the
+        shards it drops (a shard whose documents are all tombstoned still has an owner)."""
         if caller[0] == "admin":
             return
-        owners = self._owners_of(targets, snapshot)
+        owners = {d["owner"] for d in removed} | {x["owner"] for x in targets["drop_shards"] if x.get("owner")}
         if owners - {caller[1]}:
             raise RpcFailure(Code.PERMISSION_DENIED,
                              f"an owner token for '{caller[1]}' may only remove that owner's content; "
                              f"this request touches content of {', '.join(sorted(owners - {caller[1]}))}")
 
     # ----------------------------------------------------------------------------------- conversion
-    def _status_message(self, mgr: RemovalManager, state: dict) -> pb.RemovalStatus:
+    def _status_message(self, mgr: RemovalManager, state: dict, generation: int | None = None) -> pb.RemovalStatus:
+        """`generation`: the store's current generation, when the caller has read it already."""
         r = state["request"]
         rid = r["request_id"]
         status = state["status"]
@@ -111,7 +103,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
                                document_ids=r.get("document_ids") or [], shards=r.get("shards") or [],
                                requester=r.get("requester", ""), created=r.get("created", ""),
                                entries=int(state["targets"]["entries"]),
-                               generation=int(json.loads((mgr.path / "manifest.json").read_text())["generation"]),
+                               generation=generation if generation is not None else int(read_manifest(mgr.path)["generation"]),
                                error=error)
         if state.get("verification") is not None:
             msg.verification_passed = bool(state["verification"].get("passed"))
@@ -156,8 +148,8 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
                 targets = mgr.resolve(req, before.manifest)
             except RemovalError as exc:
                 raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
-            self._check_owner_may(caller, targets, before)
-            removed = _removed_documents(before, targets)
+            removed = removed_documents(before, targets)
+            self._check_owner_may(caller, targets, removed)
 
             def apply():
                 state = mgr.submit(req)
@@ -220,6 +212,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         caller = self._caller(context)
         mgr = self._manager()
         out = pb.ListRemovalsResponse()
+        generation = int(read_manifest(mgr.path)["generation"])  # once, not once per request listed
         for summary in mgr.list():
             state = mgr.status(summary["request_id"])
             owners = self._request_owners(state)
@@ -227,7 +220,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
                 continue
             if request.owner and request.owner not in owners:
                 continue
-            out.removals.append(self._status_message(mgr, state))
+            out.removals.append(self._status_message(mgr, state, generation))
         return out
 
     @_handled("Lookup")

@@ -114,7 +114,7 @@ def run_demo(config: str, retrain: bool = False) -> int:
     print(f"(tables in {ecfg.output_dir}/results.md and results.json)")
 
     _banner("5. the gRPC backend: a completion with per-sentence sources")
-    run_serving_demo(config, dcfg, sections, tuned={r["domain"]: r.get("knn_settings") for r in out["domains"]})
+    run_serving_demo(config, dcfg, ecfg, tuned={r["domain"]: r.get("knn_settings") for r in out["domains"]})
     print(f"\ndemo finished in {time.time() - t_all:.0f}s")
     return 0
 
@@ -132,8 +132,10 @@ def _print_response(resp) -> None:
             print(f"          supporting: {src.sentence[:120]!r}")
 
 
-def run_serving_demo(config: str, dcfg, sections: dict, tuned: dict | None = None) -> None:
-    """Serve a copy of the store over gRPC, complete a quoted passage, let its owner opt out, compare."""
+def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None:
+    """Serve a copy of the store over gRPC, complete a quoted passage, let its owner opt out, compare.
+
+    `ecfg` is the eval config of step 4 and `tuned` its per-domain kNN settings."""
     import secrets
     import shutil
 
@@ -195,12 +197,12 @@ def run_serving_demo(config: str, dcfg, sections: dict, tuned: dict | None = Non
             after = {dom: score(dom) for dom in test}
             # SILO's protocol tunes k/lambda/tau on validation for the store being evaluated: re-tune for
             # the store as it is after the opt-out (a lambda fitted to the owner's text no longer fits).
-            from silo.evaluate import EvalConfig, evaluate
+            from silo.evaluate import evaluate
 
-            ecfg = load_section(config, "eval", EvalConfig, {
+            after_cfg = ecfg.model_copy(update={
                 "store": str(served), "reference_model": None, "domains": list(test),
-                "output_dir": str(Path(load_section(config, "eval", EvalConfig).output_dir).with_name("eval-after-optout"))})
-            retuned = {r["domain"]: r for r in evaluate(ecfg, progress=False)["domains"]}
+                "output_dir": str(Path(ecfg.output_dir).with_name("eval-after-optout"))})
+            retuned = {r["domain"]: r for r in evaluate(after_cfg, progress=False)["domains"]}
             print("\nheld-out perplexity (test split) before and after the opt-out; kNN settings tuned per domain "
                   "on validation (step 4), then re-tuned for the store after the opt-out:")
             print("| domain | parametric | kNN-LM before | after, same settings | after, re-tuned (λ; its parametric) |")

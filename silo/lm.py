@@ -81,6 +81,7 @@ class GenerationStep:
     token: int
     text: str  # the text this step releases (may be empty while a multi-byte character or stop is pending)
     support: StepSupport
+    offset: int = 0  # character offset in the completion where this token's text starts (for attribution)
 
 
 @dataclass
@@ -338,13 +339,14 @@ class SiloLM:
             if token == self.tokenizer.eos_token_id:
                 finish = "stop"
                 break
+            offset = len(text)  # the completion so far, decoded: this token starts here
             out_ids.append(token)
             text = self.tokenizer.decode(out_ids)
             stop_at = _find_stop(text, stop)
             if stop_at is not None:
                 text = text[:stop_at]
                 finish = "stop"
-                yield GenerationStep(token, text[released:], sup)
+                yield GenerationStep(token, text[released:], sup, offset)
                 released = len(text)
                 break
             safe = len(text) - (max_stop - 1 if max_stop else 0)
@@ -352,7 +354,7 @@ class SiloLM:
                 safe = min(safe, len(text) - 1)  # a multi-byte character is not complete yet
             delta = text[released:max(safe, released)]
             released += len(delta)
-            yield GenerationStep(token, delta, sup)
+            yield GenerationStep(token, delta, sup, offset)
             if len(ids) + len(out_ids) >= self.context_length:
                 finish = "length"
                 break
@@ -394,11 +396,7 @@ class SiloLM:
         """
         store = store or self._store
         toks = [st for st in steps if st.token >= 0]
-        # character offset where each token starts in the completion text
-        starts, pieces = [], []
-        for st in toks:
-            starts.append(len(self.tokenizer.decode(pieces)))
-            pieces.append(st.token)
+        starts = [st.offset for st in toks]  # where each token starts in the text (recorded by generate)
         spans = sentence_spans(text)
         if not spans:
             return []

@@ -56,7 +56,7 @@ def remove_and_verify(lm: SiloLM, request: RemovalRequest | dict, progress: bool
     mgr = RemovalManager(lm.store.path)
     before = Datastore.open(lm.store.path, fingerprint=lm.fingerprint, device=lm.store.device, reuse=lm.store)
     targets = mgr.resolve(req, before.manifest)  # validates against the store; raises before any change
-    removed = _removed_documents(before, targets)
+    removed = removed_documents(before, targets)
     say(f"{req.request_id}: removing {targets['entries']:,} entries "
         f"({len(removed)} document(s)) from generation {before.generation}")
 
@@ -81,7 +81,7 @@ def remove_and_verify(lm: SiloLM, request: RemovalRequest | dict, progress: bool
     return mgr.record_verification(req.request_id, verification)
 
 
-def _removed_documents(store: Datastore, targets: dict) -> list[dict]:
+def removed_documents(store: Datastore, targets: dict) -> list[dict]:
     """The documents a resolved request removes, from an open snapshot (text stays in memory only)."""
     whole = {x["name"] for x in targets["drop_shards"]}
     ids = {x["name"]: set(x["document_ids"]) for x in targets["drop_documents"]}
