@@ -14,7 +14,7 @@ the build takes seconds, not the minutes a 1M-token encode would).
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 from silo.datastore.keys import KeyExtractor
-from silo.datastore.store import ENTRY_DTYPE, Datastore, write_json_atomic
-from silo.lm import SiloLM
-from silo.training.corpus import load_documents
+from silo.core.corpus import load_documents
+from silo.datastore.format import ENTRY_DTYPE, IndexRef, ShardRecord
+from silo.datastore.shard import write_shard
+from silo.datastore.store import Datastore
+from silo.model.lm import SiloLM
 
 
 def timed(fn, repeat: int = 1):
@@ -65,18 +67,15 @@ def tiled_store(src: Datastore, dest: Path, n_entries: int, factory: str) -> Dat
         index.add((keys[:take] + rng.standard_normal((take, keys.shape[1])).astype(np.float32) * scale))
         rows.append(entries[:take])
         added += take
-    faiss.write_index(index, str(sdir / "index.faiss"))
     ent = np.concatenate(rows).astype(ENTRY_DTYPE)
     ent["doc"] = 0
     ent["sent"] = 0
-    np.save(sdir / "entries.npy", ent)
-    with open(sdir / "documents.jsonl", "w") as fh:
-        fh.write(json.dumps({"index": 0, "id": "tiled", "owner": "bench", "license": "", "title": "",
-                             "sentences": [[0, 5]], "text": "tiled"}) + "\n")
-    manifest = dict(src.manifest, generation=1, index={"factory": factory, "metric": "l2", "nprobe": 16},
-                    shards=[{"name": "tiled", "owner": "bench", "dir": "shards/tiled", "entries": int(len(ent)),
-                             "documents": 1}])
-    write_json_atomic(dest / "manifest.json", manifest)
+    doc = {"index": 0, "id": "tiled", "owner": "bench", "license": "", "title": "", "sentences": [[0, 5]],
+           "text": "tiled"}
+    checksum = write_shard(sdir, index, ent, [doc], {"name": "tiled", "owner": "bench", "index_factory": factory})
+    manifest = dataclasses.replace(src.manifest, generation=1, index=IndexRef(factory=factory, nprobe=16),
+                                   shards=[ShardRecord("tiled", "bench", "shards/tiled", int(len(ent)), 1, checksum)])
+    manifest.write(dest)
     return Datastore.open(dest)
 
 
@@ -95,8 +94,8 @@ def main() -> None:
     store = lm.store
     texts = [d.text[: args.tokens * 5] for d in load_documents("pkg:demo/test", ["shakespeare"])][:1]
 
-    t_par, r_par = timed(lambda: lm.score(texts, mode="parametric"), repeat=2)
-    t_knn, r_knn = timed(lambda: lm.score(texts, mode="knn", k=32), repeat=2)
+    t_par, r_par = timed(lambda: lm.score(texts, None), repeat=2)
+    t_knn, r_knn = timed(lambda: lm.score(texts, lm.retriever("knn", k=32)), repeat=2)
     n_tok = r_par[0].num_tokens
     print(f"demo store: {store.num_entries:,} entries, index {store.manifest['index']['factory']}")
     print(f"  scoring: parametric {n_tok / t_par:,.0f} tok/s, kNN-LM {n_tok / t_knn:,.0f} tok/s "
@@ -125,7 +124,7 @@ def main() -> None:
             big = tiled_store(store, tmp / factory.replace(",", "_"), args.large, factory)
             t_make = time.perf_counter() - t0
             lm.swap_store(big)
-            t_big, _ = timed(lambda: lm.score(texts, mode="knn", k=32))
+            t_big, _ = timed(lambda: lm.score(texts, lm.retriever("knn", k=32)))
             print(f"{big.num_entries:,}-entry store, {factory} (made in {t_make:.0f}s): kNN-LM {n_tok / t_big:,.0f} tok/s "
                   f"-> kNN-LM / parametric = {t_par / t_big:.3f}; bytes per entry "
                   f"{dir_bytes(tmp / factory.replace(',', '_')) / big.num_entries:,.1f}")

@@ -17,7 +17,6 @@ Synthetic keys are random: the numbers measure file and index work, not search q
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -30,7 +29,8 @@ import numpy as np
 
 from silo.datastore.journal import append_journal
 from silo.datastore.removal import RemovalManager, RemovalRequest
-from silo.datastore.store import ENTRY_DTYPE, FORMAT, sha256_file, write_json_atomic
+from silo.datastore.format import ENTRY_DTYPE, IndexRef, Manifest, ModelRef, ShardRecord
+from silo.datastore.shard import write_shard
 
 WORDS = "the of and to in that is was he for it with as his on be at by had not are but from or have".split()
 
@@ -39,33 +39,27 @@ def _text(rng, n_words: int) -> str:
     return " ".join(rng.choice(WORDS, n_words)) + "."
 
 
-def write_shard(root: Path, name: str, owner: str, n_entries: int, n_docs: int, dim: int, rng,
-                factory: str = "Flat", trained: faiss.Index | None = None) -> dict:
+def make_shard(root: Path, name: str, owner: str, n_entries: int, n_docs: int, dim: int, rng,
+                factory: str = "Flat", trained: faiss.Index | None = None) -> ShardRecord:
     sdir = root / "shards" / name
     sdir.mkdir(parents=True)
     keys = rng.standard_normal((n_entries, dim), dtype=np.float32)
     index = faiss.clone_index(trained) if trained is not None else faiss.index_factory(dim, factory)
     index.add(keys)
-    faiss.write_index(index, str(sdir / "index.faiss"))
     per = n_entries // n_docs
     entries = np.zeros(n_entries, ENTRY_DTYPE)
     entries["doc"] = np.minimum(np.arange(n_entries) // per, n_docs - 1)
     entries["token"] = rng.integers(0, 8000, n_entries)
     entries["pos"] = np.arange(n_entries) - entries["doc"] * per
-    np.save(sdir / "entries.npy", entries)
-    with open(sdir / "documents.jsonl", "w", encoding="utf-8") as fh:
-        for d in range(n_docs):
-            text = _text(rng, 40)
-            fh.write(json.dumps({"index": d, "id": f"{owner}/doc{d}", "owner": owner, "license": "CC-BY-4.0",
-                                 "tier": "by", "title": f"doc {d}", "source": "synthetic", "url": "", "domain": "x",
-                                 "sha256": "", "tokens": int((entries["doc"] == d).sum()),
-                                 "sentences": [[0, len(text)]], "text": text}) + "\n")
-    info = {"name": name, "owner": owner, "entries": n_entries, "documents": n_docs, "key_dim": dim,
-            "index_factory": factory, "checksums": {f: sha256_file(sdir / f)
-                                                    for f in ("index.faiss", "entries.npy", "documents.jsonl")}}
-    write_json_atomic(sdir / "shard.json", info)
-    return {"name": name, "owner": owner, "dir": f"shards/{name}", "entries": n_entries, "documents": n_docs,
-            "checksum": sha256_file(sdir / "shard.json")}
+    docs = []
+    for d in range(n_docs):
+        text = _text(rng, 40)
+        docs.append({"index": d, "id": f"{owner}/doc{d}", "owner": owner, "license": "CC-BY-4.0", "tier": "by",
+                     "title": f"doc {d}", "source": "synthetic", "url": "", "domain": "x", "sha256": "",
+                     "tokens": int((entries["doc"] == d).sum()), "sentences": [[0, len(text)]], "text": text})
+    checksum = write_shard(sdir, index, entries, docs, {"name": name, "owner": owner, "key_dim": dim,
+                                                        "index_factory": factory})
+    return ShardRecord(name, owner, f"shards/{name}", n_entries, n_docs, checksum)
 
 
 def build_store(root: Path, n_shards: int, entries: int, dim: int, seed: int = 0, docs: int = 20,
@@ -77,14 +71,11 @@ def build_store(root: Path, n_shards: int, entries: int, dim: int, seed: int = 0
         trained = faiss.index_factory(dim, factory)
         trained.train(rng.standard_normal((max(entries, 4096), dim), dtype=np.float32))
         faiss.write_index(trained, str(root / "quantizer.faiss"))
-    recs = [write_shard(root, f"owner{i:04d}", f"owner{i:04d}", entries, docs, dim, rng, factory, trained)
+    recs = [make_shard(root, f"owner{i:04d}", f"owner{i:04d}", entries, docs, dim, rng, factory, trained)
             for i in range(n_shards)]
-    manifest = {"format": FORMAT, "generation": 1, "created": "", "updated": "",
-                "model": {"fingerprint": "sha256:synthetic", "path": "", "key_dim": dim, "vocab_size": 8000},
-                "index": {"factory": factory, "metric": "l2", "nprobe": 8,
-                          "quantizer": "quantizer.faiss" if trained is not None else None},
-                "build": {"synthetic": True}, "shards": recs}
-    write_json_atomic(root / "manifest.json", manifest)
+    Manifest(generation=1, model=ModelRef("sha256:synthetic", "", dim, 8000),
+             index=IndexRef(factory, "l2", 8, "quantizer.faiss" if trained is not None else None),
+             shards=recs, build={"synthetic": True}).write(root)
     append_journal(root / "journal.jsonl", "build", generation=1, entries=n_shards * entries)
     return root
 
@@ -95,7 +86,7 @@ def time_owner_removals(store: Path, owners: list[str]) -> list[float]:
         t = time.perf_counter()
         m = RemovalManager(store)
         st = m.submit(RemovalRequest(owner=o, requester="bench", reason="benchmark"))
-        m.compact(st["request"]["request_id"])
+        m.compact(st.request_id)
         out.append(time.perf_counter() - t)
     return out
 
@@ -103,9 +94,9 @@ def time_owner_removals(store: Path, owners: list[str]) -> list[float]:
 def time_compaction(store: Path, owner: str) -> tuple[float, int]:
     m = RemovalManager(store)
     st = m.submit(RemovalRequest(document_ids=[f"{owner}/doc0"], requester="bench", reason="benchmark"))
-    entries = st["targets"]["drop_documents"][0]["removed_entries"]
+    entries = st.targets.drop_documents[0].removed_entries
     t = time.perf_counter()
-    m.compact(st["request"]["request_id"])
+    m.compact(st.request_id)
     return time.perf_counter() - t, entries
 
 

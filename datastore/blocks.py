@@ -17,7 +17,7 @@ per-shard indexes (per-shard IDF), so scores from different shards are only appr
 that is the price of owner-level removal without re-indexing the others (dense scores are cosines and
 compare exactly).
 
-Layer rule: this module imports only silo.training / silo.datastore (the LM tokenizer is passed in).
+Layer rule: this module imports only silo.core and silo.datastore (the LM tokenizer is passed in).
 """
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from silo.core.files import fsync_path, swap_dir_atomic, write_json_atomic
+
+from .faiss_utils import compact_index
+from .format import DatastoreError, Manifest, now
 from .journal import append_journal
-from .store import Datastore, DatastoreError, read_manifest, write_json_atomic
+from .store import Datastore
 
 BLOCKS_FORMAT = "silo.blocks.v1"
 RETRIEVERS = ("bm25", "dense")
@@ -119,16 +123,16 @@ def build_blocks(store_path: str | Path, tokenizer, block_tokens: int = 128, str
     if block_tokens < 1 or not 0 < stride <= block_tokens:
         raise DatastoreError(f"need block_tokens >= 1 and 0 < stride <= block_tokens (got {block_tokens}, {stride})")
     store_path = Path(store_path)
-    manifest = read_manifest(store_path)
+    manifest = Manifest.read(store_path)
     tok_sha = tokenizer_sha256(tokenizer)
     dense_path = (dense_model or default_dense_model()) if "dense" in retrievers else None
     result = {}
-    for rec in tqdm(manifest["shards"], desc="blocks: shards", unit="shard", disable=not progress or None):
+    for rec in tqdm(manifest.shards, desc="blocks: shards", unit="shard", disable=not progress or None):
         t0 = time.time()
-        sdir = store_path / rec["dir"]
+        sdir = store_path / rec.dir
         docs_file = sdir / "documents.jsonl"
         if not docs_file.exists():
-            raise DatastoreError(f"{docs_file}: missing; the store is damaged (shard {rec['name']})")
+            raise DatastoreError(f"{docs_file}: missing; the store is damaged (shard {rec.name})")
         rows = []
         with open(docs_file, encoding="utf-8") as fh:
             for line in fh:
@@ -153,29 +157,24 @@ def build_blocks(store_path: str | Path, tokenizer, block_tokens: int = 128, str
             raise
         info["seconds"] = round(time.time() - t0, 2)
         write_json_atomic(tmp / "blocks.json", info)
-        final, old = sdir / "blocks", sdir / f".blocks.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
-        result[rec["name"]] = info
+        swap_dir_atomic(tmp, sdir / "blocks")
+        result[rec.name] = info
     if (store_path / "journal.jsonl").exists():  # the journal records every change to the store's contents
-        append_journal(store_path / "journal.jsonl", "build-blocks", generation=manifest["generation"],
+        append_journal(store_path / "journal.jsonl", "build-blocks", generation=manifest.generation,
                        block_tokens=block_tokens, stride=stride, retrievers=list(retrievers),
                        shards={k: v["blocks"] for k, v in result.items()})
     return result
 
 
-def _index_shard(tmp: Path, rows: list[dict], rec: dict, manifest: dict, tok_sha: str, block_tokens: int,
+def _index_shard(tmp: Path, rows: list[dict], rec, manifest: Manifest, tok_sha: str, block_tokens: int,
                  stride: int, retrievers: tuple, dense_model: str | None, dense_path: str | None,
                  progress: bool) -> dict:
     texts = [r["text"] for r in rows]
-    info = {"format": BLOCKS_FORMAT, "shard": rec["name"], "owner": rec.get("owner", ""),
-            "shard_checksum": rec.get("checksum"), "model_fingerprint": manifest["model"]["fingerprint"],
+    info = {"format": BLOCKS_FORMAT, "shard": rec.name, "owner": rec.owner,
+            "shard_checksum": rec.checksum, "model_fingerprint": manifest.model.fingerprint,
             "tokenizer_sha256": tok_sha, "block_tokens": block_tokens, "stride": stride,
             "retrievers": list(retrievers), "blocks": len(rows),
-            "documents": len({r["doc"] for r in rows}), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "documents": len({r["doc"] for r in rows}), "created": now()}
     if "bm25" in retrievers and rows:
         import bm25s
 
@@ -190,6 +189,50 @@ def _index_shard(tmp: Path, rows: list[dict], rec: dict, manifest: dict, tok_sha
         info["dense_model"] = DEFAULT_DENSE if dense_model is None else dense_model
         info["dense_dim"] = int(vecs.shape[1])
     return info
+
+
+def has_blocks(shard_dir: Path) -> bool:
+    """True if the shard folder carries RIC blocks."""
+    return (Path(shard_dir) / "blocks" / "blocks.json").exists()
+
+
+def compact_blocks(old_shard: Path, new_shard: Path, remap: np.ndarray, shard_checksum: str) -> None:
+    """Carry a shard's blocks into its compacted folder without the removed documents: blocks.jsonl
+    filtered and renumbered (`remap`: old document index -> new, -1 removed), dense vectors filtered
+    (no re-embedding), BM25 re-indexed from the kept blocks (its vocabulary and statistics must not keep
+    the removed text), and blocks.json tied to the new shard checksum so `BlockStore` accepts it."""
+    old, new = Path(old_shard) / "blocks", Path(new_shard) / "blocks"
+    info = json.loads((old / "blocks.json").read_text(encoding="utf-8"))
+    new.mkdir()
+    rows = []
+    keep = []
+    with open(old / "blocks.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            b = json.loads(line)
+            ok = remap[b["doc"]] >= 0
+            keep.append(ok)
+            if ok:
+                rows.append({**b, "i": len(rows), "doc": int(remap[b["doc"]])})
+    with open(new / "blocks.jsonl", "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    if "bm25" in info.get("retrievers", []) and rows:
+        import bm25s
+
+        index = bm25s.BM25()
+        index.index(bm25s.tokenize([r["text"] for r in rows], **_BM25_ARGS), show_progress=False)
+        index.save(str(new / "bm25"), show_progress=False)
+    if (old / "dense.faiss").exists():
+        dense = compact_index(faiss.read_index(str(old / "dense.faiss")), np.asarray(keep, dtype=bool))
+        faiss.write_index(dense, str(new / "dense.faiss"))
+        fsync_path(new / "dense.faiss")
+    info.update(shard_checksum=shard_checksum, blocks=len(rows), documents=len({r["doc"] for r in rows}),
+                compacted=now())
+    write_json_atomic(new / "blocks.json", info)
 
 
 # --------------------------------------------------------------------------------------------- search
@@ -264,8 +307,9 @@ class BlockStore:
                     f"{bdir}: no RIC blocks for shard {shard.name}; build them with "
                     f"`silo datastore build-blocks --store {store.path}`")
             sb = ShardBlocks.load(bdir)
-            rec = next((r for r in store.manifest["shards"] if r["name"] == shard.name), {})
-            if sb.info.get("shard_checksum") != rec.get("checksum", sb.info.get("shard_checksum")):
+            rec = store.manifest.shard(shard.name)
+            built = sb.info.get("shard_checksum")
+            if rec is not None and rec.checksum is not None and built != rec.checksum:
                 raise DatastoreError(f"{bdir}: blocks were built from another version of shard {shard.name}; "
                                      f"rebuild them with `silo datastore build-blocks --store {store.path}`")
             self.shards.append(sb)

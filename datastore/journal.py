@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -81,3 +82,20 @@ def verify_journal(path: Path) -> tuple[bool, str, int]:
             return False, f"record {i}: content does not match its hash (edited?)", len(records)
         prev = rec["hash"]
     return True, f"{len(records)} record(s), chain intact", len(records)
+
+
+def verify_store_journal(store_path: str | Path) -> tuple[bool, str, int]:
+    """Check the store's journal hash chain; the message names the first bad record and its event."""
+    jpath = Path(store_path) / "journal.jsonl"
+    if not jpath.exists():
+        return False, f"{jpath}: no journal", 0
+    ok, msg, n = verify_journal(jpath)
+    if not ok:
+        m = re.match(r"record (\d+):", msg)
+        if m:
+            try:
+                rec = read_journal(jpath)[int(m.group(1))]
+                msg += f" [event {rec.get('event')!r}" + (f", request {rec['request_id']!r}]" if rec.get("request_id") else "]")
+            except Exception:
+                pass
+    return ok, f"{jpath}: {msg}", n

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from silo.knn import KNNConfig
-from silo.training.config import ConfigError, StageConfig, load_section, read_yaml, validate
+from silo.core.config import ConfigError, StageConfig, load_section, read_yaml, validate
+from silo.model.knn import KNNConfig
 
 
 class ServeConfig(StageConfig):

@@ -23,9 +23,10 @@ import threading
 
 import grpc
 
-from silo.datastore.removal import RemovalError, RemovalManager, RemovalRequest
-from silo.datastore.store import read_manifest
-from silo.optout import removed_documents, verify_removal
+from silo.datastore.format import Manifest
+from silo.datastore.lookup import lookup
+from silo.datastore.removal import RemovalError, RemovalManager, RemovalRequest, RemovalState, RemovalTargets
+from silo.workflows.removal import PendingRemoval, RemovalWorkflow
 
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
@@ -79,55 +80,44 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
             raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached to this server")
         return RemovalManager(engine.lm.store.path)
 
-    def _check_owner_may(self, caller, targets: dict, removed: list[dict]) -> None:
+    def _check_owner_may(self, caller, targets: RemovalTargets, removed: list[dict]) -> None:
         """An owner token may only remove its own content: the documents the request removes and the
         shards it drops (a shard whose documents are all tombstoned still has an owner)."""
         if caller[0] == "admin":
             return
-        owners = {d["owner"] for d in removed} | {x["owner"] for x in targets["drop_shards"] if x.get("owner")}
+        owners = {d["owner"] for d in removed} | {x.owner for x in targets.drop_shards if x.owner}
         if owners - {caller[1]}:
             raise RpcFailure(Code.PERMISSION_DENIED,
                              f"an owner token for '{caller[1]}' may only remove that owner's content; "
                              f"this request touches content of {', '.join(sorted(owners - {caller[1]}))}")
 
     # ----------------------------------------------------------------------------------- conversion
-    def _status_message(self, mgr: RemovalManager, state: dict, generation: int | None = None) -> pb.RemovalStatus:
+    def _status_message(self, mgr: RemovalManager, state: RemovalState, generation: int | None = None) -> pb.RemovalStatus:
         """`generation`: the store's current generation, when the caller has read it already."""
-        r = state["request"]
-        rid = r["request_id"]
-        status = state["status"]
-        error = self._failures.get(rid, "")
+        r = state.request
+        status = state.status
+        error = self._failures.get(r.request_id, "")
         if error and status != "verified":
             status = "failed"
-        msg = pb.RemovalStatus(request_id=rid, status=status, kind=r["kind"], owner=r.get("owner") or "",
-                               document_ids=r.get("document_ids") or [], shards=r.get("shards") or [],
-                               requester=r.get("requester", ""), created=r.get("created", ""),
-                               entries=int(state["targets"]["entries"]),
-                               generation=generation if generation is not None else int(read_manifest(mgr.path)["generation"]),
+        msg = pb.RemovalStatus(request_id=r.request_id, status=status, kind=r.kind, owner=r.owner or "",
+                               document_ids=r.document_ids, shards=r.shards, requester=r.requester,
+                               created=r.created, entries=int(state.targets.entries),
+                               generation=generation if generation is not None else int(Manifest.read(mgr.path).generation),
                                error=error)
-        if state.get("verification") is not None:
-            msg.verification_passed = bool(state["verification"].get("passed"))
+        if state.verification is not None:
+            msg.verification_passed = bool(state.verification.get("passed"))
         return msg
 
-    def _load_state(self, mgr: RemovalManager, caller, request_id: str) -> dict:
+    def _load_state(self, mgr: RemovalManager, caller, request_id: str) -> RemovalState:
         if not request_id:
             raise RpcFailure(Code.INVALID_ARGUMENT, "request_id: required")
         try:
             state = mgr.status(request_id)
         except RemovalError as exc:
             raise RpcFailure(Code.NOT_FOUND, str(exc)) from None
-        if caller[0] == "owner" and caller[1] not in self._request_owners(state):
+        if caller[0] == "owner" and caller[1] not in state.owners():
             raise RpcFailure(Code.PERMISSION_DENIED, f"request {request_id} is not about content of '{caller[1]}'")
         return state
-
-    @staticmethod
-    def _request_owners(state: dict) -> set[str]:
-        """Owners a saved request is about (shard owners; the request's owner for owner requests)."""
-        t = state["targets"]
-        owners = {x.get("owner", "") for x in t["drop_shards"] + t["drop_documents"]} - {""}
-        if state["request"].get("owner"):
-            owners.add(state["request"]["owner"])
-        return owners
 
     # ----------------------------------------------------------------------------------- RPCs
     @_handled("SubmitRemoval")
@@ -142,42 +132,32 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         except RemovalError as exc:
             raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
         info.update(request_id=req.request_id, kind=req.kind, caller=caller[1] or caller[0])
+        workflow = RemovalWorkflow(engine.lm, on_model=lambda fn: engine.control(fn, timeout=600))
         with self._lock:
-            before = engine.lm.store  # an immutable snapshot: verification's "before" numbers
             try:
-                targets = mgr.resolve(req, before.manifest)
+                pending = workflow.prepare(req)
             except RemovalError as exc:
                 raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
-            removed = removed_documents(before, targets)
-            self._check_owner_may(caller, targets, removed)
-
-            def apply():
-                state = mgr.submit(req)
-                engine.lm.reload_store()
-                return state
-
-            state = engine.control(apply)  # live for every request after this returns
-        owner = req.owner if req.kind == "owner" else None
+            self._check_owner_may(caller, pending.targets, pending.removed)
+            state = workflow.apply(pending)  # live for every request after this returns
         t = threading.Thread(target=self._finish, name=f"removal-{req.request_id}", daemon=True,
-                             args=(mgr, req.request_id, before, removed, owner, not request.skip_verification))
+                             args=(workflow, pending, not request.skip_verification))
         self._threads[req.request_id] = t
         t.start()
         if request.wait:
             t.join()
             state = mgr.status(req.request_id)
-        info["status"] = state["status"]
+        info["status"] = state.status
         return self._status_message(mgr, state)
 
-    def _finish(self, mgr: RemovalManager, request_id: str, before, removed, owner, verify: bool) -> None:
+    def _finish(self, workflow: RemovalWorkflow, pending: PendingRemoval, verify: bool) -> None:
         """Compact (bytes leave the disk), switch the model to the compacted generation, verify."""
-        engine = self.server.engine
+        request_id = pending.request.request_id
         try:
             with self._lock:
-                mgr.compact(request_id)
-                engine.control(engine.lm.reload_store)
+                workflow.compact(pending)
             if verify:
-                result = engine.control(lambda: verify_removal(engine.lm, before, removed, owner=owner), timeout=600)
-                mgr.record_verification(request_id, result)
+                workflow.verify(pending)
             log.info("removal finished", extra={"fields": {"event": "removal", "request_id": request_id,
                                                             "verified": verify}})
         except Exception as exc:  # noqa: BLE001 - reported through GetRemoval, never kills the server
@@ -205,17 +185,16 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
             receipt = mgr.receipt(request.request_id)
         except RemovalError as exc:
             raise RpcFailure(Code.FAILED_PRECONDITION, str(exc)) from None
-        return pb.Receipt(request_id=request.request_id, status=state["status"], json=json.dumps(receipt, indent=1))
+        return pb.Receipt(request_id=request.request_id, status=state.status, json=json.dumps(receipt, indent=1))
 
     @_handled("ListRemovals")
     def ListRemovals(self, request, context, info):
         caller = self._caller(context)
         mgr = self._manager()
         out = pb.ListRemovalsResponse()
-        generation = int(read_manifest(mgr.path)["generation"])  # once, not once per request listed
-        for summary in mgr.list():
-            state = mgr.status(summary["request_id"])
-            owners = self._request_owners(state)
+        generation = int(Manifest.read(mgr.path).generation)  # once, not once per request listed
+        for state in mgr.list():
+            owners = state.owners()
             if caller[0] == "owner" and caller[1] not in owners:
                 continue
             if request.owner and request.owner not in owners:
@@ -231,7 +210,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         if bool(request.document_id) == bool(request.text):
             raise RpcFailure(Code.INVALID_ARGUMENT, "give exactly one of document_id or text")
         try:
-            res = mgr.lookup(document_id=request.document_id or None, text=request.text or None)
+            res = lookup(mgr.path, document_id=request.document_id or None, text=request.text or None)
         except RemovalError as exc:
             raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
         out = pb.LookupResponse(in_store=res["in_store"], entries=res["entries"], shards=res["shards"],

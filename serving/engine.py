@@ -26,7 +26,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from silo.lm import SentenceAttribution, SiloLM
+from silo.model.lm import SiloLM
+from silo.model.sampling import SamplingParams
+from silo.model.types import ScoreResult, SentenceAttribution, SiloInputError
 
 from .metrics import Metrics
 from .requests import GenRequest, InvalidRequest, ScoreRequest
@@ -258,52 +260,41 @@ class Engine:
     # ------------------------------------------------------------------------------- model work
     def _generate(self, job: Job, req: GenRequest) -> GenResult:
         lm = self.lm
-        store = lm.store if req.mode == "knn" else None  # the snapshot this request uses throughout
-        ids = [lm.tokenizer.eos_token_id] + lm.encode(req.prompt)
-        if len(ids) >= lm.context_length:
-            raise InvalidRequest(req.prompt_field, f"{len(ids)} tokens (with BOS); the model's context is "
-                                                   f"{lm.context_length} tokens and at least one must be left to generate")
-        result: dict = {}
-        steps = []
+        try:  # the retriever holds the snapshot this request uses throughout, attributions included
+            retriever = lm.retriever(req.mode, k=req.k, lmbda=req.lmbda, temperature=req.tau)
+            ids = lm.prompt_ids(req.prompt, field="prompt")
+            sampling = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                      top_k=req.top_k, stop=tuple(req.stop), seed=req.seed)
+        except SiloInputError as exc:
+            if exc.field == "prompt":  # a chat request names its messages, not a prompt
+                raise InvalidRequest(req.prompt_field, str(exc).split(": ", 1)[1]) from None
+            raise
         t0 = time.monotonic()
         first = True
-        # RIC-LM retrieves with the prompt text and prepends blocks itself, so it takes the text, not ids
-        gen_args = dict(prompt_ids=ids, k=req.k, lmbda=req.lmbda, knn_temperature=req.tau) if req.mode != "ric" else {}
-        for step in lm.generate(req.prompt, max_new_tokens=req.max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, top_k=req.top_k, stop=req.stop, seed=req.seed, mode=req.mode,
-                                should_stop=job.should_stop, result=result, **gen_args):
-            steps.append(step)
+        generation = lm.generate(req.prompt, sampling, retriever, should_stop=job.should_stop, prompt_ids=ids)
+        for step in generation:
             if step.text:
                 if first:
                     self.metrics.ttft.observe(time.monotonic() - job.created)
                     first = False
                 job.emit(step.text)
-        n = len(result["tokens"])
+        comp = generation.completion
+        n = len(comp.tokens)
         self.metrics.tokens.inc(n)
         self.metrics.generation_seconds.inc(time.monotonic() - t0)
-        self.metrics.finish.labels(result["finish_reason"]).inc()
-        if not req.attributions:
-            atts = []
-        elif req.mode == "ric":  # credit the prepended blocks' documents (silo/ric.py)
-            from silo.ric import ric_attribute
+        self.metrics.finish.labels(comp.finish_reason).inc()
+        atts = lm.attribute(comp, retriever) if req.attributions else []
+        job.record.finish_reason = comp.finish_reason
+        job.record.prompt_tokens, job.record.completion_tokens = comp.prompt_tokens, n
+        return GenResult(text=comp.text, finish_reason=comp.finish_reason, prompt_tokens=comp.prompt_tokens,
+                         completion_tokens=n, mode=req.mode, store_generation=comp.store_generation, attributions=atts)
 
-            atts = ric_attribute(result["text"], result.get("ric_blocks", []))
-        else:
-            atts = lm.attribute(result["text"], steps, store=store)
-        job.record.finish_reason = result["finish_reason"]
-        job.record.prompt_tokens, job.record.completion_tokens = result["prompt_tokens"], n
-        return GenResult(text=result["text"], finish_reason=result["finish_reason"],
-                         prompt_tokens=result["prompt_tokens"], completion_tokens=n, mode=req.mode,
-                         store_generation=result.get("store_generation"), attributions=atts)
-
-    def _score(self, req: ScoreRequest) -> dict:
+    def _score(self, req: ScoreRequest) -> ScoreResult:
         n = len(self.lm.encode(req.text))
         if n > self.max_score_tokens:
             raise InvalidRequest("text", f"{n} tokens; Score accepts at most {self.max_score_tokens}")
-        store = self.lm.store if req.mode in ("knn", "ric") else None
-        res = self.lm.score(req.text, mode=req.mode, k=req.k, lmbda=req.lmbda, temperature=req.tau)[0]
-        return {"result": res, "store_generation": store.generation if store is not None else None,
-                "texts": [self.lm.tokenizer.decode([t]) for t in res.tokens]}
+        retriever = self.lm.retriever(req.mode, k=req.k, lmbda=req.lmbda, temperature=req.tau)
+        return self.lm.score(req.text, retriever)[0]
 
     def _tokenize(self, text: str) -> tuple[list[int], list[str]]:
         ids = self.lm.encode(text)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from silo.lm import SiloInputError
+from silo.model.types import SiloInputError
 
 # Modes the server accepts. SiloLM also knows "ric" (retrieval in context); it needs per-request
 # retrieval settings that silo.v1 does not carry yet, so it is refused here until the proto grows them.
@@ -23,8 +23,7 @@ class InvalidRequest(SiloInputError):
     """A request field is invalid; `field` is its path in the request message."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+        super().__init__(f"{field}: {message}", field)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import time
 
 import grpc
 
-from silo.datastore.store import DatastoreError
-from silo.lm import SiloInputError
+from silo.datastore.format import DatastoreError
+from silo.model.types import SiloInputError
 
 from .engine import EngineBusy, EngineClosed
 from .metrics import log_request

@@ -24,10 +24,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from silo.datastore.removal import open_store_retrying
+from silo.core.models import chat_template_of
+from silo.datastore.blocks import has_blocks
 from silo.datastore.store import Datastore
-from silo.lm import SiloLM
-from silo.training.tokenizer import DEFAULT_CHAT_TEMPLATE
+from silo.model.lm import SiloLM
 
 from .config import ServeConfig
 from .dataowner import DataOwnerService
@@ -115,7 +115,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         tok = self._engine().lm.tokenizer
         try:
             prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             chat_template=tok.chat_template or DEFAULT_CHAT_TEMPLATE)
+                                             chat_template=chat_template_of(tok))
         except Exception as exc:  # a template may refuse some orders of roles (raise_exception in Jinja)
             raise RpcFailure(Code.INVALID_ARGUMENT, f"messages: the chat template refused them: {exc}") from None
         return generation_request(prompt, request.params, self.server.limits(), prompt_field="messages")
@@ -144,16 +144,16 @@ class GenerationService(pb_grpc.GenerationServicer):
         req = score_request(request, self.server.limits())
         remaining = context.time_remaining()
         job = self._engine().score(req, time.monotonic() + remaining if remaining is not None else None)
-        out = job.result()
-        res = out["result"]
+        res = job.result()
         info.update(request_id=job.id, mode=req.mode, tokens=res.num_tokens)
+        texts = [self._engine().lm.tokenizer.decode([t]) for t in res.tokens]
         msg = pb.ScoreResponse(perplexity=res.perplexity, perplexity_parametric=res.perplexity_parametric,
                                mode=req.mode,
                                tokens=[pb.TokenScore(id=t, text=x, logprob_parametric=_finite(float(lp)),
                                                      logprob=_finite(float(lq)))
-                                       for t, x, lp, lq in zip(res.tokens, out["texts"], res.logp_parametric, res.logp)])
-        if out["store_generation"] is not None:
-            msg.store_generation = out["store_generation"]
+                                       for t, x, lp, lq in zip(res.tokens, texts, res.logp_parametric, res.logp)])
+        if res.store_generation is not None:
+            msg.store_generation = res.store_generation
         return msg
 
     @_handled("Tokenize")
@@ -226,8 +226,8 @@ class AdminService(pb_grpc.AdminServicer):
             cur = engine.lm.store
             if cur is None:
                 raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached; use SwapDatastore")
-            new = open_store_retrying(cur.path, fingerprint=engine.lm.fingerprint, device=cur.device, reuse=cur)
-            if new.generation == cur.generation:
+            new = engine.lm.newer_store()  # opened off the worker; swapped in between two requests below
+            if new is None:
                 return pb.DatastoreChange(changed=False, previous=store_message(cur), current=store_message(cur))
             prev = engine.control(lambda: engine.lm.swap_store(new))
         return self._changed(prev, new, info)
@@ -279,7 +279,7 @@ class SiloServer:
         return Limits(max_tokens_default=self.cfg.max_tokens, max_tokens_limit=self.cfg.max_tokens_limit,
                       max_stop_sequences=self.cfg.max_stop_sequences, vocab_size=lm.vocab_size,
                       has_store=lm.store is not None,
-                      has_blocks=lm.store is not None and any((sh.dir / "blocks").is_dir() for sh in lm.store.shards))
+                      has_blocks=lm.store is not None and any(has_blocks(sh.dir) for sh in lm.store.shards))
 
     @property
     def target(self) -> str:

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-from silo.training.corpus import load_documents, write_jsonl  # noqa: E402
+from silo.core.corpus import load_documents, write_jsonl  # noqa: E402
 
 TINY_MODEL = {"family": "gpt_neox", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
               "intermediate_size": 256, "context_length": 128}
@@ -52,7 +52,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, corpus_dir) -> Path:
-    from silo.training.config import validate
+    from silo.core.config import validate
     from silo.training.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("model") / "model"
@@ -64,8 +64,8 @@ def tiny_model(tmp_path_factory, corpus_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_model, corpus_dir) -> Path:
-    from silo.datastore.store import DatastoreConfig, build_datastore
-    from silo.training.config import validate
+    from silo.datastore.build import DatastoreConfig, build_datastore
+    from silo.core.config import validate
 
     out = tmp_path_factory.mktemp("store") / "store"
     cfg = validate(DatastoreConfig, dict(model=str(tiny_model), corpus=[str(corpus_dir / "datastore.jsonl")],

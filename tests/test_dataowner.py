@@ -9,7 +9,7 @@ import shutil
 import grpc
 import pytest
 
-from silo.lm import SiloLM
+from silo.model.lm import SiloLM
 from silo.serving.client import SiloClient
 from silo.serving.config import ServeConfig
 from silo.serving.server import SiloServer

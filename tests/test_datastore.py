@@ -10,11 +10,11 @@ import pytest
 
 from silo.datastore.journal import verify_journal
 from silo.datastore.keys import KeyExtractor, window_plan
-from silo.datastore.store import (
-    Datastore, DatastoreConfig, DatastoreError, FingerprintMismatch, build_datastore, load_lm,
-)
-from silo.training.config import validate
-from silo.training.corpus import load_documents
+from silo.core.models import load_lm
+from silo.datastore.build import DatastoreConfig, build_datastore
+from silo.datastore.store import Datastore, DatastoreError, FingerprintMismatch
+from silo.core.config import validate
+from silo.core.corpus import load_documents
 
 
 def test_window_plan_covers_every_position_once():
@@ -109,7 +109,7 @@ def test_build_refuses_to_clobber_and_ivfpq_option(tmp_path, tiny_model, corpus_
 
 
 def test_bad_datastore_config_names_field():
-    from silo.training.config import ConfigError
+    from silo.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="datastore: invalid config"):
         validate(DatastoreConfig, {"model": "m", "corpus": ["c"], "output_dir": "o", "window": 8, "stride": 9},

@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from silo.training.corpus import (
-    CorpusError, PolicyViolation, apply_policy, load_documents, Document,
-)
-from silo.training.licenses import POLICIES, tier_of
+from silo.core.corpus import CorpusError, Document, load_documents
+from silo.core.licenses import POLICIES, tier_of
+from silo.training.policy import PolicyViolation, apply_policy
 from conftest import write_docs
 
 

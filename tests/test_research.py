@@ -8,7 +8,8 @@ import shutil
 import pytest
 import yaml
 
-from silo.datastore.store import Datastore, read_manifest
+from silo.datastore.format import Manifest
+from silo.datastore.store import Datastore
 
 FRACTIONS = [0.25, 0.5, 1.0]
 
@@ -40,16 +41,16 @@ def research_setup(tmp_path_factory, tiny_model, tiny_store):
 
 
 def test_eval_gains_ric_rows(research_setup):
-    from silo.evaluate import evaluate, markdown_table
+    from silo.workflows.evaluate import evaluate, markdown_table
     from silo.research import load_research
 
     path, _ = research_setup
     ev, _ = load_research(path)
     out = evaluate(ev, progress=False)
-    for row in out["domains"]:
-        assert {"parametric", "knn", "reference", "knn_settings"} <= set(row)  # the existing keys stay
-        assert set(row["ric"]) == {"bm25", "dense"} and row["ric_parametric"] > 0
-    assert out["ric"]["window"] + out["ric"]["block_tokens"] <= 128
+    for row in out.domains:
+        assert None not in (row.parametric, row.knn, row.reference, row.knn_settings)  # the existing fields stay
+        assert set(row.ric) == {"bm25", "dense"} and row.ric_parametric > 0
+    assert out.ric["window"] + out.ric["block_tokens"] <= 128
     md = markdown_table(out)
     assert "RIC-LM (bm25)" in md and "RIC-LM (dense)" in md and "kNN-LM" in md
     saved = json.loads((ev.output_dir and open(f"{ev.output_dir}/results.json").read()))
@@ -75,17 +76,17 @@ def test_subsample_is_nested_deterministic_and_in_memory(research_setup):
                           for d in range(len(s.documents)) if d not in s.removed_docs}
     owner = store.shards[0].owner
     assert all(s.owner != owner for s in without_owners(store, {owner}).shards)
-    assert (store_path / "manifest.json").read_bytes() == before and read_manifest(store_path)["generation"] == store.generation
+    assert (store_path / "manifest.json").read_bytes() == before and Manifest.read(store_path).generation == store.generation
 
 
 def test_optout_removes_the_owner_in_memory(research_setup):
-    from silo.lm import SiloLM
-    from silo.research import load_research, optout
+    from silo.model.lm import SiloLM
+    from silo.research import load_research, owner_effect
 
     path, _ = research_setup
     ev, rc = load_research(path)
     lm = SiloLM.load(ev.model, ev.store)
-    res = optout(ev, rc, lm, cache={}, progress=False)
+    res = owner_effect(ev, rc, lm, cache={}, progress=False)
     owners = {s.owner for s in lm.store.shards}
     assert {r["owner"] for r in res["rows"]} == owners
     for r in res["rows"]:
@@ -96,7 +97,7 @@ def test_optout_removes_the_owner_in_memory(research_setup):
 
 def test_bad_research_config_names_the_field(tmp_path, research_setup):
     from silo.research import load_research
-    from silo.training.config import ConfigError
+    from silo.core.config import ConfigError
 
     path, _ = research_setup
     data = yaml.safe_load(path.read_text())

@@ -8,7 +8,9 @@ import shutil
 import pytest
 
 from silo.datastore.blocks import BlockStore, build_blocks
-from silo.datastore.store import Datastore, DatastoreError, read_manifest, write_json_atomic
+from silo.datastore.format import Manifest
+from silo.datastore.store import Datastore, DatastoreError
+from silo.model.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -20,29 +22,29 @@ def ric_store(tmp_path_factory, tiny_model, tiny_store):
     shutil.copytree(tiny_store, path)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     info = build_blocks(path, tok, block_tokens=32, stride=16, retrievers=("bm25", "dense"), progress=False)
-    assert set(info) == {r["name"] for r in read_manifest(path)["shards"]}
+    assert set(info) == {r.name for r in Manifest.read(path).shards}
     return path
 
 
 @pytest.fixture(scope="module")
 def ric_lm(tiny_model, ric_store):
-    from silo.lm import SiloLM
+    from silo.model.lm import SiloLM
 
     return SiloLM.load(str(tiny_model), str(ric_store))
 
 
 def _blocks(store_path, shard_name):
-    rec = next(r for r in read_manifest(store_path)["shards"] if r["name"] == shard_name)
-    d = store_path / rec["dir"] / "blocks"
+    rec = Manifest.read(store_path).shard(shard_name)
+    d = store_path / rec.dir / "blocks"
     return json.loads((d / "blocks.json").read_text()), [json.loads(x) for x in open(d / "blocks.jsonl")]
 
 
 def test_blocks_live_in_shard_folders(ric_store):
-    for rec in read_manifest(ric_store)["shards"]:
-        info, rows = _blocks(ric_store, rec["name"])
+    for rec in Manifest.read(ric_store).shards:
+        info, rows = _blocks(ric_store, rec.name)
         assert info["block_tokens"] == 32 and info["stride"] == 16 and info["retrievers"] == ["bm25", "dense"]
-        assert info["blocks"] == len(rows) > 0 and info["shard_checksum"] == rec["checksum"]
-        docs = [json.loads(x) for x in open(ric_store / rec["dir"] / "documents.jsonl")]
+        assert info["blocks"] == len(rows) > 0 and info["shard_checksum"] == rec.checksum
+        docs = [json.loads(x) for x in open(ric_store / rec.dir / "documents.jsonl")]
         for r in rows[:50]:  # the char span points into the document text
             assert docs[r["doc"]]["text"][r["start"]:r["end"]] == r["text"]
     assert "build-blocks" in (ric_store / "journal.jsonl").read_text()
@@ -78,15 +80,15 @@ def test_store_without_blocks_names_the_command(tiny_store):
 def _without_owner(src, dst, owner, how):
     """A copy of the store where `owner` is removed: shard dropped from the manifest, or tombstoned."""
     shutil.copytree(src, dst)
-    m = read_manifest(dst)
+    m = Manifest.read(dst)
     if how == "drop":
-        m["shards"] = [r for r in m["shards"] if r["owner"] != owner]
+        m.shards = [r for r in m.shards if r.owner != owner]
     else:
-        for r in m["shards"]:
-            if r["owner"] == owner:
-                r["removed_docs"] = list(range(r["documents"]))
-    m["generation"] += 1
-    write_json_atomic(dst / "manifest.json", m)
+        for r in m.shards:
+            if r.owner == owner:
+                r.removed_docs = list(range(r.documents))
+    m.generation += 1
+    m.write(dst)
     return dst
 
 
@@ -110,17 +112,18 @@ def test_ric_scoring_beats_parametric_on_text_in_the_store(ric_lm, ric_store):
     doc = ric_lm.store.shards[0].documents[0]
     text = doc["text"][1000:2600]  # its continuation is in the block store
     for retriever in ("bm25", "dense"):
-        res = ric_lm.score(text, mode="ric", ric={"retriever": retriever})[0]
+        res = ric_lm.score(text, ric_lm.retriever("ric", ric={"retriever": retriever}))[0]
         assert res.mode == "ric" and res.num_tokens > 100
         assert res.perplexity < res.perplexity_parametric, (retriever, res.perplexity, res.perplexity_parametric)
-    ens = ric_lm.score(text, mode="ric", ric={"retriever": "dense", "n_blocks": 2, "ensemble": True})[0]
+    ens = ric_lm.score(text, ric_lm.retriever("ric", ric={"retriever": "dense", "n_blocks": 2, "ensemble": True}))[0]
     assert ens.perplexity < ens.perplexity_parametric
 
 
 def test_ric_generation_is_attributed_to_the_blocks(ric_lm):
     doc = ric_lm.store.shards[0].documents[0]
     prompt = doc["text"][3000:3080]  # short: the tiny model has a 128-token context
-    comp = ric_lm.complete(prompt, mode="ric", ric={"retriever": "bm25"}, max_new_tokens=24, temperature=0.0)
+    comp = ric_lm.complete(prompt, SamplingParams(max_new_tokens=24, temperature=0.0),
+                           ric_lm.retriever("ric", ric={"retriever": "bm25"}))
     assert comp.tokens and comp.store_generation == ric_lm.store.generation
     assert comp.attributions
     for a in comp.attributions:
@@ -128,20 +131,21 @@ def test_ric_generation_is_attributed_to_the_blocks(ric_lm):
         assert a.sources[0].owner == doc["owner"] and a.sources[0].document_id == doc["id"]
         assert abs(sum(s.share for s in a.sources) - 1.0) < 1e-9
         assert a.sources[0].sentence  # the block text is the supporting passage
-    from silo.lm import SiloInputError
+    from silo.model.types import SiloInputError
 
     with pytest.raises(SiloInputError, match="scoring only"):
-        ric_lm.complete(prompt, mode="ric", ric={"ensemble": True}, max_new_tokens=4)
+        ric_lm.complete(prompt, SamplingParams(max_new_tokens=4), ric_lm.retriever("ric", ric={"ensemble": True}))
     with pytest.raises(SiloInputError, match="ric.window"):
-        ric_lm.score("some text here", mode="ric", ric={"window": ric_lm.context_length})
+        ric_lm.score("some text here", ric_lm.retriever("ric", ric={"window": ric_lm.context_length}))
 
 
 def test_ric_mode_needs_a_store(tiny_model):
-    from silo.lm import SiloInputError, SiloLM
+    from silo.model.lm import SiloLM
+    from silo.model.types import SiloInputError
 
     lm = SiloLM.load(str(tiny_model))
     with pytest.raises(SiloInputError, match="needs a datastore"):
-        lm.score("text", mode="ric")
+        lm.score("text", "ric")
 
 
 def test_snapshot_view_hides_blocks_without_touching_disk(ric_store):
@@ -152,4 +156,4 @@ def test_snapshot_view_hides_blocks_without_touching_disk(ric_store):
     bs = BlockStore(view)
     q = [store.shards[0].documents[0]["text"][:300]]
     assert all(h.shard != 0 for h in bs.search(q, 5, "dense")[0])
-    assert read_manifest(ric_store)["generation"] == store.generation
+    assert Manifest.read(ric_store).generation == store.generation

@@ -13,7 +13,7 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from silo.lm import SiloLM
+from silo.model.lm import SiloLM
 from silo.serving.client import SiloClient
 from silo.serving.config import ServeConfig
 from silo.serving.gen import silo_pb2 as pb
@@ -216,8 +216,8 @@ def test_admin_disabled_without_configured_token(tiny_model, tiny_store, server)
 
 
 def test_swap_datastore_under_load_loses_no_request(tiny_model, tiny_store, corpus_dir, tmp_path):
-    from silo.datastore.store import DatastoreConfig, build_datastore
-    from silo.training.config import validate
+    from silo.datastore.build import DatastoreConfig, build_datastore
+    from silo.core.config import validate
 
     new_path = tmp_path / "store2"
     cfg = validate(DatastoreConfig, dict(model=str(tiny_model), corpus=[str(corpus_dir / "datastore.jsonl")],

@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from silo.cli import main
-from silo.lm import SiloInputError, SiloLM
+from silo.model.lm import SiloLM
+from silo.model.sampling import SamplingParams
+from silo.model.types import SiloInputError
 
 
 @pytest.fixture(scope="module")
@@ -27,46 +29,47 @@ def stored_doc(lm, owner_domain="shakespeare"):
 def test_knn_lowers_perplexity_of_stored_text(lm):
     doc = stored_doc(lm)
     passage = doc["text"][2000:3500]
-    res = lm.score([passage], mode="knn", k=16, lmbda=0.5, temperature=1.0)[0]
+    res = lm.score([passage], lm.retriever("knn", k=16, lmbda=0.5, temperature=1.0))[0]
     assert res.num_tokens > 100
     assert res.perplexity < 0.5 * res.perplexity_parametric
     # parametric mode: identical to the parametric column of the same pass
-    par = lm.score([passage], mode="parametric")[0]
+    par = lm.score([passage], None)[0]
     assert par.perplexity == pytest.approx(res.perplexity_parametric, rel=1e-6)
 
 
 def test_sliding_window_scores_every_token_once(lm):
     text = stored_doc(lm)["text"][:4000]
     n_tokens = len(lm.encode(text))
-    res = lm.score([text], mode="parametric")[0]
+    res = lm.score([text])[0]
     assert res.num_tokens == n_tokens
     assert res.tokens == lm.encode(text)
 
 
 def test_seeded_generation_is_reproducible(lm):
-    kw = dict(max_new_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=123, mode="knn")
-    a = lm.complete("ROMEO. ", **kw)
-    b = lm.complete("ROMEO. ", **kw)
+    kw = dict(max_new_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=123)
+    a = lm.complete("ROMEO. ", SamplingParams(**kw), "knn")
+    b = lm.complete("ROMEO. ", SamplingParams(**kw), "knn")
     assert a.text == b.text and a.tokens == b.tokens
-    c = lm.complete("ROMEO. ", **{**kw, "seed": 7})
+    c = lm.complete("ROMEO. ", SamplingParams(**{**kw, "seed": 7}), "knn")
     assert len(c.tokens) > 0
     # streamed deltas add up to the final text
-    result = {}
-    streamed = "".join(s.text for s in lm.generate("ROMEO. ", result=result, **kw))
-    assert streamed == result["text"] == a.text
+    generation = lm.generate("ROMEO. ", SamplingParams(**kw), "knn")
+    streamed = "".join(s.text for s in generation)
+    assert streamed == generation.completion.text == a.text
 
 
 def test_stop_sequences_and_finish_reasons(lm):
     doc = stored_doc(lm)
     prompt = doc["text"][1000:1200]
-    full = lm.complete(prompt, max_new_tokens=30, temperature=0, lmbda=0.8)
+    knn = lm.retriever("knn", lmbda=0.8)
+    full = lm.complete(prompt, SamplingParams(max_new_tokens=30, temperature=0), knn)
     assert full.finish_reason in ("length", "stop")
     if len(full.text) > 6:
         stop = full.text[3:6]
-        cut = lm.complete(prompt, max_new_tokens=30, temperature=0, lmbda=0.8, stop=[stop])
+        cut = lm.complete(prompt, SamplingParams(max_new_tokens=30, temperature=0, stop=(stop,)), knn)
         assert cut.finish_reason == "stop" and stop not in cut.text
         assert full.text.startswith(cut.text)
-    cancelled = lm.complete(prompt, max_new_tokens=30, temperature=0, should_stop=lambda: True)
+    cancelled = lm.complete(prompt, SamplingParams(max_new_tokens=30, temperature=0), "knn", should_stop=lambda: True)
     assert cancelled.finish_reason == "cancelled" and cancelled.tokens == []
 
 
@@ -76,7 +79,8 @@ def test_attribution_names_the_quoted_document(lm):
     doc = stored_doc(lm)
     cut = doc["text"].find("\n", 100) + 1
     prompt = doc["text"][:cut]
-    comp = lm.complete(prompt, max_new_tokens=30, temperature=0, k=16, lmbda=0.9, knn_temperature=0.05)
+    comp = lm.complete(prompt, SamplingParams(max_new_tokens=30, temperature=0),
+                       lm.retriever("knn", k=16, lmbda=0.9, temperature=0.05))
     assert comp.text[:4] == doc["text"][cut:cut + 4]
     assert comp.attributions
     by_doc = {}
@@ -96,13 +100,13 @@ def test_attribution_names_the_quoted_document(lm):
 
 def test_invalid_requests_name_the_argument(lm):
     with pytest.raises(SiloInputError, match="mode must be one of"):
-        lm.score(["x"], mode="bogus")
+        lm.score(["x"], "bogus")
     with pytest.raises(SiloInputError, match="top_p"):
-        lm.complete("x", top_p=0)
+        lm.complete("x", SamplingParams(top_p=0))
     with pytest.raises(SiloInputError, match="context"):
         lm.complete("word " * 400)
     with pytest.raises(SiloInputError, match="lmbda"):
-        lm.score(["x"], lmbda=2.0)
+        lm.score(["x"], lm.retriever("knn", lmbda=2.0))
 
 
 def test_eval_table_and_generate_cli(tmp_path, tiny_model, tiny_store, corpus_dir, capsys):

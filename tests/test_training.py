@@ -10,8 +10,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from silo.cli import main
-from silo.training.config import ConfigError, load_section, validate
-from silo.training.fingerprint import model_fingerprint
+from silo.core.config import ConfigError, load_section, validate
+from silo.core.fingerprint import model_fingerprint
 from silo.training.tokenizer import train_tokenizer
 from silo.training.train import TrainConfig, train
 from conftest import tiny_train_config, write_docs

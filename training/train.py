@@ -25,10 +25,13 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from .config import StageConfig
-from .corpus import Document, apply_policy, load_documents
-from .fingerprint import model_fingerprint
-from .licenses import POLICIES, TIERS, check_tiers
+from silo.core.config import StageConfig
+from silo.core.corpus import Document, load_documents
+from silo.core.files import swap_dir_atomic
+from silo.core.fingerprint import model_fingerprint
+from silo.core.licenses import POLICIES, TIERS, check_tiers
+
+from .policy import apply_policy
 from .tokenizer import save_tokenizer, train_tokenizer
 
 
@@ -178,18 +181,6 @@ def heldout_loss(model, stream: np.ndarray, seq_len: int, batch_size: int, devic
     return total / count
 
 
-def _atomic_replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished folder into place; an existing `dest` is swapped out, never half-overwritten."""
-    old = dest.with_name(dest.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def train(cfg: TrainConfig, config_source: str = "", progress: bool = True) -> dict:
     """Run the whole training stage; returns the provenance record written next to the model."""
     from accelerate import Accelerator
@@ -337,7 +328,7 @@ def train(cfg: TrainConfig, config_source: str = "", progress: bool = True) -> d
             "config_source": config_source,
         }
         (tmp_dir / "provenance.json").write_text(json.dumps(provenance, indent=1))
-        _atomic_replace_dir(tmp_dir, out_dir)
+        swap_dir_atomic(tmp_dir, out_dir)
         if ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)  # the finished model supersedes the resumable state
     return provenance

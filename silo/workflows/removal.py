@@ -1,13 +1,14 @@
 """Opt-out with verification: remove a data owner's content and show, with the LM, that it is gone.
 
-`remove_and_verify(lm, request)` is the one call a server or the CLI makes. It
+One workflow, used by the CLI (`silo datastore remove`) and the server (`DataOwner.SubmitRemoval`):
 
-1. opens a snapshot of the store *before* the removal (kept in memory: the "before" numbers come from
-   it even after the old files are deleted) and validates the request against it (nothing changes on a
-   bad request);
-2. records and applies the request (`RemovalManager.submit`) and makes `lm` serve the new generation at
-   once (`lm.reload_store()`), then compacts (the removed text leaves every file) and reloads again;
-3. verifies, on a bounded sample of the removed documents (by default at most 8 documents / prefixes,
+1. `prepare`: open a snapshot of the store *before* the removal (kept in memory: the "before" numbers
+   come from it even after the old files are deleted) and validate the request against it (nothing
+   changes on a bad request);
+2. `apply`: record and apply the request (`RemovalManager.submit`) and make the LM serve the new
+   generation at once (`lm.reload_store()`; a server runs this between two requests);
+3. `compact`: the removed text leaves every file; the LM switches to the compacted generation;
+4. `verify`, on a bounded sample of the removed documents (by default at most 8 documents / prefixes,
    24-token continuations, so it takes seconds on a CPU):
    a. *retrieval probe*: keys computed by running the model over the removed text are searched in the
       new store; no neighbour may belong to a removed document (or, for an owner request, that owner);
@@ -17,79 +18,132 @@
       before and after removal and parametric-only; after must fall to about the parametric level;
    c. *perplexity* of the removed text before, after and parametric-only (reported, not a criterion:
       it rises towards the parametric level);
-4. writes the results into the receipt (status ``verified``) and the journal.
+   and write the results into the receipt (status ``verified``) and the journal.
 
-The receipt never contains removed text: only ids, counts, checksums and scores.
+`remove_and_verify(lm, request)` runs all four. The receipt never contains removed text: only ids,
+counts, checksums and scores.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
-from silo.datastore.removal import RemovalManager, RemovalRequest
+from silo.datastore.removal import RemovalManager, RemovalRequest, RemovalState, RemovalTargets
 from silo.datastore.store import Datastore
-
-from .knn import interpolate, knn_target_logprob
-from .lm import SiloInputError, SiloLM
+from silo.model.knn import KNNRetriever
+from silo.model.lm import SiloLM
+from silo.model.sampling import SamplingParams
+from silo.model.types import PositionBatch, SiloInputError
 
 # A removal passes the verbatim check when its ROUGE-L after removal is within this of parametric-only.
 VERBATIM_TOLERANCE = 0.1
 
 
+@dataclass
+class PendingRemoval:
+    """A validated request and what verification needs later: the snapshot before the removal and the
+    removed documents (in memory only; they are never written anywhere)."""
+
+    request: RemovalRequest
+    targets: RemovalTargets
+    before: Datastore
+    removed: list[dict]
+    state: RemovalState | None = None
+
+    @property
+    def owner(self) -> str | None:
+        return self.request.owner if self.request.kind == "owner" else None
+
+
+class RemovalWorkflow:
+    """remove -> live -> compact -> live -> verify -> receipt, for an LM serving a store.
+
+    `on_model(fn)` runs `fn` where the model may be touched: the server passes its engine's control hook
+    (between two requests); the CLI runs it in place."""
+
+    def __init__(self, lm: SiloLM, on_model: Callable[[Callable[[], Any]], Any] | None = None,
+                 progress: bool = False):
+        if lm.store is None:
+            raise SiloInputError("lm has no datastore attached; load it with a store to remove from", "store")
+        self.lm = lm
+        self.on_model = on_model or (lambda fn: fn())
+        self.manager = RemovalManager(lm.store.path)
+        self._say = (lambda msg: print(f"optout: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+
+    def prepare(self, request: RemovalRequest | dict) -> PendingRemoval:
+        """Validate `request` against the current generation (RemovalError naming the field; nothing changes)."""
+        req = RemovalRequest.coerce(request)
+        lm = self.lm
+        before = Datastore.open(lm.store.path, fingerprint=lm.fingerprint, device=lm.store.device, reuse=lm.store)
+        targets = self.manager.resolve(req, before.manifest)
+        return PendingRemoval(req, targets, before, removed_documents(before, targets))
+
+    def apply(self, pending: PendingRemoval) -> RemovalState:
+        """Record and apply the request; the LM serves the new generation when this returns."""
+        req = pending.request
+        self._say(f"{req.request_id}: removing {pending.targets.entries:,} entries "
+                  f"({len(pending.removed)} document(s)) from generation {pending.before.generation}")
+
+        def apply():
+            state = self.manager.submit(req)
+            self.lm.reload_store()
+            return state
+
+        t0 = time.time()
+        pending.state = self.on_model(apply)
+        self.apply_seconds = time.time() - t0
+        self._say(f"{req.request_id}: applied in {self.apply_seconds:.2f}s (generation {self.lm.store.generation}); "
+                  "compacting")
+        return pending.state
+
+    def compact(self, pending: PendingRemoval) -> dict:
+        """Rewrite the affected shards without the removed text; the LM switches to that generation."""
+        receipt = self.manager.compact(pending.request.request_id)
+        self.on_model(self.lm.reload_store)
+        self._say(f"{pending.request.request_id}: compacted (generation {self.lm.store.generation})")
+        return receipt
+
+    def verify(self, pending: PendingRemoval, **options) -> dict:
+        """Check with the LM that the removed text is neither retrieved nor reproduced; returns the receipt."""
+        t1 = time.time()
+        verification = self.on_model(lambda: verify_removal(self.lm, pending.before, pending.removed,
+                                                            owner=pending.owner, **options))
+        verification["seconds"] = round(time.time() - t1, 2)
+        if hasattr(self, "apply_seconds"):
+            verification["apply_seconds"] = round(self.apply_seconds, 3)
+        self._say(f"{pending.request.request_id}: verification {'passed' if verification['passed'] else 'FAILED'} "
+                  f"({verification['seconds']}s)")
+        return self.manager.record_verification(pending.request.request_id, verification)
+
+
 def remove_and_verify(lm: SiloLM, request: RemovalRequest | dict, progress: bool = True, verify: bool = True,
-                      max_probes: int = 8, prefix_tokens: int = 64, continuation_tokens: int = 24,
-                      probe_chars: int = 2000) -> dict:
+                      **options) -> dict:
     """Record, apply and compact `request` on the store attached to `lm`, switch `lm` to the new
-    generation, verify with the LM (unless `verify=False`) and return the receipt dict.
+    generation, verify with the LM (unless `verify=False`) and return the receipt dict. `options`:
+    max_probes, prefix_tokens, continuation_tokens, probe_chars (see `verify_removal`).
 
     Raises `RemovalError` (a `DatastoreError`, with `.field`) for an invalid request, before any change.
     """
-    if lm.store is None:
-        raise SiloInputError("lm has no datastore attached; load it with a store to remove from")
-    req = RemovalRequest.coerce(request)
-    say = (lambda msg: print(f"optout: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    mgr = RemovalManager(lm.store.path)
-    before = Datastore.open(lm.store.path, fingerprint=lm.fingerprint, device=lm.store.device, reuse=lm.store)
-    targets = mgr.resolve(req, before.manifest)  # validates against the store; raises before any change
-    removed = removed_documents(before, targets)
-    say(f"{req.request_id}: removing {targets['entries']:,} entries "
-        f"({len(removed)} document(s)) from generation {before.generation}")
-
-    t0 = time.time()
-    mgr.submit(req)
-    lm.reload_store()  # the removal is live for this model from here on
-    t_apply = time.time() - t0
-    say(f"{req.request_id}: applied in {t_apply:.2f}s (generation {lm.store.generation}); compacting")
-    receipt = mgr.compact(req.request_id)
-    lm.reload_store()
-    say(f"{req.request_id}: compacted (generation {lm.store.generation})")
-    if not verify:
-        return receipt
-    t1 = time.time()
-    verification = verify_removal(lm, before, removed, owner=req.owner if req.kind == "owner" else None,
-                                  max_probes=max_probes, prefix_tokens=prefix_tokens,
-                                  continuation_tokens=continuation_tokens, probe_chars=probe_chars)
-    verification["seconds"] = round(time.time() - t1, 2)
-    verification["apply_seconds"] = round(t_apply, 3)
-    say(f"{req.request_id}: verification {'passed' if verification['passed'] else 'FAILED'} "
-        f"({verification['seconds']}s)")
-    return mgr.record_verification(req.request_id, verification)
+    wf = RemovalWorkflow(lm, progress=progress)
+    pending = wf.prepare(request)
+    wf.apply(pending)
+    receipt = wf.compact(pending)
+    return wf.verify(pending, **options) if verify else receipt
 
 
-def removed_documents(store: Datastore, targets: dict) -> list[dict]:
+def removed_documents(store: Datastore, targets: RemovalTargets) -> list[dict]:
     """The documents a resolved request removes, from an open snapshot (text stays in memory only)."""
-    whole = {x["name"] for x in targets["drop_shards"]}
-    ids = {x["name"]: set(x["document_ids"]) for x in targets["drop_documents"]}
+    whole = {x.name for x in targets.drop_shards}
+    ids = {x.name: set(x.document_ids) for x in targets.drop_documents}
     out = []
     for shard in store.shards:
-        for d in shard.documents:
-            if d["index"] in shard.removed_docs:
-                continue
+        for d in shard.live_documents():
             if shard.name in whole or d["id"] in ids.get(shard.name, ()):
                 out.append(d)
     return out
@@ -121,31 +175,28 @@ def verify_removal(lm: SiloLM, before: Datastore, removed: list[dict], owner: st
         return out
 
     # (a) + (c): one pass of the model over the removed text gives keys, targets and LM log-probs.
-    pos = lm.collect([d["text"][:probe_chars] for d in docs])
+    pos: PositionBatch = lm.collect([d["text"][:probe_chars] for d in docs])
     probe, ppl = {"queries": int(len(pos.targets)), "k": s.k}, {"tokens": int(len(pos.targets))}
-    for name, store in (("before", before), ("after", after)):
-        nb = store.search(pos.keys, s.k)
-        probe[name] = _neighbour_hits(store, nb, removed_keys, owner)
-        logp = interpolate(pos.logp_lm, knn_target_logprob(nb.distances, nb.tokens, pos.targets, s.temperature),
-                           s.lmbda)
-        ppl[name] = _ppl(logp)
+    knn = {"before": KNNRetriever(before, s, lm.vocab_size), "after": KNNRetriever(after, s, lm.vocab_size)}
+    for name, r in knn.items():
+        nb = r.search(pos.keys)
+        probe[name] = _neighbour_hits(r.store, nb, removed_keys, owner)
+        ppl[name] = _ppl(r.mix_targets(pos, nb))
     ppl["parametric"] = _ppl(pos.logp_lm)
     probe["passed"] = probe["after"]["hits"] == 0
     out["probe"], out["perplexity"] = probe, ppl
 
     # (b) verbatim continuation: greedy, kNN-LM before / after, and parametric only.
-    shadow = copy.copy(lm)  # same model and settings, the old snapshot; `lm` itself keeps serving `after`
-    shadow._store = None
-    shadow.swap_store(before)
     bos = lm.tokenizer.eos_token_id
     P = max(1, min(prefix_tokens, lm.context_length - continuation_tokens - 2))
     C = continuation_tokens
     probes = _prefix_probes(lm, docs, max_probes, P, C)
     scores = {"before": [], "after": [], "parametric": []}
+    greedy = SamplingParams(max_new_tokens=C, temperature=0.0)
     for prefix, truth in probes:
         ids = [bos] + prefix
-        for name, model, mode in (("before", shadow, "knn"), ("after", lm, "knn"), ("parametric", lm, "parametric")):
-            comp = model.complete("", attribute=False, prompt_ids=ids, max_new_tokens=C, temperature=0.0, mode=mode)
+        for name, retriever in (("before", knn["before"]), ("after", knn["after"]), ("parametric", None)):
+            comp = lm.complete("", greedy, retriever, attribute=False, prompt_ids=ids)
             scores[name].append(_overlap(comp.tokens, truth))
     verbatim = {"probes": len(probes), "prefix_tokens": P, "continuation_tokens": C}
     for name, rows in scores.items():

@@ -16,32 +16,27 @@ numbers as kNN-LM.
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-import numpy as np
 from typing import Literal
 
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from silo.training.config import StageConfig
-from silo.training.corpus import Document, load_documents
+from silo.core.config import StageConfig
+from silo.core.corpus import Document, load_documents
+from silo.datastore.blocks import BlockStore
+from silo.datastore.store import DatastoreError
+from silo.model.knn import KNNConfig
+from silo.model.lm import SiloLM
+from silo.model.ric import RICConfig, ric_collect, ric_plan
+from silo.model.types import PositionBatch
 
-from .knn import KNNConfig, interpolate, knn_target_logprob
-from .lm import PositionBatch, SiloLM
-from .ric import RICConfig, ric_collect
+from .tuning import GridConfig, KnnCache, Sweep, ppl, tune
 
-
-class GridConfig(StageConfig):
-    k: list[int] = [8, 32, 128]
-    lmbda: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-    # tau as multiples of the median top-1 squared distance on the validation keys ("relative"), or
-    # absolute values when temperature_scale is "absolute".
-    temperature: list[float] = [0.1, 0.3, 1.0, 3.0]
-    temperature_scale: str = Field("relative", pattern="^(relative|absolute)$")
+__all__ = ["EvalConfig", "EvalResult", "DomainResult", "GridConfig", "RICEvalConfig", "evaluate", "markdown_table",
+           "domain_texts", "cached_collect", "open_blocks", "ppl"]
 
 
 class RICEvalConfig(RICConfig):
@@ -69,8 +64,62 @@ class EvalConfig(StageConfig):
     output_dir: str = "runs/eval"
 
 
-def ppl(logp: np.ndarray) -> float:
-    return float(math.exp(-np.mean(logp))) if len(logp) else float("nan")
+@dataclass
+class DomainResult:
+    """One domain's row: test perplexity of each method (and the validation numbers tuning saw)."""
+
+    domain: str
+    tokens: int
+    parametric: float
+    reference: float | None = None
+    val_parametric: float | None = None
+    val_knn: float | None = None
+    knn: float | None = None
+    knn_settings: dict | None = None  # k, lmbda, temperature
+    gap_closed: float | None = None
+    ric: dict[str, float] = field(default_factory=dict)  # retriever -> perplexity
+    ric_parametric: float | None = None  # the RIC windows without a block
+    ric_block_used: float | None = None
+    ric_gap_closed: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in out.items() if v is not None and v != {}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DomainResult":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate` returns (and writes as results.json); `sweeps` (validation grids) go to sweep.json."""
+
+    model: str
+    store: str | None
+    reference_model: str | None
+    store_entries: int
+    window: int
+    stride: int
+    max_tokens: int
+    tuned: bool
+    domains: list[DomainResult]
+    seconds: float = 0.0
+    ric: dict | None = None  # the RIC-LM protocol used (retrievers, windows, blocks)
+    sweeps: dict[str, Sweep] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict:
+        out = {"model": self.model, "store": self.store, "reference_model": self.reference_model,
+               "store_entries": self.store_entries, "window": self.window, "stride": self.stride,
+               "max_tokens": self.max_tokens, "tuned": self.tuned, "domains": [d.to_json() for d in self.domains],
+               "seconds": self.seconds}
+        if self.ric is not None:
+            out["ric"] = self.ric
+        return out
+
+    def domain(self, name: str) -> DomainResult | None:
+        return next((d for d in self.domains if d.domain == name), None)
 
 
 def domain_texts(docs: list[Document], max_tokens: int, chars_per_token: float = 6.0) -> dict[str, list[str]]:
@@ -88,42 +137,8 @@ def domain_texts(docs: list[Document], max_tokens: int, chars_per_token: float =
     return out
 
 
-def truncate(pos: PositionBatch, n: int) -> PositionBatch:
-    return PositionBatch(pos.targets[:n], pos.logp_lm[:n], pos.keys[:n], pos.text_index[:n])
-
-
-@dataclass
-class KnnCache:
-    """One search at the largest k, reused for every (k, lambda, tau)."""
-
-    logp_lm: np.ndarray
-    targets: np.ndarray
-    distances: np.ndarray
-    tokens: np.ndarray
-
-    def logp(self, k: int, lmbda: float, tau: float) -> np.ndarray:
-        lk = knn_target_logprob(self.distances[:, :k], self.tokens[:, :k], self.targets, tau)
-        return interpolate(self.logp_lm, lk, lmbda)
-
-
-def tune(cache: KnnCache, grid: GridConfig, scale: float) -> tuple[dict, list[dict]]:
-    rows = []
-    for k in grid.k:
-        for t in grid.temperature:
-            tau = t * scale if grid.temperature_scale == "relative" else t
-            lk = knn_target_logprob(cache.distances[:, :k], cache.tokens[:, :k], cache.targets, tau)
-            for lam in grid.lmbda:
-                rows.append({"k": k, "lmbda": lam, "temperature": tau,
-                             "val_ppl": ppl(interpolate(cache.logp_lm, lk, lam))})
-    best = min(rows, key=lambda r: r["val_ppl"])
-    return best, rows
-
-
-def open_blocks(cfg: EvalConfig, lm: SiloLM):
+def open_blocks(cfg: EvalConfig, lm: SiloLM) -> BlockStore | None:
     """The block store of lm's datastore for RIC-LM rows, or None (eval.ric.enabled, blocks present)."""
-    from silo.datastore.blocks import BlockStore
-    from silo.datastore.store import DatastoreError
-
     if cfg.ric.enabled is False or lm.store is None:
         if cfg.ric.enabled is True and lm.store is None:
             raise DatastoreError("eval.ric.enabled is true but eval.store is not set; RIC-LM needs a store with blocks")
@@ -146,14 +161,14 @@ def cached_collect(lm: SiloLM, texts: list[str], n: int, cache: dict | None, key
     ck = (lm.fingerprint, lm.window, lm.stride, key, n)  # not id(lm): ids are reused after a model is freed
     if cache is not None and ck in cache:
         return cache[ck]
-    pos = truncate(lm.collect(texts), n)
+    pos = lm.collect(texts).truncate(n)
     if cache is not None:
         cache[ck] = pos
     return pos
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, ref: SiloLM | None = None,
-             cache: dict | None = None, write: bool = True) -> dict:
+             cache: dict | None = None, write: bool = True) -> EvalResult:
     """Run the evaluation and write results.json / results.md / sweep.json under cfg.output_dir.
 
     `lm`/`ref` reuse loaded models (lm may carry a store snapshot other than cfg.store); `cache` memoises
@@ -176,61 +191,54 @@ def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, r
     for dom in bar:
         bar.set_postfix(domain=dom)
         te = cached_collect(lm, test[dom], cfg.max_tokens, cache, ("test", dom))
-        row = {"domain": dom, "tokens": int(len(te.targets)), "parametric": ppl(te.logp_lm)}
+        row = DomainResult(domain=dom, tokens=int(len(te.targets)), parametric=ppl(te.logp_lm))
         if ref is not None:
-            row["reference"] = ppl(cached_collect(ref, test[dom], cfg.max_tokens, cache, ("test", dom)).logp_lm)
+            row.reference = ppl(cached_collect(ref, test[dom], cfg.max_tokens, cache, ("test", dom)).logp_lm)
         if lm.store is not None:
-            nb = lm.store.search(te.keys, k_max)
-            test_cache = KnnCache(te.logp_lm, te.targets, nb.distances, nb.tokens)
+            test_cache = KnnCache.search(lm.store, te, k_max)
             if cfg.tune:
                 va = cached_collect(lm, val[dom], cfg.max_tokens, cache, ("val", dom))
-                vnb = lm.store.search(va.keys, k_max)
-                scale = float(np.median(vnb.distances[:, 0][np.isfinite(vnb.distances[:, 0])])) or 1.0
-                best, rows = tune(KnnCache(va.logp_lm, va.targets, vnb.distances, vnb.tokens), cfg.grid, scale)
-                sweeps[dom] = {"distance_scale": scale, "rows": rows}
-                settings = {"k": best["k"], "lmbda": best["lmbda"], "temperature": best["temperature"]}
-                row["val_parametric"] = ppl(va.logp_lm)
-                row["val_knn"] = best["val_ppl"]
+                sweep = tune(KnnCache.search(lm.store, va, k_max), cfg.grid)
+                sweeps[dom] = sweep
+                settings = sweep.settings
+                row.val_parametric = ppl(va.logp_lm)
+                row.val_knn = sweep.best["val_ppl"]
             else:
                 settings = {"k": cfg.knn.k, "lmbda": cfg.knn.lmbda, "temperature": cfg.knn.temperature}
-            row["knn"] = ppl(test_cache.logp(settings["k"], settings["lmbda"], settings["temperature"]))
-            row["knn_settings"] = settings
-            if "reference" in row and row["parametric"] - row["reference"] > 0:
-                row["gap_closed"] = (row["parametric"] - row["knn"]) / (row["parametric"] - row["reference"])
+            row.knn = ppl(test_cache.logp(settings["k"], settings["lmbda"], settings["temperature"]))
+            row.knn_settings = settings
+            if row.reference is not None and row.parametric - row.reference > 0:
+                row.gap_closed = (row.parametric - row.knn) / (row.parametric - row.reference)
         for r in retrievers:
             rb = ric_collect(lm, test[dom], cfg.ric.for_retriever(r), blocks, max_positions=cfg.max_tokens)
-            row.setdefault("ric", {})[r] = ppl(rb.logp)
+            row.ric[r] = ppl(rb.logp)
             # the same windows without a block: RIC-LM's own parametric baseline (shorter context)
-            row["ric_parametric"] = ppl(rb.logp_lm)
-            row["ric_block_used"] = float(rb.used_block.mean()) if len(rb.used_block) else 0.0
-            if "reference" in row and row["parametric"] - row["reference"] > 0:
-                row.setdefault("ric_gap_closed", {})[r] = (row["parametric"] - row["ric"][r]) / (row["parametric"] - row["reference"])
+            row.ric_parametric = ppl(rb.logp_lm)
+            row.ric_block_used = float(rb.used_block.mean()) if len(rb.used_block) else 0.0
+            if row.reference is not None and row.parametric - row.reference > 0:
+                row.ric_gap_closed[r] = (row.parametric - row.ric[r]) / (row.parametric - row.reference)
         results.append(row)
-    out = {
-        "model": cfg.model, "store": cfg.store, "reference_model": cfg.reference_model,
-        "store_entries": lm.store.num_entries if lm.store else 0,
-        "window": lm.window, "stride": lm.stride, "max_tokens": cfg.max_tokens, "tuned": cfg.tune,
-        "domains": results, "seconds": round(time.time() - t0, 1),
-    }
+    out = EvalResult(model=cfg.model, store=cfg.store, reference_model=cfg.reference_model,
+                     store_entries=lm.store.num_entries if lm.store else 0, window=lm.window, stride=lm.stride,
+                     max_tokens=cfg.max_tokens, tuned=cfg.tune, domains=results, seconds=round(time.time() - t0, 1),
+                     sweeps=sweeps)
     if retrievers:
-        from .ric import ric_plan
-
         w, st = ric_plan(lm, cfg.ric.for_retriever(retrievers[0]), blocks)
-        out["ric"] = {"retrievers": retrievers, "window": w, "stride": st, "n_blocks": cfg.ric.n_blocks,
-                      "ensemble": cfg.ric.ensemble, "block_tokens": blocks.block_tokens, "blocks": blocks.num_blocks}
+        out.ric = {"retrievers": retrievers, "window": w, "stride": st, "n_blocks": cfg.ric.n_blocks,
+                   "ensemble": cfg.ric.ensemble, "block_tokens": blocks.block_tokens, "blocks": blocks.num_blocks}
     if write:
         out_dir = Path(cfg.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(out, indent=1))
-        (out_dir / "sweep.json").write_text(json.dumps(sweeps, indent=1))
+        (out_dir / "results.json").write_text(json.dumps(out.to_json(), indent=1))
+        (out_dir / "sweep.json").write_text(json.dumps({d: s.to_json() for d, s in sweeps.items()}, indent=1))
         (out_dir / "results.md").write_text(markdown_table(out))
-    out["_sweeps"] = sweeps  # for callers; not part of results.json
     return out
 
 
-def markdown_table(out: dict) -> str:
-    has_ref = any("reference" in r for r in out["domains"])
-    has_knn = any("knn" in r for r in out["domains"])
+def markdown_table(out: EvalResult) -> str:
+    rows = out.domains
+    has_ref = any(r.reference is not None for r in rows)
+    has_knn = any(r.knn is not None for r in rows)
     head = ["domain", "tokens", "parametric"]
     if has_knn:
         head += ["kNN-LM", "k", "λ", "τ"]
@@ -238,24 +246,24 @@ def markdown_table(out: dict) -> str:
         head += ["reference"]
     if has_knn and has_ref:
         head += ["gap closed"]
-    rics = list(dict.fromkeys(name for r in out["domains"] for name in r.get("ric", {})))
+    rics = list(dict.fromkeys(name for r in rows for name in r.ric))
     for name in rics:
         head += [f"RIC-LM ({name})"] + ([f"gap closed ({name})"] if has_ref else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in out["domains"]:
-        cells = [r["domain"], str(r["tokens"]), f"{r['parametric']:.2f}"]
+    for r in rows:
+        cells = [r.domain, str(r.tokens), f"{r.parametric:.2f}"]
         if has_knn:
-            s = r.get("knn_settings", {})
-            cells += [f"{r['knn']:.2f}" if "knn" in r else "", str(s.get("k", "")),
+            s = r.knn_settings or {}
+            cells += [f"{r.knn:.2f}" if r.knn is not None else "", str(s.get("k", "")),
                       f"{s['lmbda']:.2f}" if s else "", f"{s['temperature']:.3g}" if s else ""]
         if has_ref:
-            cells += [f"{r['reference']:.2f}" if "reference" in r else ""]
+            cells += [f"{r.reference:.2f}" if r.reference is not None else ""]
         if has_knn and has_ref:
-            cells += [f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "n/a"]
+            cells += [f"{100 * r.gap_closed:.0f}%" if r.gap_closed is not None else "n/a"]
         for name in rics:
-            cells += [f"{r['ric'][name]:.2f}" if name in r.get("ric", {}) else ""]
+            cells += [f"{r.ric[name]:.2f}" if name in r.ric else ""]
             if has_ref:
-                g = r.get("ric_gap_closed", {})
+                g = r.ric_gap_closed
                 cells += [f"{100 * g[name]:.0f}%" if name in g else "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

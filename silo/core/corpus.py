@@ -1,4 +1,4 @@
-"""Documents, corpora, licence policy and de-duplication.
+"""Documents and corpora: the record every layer shares, and the readers and writers of corpus files.
 
 A document is ``{id, text, owner, source, license, title?, url?, domain?, split?}``. A corpus is one or
 more JSONL files (optionally gzip-compressed), a folder of them, a split of the shipped demo corpus
@@ -16,33 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .licenses import DEFAULT_ALLOWED_TIERS, check_tiers, tier_of
+from .licenses import tier_of
 
-DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
+DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"  # shipped with the package
 DEMO_SPLITS = ("train", "datastore", "val", "test")
 REQUIRED_FIELDS = ("id", "text", "owner")
 
 
 class CorpusError(ValueError):
     """A corpus file or document is malformed; the message names the file, line and field."""
-
-
-class PolicyViolation(ValueError):
-    """Documents outside the licence policy were about to reach the weights."""
-
-    def __init__(self, refused: list["Document"], allowed_tiers: tuple[str, ...]):
-        self.refused = refused
-        self.allowed_tiers = allowed_tiers
-        shown = "\n".join(
-            f"  {d.id} (owner {d.owner}, licence {d.license or 'missing'} -> tier {d.tier})" for d in refused[:25]
-        )
-        more = f"\n  ... and {len(refused) - 25} more" if len(refused) > 25 else ""
-        super().__init__(
-            f"{len(refused)} document(s) are outside the training policy (allowed tiers: "
-            f"{', '.join(allowed_tiers)}):\n{shown}{more}\n"
-            "Remove them from the training corpus, put them in the datastore instead, or pass "
-            "--drop-disallowed (train.drop_disallowed: true) to drop them and report the counts."
-        )
 
 
 @dataclass
@@ -175,55 +157,3 @@ def write_jsonl(docs: Iterable[Document], path: Path) -> None:
         for d in docs:
             fh.write((json.dumps(d.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
     tmp.replace(path)
-
-
-@dataclass
-class PolicyReport:
-    allowed_tiers: tuple[str, ...]
-    kept: list[Document]
-    refused: list[Document]
-    duplicates: list[tuple[str, str]]  # (dropped id, id of the kept copy)
-
-    def summary(self) -> dict:
-        by_tier: dict[str, int] = {}
-        for d in self.kept:
-            by_tier[d.tier] = by_tier.get(d.tier, 0) + 1
-        return {
-            "allowed_tiers": list(self.allowed_tiers),
-            "kept_documents": len(self.kept),
-            "kept_by_tier": by_tier,
-            "refused_documents": len(self.refused),
-            "exact_duplicates_removed": len(self.duplicates),
-        }
-
-
-def normalise_for_dedup(text: str) -> str:
-    return "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").strip().split("\n"))
-
-
-def apply_policy(
-    docs: list[Document],
-    allowed_tiers: tuple[str, ...] | list[str] = DEFAULT_ALLOWED_TIERS,
-    drop_disallowed: bool = False,
-) -> PolicyReport:
-    """Refuse (or drop) documents outside the allowed tiers, then remove exact duplicates.
-
-    Raises PolicyViolation naming every refused document unless `drop_disallowed`.
-    """
-    allowed = check_tiers(tuple(allowed_tiers))
-    refused = [d for d in docs if d.tier not in allowed]
-    if refused and not drop_disallowed:
-        raise PolicyViolation(refused, allowed)
-    kept: list[Document] = []
-    first_by_hash: dict[str, str] = {}
-    duplicates: list[tuple[str, str]] = []
-    for d in docs:
-        if d.tier not in allowed:
-            continue
-        h = hashlib.sha256(normalise_for_dedup(d.text).encode("utf-8")).hexdigest()
-        if h in first_by_hash:
-            duplicates.append((d.id, first_by_hash[h]))
-            continue
-        first_by_hash[h] = d.id
-        kept.append(d)
-    return PolicyReport(allowed, kept, refused, duplicates)

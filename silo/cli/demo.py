@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from silo.training.config import load_section, read_yaml
+from silo.core.config import load_section, read_yaml
 
 
 def _banner(text: str) -> None:
@@ -32,16 +32,16 @@ def _model_up_to_date(cfg) -> bool:
 
 
 def _store_up_to_date(cfg) -> bool:
-    from silo.datastore.store import read_manifest
+    from silo.datastore.format import Manifest
 
     try:
-        manifest = read_manifest(Path(cfg.output_dir))
+        manifest = Manifest.read(Path(cfg.output_dir))
         prov = json.loads((Path(cfg.model) / "provenance.json").read_text())
     except Exception:
         return False
     # generation 1 = nothing removed since the build (the demo's opt-out step removes an owner)
-    return (manifest["model"]["fingerprint"] == prov.get("fingerprint") and manifest["generation"] == 1
-            and manifest["build"].get("config") == cfg.model_dump(exclude={"overwrite"}))
+    return (manifest.model.fingerprint == prov.get("fingerprint") and manifest.generation == 1
+            and manifest.build.get("config") == cfg.model_dump(exclude={"overwrite"}))
 
 
 def demo_prompt(config: str) -> tuple[str, str]:
@@ -50,8 +50,8 @@ def demo_prompt(config: str) -> tuple[str, str]:
     The quote starts at a line and stops mid-line (at a space): a tiny LM's keys identify a passage by
     its last few tokens, so a quote that ends inside a line lets kNN-LM carry on the play's own words.
     """
-    from silo.datastore.store import DatastoreConfig
-    from silo.training.corpus import load_documents
+    from silo.core.corpus import load_documents
+    from silo.datastore.build import DatastoreConfig
 
     ds = load_section(config, "datastore", DatastoreConfig)
     data = read_yaml(config).get("demo") or {}
@@ -67,22 +67,22 @@ def demo_prompt(config: str) -> tuple[str, str]:
 
 
 def run_demo(config: str, retrain: bool = False) -> int:
-    from silo.datastore.store import DatastoreConfig, build_datastore
-    from silo.evaluate import EvalConfig, evaluate, markdown_table
-    from silo.training.corpus import DEMO_DATA_DIR, load_documents
+    from silo.core.corpus import DEMO_DATA_DIR, load_documents
+    from silo.datastore.build import DatastoreConfig, build_datastore
     from silo.training.train import TrainConfig, train
+    from silo.workflows.evaluate import EvalConfig, evaluate, markdown_table
+
+    from .corpus import corpus_table
 
     t_all = time.time()
     _banner("1. licence-tagged demo corpus")
     if not (DEMO_DATA_DIR / "train.jsonl.gz").exists():
-        from silo.training.demo_corpus import build_demo_corpus
+        from silo.demo_corpus import build_demo_corpus
 
         build_demo_corpus(DEMO_DATA_DIR, Path("~/.cache/silo/corpus-src").expanduser())
-    from silo.cli import _corpus_table
-
     for split in ("train", "datastore"):
         print(f"[{split}]")
-        print(_corpus_table(load_documents(f"pkg:demo/{split}")))
+        print(corpus_table(load_documents(f"pkg:demo/{split}")))
 
     sections = read_yaml(config)
     for section, title in (("train", "2a. permissive-only LM (weights see pd + sw text only)"),
@@ -114,7 +114,7 @@ def run_demo(config: str, retrain: bool = False) -> int:
     print(f"(tables in {ecfg.output_dir}/results.md and results.json)")
 
     _banner("5. the gRPC backend: a completion with per-sentence sources")
-    run_serving_demo(config, dcfg, ecfg, tuned={r["domain"]: r.get("knn_settings") for r in out["domains"]})
+    run_serving_demo(config, dcfg, ecfg, tuned={r.domain: r.knn_settings for r in out.domains})
     print(f"\ndemo finished in {time.time() - t_all:.0f}s")
     return 0
 
@@ -139,10 +139,10 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
     import secrets
     import shutil
 
+    from silo.core.corpus import load_documents
     from silo.serving.client import SiloClient
     from silo.serving.config import load_serve_config
     from silo.serving.server import SiloServer
-    from silo.training.corpus import load_documents
 
     prompt, doc_id = demo_prompt(config)
     owner = doc_id.split("/")[0] if doc_id else ""
@@ -197,24 +197,36 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
             after = {dom: score(dom) for dom in test}
             # SILO's protocol tunes k/lambda/tau on validation for the store being evaluated: re-tune for
             # the store as it is after the opt-out (a lambda fitted to the owner's text no longer fits).
-            from silo.evaluate import evaluate
+            from silo.workflows.evaluate import evaluate
 
             after_cfg = ecfg.model_copy(update={
                 "store": str(served), "reference_model": None, "domains": list(test),
                 "output_dir": str(Path(ecfg.output_dir).with_name("eval-after-optout"))})
-            retuned = {r["domain"]: r for r in evaluate(after_cfg, progress=False)["domains"]}
+            retuned = {r.domain: r for r in evaluate(after_cfg, progress=False).domains}
             print("\nheld-out perplexity (test split) before and after the opt-out; kNN settings tuned per domain "
                   "on validation (step 4), then re-tuned for the store after the opt-out:")
             print("| domain | parametric | kNN-LM before | after, same settings | after, re-tuned (λ; its parametric) |")
             print("|---|---|---|---|---|")
+            nan = float("nan")
             for dom in test:
-                r = retuned.get(dom, {})
+                r = retuned.get(dom)
                 print(f"| {dom} | {after[dom].perplexity_parametric:.2f} | {ppl_before[dom].perplexity:.2f} | "
-                      f"{after[dom].perplexity:.2f} | {r.get('knn', float('nan')):.2f} "
-                      f"(λ {r.get('knn_settings', {}).get('lmbda', float('nan')):.2f}; "
-                      f"{r.get('parametric', float('nan')):.2f} on its {r.get('tokens', 0)} tokens) |")
+                      f"{after[dom].perplexity:.2f} | {r.knn if r and r.knn is not None else nan:.2f} "
+                      f"(λ {(r.knn_settings or {}).get('lmbda', nan) if r else nan:.2f}; "
+                      f"{r.parametric if r else nan:.2f} on its {r.tokens if r else 0} tokens) |")
             print("\nthe same completion after the opt-out:")
             _print_response(client.complete(prompt, **gen))
     finally:
         server.drain(5.0)
         print("server drained and stopped")
+
+
+def cmd_demo(args) -> int:
+    return run_demo(args.config, retrain=args.retrain)
+
+
+def register(sub) -> None:
+    m = sub.add_parser("demo", help="the embedded default: corpus -> LM -> datastore -> eval -> attributed generation")
+    m.add_argument("--config", default="configs/demo.yaml")
+    m.add_argument("--retrain", action="store_true", help="train the models again even if up to date")
+    m.set_defaults(func=cmd_demo)

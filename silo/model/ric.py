@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 from pydantic import Field
 
+from silo.core.config import StageConfig
 from silo.datastore.blocks import BlockHit, BlockStore
 from silo.datastore.keys import window_plan
-from silo.datastore.sentences import sentence_spans
-from silo.training.config import StageConfig
 
-if TYPE_CHECKING:
-    from .lm import GenerationStep, ScoreResult, SentenceAttribution, SiloLM
+from .attribution import attribute_blocks, rank_shares
+from .types import GenerationStep, ScoreResult, SentenceAttribution, SiloInputError, StepSupport
 
 
 class RICConfig(StageConfig):
@@ -68,9 +67,7 @@ class RICBatch:
                         self.used_block[:n], self.hits)
 
 
-def _as_config(ric: RICConfig | dict | None, **over) -> RICConfig:
-    from .lm import SiloInputError
-
+def as_ric_config(ric: RICConfig | dict | None, **over) -> RICConfig:
     base = ric if isinstance(ric, RICConfig) else None
     data = {**(base.model_dump() if base else dict(ric or {})), **{k: v for k, v in over.items() if v is not None}}
     try:
@@ -79,24 +76,7 @@ def _as_config(ric: RICConfig | dict | None, **over) -> RICConfig:
         raise SiloInputError(f"invalid RIC setting: {exc}") from None
 
 
-def blocks_for(lm: "SiloLM", dense_model: str | None = None) -> BlockStore:
-    """The block store of the LM's current datastore snapshot (cached on the LM until the snapshot changes)."""
-    from .lm import SiloInputError
-
-    store = lm.store
-    if store is None:
-        raise SiloInputError("mode 'ric' needs a datastore with blocks; attach a store (store path) first")
-    cached = lm.__dict__.get("_ric_blocks")
-    if cached is not None and cached[0] is store and cached[1].dense_model == dense_model:
-        return cached[1]
-    bs = BlockStore(store, dense_model)
-    lm.__dict__["_ric_blocks"] = (store, bs)
-    return bs
-
-
-def ric_plan(lm: "SiloLM", cfg: RICConfig, blocks: BlockStore) -> tuple[int, int]:
-    from .lm import SiloInputError
-
+def ric_plan(lm, cfg: RICConfig, blocks: BlockStore) -> tuple[int, int]:
     ctx = lm.context_length
     window = cfg.window or max(2, ctx - blocks.block_tokens)
     if window >= ctx:
@@ -108,7 +88,7 @@ def ric_plan(lm: "SiloLM", cfg: RICConfig, blocks: BlockStore) -> tuple[int, int
     return window, stride
 
 
-def retrieve_windows(lm: "SiloLM", texts: Sequence[str], cfg: RICConfig, blocks: BlockStore, n: int,
+def retrieve_windows(lm, texts: Sequence[str], cfg: RICConfig, blocks: BlockStore, n: int,
                      max_positions: int | None = None):
     """Window jobs (text, begin, end, first_new), token ids per text, and top-n hits per job."""
     window, stride = ric_plan(lm, cfg, blocks)
@@ -132,7 +112,7 @@ def retrieve_windows(lm: "SiloLM", texts: Sequence[str], cfg: RICConfig, blocks:
 
 
 @torch.inference_mode()
-def score_windows(lm: "SiloLM", cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemble: bool,
+def score_windows(lm, cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemble: bool,
                   blocks: BlockStore | None = None) -> RICBatch:
     """Score each window without a block and with its top `n_blocks` hits (concatenated or ensembled)."""
     ctx = lm.context_length
@@ -174,7 +154,7 @@ def score_windows(lm: "SiloLM", cfg: RICConfig, jobs, per_ids, hits, n_blocks: i
         for r, (seq, _) in enumerate(rows):
             ids[r, :len(seq)] = torch.tensor(seq)
             mask[r, :len(seq)] = 1
-        _, logits, _ = lm._forward(ids.to(lm.device), mask.to(lm.device))
+        _, logits, _ = lm.forward(ids.to(lm.device), mask.to(lm.device))
         logprobs = torch.log_softmax(logits, dim=-1)
         for r, ((j, v, _), (_, plen)) in enumerate(zip(chunk, rows)):
             ti, b, e, f = jobs[j]
@@ -202,90 +182,72 @@ def score_windows(lm: "SiloLM", cfg: RICConfig, jobs, per_ids, hits, n_blocks: i
                     np.concatenate(owner), np.concatenate(used), [h[:n_blocks] for h in hits])
 
 
-def ric_collect(lm: "SiloLM", texts: Sequence[str], ric: RICConfig | dict | None = None,
+def ric_collect(lm, texts: Sequence[str], ric: RICConfig | dict | None = None,
                 blocks: BlockStore | None = None, max_positions: int | None = None) -> RICBatch:
     """Score texts in RIC mode (see the module docstring); `max_positions` stops after that many positions."""
-    cfg = _as_config(ric)
-    blocks = blocks if blocks is not None else blocks_for(lm, cfg.dense_model)
+    cfg = as_ric_config(ric)
+    blocks = blocks if blocks is not None else lm.blocks(cfg.dense_model)
     jobs, per_ids, hits = retrieve_windows(lm, texts, cfg, blocks, cfg.n_blocks, max_positions)
     out = score_windows(lm, cfg, jobs, per_ids, hits, cfg.n_blocks, cfg.ensemble, blocks)
     return out.truncate(max_positions) if max_positions is not None else out
 
 
-def ric_score(lm: "SiloLM", texts: Sequence[str] | str, ric: RICConfig | dict | None = None,
-              blocks: BlockStore | None = None) -> list["ScoreResult"]:
-    """SiloLM.score(mode="ric"): logp with retrieved blocks; logp_parametric on the same windows without."""
-    from .lm import ScoreResult
+class RICRetriever:
+    """RIC-LM over one datastore snapshot's blocks: retrieve with the text before the scored window (or
+    the prompt) and prepend the best block(s); the model's own distribution is used as it is."""
 
-    if isinstance(texts, str):
-        texts = [texts]
-    rb = ric_collect(lm, texts, ric, blocks)
-    out = []
-    for ti in range(len(texts)):
-        sel = rb.text_index == ti
-        out.append(ScoreResult(tokens=rb.targets[sel].tolist(), logp_parametric=rb.logp_lm[sel],
-                               logp=rb.logp[sel], mode="ric"))
-    return out
+    mode = "ric"
 
+    def __init__(self, blocks: BlockStore, cfg: RICConfig | dict | None = None):
+        self.blocks = blocks
+        self.cfg = as_ric_config(cfg)
+        self.store = blocks.store
+        self.used: list[tuple[BlockHit, float]] = []  # blocks prepended by the last `prepare`
 
-def ric_generate(lm: "SiloLM", prompt: str, ric: RICConfig | dict | None = None, max_new_tokens: int = 64,
-                 result: dict | None = None, blocks: BlockStore | None = None, **kwargs) -> Iterator["GenerationStep"]:
-    """SiloLM.generate(mode="ric"): retrieve with the prompt, prepend the top block(s), generate.
+    @property
+    def store_generation(self) -> int:
+        return self.store.generation
 
-    The block is truncated from the left to leave room for the prompt and `max_new_tokens`. On return
-    `result["ric_blocks"]` holds [(hit, share)] for attribution (empty when no block fit or matched).
-    """
-    from .lm import SiloInputError
+    def score(self, lm, texts: Sequence[str]) -> list[ScoreResult]:
+        """logp with retrieved blocks; logp_parametric on the same windows without."""
+        rb = ric_collect(lm, texts, self.cfg, self.blocks)
+        out = []
+        for ti in range(len(texts)):
+            sel = rb.text_index == ti
+            out.append(ScoreResult(tokens=rb.targets[sel].tolist(), logp_parametric=rb.logp_lm[sel],
+                                   logp=rb.logp[sel], mode=self.mode, store_generation=self.store_generation))
+        return out
 
-    cfg = _as_config(ric)
-    if cfg.ensemble:
-        raise SiloInputError("ric.ensemble applies to scoring only; generate with ensemble false")
-    blocks = blocks if blocks is not None else blocks_for(lm, cfg.dense_model)
-    p_ids = lm.encode(prompt)
-    q = p_ids[-cfg.query_tokens:] if cfg.query_tokens else p_ids
-    hits = blocks.search([lm.tokenizer.decode(q)], cfg.n_blocks, cfg.retriever)[0] if q else []
-    budget = lm.context_length - 1 - len(p_ids) - max_new_tokens
-    sep = lm.encode(cfg.separator) if cfg.separator else []
-    pre: list[int] = []
-    used: list[BlockHit] = []
-    for h in hits:  # best first; keep whole lower-ranked blocks only while they fit, then cut the last from the left
-        if len(pre) >= budget:
-            break
-        used.append(h)
-        pre = lm.encode(blocks.with_continuation(h) if cfg.continuation else h.text) + sep + pre
-    pre = pre[-budget:] if budget > 0 else []
-    if not pre:
-        used = []
-    ids = [lm.tokenizer.eos_token_id] + pre + p_ids
-    result = result if result is not None else {}
-    yield from lm.generate(prompt, max_new_tokens=max_new_tokens, mode="parametric", result=result,
-                           prompt_ids=ids, **kwargs)
-    result["ric_blocks"] = list(zip(used, rank_shares(len(used))))
-    result["store_generation"] = blocks.store.generation
+    def prepare(self, lm, prompt: str, prompt_ids: list[int], sampling) -> list[int]:
+        """Retrieve with the prompt and prepend the top block(s), truncated from the left to leave room for
+        the prompt and `sampling.max_new_tokens`; `self.used` records them for attribution."""
+        cfg = self.cfg
+        if cfg.ensemble:
+            raise SiloInputError("ric.ensemble applies to scoring only; generate with ensemble false", "ric.ensemble")
+        p_ids = prompt_ids[1:]  # without BOS
+        q = p_ids[-cfg.query_tokens:] if cfg.query_tokens else p_ids
+        hits = self.blocks.search([lm.tokenizer.decode(q)], cfg.n_blocks, cfg.retriever)[0] if q else []
+        budget = lm.context_length - 1 - len(p_ids) - sampling.max_new_tokens
+        sep = lm.encode(cfg.separator) if cfg.separator else []
+        pre: list[int] = []
+        used: list[BlockHit] = []
+        for h in hits:  # best first; keep whole lower-ranked blocks while they fit, then cut the last from the left
+            if len(pre) >= budget:
+                break
+            used.append(h)
+            pre = lm.encode(self.blocks.with_continuation(h) if cfg.continuation else h.text) + sep + pre
+        pre = pre[-budget:] if budget > 0 else []
+        if not pre:
+            used = []
+        self.used = list(zip(used, rank_shares(len(used))))
+        return [lm.tokenizer.eos_token_id] + pre + p_ids
 
+    def next_token(self, hidden, logp_lm):
+        return logp_lm.exp(), [None] * len(logp_lm)
 
-def rank_shares(n: int) -> list[float]:
-    """Shares of n blocks by retrieval rank (1/r, normalised): the best block carries the most."""
-    w = [1.0 / (r + 1) for r in range(n)]
-    s = sum(w)
-    return [x / s for x in w]
+    def support(self, row, token: int, p, logp_lm) -> StepSupport:
+        return StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()), p_knn=0.0,
+                           lmbda=0.0)
 
-
-def ric_attribute(text: str, blocks: Sequence[tuple[BlockHit, float]]) -> list["SentenceAttribution"]:
-    """Every sentence of a RIC completion is credited to the prepended blocks' documents."""
-    from .lm import SentenceAttribution, Source
-
-    by_doc: dict[tuple[int, int], list] = {}
-    for h, share in blocks:
-        key = (h.shard, h.doc)
-        if key in by_doc:
-            by_doc[key][1] += share
-        else:
-            by_doc[key] = [h, share]
-    ranked = sorted(by_doc.values(), key=lambda x: -x[1])
-    out = []
-    for a, b in sentence_spans(text):
-        sources = [Source(owner=h.owner, document_id=h.document_id, title=h.title, license=h.license,
-                          shard=h.shard_name, sentence=h.text, share=share) for h, share in ranked]
-        out.append(SentenceAttribution(text[a:b], a, b, 0.0 if sources else 1.0, sources))
-    return out
+    def attribute(self, text: str, steps: Sequence[GenerationStep]) -> list[SentenceAttribution]:
+        return attribute_blocks(text, self.used)

@@ -1,5 +1,4 @@
-"""CLI for RIC-LM blocks and the research harness: `silo datastore build-blocks`, `silo sweep`,
-`silo scaling`, `silo opt-out-effect`, `silo report`. Registered by silo/cli.py through `register`."""
+"""The research harness's commands: `silo sweep`, `silo scaling`, `silo opt-out-effect`, `silo report`."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ from pathlib import Path
 
 
 def _configs(args):
-    from .research import load_research
+    from silo.research import load_research
 
     ev_over = {"max_tokens": args.max_tokens} if getattr(args, "max_tokens", None) else {}
     over = {"output_dir": args.out} if getattr(args, "out", None) else {}
@@ -18,28 +17,9 @@ def _configs(args):
     return load_research(args.config, ev_over, over)
 
 
-def cmd_build_blocks(args) -> int:
-    from transformers import AutoTokenizer
-
-    from silo.datastore.blocks import build_blocks
-    from silo.datastore.store import DatastoreError, read_manifest
-
-    model = args.model or read_manifest(Path(args.store))["model"].get("path")
-    if not model:
-        raise DatastoreError(f"{args.store}: the manifest names no model; pass --model for its tokenizer")
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-    except OSError as exc:
-        raise DatastoreError(f"cannot load the tokenizer of {model!r}: {exc}; pass --model") from None
-    info = build_blocks(args.store, tok, args.block_tokens, args.stride, tuple(args.retriever or ("bm25", "dense")),
-                        dense_model=args.dense_model)
-    print(json.dumps({k: {f: v[f] for f in ("blocks", "documents", "block_tokens", "stride", "retrievers", "seconds")}
-                      for k, v in info.items()}, indent=1))
-    return 0
-
-
 def cmd_sweep(args) -> int:
-    from .research import sweep, write_table
+    from silo.research import sweep
+    from silo.research.tables import write_table
 
     ev, rc = _configs(args)
     res = sweep(ev, rc)
@@ -54,9 +34,9 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_scaling(args) -> int:
-    from silo.lm import SiloLM
-
-    from .research import scaling, write_table
+    from silo.model.lm import SiloLM
+    from silo.research import scaling
+    from silo.research.tables import write_table
 
     ev, rc = _configs(args)
     lm = SiloLM.load(ev.model, ev.store, knn=ev.knn, window=ev.window, stride=ev.stride)
@@ -70,22 +50,22 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_optout(args) -> int:
-    from silo.lm import SiloLM
-
-    from .research import optout, write_table
+    from silo.model.lm import SiloLM
+    from silo.research import owner_effect
+    from silo.research.tables import write_table
 
     ev, rc = _configs(args)
     if args.owner:
-        rc.optout.owners = args.owner
+        rc.owner_effect.owners = args.owner
     lm = SiloLM.load(ev.model, ev.store, knn=ev.knn, window=ev.window, stride=ev.stride)
-    res = optout(ev, rc, lm, cache={})
+    res = owner_effect(ev, rc, lm, cache={})
     rows = [{k: (v if not isinstance(v, (dict, list)) else json.dumps(v)) for k, v in r.items()} for r in res["rows"]]
     print(write_table(Path(args.out or rc.output_dir) / "optout", "optout", rows, "Opt-out effect"))
     return 0
 
 
 def cmd_report(args) -> int:
-    from .research import report
+    from silo.research import report
 
     ev, rc = _configs(args)
     res = report(ev, rc)
@@ -101,20 +81,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the commands to `silo`'s top-level subparsers (and `build-blocks` under `silo datastore`)."""
-    ds = next((a for a in sub.choices["datastore"]._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if ds is not None:
-        b = ds.add_parser("build-blocks", help="cut the store's text into blocks and index them for RIC-LM "
-                                               "(BM25 and/or dense), inside each shard's folder")
-        b.add_argument("--store", required=True, help="datastore folder")
-        b.add_argument("--model", help="model whose tokenizer cuts the blocks (default: the manifest's model)")
-        b.add_argument("--block-tokens", type=int, default=128, help="tokens per block (default: %(default)s)")
-        b.add_argument("--stride", type=int, default=64, help="tokens between block starts (default: %(default)s)")
-        b.add_argument("--retriever", action="append", choices=["bm25", "dense"],
-                       help="index to build (repeatable; default: bm25 and dense)")
-        b.add_argument("--dense-model", help="local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)")
-        b.set_defaults(func=cmd_build_blocks)
-
     s = sub.add_parser("sweep", help="kNN-LM (k, λ, τ) and RIC-LM block-count grids on validation; best settings")
     _common(s)
     s.set_defaults(func=cmd_sweep)

@@ -1,0 +1,210 @@
+"""Build a store from a corpus and a model: keys for every position, one shard per owner (or domain),
+one FAISS index per shard (a quantizer trained once and shared when the index type needs training).
+
+The store is written in a temporary folder beside `output_dir`, fsynced, and swapped into place whole,
+so readers see the old store or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+from pydantic import Field, model_validator
+from tqdm.auto import tqdm
+
+from silo.core.config import StageConfig
+from silo.core.corpus import Document, load_documents
+from silo.core.files import fsync_tree, swap_dir_atomic
+from silo.core.fingerprint import model_fingerprint
+from silo.core.models import load_lm
+from silo.core.text import sentence_of_offsets, sentence_spans
+
+from .format import ENTRY_DTYPE, MANIFEST, DatastoreError, IndexRef, Manifest, ModelRef, ShardRecord, now
+from .journal import append_journal
+from .keys import KeyExtractor
+from .shard import write_documents, write_entries, write_index, write_shard_info
+from .store import Datastore
+
+
+class IndexSpec(StageConfig):
+    factory: str = "Flat"  # any FAISS index_factory string: Flat, SQfp16, IVF1024,PQ32, IVF256,SQ8 ...
+    nprobe: int = Field(16, gt=0)  # IVF lists visited per query
+    train_sample: int = Field(200_000, gt=0)  # keys sampled to train an IVF/PQ quantizer
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+class DatastoreConfig(StageConfig):
+    model: str  # HF model folder or hub id; its fingerprint is written into the manifest
+    corpus: list[str] = Field(min_length=1)
+    domains: list[str] | None = None
+    output_dir: str
+    shard_by: Literal["owner", "domain"] = "owner"
+    # keep whole documents, in corpus order, until a shard holds this many characters; None keeps
+    # all. Lets the demo and quick experiments use a slice of a corpus without writing a new one.
+    max_chars_per_shard: int | None = Field(None, gt=0)
+    index: IndexSpec = IndexSpec()
+    window: int = Field(256, gt=1)
+    stride: int = Field(192, gt=0)
+    batch_size: int = Field(16, gt=0)
+    overwrite: bool = False
+    threads: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _stride_fits(self):
+        if self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
+        return self
+
+
+def slug(text: str) -> str:
+    import re
+
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip()).strip("-.")
+    return s or "unnamed"
+
+
+def _group_documents(docs: list[Document], shard_by: str) -> dict[str, list[Document]]:
+    groups: dict[str, list[Document]] = {}
+    for d in docs:
+        key = d.owner if shard_by == "owner" else (d.domain or "default")
+        groups.setdefault(key, []).append(d)
+    return groups
+
+
+def _first_chars(docs: list[Document], budget: int) -> list[Document]:
+    kept, used = [], 0
+    for d in docs:
+        if kept and used + len(d.text) > budget:
+            break
+        kept.append(d)
+        used += len(d.text)
+    return kept
+
+
+def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: str = "") -> Datastore:
+    """Build a store from a corpus and a model; the finished store replaces `output_dir` atomically."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output_dir)
+    if (out / MANIFEST).exists() and not cfg.overwrite:
+        raise DatastoreError(f"{out} already holds a store; pass --overwrite (datastore.overwrite: true) to replace it")
+    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise DatastoreError(f"{out} exists and is not a datastore; choose an empty or new output_dir")
+    model, tokenizer = load_lm(cfg.model, "cuda" if cfg.index.device == "cuda" else "cpu")
+    fp = model_fingerprint(model, tokenizer)
+    docs = load_documents(cfg.corpus, cfg.domains)
+    if not docs:
+        raise DatastoreError(f"datastore.corpus: no documents in {cfg.corpus} (domains {cfg.domains})")
+    groups = _group_documents(docs, cfg.shard_by)
+    if cfg.max_chars_per_shard:
+        groups = {k: _first_chars(v, cfg.max_chars_per_shard) for k, v in groups.items()}
+
+    tmp = out.with_name(f".{out.name}.tmp-build-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "shards").mkdir(parents=True)
+    extractor = KeyExtractor(model, tokenizer, cfg.window, cfg.stride, cfg.batch_size)
+    key_dim = model.get_output_embeddings().in_features
+    t0 = time.time()
+    total_chars = sum(len(d.text) for d in docs)
+    bar = tqdm(total=total_chars, desc="datastore: encoding", unit="char", unit_scale=True,
+               disable=not progress or None)
+    shard_recs: list[ShardRecord] = []
+    for key, group in groups.items():
+        name = slug(key)
+        sdir = tmp / "shards" / name
+        sdir.mkdir()
+        entry_parts, doc_recs = [], []
+        with open(sdir / "keys.f32", "wb") as kf:
+            for dk in extractor.iter_documents([d.text for d in group]):
+                doc = group[dk.doc_index]
+                spans = sentence_spans(doc.text)
+                sent = np.asarray(sentence_of_offsets(spans, dk.char_offsets.tolist()), dtype=np.int32)
+                rows = np.empty(len(dk.keys), dtype=ENTRY_DTYPE)
+                rows["token"], rows["doc"], rows["pos"], rows["sent"] = dk.next_tokens, dk.doc_index, dk.positions, sent
+                entry_parts.append(rows)
+                kf.write(dk.keys.tobytes())
+                doc_recs.append({"index": dk.doc_index, "id": doc.id, "owner": doc.owner, "license": doc.license,
+                                 "tier": doc.tier, "title": doc.title, "source": doc.source, "url": doc.url,
+                                 "domain": doc.domain, "sha256": doc.sha256, "tokens": int(len(dk.keys)),
+                                 "sentences": [list(s) for s in spans], "text": doc.text})
+                bar.update(len(doc.text))
+        entries = np.concatenate(entry_parts) if entry_parts else np.zeros(0, ENTRY_DTYPE)
+        write_entries(sdir, entries)
+        write_documents(sdir, doc_recs)
+        shard_recs.append(ShardRecord(name=name, owner=key if cfg.shard_by == "owner" else "", dir=f"shards/{name}",
+                                      entries=int(len(entries)), documents=len(doc_recs)))
+    bar.close()
+    encode_s = time.time() - t0
+    n_total = sum(r.entries for r in shard_recs)
+
+    # Index: train the quantizer once on a sample of all keys, then fill one index per shard.
+    t1 = time.time()
+    probe = faiss.index_factory(key_dim, cfg.index.factory, faiss.METRIC_L2)
+    trained = None
+    if not probe.is_trained:
+        sample = _sample_keys(tmp, shard_recs, key_dim, cfg.index.train_sample, seed=0)
+        if len(sample) < 2:
+            raise DatastoreError("too few keys to train the index quantizer")
+        if progress:
+            print(f"training index {cfg.index.factory} on {len(sample):,} sampled keys")
+        probe.train(sample)
+        faiss.write_index(probe, str(tmp / "quantizer.faiss"))
+        trained = tmp / "quantizer.faiss"
+    for rec in tqdm(shard_recs, desc="datastore: indexing", unit="shard", disable=not progress or None):
+        sdir = tmp / rec.dir
+        index = faiss.read_index(str(trained)) if trained else faiss.index_factory(key_dim, cfg.index.factory, faiss.METRIC_L2)
+        keys = np.memmap(sdir / "keys.f32", dtype=np.float32, mode="r").reshape(-1, key_dim)
+        for i in range(0, len(keys), 65536):
+            index.add(np.ascontiguousarray(keys[i:i + 65536]))
+        del keys
+        write_index(sdir, index)
+        (sdir / "keys.f32").unlink()
+        rec.checksum = write_shard_info(sdir, {
+            "name": rec.name, "owner": rec.owner, "entries": rec.entries, "documents": rec.documents,
+            "created": now(), "key_dim": key_dim, "index_factory": cfg.index.factory,
+            "built_from": {"corpus": cfg.corpus, "domains": cfg.domains, "window": cfg.window, "stride": cfg.stride}})
+    index_s = time.time() - t1
+
+    manifest = Manifest(
+        generation=1, created=now(), updated=now(),
+        model=ModelRef(fingerprint=fp, path=cfg.model, key_dim=key_dim, vocab_size=len(tokenizer)),
+        index=IndexRef(factory=cfg.index.factory, metric="l2", nprobe=cfg.index.nprobe,
+                       quantizer="quantizer.faiss" if trained else None),
+        build={"window": cfg.window, "stride": cfg.stride, "config_source": config_source,
+               "config": cfg.model_dump(exclude={"overwrite"}),
+               "encode_seconds": round(encode_s, 2), "index_seconds": round(index_s, 2)},
+        shards=shard_recs)
+    manifest.write(tmp)
+    if (out / "journal.jsonl").exists():  # a rebuild keeps the history of the store it replaces
+        shutil.copy2(out / "journal.jsonl", tmp / "journal.jsonl")
+    append_journal(tmp / "journal.jsonl", "build", generation=1, entries=n_total,
+                   shards=[{"name": r.name, "entries": r.entries, "checksum": r.checksum} for r in shard_recs],
+                   fingerprint=fp, index=cfg.index.factory)
+    fsync_tree(tmp)
+    swap_dir_atomic(tmp, out)
+    if progress:
+        print(f"datastore: {n_total:,} entries in {len(shard_recs)} shard(s) at {out} "
+              f"(encode {encode_s:.1f}s, {n_total / max(encode_s, 1e-9):,.0f} keys/s; index {index_s:.1f}s)")
+    return Datastore.open(out, fingerprint=fp, device=cfg.index.device)
+
+
+def _sample_keys(tmp: Path, shard_recs: list[ShardRecord], dim: int, n: int, seed: int) -> np.ndarray:
+    total = sum(r.entries for r in shard_recs)
+    rng = np.random.default_rng(seed)
+    take = np.sort(rng.choice(total, size=min(n, total), replace=False))
+    out, base = [], 0
+    for rec in shard_recs:
+        keys = np.memmap(tmp / rec.dir / "keys.f32", dtype=np.float32, mode="r").reshape(-1, dim)
+        local = take[(take >= base) & (take < base + rec.entries)] - base
+        out.append(np.asarray(keys[local]))
+        base += rec.entries
+    return np.ascontiguousarray(np.concatenate(out))

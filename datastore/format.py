@@ -1,0 +1,169 @@
+"""The datastore's on-disk format: names, dtypes, errors and the typed manifest.
+
+Layout (see README "On-disk formats")::
+
+    store/
+      manifest.json      format, generation, model fingerprint, key dim, index spec, shards[]
+      quantizer.faiss    trained once (IVF/PQ), shared by every shard; absent for flat stores
+      shards/<dir>/      one owner's (or domain's) entries: SHARD_FILES + shard.json (+ blocks/)
+      journal.jsonl      append-only, hash-chained log of builds and removals
+
+`manifest.json` is only ever replaced whole (`Manifest.write`: temp, fsync, rename). Records are typed
+here and turned into JSON only when read from or written to the file; keys this version does not know
+are kept (`extra`) so an older reader never drops what a newer writer recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from silo.core.files import write_json_atomic
+
+FORMAT = "silo.datastore.v1"
+ENTRY_DTYPE = np.dtype([("token", "<i4"), ("doc", "<i4"), ("pos", "<i4"), ("sent", "<i4")])
+SHARD_FILES = ("index.faiss", "entries.npy", "documents.jsonl")  # checksummed in shard.json
+MANIFEST = "manifest.json"
+
+
+class DatastoreError(RuntimeError):
+    """A store is missing, malformed, or used wrongly; the message names the path."""
+
+
+class ShardMissing(DatastoreError):
+    """A shard file named by the manifest is gone: the store is damaged, or a removal deleted the folder
+    between our reading the manifest and loading the shard (then the next manifest read no longer names it)."""
+
+
+class FingerprintMismatch(DatastoreError):
+    """The store's keys were made by a different model than the one it is being attached to."""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _split(cls, data: dict) -> tuple[dict, dict]:
+    known = {f.name for f in fields(cls)} - {"extra"}
+    return {k: v for k, v in data.items() if k in known}, {k: v for k, v in data.items() if k not in known}
+
+
+@dataclass
+class ShardRecord:
+    """One shard as the manifest lists it. `removed_docs`: tombstoned document indices (hidden from
+    search until compaction rewrites the shard without them)."""
+
+    name: str
+    owner: str
+    dir: str
+    entries: int
+    documents: int
+    checksum: str | None = None  # sha256 of the shard's shard.json
+    removed_docs: list[int] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShardRecord":
+        known, extra = _split(cls, data)
+        return cls(**known, extra=extra)
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "owner": self.owner, "dir": self.dir, "entries": int(self.entries),
+               "documents": int(self.documents), **self.extra}
+        if self.checksum is not None:
+            out["checksum"] = self.checksum
+        if self.removed_docs:
+            out["removed_docs"] = sorted(int(i) for i in self.removed_docs)
+        return out
+
+
+@dataclass
+class ModelRef:
+    fingerprint: str
+    path: str
+    key_dim: int
+    vocab_size: int
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class IndexRef:
+    factory: str
+    metric: str = "l2"
+    nprobe: int = 16
+    quantizer: str | None = None  # "quantizer.faiss" when trained (IVF/PQ)
+    extra: dict = field(default_factory=dict)
+
+
+def _sub(cls, data: dict):
+    known, extra = _split(cls, data)
+    return cls(**known, extra=extra)
+
+
+def _flat(obj) -> dict:
+    out = {f.name: getattr(obj, f.name) for f in fields(obj) if f.name != "extra"}
+    out.update(obj.extra)
+    return out
+
+
+@dataclass
+class Manifest:
+    """manifest.json: one generation of a store."""
+
+    generation: int
+    model: ModelRef
+    index: IndexRef
+    shards: list[ShardRecord]
+    build: dict = field(default_factory=dict)  # window, stride, config, timings (free-form settings)
+    created: str = ""
+    updated: str = ""
+    format: str = FORMAT
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Manifest":
+        known, extra = _split(cls, data)
+        known["model"] = _sub(ModelRef, known["model"])
+        known["index"] = _sub(IndexRef, known["index"])
+        known["shards"] = [ShardRecord.from_json(r) for r in known["shards"]]
+        return cls(**known, extra=extra)
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "generation": int(self.generation), "created": self.created,
+                "updated": self.updated, "model": _flat(self.model), "index": _flat(self.index),
+                "build": self.build, "shards": [r.to_json() for r in self.shards], **self.extra}
+
+    @classmethod
+    def read(cls, store: str | Path) -> "Manifest":
+        path = Path(store) / MANIFEST
+        if not path.exists():
+            raise DatastoreError(f"{store}: not a datastore (no manifest.json); build one with `silo datastore build`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DatastoreError(f"{path}: not valid JSON ({exc})") from None
+        if data.get("format") != FORMAT:
+            raise DatastoreError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError) as exc:
+            raise DatastoreError(f"{path}: malformed manifest ({exc})") from None
+
+    def write(self, store: str | Path) -> None:
+        """Replace manifest.json whole (temp file, fsync, rename): readers see the old or the new one."""
+        write_json_atomic(Path(store) / MANIFEST, self.to_json())
+
+    def shard(self, name: str) -> ShardRecord | None:
+        return next((r for r in self.shards if r.name == name), None)
+
+    def next_generation(self) -> None:
+        self.generation = int(self.generation) + 1
+        self.updated = now()
+
+
+def read_manifest(store: str | Path) -> Manifest:
+    return Manifest.read(store)

@@ -1,0 +1,196 @@
+"""Typed records of the removal state machine (`removal.py`): the request, what it targets, its state.
+
+JSON only at the file edge: `RemovalState.to_json` / `from_json` read and write removals/<id>.json.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+from .format import DatastoreError, ShardRecord, now
+
+KINDS = ("owner", "documents", "shards")
+STATUSES = ("received", "applied", "compacted", "verified")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")  # request ids become file names
+
+
+class RemovalError(DatastoreError):
+    """A removal request is invalid or cannot be carried out; `field` names the offending field."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def _listing(items, limit: int = 20) -> str:
+    items = sorted(set(items))
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "") if items else "(none)"
+
+
+@dataclass
+class RemovalRequest:
+    """What to remove and who asked. Give exactly one of owner / document_ids / shards (kind is inferred
+    when omitted). `request_id` is generated when absent; it is used as a file name, so it is restricted
+    to letters, digits, '.', '_' and '-'."""
+
+    kind: str = ""
+    owner: str | None = None
+    document_ids: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    requester: str = ""
+    reason: str = ""
+    request_id: str = ""
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        self.document_ids = list(self.document_ids or [])
+        self.shards = list(self.shards or [])
+        if not self.kind:
+            given = [k for k, v in (("owner", self.owner), ("documents", self.document_ids),
+                                    ("shards", self.shards)) if v]
+            if len(given) != 1:
+                raise RemovalError("give exactly one of owner, document_ids or shards "
+                                   f"(got {', '.join(given) or 'none'})", "kind")
+            self.kind = given[0]
+        if not self.request_id:
+            self.request_id = f"rm-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        if not self.created:
+            self.created = now()
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the request on its own (the store check is `RemovalManager.resolve`)."""
+        if self.kind not in KINDS:
+            raise RemovalError(f"kind must be one of {', '.join(KINDS)} (got {self.kind!r})", "kind")
+        if not isinstance(self.request_id, str) or not _ID_RE.match(self.request_id):
+            raise RemovalError("request_id must be 1-80 letters, digits, '.', '_' or '-' and start with a "
+                               f"letter or digit (got {self.request_id!r})", "request_id")
+        want = {"owner": "owner", "documents": "document_ids", "shards": "shards"}[self.kind]
+        for name in ("owner", "document_ids", "shards"):
+            value = getattr(self, name)
+            if name == want:
+                if name == "owner":
+                    if not isinstance(value, str) or not value.strip():
+                        raise RemovalError("owner: a removal of kind 'owner' needs a non-empty owner", "owner")
+                elif not value or not all(isinstance(x, str) and x.strip() for x in value):
+                    raise RemovalError(f"{name}: a removal of kind '{self.kind}' needs a non-empty list of "
+                                       f"non-empty strings (got {value!r})", name)
+            elif value:
+                raise RemovalError(f"{name}: not allowed in a removal of kind '{self.kind}' "
+                                   f"(give only {want})", name)
+        for name in ("requester", "reason"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise RemovalError(f"{name}: required (who asked for the removal, and why)", name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RemovalRequest":
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise RemovalError(f"unknown field(s) {', '.join(sorted(unknown))} in removal request",
+                               sorted(unknown)[0])
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, obj: "RemovalRequest | dict") -> "RemovalRequest":
+        return obj if isinstance(obj, cls) else cls.from_dict(dict(obj))
+
+
+@dataclass
+class ShardTarget:
+    """A shard a request touches, as it was when the request was resolved. For a shard whose documents
+    are tombstoned, `document_ids` and `removed_entries` say which and how much."""
+
+    name: str
+    owner: str
+    dir: str
+    entries: int
+    documents: int
+    checksum: str | None = None
+    document_ids: list[str] = field(default_factory=list)
+    removed_entries: int = 0
+
+    @classmethod
+    def of(cls, rec: ShardRecord, **kw) -> "ShardTarget":
+        return cls(name=rec.name, owner=rec.owner, dir=rec.dir, entries=int(rec.entries),
+                   documents=int(rec.documents), checksum=rec.checksum, **kw)
+
+    def to_json(self, whole: bool) -> dict:
+        out = asdict(self)
+        if whole:  # a dropped shard: no per-document detail
+            out.pop("document_ids")
+            out.pop("removed_entries")
+        return out
+
+
+@dataclass
+class RemovalTargets:
+    """What a request removes in the generation it was resolved against."""
+
+    drop_shards: list[ShardTarget]
+    drop_documents: list[ShardTarget]
+    entries: int
+    generation: int
+
+    @property
+    def shard_names(self) -> set[str]:
+        return {x.name for x in self.drop_shards + self.drop_documents}
+
+    def to_json(self) -> dict:
+        return {"drop_shards": [x.to_json(True) for x in self.drop_shards],
+                "drop_documents": [x.to_json(False) for x in self.drop_documents],
+                "entries": self.entries, "generation": self.generation}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RemovalTargets":
+        return cls(drop_shards=[ShardTarget(**x) for x in data["drop_shards"]],
+                   drop_documents=[ShardTarget(**x) for x in data["drop_documents"]],
+                   entries=int(data["entries"]), generation=int(data["generation"]))
+
+
+@dataclass
+class RemovalState:
+    """removals/<request id>.json: a request, what it targets and how far it got."""
+
+    request: RemovalRequest
+    status: str
+    targets: RemovalTargets
+    generation_before: int
+    store: str
+    timestamps: dict = field(default_factory=dict)
+    generation_applied: int | None = None
+    generation_compacted: int | None = None
+    verification: dict | None = None
+    updated: str = ""
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def owners(self) -> set[str]:
+        """Owners the request is about (shard owners; the request's owner for owner requests)."""
+        out = {x.owner for x in self.targets.drop_shards + self.targets.drop_documents} - {""}
+        if self.request.owner:
+            out.add(self.request.owner)
+        return out
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["request"] = self.request.to_dict()
+        out["targets"] = self.targets.to_json()
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RemovalState":
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["request"] = RemovalRequest.from_dict(data["request"])
+        data["targets"] = RemovalTargets.from_json(data["targets"])
+        return cls(**data)

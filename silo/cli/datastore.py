@@ -1,0 +1,197 @@
+"""`silo datastore build | info | build-blocks | remove | removals | receipt | lookup | verify-journal | resume`.
+
+Thin wrappers over `silo.datastore` (build, blocks, the removal state machine, lookup) and
+`silo.workflows.removal.remove_and_verify`. Errors are `DatastoreError`s (exit 2 via `silo.cli.main`);
+`verify-journal` exits 1 when the chain is broken.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def cmd_build(args) -> int:
+    from silo.core.config import load_section
+    from silo.datastore.build import DatastoreConfig, build_datastore
+
+    overrides = {"overwrite": True} if args.overwrite else {}
+    cfg = load_section(args.config, "datastore", DatastoreConfig, overrides)
+    store = build_datastore(cfg, config_source=args.config)
+    print(json.dumps(store.summary(), indent=1))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from silo.datastore.store import Datastore
+
+    print(json.dumps(Datastore.open(args.store).summary(), indent=1))
+    return 0
+
+
+def cmd_build_blocks(args) -> int:
+    from transformers import AutoTokenizer
+
+    from silo.datastore.blocks import build_blocks
+    from silo.datastore.format import DatastoreError, Manifest
+
+    model = args.model or Manifest.read(Path(args.store)).model.path
+    if not model:
+        raise DatastoreError(f"{args.store}: the manifest names no model; pass --model for its tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except OSError as exc:
+        raise DatastoreError(f"cannot load the tokenizer of {model!r}: {exc}; pass --model") from None
+    info = build_blocks(args.store, tok, args.block_tokens, args.stride, tuple(args.retriever or ("bm25", "dense")),
+                        dense_model=args.dense_model)
+    print(json.dumps({k: {f: v[f] for f in ("blocks", "documents", "block_tokens", "stride", "retrievers", "seconds")}
+                      for k, v in info.items()}, indent=1))
+    return 0
+
+
+def cmd_remove(args) -> int:
+    from silo.datastore.format import Manifest
+    from silo.datastore.removal import RemovalManager, RemovalRequest
+
+    req = RemovalRequest(owner=args.owner, document_ids=args.document or [], shards=args.shard or [],
+                         requester=args.requester, reason=args.reason, request_id=args.request_id or "")
+    if args.no_verify:
+        mgr = RemovalManager(args.store)
+        mgr.submit(req)
+        _print(mgr.compact(req.request_id))
+        return 0
+    from silo.core.config import validate
+    from silo.model.knn import KNNConfig
+    from silo.model.lm import SiloLM
+    from silo.workflows.removal import remove_and_verify
+
+    model = args.model or Manifest.read(args.store).model.path
+    if not model:
+        raise SystemExit("error: the store manifest names no model path; give --model (or --no-verify)")
+    over = {k: v for k, v in (("k", args.k), ("lmbda", args.lmbda), ("temperature", args.tau)) if v is not None}
+    knn = validate(KNNConfig, over, prefix="knn", source="command line")
+    lm = SiloLM.load(model, args.store, knn=knn)
+    receipt = remove_and_verify(lm, req, progress=True)
+    _print(receipt)
+    v = receipt.get("verification") or {}
+    return 0 if v.get("passed", True) else 1
+
+
+def cmd_removals(args) -> int:
+    from silo.datastore.removal import RemovalManager
+
+    states = RemovalManager(args.store).list()
+    if args.json:
+        _print([{"request_id": s.request_id, "kind": s.request.kind, "owner": s.request.owner,
+                 "document_ids": s.request.document_ids, "shards": s.request.shards,
+                 "requester": s.request.requester, "created": s.request.created, "status": s.status,
+                 "entries": s.targets.entries} for s in states])
+        return 0
+    print(f"{'request':<30} {'status':<10} {'kind':<10} {'target':<30} {'entries':>9}  requester")
+    for s in states:
+        r = s.request
+        target = r.owner or ",".join(r.document_ids or r.shards)
+        print(f"{s.request_id:<30} {s.status:<10} {r.kind:<10} {target[:30]:<30} {s.targets.entries:>9,}  "
+              f"{r.requester}")
+    print(f"{len(states)} request(s)")
+    return 0
+
+
+def cmd_receipt(args) -> int:
+    from silo.datastore.removal import RemovalManager
+
+    _print(RemovalManager(args.store).receipt(args.request_id))
+    return 0
+
+
+def cmd_lookup(args) -> int:
+    from silo.datastore.lookup import lookup
+
+    _print(lookup(args.store, document_id=args.document, text=args.text))
+    return 0
+
+
+def cmd_verify_journal(args) -> int:
+    from silo.datastore.journal import verify_store_journal
+
+    ok, msg, _ = verify_store_journal(args.store)
+    print(("OK: " if ok else "TAMPERED: ") + msg, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def cmd_resume(args) -> int:
+    from silo.datastore.removal import RemovalManager
+
+    receipts = RemovalManager(args.store).resume_all()
+    for r in receipts:
+        print(f"{r['request_id']}: {r['status']} (generation {r['generations']['current']})")
+    print(f"{len(receipts)} request(s) resumed")
+    return 0
+
+
+def register(sub) -> None:
+    d = sub.add_parser("datastore", help="build, inspect and remove from kNN datastores")
+    ds = d.add_subparsers(dest="datastore_command", required=True, metavar="ACTION")
+    db = ds.add_parser("build", help="encode a corpus with the model into a sharded FAISS store")
+    db.add_argument("--config", required=True, help="YAML file with a datastore section")
+    db.add_argument("--overwrite", action="store_true", help="replace an existing store (atomically)")
+    db.set_defaults(func=cmd_build)
+    di = ds.add_parser("info", help="generation, shards and entry counts of a store")
+    di.add_argument("store")
+    di.set_defaults(func=cmd_info)
+    b = ds.add_parser("build-blocks", help="cut the store's text into blocks and index them for RIC-LM "
+                                           "(BM25 and/or dense), inside each shard's folder")
+    b.add_argument("--store", required=True, help="datastore folder")
+    b.add_argument("--model", help="model whose tokenizer cuts the blocks (default: the manifest's model)")
+    b.add_argument("--block-tokens", type=int, default=128, help="tokens per block (default: %(default)s)")
+    b.add_argument("--stride", type=int, default=64, help="tokens between block starts (default: %(default)s)")
+    b.add_argument("--retriever", action="append", choices=["bm25", "dense"],
+                   help="index to build (repeatable; default: bm25 and dense)")
+    b.add_argument("--dense-model", help="local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)")
+    b.set_defaults(func=cmd_build_blocks)
+
+    r = ds.add_parser("remove", help="remove an owner's, documents' or shards' content (recorded, receipted)")
+    r.add_argument("--store", required=True, help="datastore folder")
+    what = r.add_mutually_exclusive_group(required=True)
+    what.add_argument("--owner", help="remove everything of this owner")
+    what.add_argument("--document", nargs="+", metavar="ID", help="remove these document ids")
+    what.add_argument("--shard", nargs="+", metavar="S", help="remove these shards")
+    r.add_argument("--requester", required=True, help="who asked (recorded in the journal and receipt)")
+    r.add_argument("--reason", required=True, help="why (recorded in the journal and receipt)")
+    r.add_argument("--request-id", help="id for the request (default: generated)")
+    r.add_argument("--model", help="model for verification (default: the store manifest's model.path)")
+    r.add_argument("--no-verify", action="store_true", help="skip the LM verification (no model needed)")
+    r.add_argument("--k", type=int, help="neighbours for verification (default: knn default)")
+    r.add_argument("--lmbda", type=float, help="kNN weight for verification")
+    r.add_argument("--tau", type=float, help="kNN temperature for verification")
+    r.set_defaults(func=cmd_remove)
+
+    rl = ds.add_parser("removals", help="list removal requests and their status")
+    rl.add_argument("--store", required=True)
+    rl.add_argument("--json", action="store_true", help="print JSON")
+    rl.set_defaults(func=cmd_removals)
+
+    rc = ds.add_parser("receipt", help="print the receipt of a removal request")
+    rc.add_argument("--store", required=True)
+    rc.add_argument("request_id")
+    rc.set_defaults(func=cmd_receipt)
+
+    lk = ds.add_parser("lookup", help="is a document or passage in the store? which shards, how many entries")
+    lk.add_argument("--store", required=True)
+    q = lk.add_mutually_exclusive_group(required=True)
+    q.add_argument("--document", metavar="ID", help="document id")
+    q.add_argument("--text", help="a passage (whitespace-normalised; sentences matched too)")
+    lk.set_defaults(func=cmd_lookup)
+
+    vj = ds.add_parser("verify-journal", help="check the journal's hash chain (exit 1 if tampered)")
+    vj.add_argument("store")
+    vj.set_defaults(func=cmd_verify_journal)
+
+    rs = ds.add_parser("resume", help="finish interrupted removals and clean up unreferenced folders")
+    rs.add_argument("--store", required=True)
+    rs.set_defaults(func=cmd_resume)

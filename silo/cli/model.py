@@ -1,0 +1,88 @@
+"""`silo eval` and `silo generate`."""
+
+from __future__ import annotations
+
+import sys
+
+
+def cmd_eval(args) -> int:
+    from silo.core.config import load_section
+    from silo.workflows.evaluate import EvalConfig, evaluate, markdown_table
+
+    overrides = {"max_tokens": args.max_tokens} if args.max_tokens else {}
+    cfg = load_section(args.config, "eval", EvalConfig, overrides)
+    out = evaluate(cfg)
+    print(markdown_table(out))
+    print(f"written to {cfg.output_dir}/results.md, results.json, sweep.json")
+    return 0
+
+
+def load_lm_from_args(args):
+    """SiloLM from --config (sections lm, knn) and the command line's overrides."""
+    from silo.core.config import load_section, read_yaml, validate
+    from silo.model.knn import KNNConfig
+    from silo.model.lm import SiloLM
+
+    model, store, knn = args.model, args.store, KNNConfig()
+    if args.config:
+        data = read_yaml(args.config)
+        lm_sec = data.get("lm") or {}
+        model = model or lm_sec.get("model")
+        store = store or lm_sec.get("store")
+        if "knn" in data:
+            knn = load_section(args.config, "knn", KNNConfig)
+    if not model:
+        raise SystemExit("error: give --model (or --config with an 'lm' section naming the model)")
+    over = {k: v for k, v in (("k", args.k), ("lmbda", args.lmbda), ("temperature", args.tau)) if v is not None}
+    knn = validate(KNNConfig, {**knn.model_dump(), **over}, prefix="knn", source="command line")
+    return SiloLM.load(model, None if args.mode == "parametric" else store, knn=knn)
+
+
+def print_attributed(comp, out=None) -> None:
+    out = out or sys.stdout
+    print(comp.text, file=out)
+    print(f"\n[finish: {comp.finish_reason}; {comp.prompt_tokens} prompt + {len(comp.tokens)} completion tokens]",
+          file=out)
+    for i, a in enumerate(comp.attributions, 1):
+        print(f"\n  sentence {i}: {a.sentence!r}", file=out)
+        print(f"    parametric model alone: {100 * a.parametric_share:.0f}%", file=out)
+        for s in a.sources:
+            print(f"    {100 * s.share:4.0f}%  {s.owner} / {s.document_id} ({s.title}; {s.license})", file=out)
+            print(f"          supporting: {s.sentence[:160]!r}", file=out)
+
+
+def cmd_generate(args) -> int:
+    from silo.model.sampling import SamplingParams
+
+    lm = load_lm_from_args(args)
+    mode = args.mode if lm.store is not None or args.mode == "parametric" else "parametric"
+    sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, stop=tuple(args.stop or ()), seed=args.seed)
+    comp = lm.complete(args.prompt, sampling, lm.retriever(mode))
+    print(args.prompt + "\u2502", end="")
+    print_attributed(comp)
+    return 0
+
+
+def register(sub) -> None:
+    e = sub.add_parser("eval", help="perplexity per domain: parametric, kNN-LM (tuned on val), reference")
+    e.add_argument("--config", required=True, help="YAML file with an eval section")
+    e.add_argument("--max-tokens", type=int, help="override eval.max_tokens (scored tokens per domain)")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="complete a prompt and show each sentence's sources")
+    g.add_argument("prompt")
+    g.add_argument("--config", help="YAML with 'lm' (model, store) and 'knn' sections")
+    g.add_argument("--model", help="model folder or hub id (overrides the config)")
+    g.add_argument("--store", help="datastore folder (overrides the config)")
+    g.add_argument("--mode", choices=["knn", "parametric"], default="knn")
+    g.add_argument("--max-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--k", type=int, help="neighbours (overrides knn.k)")
+    g.add_argument("--lmbda", type=float, help="weight of the kNN term (overrides knn.lmbda)")
+    g.add_argument("--tau", type=float, help="kNN temperature on L2 distances (overrides knn.temperature)")
+    g.set_defaults(func=cmd_generate)

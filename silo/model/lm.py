@@ -1,0 +1,343 @@
+"""SiloLM: a parametric LM that scores and generates, with or without a retriever.
+
+Works with any Hugging Face causal LM. Keys are the input of the output layer (see
+`silo.datastore.keys`): when the decoder returns exactly that tensor we run decoder and head ourselves
+(thread-safe, no hooks); otherwise a forward pre-hook captures it under a lock.
+
+Retrieval is an object passed in (`KNNRetriever`, `RICRetriever`, made by `SiloLM.retriever(mode, ...)`)
+that holds the datastore snapshot it was made from, so a generation in flight keeps its snapshot while
+`swap_store` attaches a new one for the next request (how removals reach a running server).
+
+    lm = SiloLM.load("runs/demo/model", "runs/demo/store")
+    knn = lm.retriever("knn", k=16, lmbda=0.5)
+    ppl = lm.score(["some text"], knn)[0].perplexity
+    comp = lm.complete("To be, or not", SamplingParams(max_new_tokens=32, temperature=0), knn)
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from silo.core.fingerprint import model_fingerprint
+from silo.core.models import load_lm
+from silo.datastore.blocks import BlockStore
+from silo.datastore.keys import OutputInputCapture, decoder_matches_head_input, window_plan
+from silo.datastore.store import Datastore, DatastoreError
+
+from .attribution import attribute_steps
+from .knn import KNNConfig, KNNRetriever
+from .ric import RICConfig, RICRetriever
+from .sampling import SamplingParams, find_stop, sample
+from .types import Completion, GenerationStep, PositionBatch, ScoreResult, SiloInputError, StepSupport
+
+MODES = ("parametric", "knn", "ric")  # ric: retrieval in context, silo/model/ric.py
+
+
+class Generation:
+    """The steps of one generation, streamed as they are made; `completion` is set once they are all out.
+
+        gen = lm.generate(prompt, params, retriever)
+        for step in gen: print(step.text, end="")
+        gen.completion.finish_reason
+    """
+
+    def __init__(self, steps):
+        self._steps = steps
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[GenerationStep]:
+        self.completion = yield from self._steps
+
+
+class SiloLM:
+    def __init__(self, model, tokenizer, store: Datastore | None = None, knn: KNNConfig | None = None,
+                 window: int | None = None, stride: int | None = None, batch_size: int = 8):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.knn = knn or KNNConfig()
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 1024) or 1024)
+        self.window = min(window or self.context_length, self.context_length)
+        self.stride = stride or max(1, self.window // 2)
+        if self.stride > self.window:
+            raise SiloInputError(f"stride ({self.stride}) must not exceed window ({self.window})", "stride")
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.vocab_size = model.get_output_embeddings().out_features
+        self.fingerprint = model_fingerprint(model, tokenizer)
+        self._fast = decoder_matches_head_input(model)
+        self._hook_lock = threading.Lock()
+        self._store: Datastore | None = None
+        self._blocks: tuple | None = None  # (store snapshot, dense model, BlockStore) for mode ric
+        if store is not None:
+            self.swap_store(store)
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, model_path: str, store_path: str | None = None, knn: KNNConfig | None = None,
+             device: str = "cpu", **kwargs) -> "SiloLM":
+        model, tokenizer = load_lm(model_path, device)
+        lm = cls(model, tokenizer, knn=knn, **kwargs)
+        if store_path:
+            lm.swap_store(Datastore.open(store_path, fingerprint=lm.fingerprint))
+        return lm
+
+    @property
+    def store(self) -> Datastore | None:
+        return self._store
+
+    def swap_store(self, store: Datastore | None) -> Datastore | None:
+        """Attach a new store snapshot (None detaches); returns the previous one."""
+        if store is not None and store.fingerprint != self.fingerprint:
+            raise DatastoreError(
+                f"{store.path}: store fingerprint {store.fingerprint[:23]}... does not match the model's "
+                f"{self.fingerprint[:23]}...; rebuild the store for this model")
+        old, self._store = self._store, store
+        self._blocks = None  # the RIC block cache belonged to the old snapshot
+        return old
+
+    def newer_store(self) -> Datastore | None:
+        """The attached store's current generation on disk if it differs from the attached one, else None
+        (opened, sharing unchanged shards, but not attached: a server opens off its worker, then swaps)."""
+        cur = self._store
+        if cur is None:
+            return None
+        new = Datastore.open(cur.path, fingerprint=self.fingerprint, device=cur.device, reuse=cur)
+        return None if new.generation == cur.generation else new
+
+    def reload_store(self) -> bool:
+        """Pick up a newer generation of the attached store from disk; True if it changed."""
+        new = self.newer_store()
+        if new is not None:
+            self.swap_store(new)
+        return new is not None
+
+    def blocks(self, dense_model: str | None = None) -> BlockStore:
+        """The RIC block store of the attached snapshot (cached until the snapshot changes)."""
+        store = self._store
+        if store is None:
+            raise SiloInputError("mode 'ric' needs a datastore with blocks; attach a store (store path) first", "mode")
+        cached = self._blocks
+        if cached is not None and cached[0] is store and cached[1] == dense_model:
+            return cached[2]
+        bs = BlockStore(store, dense_model)
+        self._blocks = (store, dense_model, bs)
+        return bs
+
+    # ----------------------------------------------------------------------------------- retrievers
+    def retriever(self, mode: str | None = "knn", k: int | None = None, lmbda: float | None = None,
+                  temperature: float | None = None, ric: RICConfig | dict | None = None):
+        """The retriever for `mode` over the attached snapshot: None for parametric, `KNNRetriever` (the
+        LM's kNN defaults with any of k / lmbda / temperature overridden), or `RICRetriever`."""
+        mode = mode or "parametric"
+        if mode not in MODES:
+            raise SiloInputError(f"mode must be one of {', '.join(MODES)} (got {mode!r})", "mode")
+        if mode == "parametric":
+            return None
+        if self._store is None:
+            raise SiloInputError(f"mode '{mode}' needs a datastore; attach one (store path) or use mode 'parametric'",
+                                 "mode")
+        if mode == "ric":
+            cfg = ric if isinstance(ric, RICConfig) else None
+            return RICRetriever(self.blocks(cfg.dense_model if cfg else (ric or {}).get("dense_model")), ric)
+        try:
+            settings = KNNConfig(k=k if k is not None else self.knn.k,
+                                 lmbda=lmbda if lmbda is not None else self.knn.lmbda,
+                                 temperature=temperature if temperature is not None else self.knn.temperature)
+        except Exception as exc:
+            raise SiloInputError(f"invalid kNN setting: {exc}", "knn") from None
+        return KNNRetriever(self._store, settings, self.vocab_size)
+
+    def _resolve(self, retriever):
+        return self.retriever(retriever) if isinstance(retriever, str) or retriever is None else retriever
+
+    # ----------------------------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, past=None):
+        """(hidden [B,T,d] float32, logits [B,T,V] float32, past) for a batch."""
+        if self._fast:
+            out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, past_key_values=past,
+                                           use_cache=past is not None)
+            hidden = out.last_hidden_state
+            logits = self.model.get_output_embeddings()(hidden)
+            return hidden.float(), logits.float(), getattr(out, "past_key_values", None)
+        with self._hook_lock, OutputInputCapture(self.model) as cap:
+            out = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=past is not None)
+            hidden = cap.value
+        return hidden.float(), out.logits.float(), getattr(out, "past_key_values", None)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, prompt: str, field: str = "prompt") -> list[int]:
+        """BOS + the prompt's tokens; refuses a prompt that leaves no room to generate."""
+        ids = [self.tokenizer.eos_token_id] + self.encode(prompt)
+        self.check_prompt(ids, field)
+        return ids
+
+    def check_prompt(self, ids: Sequence[int], field: str = "prompt") -> None:
+        if len(ids) >= self.context_length:
+            raise SiloInputError(f"{field}: {len(ids)} tokens (with BOS); the model's context is {self.context_length} "
+                                 "tokens and at least one must be left to generate", field)
+
+    def collect(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> PositionBatch:
+        """Run the LM over texts in sliding windows; every token is scored once (first token after BOS).
+
+        Window `self.window`, stride `self.stride`: the first window scores all its tokens, later windows
+        only the last `stride` ones (SILO's protocol; 1,024/512 there, the model's context and half of it
+        by default here).
+        """
+        bos = self.tokenizer.eos_token_id
+        jobs = []  # (text index, begin, end, first_new)
+        per_text_ids = []
+        for ti, text in enumerate(texts):
+            ids = [bos] + self.encode(text)
+            per_text_ids.append(ids)
+            for b, e, first_new in window_plan(len(ids) - 1, self.window, self.stride) if len(ids) > 1 else []:
+                jobs.append((ti, b, e, first_new))
+        targets, logps, keys, owners = [], [], [], []
+        pad = self.tokenizer.pad_token_id
+        for i in range(0, len(jobs), self.batch_size):
+            chunk = jobs[i:i + self.batch_size]
+            T = max(e - b for _, b, e, _ in chunk)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for r, (ti, b, e, _) in enumerate(chunk):
+                ids[r, : e - b] = torch.tensor(per_text_ids[ti][b:e])
+                mask[r, : e - b] = 1
+            hidden, logits, _ = self.forward(ids.to(self.device), mask.to(self.device))
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for r, (ti, b, e, first_new) in enumerate(chunk):
+                rows = slice(first_new - b, e - b)
+                tgt = torch.tensor(per_text_ids[ti][first_new + 1: e + 1], dtype=torch.long)
+                lp = logprobs[r, rows].gather(1, tgt.to(logprobs.device)[:, None])[:, 0]
+                targets.append(tgt.numpy())
+                logps.append(lp.double().cpu().numpy())
+                keys.append(hidden[r, rows].cpu().numpy())
+                owners.append(np.full(len(tgt), ti, dtype=np.int32))
+            if progress:
+                progress(sum(e - f for _, _, e, f in chunk))
+        if not targets:
+            d = self.model.get_output_embeddings().in_features
+            return PositionBatch(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, d), np.float32), np.zeros(0, np.int32))
+        return PositionBatch(np.concatenate(targets), np.concatenate(logps),
+                             np.ascontiguousarray(np.concatenate(keys)), np.concatenate(owners))
+
+    # ----------------------------------------------------------------------------------- scoring
+    def score(self, texts: Sequence[str] | str, retriever=None) -> list[ScoreResult]:
+        """Per-token log-probs and perplexity of each text: parametric, and under `retriever` (a retriever
+        object, a mode name, or None for parametric only) from the same pass."""
+        if isinstance(texts, str):
+            texts = [texts]
+        retriever = self._resolve(retriever)
+        if retriever is not None:
+            return retriever.score(self, texts)
+        pos = self.collect(texts)
+        return [ScoreResult(tokens=pos.targets[sel].tolist(), logp_parametric=pos.logp_lm[sel], logp=pos.logp_lm[sel],
+                            mode="parametric")
+                for sel in (pos.text_index == ti for ti in range(len(texts)))]
+
+    # ----------------------------------------------------------------------------------- generation
+    def generate(self, prompt: str, sampling: SamplingParams | None = None, retriever=None,
+                 should_stop: Callable[[], bool] | None = None, prompt_ids: list[int] | None = None) -> Generation:
+        """Stream a completion token by token (KV cache reused), the retriever's mixture applied at every
+        step. `should_stop` is polled before each step (cancellation, deadlines). Iterate the returned
+        `Generation`; its `completion` (text, tokens, finish_reason, ...) is set at the end."""
+        sampling = sampling or SamplingParams()
+        retriever = self._resolve(retriever)
+        ids = prompt_ids if prompt_ids is not None else [self.tokenizer.eos_token_id] + self.encode(prompt)
+        self.check_prompt(ids)
+        if retriever is not None:
+            ids = retriever.prepare(self, prompt, ids, sampling)
+        return Generation(self._steps(ids, sampling, retriever, should_stop))
+
+    def _steps(self, ids: list[int], sampling: SamplingParams, retriever, should_stop):
+        stop = sampling.stop
+        gen = sampling.generator()
+        hidden, logits, past = self.forward(torch.tensor([ids], device=self.device), past=self._new_cache())
+        out_ids: list[int] = []
+        steps: list[GenerationStep] = []
+        released = 0  # characters of the completion already yielded
+        text = ""
+        finish = "length"
+        max_stop = max((len(x) for x in stop), default=0)
+
+        def emit(step: GenerationStep) -> GenerationStep:
+            steps.append(step)
+            return step
+
+        for _ in range(sampling.max_new_tokens):
+            if should_stop is not None and should_stop():
+                finish = "cancelled"
+                break
+            logp_lm = torch.log_softmax(logits[0, -1].double(), dim=-1)
+            if retriever is not None:
+                p, mixes = retriever.next_token(hidden[0, -1:].cpu().numpy(), logp_lm[None])
+                p = p[0]
+            else:
+                p = logp_lm.exp()
+            token = sample(p, sampling, gen)
+            if retriever is not None:
+                sup = retriever.support(mixes[0], token, p, logp_lm)
+            else:
+                sup = StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()),
+                                  p_knn=0.0, lmbda=0.0)
+            if token == self.tokenizer.eos_token_id:
+                finish = "stop"
+                break
+            offset = len(text)  # the completion so far, decoded: this token starts here
+            out_ids.append(token)
+            text = self.tokenizer.decode(out_ids)
+            stop_at = find_stop(text, stop)
+            if stop_at is not None:
+                text = text[:stop_at]
+                finish = "stop"
+                yield emit(GenerationStep(token, text[released:], sup, offset))
+                released = len(text)
+                break
+            safe = len(text) - (max_stop - 1 if max_stop else 0)
+            if text.endswith("\ufffd"):
+                safe = min(safe, len(text) - 1)  # a multi-byte character is not complete yet
+            delta = text[released:max(safe, released)]
+            released += len(delta)
+            yield emit(GenerationStep(token, delta, sup, offset))
+            if len(ids) + len(out_ids) >= self.context_length:
+                finish = "length"
+                break
+            hidden, logits, past = self.forward(torch.tensor([[token]], device=self.device), past=past)
+        if released < len(text):
+            yield emit(GenerationStep(-1, text[released:], StepSupport(-1, 0.0, 0.0, 0.0, 0.0)))
+        return Completion(text=text, tokens=out_ids, finish_reason=finish, prompt_tokens=len(ids), steps=steps,
+                          mode=retriever.mode if retriever is not None else "parametric",
+                          store_generation=retriever.store_generation if retriever is not None else None)
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:
+            return DynamicCache()
+
+    def complete(self, prompt: str, sampling: SamplingParams | None = None, retriever=None, attribute: bool = True,
+                 should_stop: Callable[[], bool] | None = None, prompt_ids: list[int] | None = None) -> Completion:
+        """Generate to the end and attribute each sentence to its sources (unless `attribute` is False)."""
+        retriever = self._resolve(retriever)
+        generation = self.generate(prompt, sampling, retriever, should_stop, prompt_ids)
+        for _ in generation:
+            pass
+        comp = generation.completion
+        if attribute:
+            comp.attributions = self.attribute(comp, retriever)
+        return comp
+
+    def attribute(self, comp: Completion, retriever=None) -> list:
+        """Per-sentence sources of a completion made with `retriever` (None: parametric, share 1)."""
+        if retriever is None:
+            return attribute_steps(comp.text, comp.steps, None)
+        return retriever.attribute(comp.text, comp.steps)

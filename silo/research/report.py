@@ -1,0 +1,99 @@
+"""`silo report`: every experiment of the harness into one folder of tables (md/JSON/CSV) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from silo.datastore.store import Datastore
+from silo.model.lm import SiloLM
+from silo.workflows.evaluate import EvalConfig, evaluate
+
+from .config import ResearchConfig
+from .experiments import ensure_blocks, owner_effect, scaling, sweep, variant_rows
+from .plots import plot_domains, plot_lambda, plot_scaling
+from .tables import main_rows, write_table
+
+
+def report(ev: EvalConfig, rc: ResearchConfig, progress: bool = True) -> dict:
+    """Everything into rc.output_dir: results/sweep/scaling/opt-out/variants tables, PNG plots, report.md."""
+    t0 = time.time()
+    out = Path(rc.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = SiloLM.load(ev.model, None, knn=ev.knn, window=ev.window, stride=ev.stride)
+    if ev.ric.enabled is not False:
+        ensure_blocks(ev.store, lm.tokenizer, rc, progress)
+    lm.swap_store(Datastore.open(ev.store, fingerprint=lm.fingerprint))
+    ref = SiloLM.load(ev.reference_model, window=ev.window, stride=ev.stride) if ev.reference_model else None
+    cache: dict = {}
+    steps = tqdm(total=6, desc="report", unit="step", disable=not progress or None)
+
+    res = evaluate(ev, progress=progress, lm=lm, ref=ref, cache=cache, write=False)
+    knn_sweeps = res.sweeps
+    steps.update()
+    sw = sweep(ev, rc, lm, cache, progress, knn_sweeps=knn_sweeps if not rc.sweep.max_tokens else None)
+    steps.update()
+    sc = scaling(ev, rc, lm, ref, cache, progress, full=res) if rc.scaling.enabled else None
+    steps.update()
+    oo = owner_effect(ev, rc, lm, cache, progress, full=res) if rc.owner_effect.enabled else None
+    steps.update()
+    va = variant_rows(ev, rc, lm, cache, progress) if rc.variants else {"variants": {}, "skipped": []}
+    steps.update()
+
+    md = [f"# SILO research report\n\nmodel `{ev.model}`, store `{ev.store}` ({res.store_entries:,} entries), "
+          f"reference `{ev.reference_model}`; up to {ev.max_tokens} scored test tokens per domain; "
+          f"windows {res.window}/{res.stride}"]
+    if res.ric is not None:
+        r = res.ric
+        md[0] += (f"; RIC-LM windows {r['window']}/{r['stride']} with {r['n_blocks']} block(s) of "
+                  f"{r['block_tokens']} tokens ({r['blocks']:,} blocks)")
+    md[0] += ".\n"
+    rows = main_rows(res, va)
+    md.append(write_table(out, "results", rows, "Test perplexity per domain (kNN-LM tuned on validation)"))
+    (out / "results_full.json").write_text(json.dumps(res.to_json(), indent=1))
+    best_rows = []
+    for dom, b in sw["best"].items():
+        row = {"domain": dom, "k": b["knn"]["k"], "λ": b["knn"]["lmbda"], "τ": b["knn"]["temperature"],
+               "val kNN-LM": b["knn"]["val_ppl"]}
+        for name, rb in b.get("ric", {}).items():
+            row[f"RIC ({name}) blocks"] = f"{rb['n_blocks']}{' ens' if rb['ensemble'] else ''}"
+            row[f"val RIC ({name})"] = rb["val_ppl"]
+        best_rows.append(row)
+    md.append(write_table(out, "sweep_best", best_rows, "Best settings on validation"))
+    ric_rows = [{"domain": d, **r} for d, rs in sw["ric"].items() for r in rs]
+    if ric_rows:
+        md.append(write_table(out, "sweep_ric", ric_rows, "RIC-LM block count on validation"))
+    lam_rows = [{"domain": d, **p} for d, pts in sw["lambda_curves"].items() for p in pts]
+    write_table(out, "sweep_lambda", lam_rows, "λ sensitivity (best k, τ per λ; validation)")
+    (out / "sweep.json").write_text(json.dumps(sw, indent=1))
+    plots = {}
+    if rc.plots and lam_rows:
+        plot_lambda(sw["lambda_curves"], out / "lambda_sensitivity.png")
+        plots["lambda_sensitivity.png"] = "validation perplexity (relative to λ=0) against λ, per domain"
+    if rc.plots and rows:
+        plot_domains(rows, out / "perplexity_by_domain.png")
+        plots["perplexity_by_domain.png"] = "test perplexity per domain and method"
+    if sc is not None:
+        flat = [{"fraction": r["fraction"], "entries": r["entries"], "documents": r["documents"], "domain": dom, **{
+            k: v for k, v in vals.items() if k != "knn_settings"}} for r in sc["rows"] for dom, vals in r["domains"].items()]
+        md.append(write_table(out, "scaling", flat, "Datastore scaling (test perplexity)"))
+        (out / "scaling_rows.json").write_text(json.dumps(sc, indent=1))
+        if rc.plots and sc["rows"]:
+            plot_scaling(sc, out / "scaling.png")
+            plots["scaling.png"] = "test perplexity against the share of the datastore"
+    if oo is not None:
+        flat = [{k: (v if not isinstance(v, (dict, list)) else json.dumps(v)) for k, v in r.items()} for r in oo["rows"]]
+        md.append(write_table(out, "optout", flat, "Opt-out: an owner's held-out text with and without their shards"))
+    if va["skipped"]:
+        md.append("Variants not trained (rows left out): " + "; ".join(f"{s['name']} ({s['why']})" for s in va["skipped"]) + "\n")
+    (out / "variants.json").write_text(json.dumps(va, indent=1))
+    md.append("## Plots\n\n" + "".join(f"![{k}]({k}) {v}\n\n" for k, v in plots.items()))
+    md.append(f"_{time.time() - t0:.0f}s_\n")
+    (out / "report.md").write_text("\n".join(md))
+    steps.update()
+    steps.close()
+    return {"output_dir": str(out), "results": res, "rows": rows, "sweep": sw, "scaling": sc, "owner_effect": oo,
+            "variants": va, "plots": sorted(plots), "seconds": round(time.time() - t0, 1)}
