@@ -126,6 +126,50 @@ class Datastore:
             D, T, S, I = (np.take_along_axis(x, order, axis=1) for x in (D, T, S, I))
         return Neighbors(D, T, S, I)
 
+    def doc_keys(self, nb: Neighbors) -> np.ndarray:
+        """One int64 per neighbour naming its document store-wide (shard index << 32 | document index);
+        -1 where there is no neighbour."""
+        out = np.full(nb.ids.shape, -1, dtype=np.int64)
+        for si, shard in enumerate(self.shards):
+            m = (nb.shard == si) & (nb.tokens >= 0)
+            if m.any():
+                out[m] = (np.int64(si) << 32) | shard.entries["doc"][nb.ids[m]].astype(np.int64)
+        return out
+
+    def context_match(self, nb: Neighbors, context: np.ndarray, bos: int, k: int = 64) -> np.ndarray:
+        """[n, min(k, K)] how many of the tokens before each of the first k neighbours equal the query's own
+        context (`context` [n, M]: the query's last M input tokens, most recent first, -1 where the text
+        starts). A neighbour that continues the very passage the query is reading matches all M.
+
+        Entry r of a document predicts token pos+1 from input token pos; its input tokens going back are
+        the values of entries r-1, r-2, ... of the same document (and BOS before its first token)."""
+        n, M = context.shape
+        kk = min(k, nb.ids.shape[1])
+        out = np.zeros((n, kk), dtype=np.int64)
+        if kk == 0 or M == 0:
+            return out
+        ids, sh, alive = nb.ids[:, :kk], nb.shard[:, :kk], nb.tokens[:, :kk] >= 0
+        for si, shard in enumerate(self.shards):
+            sel = (sh == si) & alive
+            if not sel.any():
+                continue
+            e = shard.entries
+            r = ids[sel]
+            doc, pos = e["doc"][r].astype(np.int64), e["pos"][r].astype(np.int64)
+            q = context[np.nonzero(sel)[0]]
+            m = np.zeros(len(r), dtype=np.int64)
+            going = np.ones(len(r), bool)
+            for j in range(M):
+                p = pos - j  # the input position whose token is compared
+                at_bos = p == 0
+                prev = np.clip(r - j - 1, 0, len(e) - 1)
+                same = (e["doc"][prev] == doc) & (e["pos"][prev] == p - 1) & (p >= 1)
+                tok = np.where(at_bos, bos, np.where(same, e["token"][prev], -2))
+                going &= (tok == q[:, j]) & (p >= 0)
+                m += going
+            out[sel] = m
+        return out
+
     def entry_info(self, shard_index: int, entry_id: int) -> dict:
         """Provenance of one entry: owner, document, licence and the sentence it belongs to."""
         shard = self.shards[shard_index]

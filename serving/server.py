@@ -68,6 +68,16 @@ def store_message(store: Datastore | None) -> pb.StoreInfo:
                                              documents=x["documents"]) for x in s["shards"]])
 
 
+def knn_defaults(lm: SiloLM) -> pb.KnnDefaults:
+    """What a kNN request without overrides gets: the store's gate, or the fixed settings."""
+    knn = lm.knn
+    msg = pb.KnnDefaults(k=knn.k, lmbda=knn.lmbda, tau=knn.temperature, mixture="fixed")
+    retriever = lm.retriever("knn") if lm.store is not None else None
+    if retriever is not None and retriever.mixture.kind == "gated":
+        msg.mixture, msg.k, msg.skip_threshold = "gated", retriever.k, retriever.skip_threshold
+    return msg
+
+
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else -1e30  # -inf log-probs (kNN mass 0 with lambda 1) as a large negative
 
@@ -168,12 +178,11 @@ class GenerationService(pb_grpc.GenerationServicer):
     def ModelInfo(self, request, context, info):
         lm = self._engine().lm
         cfg = self.server.cfg
-        knn = lm.knn
         limits = self.server.limits()
         msg = pb.ModelInfoResponse(
             model_name=Path(cfg.model).name, model_path=cfg.model, fingerprint=lm.fingerprint,
             context_length=lm.context_length, vocab_size=lm.vocab_size, training_policy=self.server.policy,
-            knn=pb.KnnDefaults(k=knn.k, lmbda=knn.lmbda, tau=knn.temperature),
+            knn=knn_defaults(lm),
             modes=[m for m in SERVED_MODES if (m != "knn" or limits.has_store) and (m != "ric" or limits.has_blocks)],
             max_tokens_default=cfg.max_tokens, max_tokens_limit=cfg.max_tokens_limit)
         if lm.store is not None:

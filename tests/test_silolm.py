@@ -114,7 +114,7 @@ def test_eval_table_and_generate_cli(tmp_path, tiny_model, tiny_store, corpus_di
     cfg = {
         "eval": {"model": str(tiny_model), "store": str(tiny_store), "reference_model": str(tiny_model),
                  "val": [str(val)], "test": [str(val)], "max_tokens": 600, "window": 128, "stride": 64,
-                 "output_dir": str(tmp_path / "eval"),
+                 "output_dir": str(tmp_path / "eval"), "keep_overlap": True,  # scoring text the store holds
                  "grid": {"k": [4, 16], "lmbda": [0.0, 0.5, 0.9], "temperature": [0.3, 1.0]}},
         "lm": {"model": str(tiny_model), "store": str(tiny_store)},
         "knn": {"k": 16, "lmbda": 0.8, "temperature": 1.0},

@@ -211,14 +211,18 @@ class StoreInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., generation: _Optional[int] = ..., fingerprint: _Optional[str] = ..., index: _Optional[str] = ..., entries: _Optional[int] = ..., shard_count: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ...) -> None: ...
 
 class KnnDefaults(_message.Message):
-    __slots__ = ("k", "lmbda", "tau")
+    __slots__ = ("k", "lmbda", "tau", "mixture", "skip_threshold")
     K_FIELD_NUMBER: _ClassVar[int]
     LMBDA_FIELD_NUMBER: _ClassVar[int]
     TAU_FIELD_NUMBER: _ClassVar[int]
+    MIXTURE_FIELD_NUMBER: _ClassVar[int]
+    SKIP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     k: int
     lmbda: float
     tau: float
-    def __init__(self, k: _Optional[int] = ..., lmbda: _Optional[float] = ..., tau: _Optional[float] = ...) -> None: ...
+    mixture: str
+    skip_threshold: float
+    def __init__(self, k: _Optional[int] = ..., lmbda: _Optional[float] = ..., tau: _Optional[float] = ..., mixture: _Optional[str] = ..., skip_threshold: _Optional[float] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("model_name", "model_path", "fingerprint", "context_length", "vocab_size", "training_policy", "store", "knn", "modes", "max_tokens_default", "max_tokens_limit")

@@ -29,8 +29,37 @@ def cmd_build(args) -> int:
 
 def cmd_info(args) -> int:
     from silo.datastore.store import Datastore
+    from silo.model.gate import Gate
 
-    print(json.dumps(Datastore.open(args.store).summary(), indent=1))
+    store = Datastore.open(args.store)
+    out = store.summary()
+    gate = Gate.load(store)
+    if gate is None:
+        out["gate"] = "none: the gated mixture falls back to the fixed one; fit it with `silo datastore fit-gate`"
+    else:
+        g = gate.describe()
+        g["fitted_on_generation"] = g.pop("generation")
+        g["validation"] = {d: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                           for d, r in gate.report.get("domains", {}).items()}
+        g["warnings"] = gate.report.get("warnings", [])
+        out["gate"] = g
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_fit_gate(args) -> int:
+    from silo.core.config import load_section
+    from silo.workflows.gate_fit import GateConfig, fit_store_gate
+
+    over = {k: v for k, v in (("store", args.store), ("max_tokens", args.max_tokens)) if v is not None}
+    if args.keep_overlap:
+        over["keep_overlap"] = True
+    cfg = load_section(args.config, "gate", GateConfig, over)
+    gate, report = fit_store_gate(cfg)
+    print(json.dumps({"k": gate.k, "temperature": gate.temperature, "tau_ref": gate.tau_ref,
+                      "tau_slope": gate.tau_slope, "match_bonus": gate.match_bonus,
+                      "skip_threshold": gate.skip.threshold if gate.skip else None,
+                      "validation": report["domains"], "warnings": report["warnings"]}, indent=1))
     return 0
 
 
@@ -144,6 +173,14 @@ def register(sub) -> None:
     di = ds.add_parser("info", help="generation, shards and entry counts of a store")
     di.add_argument("store")
     di.set_defaults(func=cmd_info)
+    fg = ds.add_parser("fit-gate", help="fit the store's per-token mixture gate (and retrieval skipping) on "
+                                         "validation text; saved as STORE/gate.json")
+    fg.add_argument("--config", required=True, help="YAML file with a gate section (model, store, val, ...)")
+    fg.add_argument("--store", help="override gate.store")
+    fg.add_argument("--max-tokens", type=int, help="override gate.max_tokens (validation tokens per domain)")
+    fg.add_argument("--keep-overlap", action="store_true",
+                    help="keep validation documents that share 13-grams with the store (left out by default)")
+    fg.set_defaults(func=cmd_fit_gate)
     b = ds.add_parser("build-blocks", help="cut the store's text into blocks and index them for RIC-LM "
                                            "(BM25 and/or dense), inside each shard's folder")
     b.add_argument("--store", required=True, help="datastore folder")

@@ -3,9 +3,10 @@
 Steps (each reuses its output when it is already up to date, so a second run is quick):
   1. the shipped, licence-tagged demo corpus (rebuilt from packages only if missing);
   2. the permissive-only LM (policy PDSW) and a reference LM trained on everything;
-  3. the kNN datastore of the higher-risk text, one shard per owner;
-  4. the evaluation table: parametric, kNN-LM, reference, gap closed;
-  5. one completion of a passage quoted from a play in the store, with per-sentence sources.
+  3. the kNN datastore of the higher-risk text, one shard per owner, and its mixture gate;
+  4. the evaluation table: parametric, kNN-LM (fixed lambda and gated), reference, gap closed;
+  5. one completion of a passage quoted from a play in the store, with per-sentence sources;
+  6. the play's owner opts out: receipt, held-out perplexity before and after (no re-tuning).
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def _store_up_to_date(cfg) -> bool:
             and manifest.build.get("config") == cfg.model_dump(exclude={"overwrite"}))
 
 
+def _gate_up_to_date(gcfg):
+    """The store's saved gate if it was fitted for this store's model and current build, else None."""
+    from silo.datastore.format import Manifest
+    from silo.model.gate import Gate
+
+    try:
+        gate = Gate.load(gcfg.store)
+        manifest = Manifest.read(gcfg.store)
+    except Exception:
+        return None
+    if gate is None or gate.fingerprint != manifest.model.fingerprint or gate.fitted < manifest.created:
+        return None
+    return gate
+
+
 def demo_prompt(config: str) -> tuple[str, str]:
     """A passage quoted from a play in the datastore: (prompt, document id).
 
@@ -71,6 +87,7 @@ def run_demo(config: str, retrain: bool = False) -> int:
     from silo.datastore.build import DatastoreConfig, build_datastore
     from silo.training.train import TrainConfig, train
     from silo.workflows.evaluate import EvalConfig, evaluate, markdown_table
+    from silo.workflows.gate_fit import GateConfig, fit_store_gate
 
     from .corpus import corpus_table
 
@@ -106,6 +123,17 @@ def run_demo(config: str, retrain: bool = False) -> int:
     else:
         dcfg.overwrite = True
         build_datastore(dcfg, config_source=config)
+    if "gate" in sections:
+        _banner("3b. the mixture gate: lambda per token, fitted on validation text")
+        gcfg = load_section(config, "gate", GateConfig)
+        gate = _gate_up_to_date(gcfg)
+        if gate is not None and not retrain:
+            print(f"up to date: {gcfg.store}/gate.json (k={gate.k}, fitted {gate.fitted})")
+        else:
+            gate, report = fit_store_gate(gcfg)
+        print("validation perplexity, parametric -> gated (mean lambda): " + "; ".join(
+            f"{d} {r['parametric']:.1f} -> {r['gated']:.1f} ({r['lambda_mean']:.2f})"
+            for d, r in gate.report["domains"].items()))
 
     _banner("4. held-out perplexity per domain")
     ecfg = load_section(config, "eval", EvalConfig)
@@ -164,15 +192,24 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
             print("completion:")
             _print_response(before)
 
+            for p in ("The for statement in Python is used to",):  # text the store does not hold
+                for mode in ("knn", "parametric"):
+                    r = client.complete(p, mode=mode, max_tokens=24, temperature=0.0)
+                    print(f"{mode:>10}: {p}\u2502{r.text!r}")
+
             _banner(f"6. opt-out: owner '{owner}' removes its content through silo.v1.DataOwner")
             look = client.lookup(document_id=doc_id)
             print(f"lookup {doc_id}: in store = {look.in_store}, {look.entries:,} entries in {list(look.shards)}")
-            test = {d.domain: d.text for d in load_documents("pkg:demo/test", ["shakespeare", "gcide"])}
+            test = {}
+            for d in load_documents("pkg:demo/test"):
+                test.setdefault(d.domain, d.text)
             tuned = tuned or {}
 
-            def score(dom):  # each domain with the kNN settings tuned for it on validation (step 4)
+            def score(dom):  # (served mixture, fixed lambda tuned for the domain in step 4)
                 s = tuned.get(dom) or {}
-                return client.score(test[dom][:6000], k=s.get("k"), lmbda=s.get("lmbda"), tau=s.get("temperature"))
+                text = test[dom][:6000]
+                return client.score(text), client.score(text, k=s.get("k"), lmbda=s.get("lmbda"),
+                                                        tau=s.get("temperature"))
 
             ppl_before = {dom: score(dom) for dom in test}
             with SiloClient(server.target, token=owner_token, timeout=900) as data_owner:
@@ -189,31 +226,20 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
                       f"before/after/parametric: {vb.get('before', {}).get('rouge_l', 'n/a')}/"
                       f"{vb.get('after', {}).get('rouge_l', 'n/a')}/{vb.get('parametric', {}).get('rouge_l', 'n/a')}")
                 pp = v.get("perplexity") or {}
-                print(f"perplexity of the removed text (serving kNN settings) before/after/parametric: "
-                      f"{pp.get('before')}/{pp.get('after')}/{pp.get('parametric')}")
+                print(f"perplexity of the removed text (served mixture: {v.get('knn', {}).get('mixture')}) "
+                      f"before/after/parametric: {pp.get('before')}/{pp.get('after')}/{pp.get('parametric')}")
             print(f"receipt: {served}/receipts/{status.request_id}.json; journal: {served}/journal.jsonl")
             look = client.lookup(document_id=doc_id)
             print(f"lookup {doc_id}: in store = {look.in_store}")
             after = {dom: score(dom) for dom in test}
-            # SILO's protocol tunes k/lambda/tau on validation for the store being evaluated: re-tune for
-            # the store as it is after the opt-out (a lambda fitted to the owner's text no longer fits).
-            from silo.workflows.evaluate import evaluate
-
-            after_cfg = ecfg.model_copy(update={
-                "store": str(served), "reference_model": None, "domains": list(test),
-                "output_dir": str(Path(ecfg.output_dir).with_name("eval-after-optout"))})
-            retuned = {r.domain: r for r in evaluate(after_cfg, progress=False).domains}
-            print("\nheld-out perplexity (test split) before and after the opt-out; kNN settings tuned per domain "
-                  "on validation (step 4), then re-tuned for the store after the opt-out:")
-            print("| domain | parametric | kNN-LM before | after, same settings | after, re-tuned (λ; its parametric) |")
-            print("|---|---|---|---|---|")
-            nan = float("nan")
+            print("\nheld-out perplexity (test split, first 6,000 characters per domain) before and after the opt-out, "
+                  "no re-tuning; the served (gated) mixture and the fixed lambda tuned per domain in step 4:")
+            print("| domain | parametric | served before | served after | after / parametric | fixed λ before | fixed λ after |")
+            print("|---|---|---|---|---|---|---|")
             for dom in test:
-                r = retuned.get(dom)
-                print(f"| {dom} | {after[dom].perplexity_parametric:.2f} | {ppl_before[dom].perplexity:.2f} | "
-                      f"{after[dom].perplexity:.2f} | {r.knn if r and r.knn is not None else nan:.2f} "
-                      f"(λ {(r.knn_settings or {}).get('lmbda', nan) if r else nan:.2f}; "
-                      f"{r.parametric if r else nan:.2f} on its {r.tokens if r else 0} tokens) |")
+                (gb, fb), (ga, fa) = ppl_before[dom], after[dom]
+                print(f"| {dom} | {ga.perplexity_parametric:.2f} | {gb.perplexity:.2f} | {ga.perplexity:.2f} | "
+                      f"{ga.perplexity / ga.perplexity_parametric:.3f} | {fb.perplexity:.2f} | {fa.perplexity:.2f} |")
             print("\nthe same completion after the opt-out:")
             _print_response(client.complete(prompt, **gen))
     finally:

@@ -10,6 +10,8 @@ def cmd_eval(args) -> int:
     from silo.workflows.evaluate import EvalConfig, evaluate, markdown_table
 
     overrides = {"max_tokens": args.max_tokens} if args.max_tokens else {}
+    if args.keep_overlap:
+        overrides["keep_overlap"] = True
     cfg = load_section(args.config, "eval", EvalConfig, overrides)
     out = evaluate(cfg)
     print(markdown_table(out))
@@ -34,6 +36,8 @@ def load_lm_from_args(args):
     if not model:
         raise SystemExit("error: give --model (or --config with an 'lm' section naming the model)")
     over = {k: v for k, v in (("k", args.k), ("lmbda", args.lmbda), ("temperature", args.tau)) if v is not None}
+    if over:
+        over["mixture"] = "fixed"  # explicit kNN settings ask for the constant lambda
     knn = validate(KNNConfig, {**knn.model_dump(), **over}, prefix="knn", source="command line")
     return SiloLM.load(model, None if args.mode == "parametric" else store, knn=knn)
 
@@ -68,6 +72,8 @@ def register(sub) -> None:
     e = sub.add_parser("eval", help="perplexity per domain: parametric, kNN-LM (tuned on val), reference")
     e.add_argument("--config", required=True, help="YAML file with an eval section")
     e.add_argument("--max-tokens", type=int, help="override eval.max_tokens (scored tokens per domain)")
+    e.add_argument("--keep-overlap", action="store_true",
+                   help="keep held-out documents that share 13-grams with the store (left out by default)")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="complete a prompt and show each sentence's sources")
@@ -82,7 +88,7 @@ def register(sub) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--k", type=int, help="neighbours (overrides knn.k)")
-    g.add_argument("--lmbda", type=float, help="weight of the kNN term (overrides knn.lmbda)")
-    g.add_argument("--tau", type=float, help="kNN temperature on L2 distances (overrides knn.temperature)")
+    g.add_argument("--k", type=int, help="neighbours (with --lmbda/--tau: the fixed mixture; default: the gate)")
+    g.add_argument("--lmbda", type=float, help="weight of the kNN term: asks for the fixed mixture")
+    g.add_argument("--tau", type=float, help="kNN temperature on L2 distances: asks for the fixed mixture")
     g.set_defaults(func=cmd_generate)

@@ -9,7 +9,7 @@ one search at the largest k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -19,27 +19,45 @@ from silo.core.config import StageConfig
 from silo.datastore.store import Datastore, Neighbors
 
 from .attribution import attribute_steps
-from .types import GenerationStep, PositionBatch, ScoreResult, SentenceAttribution, StepSupport
+from .evidence import MATCH_K, RecentGain, recent_gain, token_gain
+from .types import CONTEXT, GenerationStep, LMState, PositionBatch, ScoreResult, SentenceAttribution, StepSupport
 
 
 class KNNConfig(StageConfig):
+    # gated: lambda per token from the store's fitted gate (gate.json; see silo/model/gate.py), falling back
+    # to the fixed settings below when the store has none; fixed: the constant lambda below
+    mixture: Literal["gated", "fixed"] = "gated"
     k: int = Field(32, gt=0)
-    lmbda: float = Field(0.3, ge=0.0, le=1.0)  # weight of the kNN distribution
-    temperature: float = Field(1.0, gt=0.0)  # tau, on squared L2 distances
+    lmbda: float = Field(0.3, ge=0.0, le=1.0)  # weight of the kNN distribution (fixed mixture)
+    temperature: float = Field(1.0, gt=0.0)  # tau, on squared L2 distances (fixed mixture)
+    # retrieval skipping (gated mixture): "auto" = the threshold fitted with the gate, "off", or a number
+    # in [0, 1]: skip the search where the LM-state predictor expects a lambda below it
+    skip: Literal["auto", "off"] | float = "auto"
 
 
-def neighbor_log_weights(distances: np.ndarray, tokens: np.ndarray, tau: float) -> np.ndarray:
-    """log softmax(-d / tau) over each row's valid neighbours ([n, k]; -inf for missing ones)."""
-    logits = np.where(tokens >= 0, -distances.astype(np.float64) / tau, -np.inf)
+def neighbor_log_weights(distances: np.ndarray, tokens: np.ndarray, tau, bonus: np.ndarray | None = None) -> np.ndarray:
+    """log softmax(-d / tau + bonus) over each row's valid neighbours ([n, k]; -inf for missing ones); tau
+    is one number or one per row; `bonus` [n, <=k] is added to the first neighbours' logits (the gate's
+    reward for a neighbour whose context matches the query's)."""
+    tau = np.asarray(tau, dtype=np.float64)
+    scaled = -distances.astype(np.float64) / (tau[:, None] if tau.ndim else tau)
+    if bonus is not None and bonus.shape[1]:
+        m = min(bonus.shape[1], scaled.shape[1])
+        scaled[:, :m] += bonus[:, :m]
+    logits = np.where(tokens >= 0, scaled, -np.inf)
     m = np.max(logits, axis=1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
-    lse = m + np.log(np.sum(np.exp(logits - m), axis=1, keepdims=True))
-    return logits - lse
+    with np.errstate(invalid="ignore", divide="ignore"):  # a row with no neighbour gives nan weights: unused
+        lse = m + np.log(np.sum(np.exp(logits - m), axis=1, keepdims=True))
+        return logits - lse
 
 
-def knn_target_logprob(distances: np.ndarray, tokens: np.ndarray, targets: np.ndarray, tau: float) -> np.ndarray:
+def knn_target_logprob(distances: np.ndarray, tokens: np.ndarray, targets: np.ndarray, tau,
+                       bonus: np.ndarray | None = None) -> np.ndarray:
     """log p_kNN(target) per row; -inf where no neighbour has the target as value."""
-    lw = neighbor_log_weights(distances, tokens, tau)
+    if tokens.shape[1] == 0:  # no neighbours at all (an empty store)
+        return np.full(len(targets), -np.inf)
+    lw = neighbor_log_weights(distances, tokens, tau, bonus)
     hit = tokens == targets[:, None]
     masked = np.where(hit, lw, -np.inf)
     m = np.max(masked, axis=1, keepdims=True)
@@ -59,9 +77,18 @@ def interpolate(logp_lm: np.ndarray, logp_knn: np.ndarray, lmbda: float) -> np.n
         return np.logaddexp(np.log(lmbda) + logp_knn, np.log1p(-lmbda) + logp_lm)
 
 
-def knn_distribution(distances: np.ndarray, tokens: np.ndarray, tau: float, vocab_size: int) -> tuple[torch.Tensor, np.ndarray]:
+def mix_logp(logp_lm: np.ndarray, logp_knn: np.ndarray, lmbda: np.ndarray) -> np.ndarray:
+    """log(lambda_i * p_kNN + (1 - lambda_i) * p_LM) with a lambda per row; exactly logp_lm where lambda is 0."""
+    lam = np.clip(lmbda.astype(np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        mixed = np.logaddexp(np.log(lam) + logp_knn, np.log1p(-lam) + logp_lm)
+    return np.where(lam > 0, mixed, logp_lm.astype(np.float64))
+
+
+def knn_distribution(distances: np.ndarray, tokens: np.ndarray, tau: float, vocab_size: int,
+                     bonus: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """p_kNN over the vocabulary for one position, and each neighbour's weight ([k])."""
-    w = np.exp(neighbor_log_weights(distances[None], tokens[None], tau)[0])
+    w = np.exp(neighbor_log_weights(distances[None], tokens[None], tau, None if bonus is None else bonus[None])[0])
     p = torch.zeros(vocab_size, dtype=torch.float64)
     valid = tokens >= 0
     if valid.any():
@@ -70,42 +97,132 @@ def knn_distribution(distances: np.ndarray, tokens: np.ndarray, tau: float, voca
 
 
 @dataclass
+class FixedMixture:
+    """Khandelwal et al.'s constant lambda (the paper protocol and research baselines)."""
+
+    k: int
+    lmbda: float
+    temperature: float
+    kind: str = "fixed"
+    needs_history = False
+
+    def bonus(self, match: np.ndarray | None) -> None:
+        return None
+
+    def lambdas(self, nb: Neighbors, store: Datastore, lm: LMState | None, recent: np.ndarray | None = None,
+                match: np.ndarray | None = None) -> np.ndarray:
+        have = nb.tokens[:, 0] >= 0 if nb.tokens.shape[1] else np.zeros(len(nb.tokens), bool)
+        return np.where(have, self.lmbda, 0.0)
+
+    def temperatures(self, nb: Neighbors) -> float:
+        return self.temperature
+
+    def describe(self) -> dict:
+        return {"mixture": "fixed", "k": self.k, "lmbda": self.lmbda, "temperature": self.temperature}
+
+
+@dataclass
 class _RowMix:
     """What the mixture used at one position, kept until the token is chosen (for its StepSupport)."""
 
-    neighbors: Neighbors  # one row
-    weights: np.ndarray
-    p_knn: torch.Tensor
+    neighbors: Neighbors | None  # one row; None when the search was skipped
+    weights: np.ndarray | None
+    p_knn: torch.Tensor | None
     lmbda: float
 
 
 class KNNRetriever:
     """kNN-LM over one datastore snapshot, held for the retriever's whole life: a generation or a score
-    started on generation G finishes, attributions included, on G even if the server swaps the store."""
+    started on generation G finishes, attributions included, on G even if the server swaps the store.
+
+    `mixture` decides lambda per position: a `FixedMixture` or a fitted `Gate` (silo/model/gate.py).
+    `skip` (gated only) is a `SkipPredictor` and `skip_threshold` its threshold: positions predicted to
+    get a lambda below it are not searched (lambda 0 there)."""
 
     mode = "knn"
 
-    def __init__(self, store: Datastore, settings: KNNConfig, vocab_size: int):
+    def __init__(self, store: Datastore, mixture, vocab_size: int, skip=None, skip_threshold: float = 0.0,
+                 bos: int = 0):
         self.store = store
-        self.settings = settings
+        self.mixture = mixture
         self.vocab_size = vocab_size
+        self.bos = bos  # the LM's BOS token: the first "context" token of every document
+        self.skip = skip if skip is not None and skip_threshold > 0 else None
+        self.skip_threshold = skip_threshold
+        self.searched = 0  # positions searched / skipped so far (retrieval-skipping statistics)
+        self.skipped = 0
+
+    @property
+    def k(self) -> int:
+        return self.mixture.k
 
     @property
     def store_generation(self) -> int:
         return self.store.generation
 
     def search(self, keys: np.ndarray) -> Neighbors:
-        return self.store.search(keys, self.settings.k)
+        return self.store.search(keys, self.k)
+
+    def _search_unskipped(self, keys: np.ndarray, lm: LMState | None) -> tuple[Neighbors, np.ndarray]:
+        """Neighbours for the rows the skip predictor lets through (empty rows elsewhere), and that mask."""
+        n = len(keys)
+        if self.skip is None or lm is None:
+            go = np.ones(n, bool)
+        else:
+            go = self.skip.predict(keys, lm) >= self.skip_threshold
+        self.searched += int(go.sum())
+        self.skipped += int(n - go.sum())
+        if go.all():
+            return self.search(keys), go
+        nb = Neighbors.empty(n, self.k)
+        if go.any():
+            part = self.search(keys[go])
+            nb = Neighbors.empty(n, part.distances.shape[1])
+            for full, got in ((nb.distances, part.distances), (nb.tokens, part.tokens), (nb.shard, part.shard),
+                              (nb.ids, part.ids)):
+                full[go] = got
+        return nb, go
+
+    def match(self, nb: Neighbors, context: np.ndarray) -> np.ndarray | None:
+        """Context-match lengths of the first neighbours (gated mixture only)."""
+        if not self.mixture.needs_history:
+            return None
+        return self.store.context_match(nb, context, self.bos, MATCH_K)
+
+    def recent(self, nb: Neighbors, pos: PositionBatch, observed: np.ndarray) -> np.ndarray | None:
+        """The recent-gain features of scored positions (reading order), or None for the fixed mixture."""
+        if not self.mixture.needs_history:
+            return None
+        k = self.k
+        lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, self.mixture.tau_ref)
+        have = nb.tokens[:, 0] >= 0 if nb.tokens.shape[1] else np.zeros(len(pos.targets), bool)
+        return recent_gain(token_gain(lk, pos.logp_lm), observed & have, pos.text_index)
+
+    def lambdas(self, nb: Neighbors, lm: LMState | None, searched: np.ndarray, recent, match) -> np.ndarray:
+        return np.where(searched, self.mixture.lambdas(nb, self.store, lm, recent, match), 0.0)
 
     # ------------------------------------------------------------------------------ scoring
     def mix_targets(self, pos: PositionBatch, nb: Neighbors | None = None) -> np.ndarray:
-        """log p(target) under the mixture for each scored position."""
+        """log p(target) under the mixture for each scored position (positions of a text in reading order,
+        as `SiloLM.collect` returns them; `nb`: neighbours already searched, at least k per row)."""
         if not len(pos.targets):
             return pos.logp_lm
-        s = self.settings
-        nb = nb if nb is not None else self.search(pos.keys)
-        return interpolate(pos.logp_lm, knn_target_logprob(nb.distances, nb.tokens, pos.targets, s.temperature),
-                           s.lmbda)
+        skipping = nb is None and self.skip is not None
+        if nb is None:
+            nb, searched = self._search_unskipped(pos.keys, pos.lm)
+        else:
+            searched = np.ones(len(pos.targets), bool)
+        k, mix = self.k, self.mixture
+        if isinstance(mix, FixedMixture) and not skipping:
+            if nb.tokens.shape[1] == 0:
+                return pos.logp_lm.astype(np.float64)
+            lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, mix.temperature)
+            return interpolate(pos.logp_lm, lk, mix.lmbda)  # the paper's arithmetic, bit for bit
+        match = self.match(nb, pos.context) if pos.context is not None or not mix.needs_history else None
+        lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, mix.temperatures(nb),
+                                mix.bonus(match))
+        lam = self.lambdas(nb, pos.lm, searched, self.recent(nb, pos, searched), match)
+        return mix_logp(pos.logp_lm, lk, lam)
 
     def score(self, lm, texts: Sequence[str]) -> list[ScoreResult]:
         pos = lm.collect(texts)
@@ -118,26 +235,80 @@ class KNNRetriever:
         return out
 
     # ------------------------------------------------------------------------------ generation
+    WARMUP = 64  # prompt positions whose gain starts a generation's recent-gain average
+
     def prepare(self, lm, prompt: str, prompt_ids: list[int], sampling) -> list[int]:
         return prompt_ids
 
-    def next_token(self, hidden: np.ndarray, logp_lm: torch.Tensor) -> tuple[torch.Tensor, list[_RowMix]]:
-        """Next-token distributions for a batch of positions: hidden [B, d] keys, logp_lm [B, V] float64."""
-        s = self.settings
-        nb = self.search(hidden)
+    def begin(self, hidden: np.ndarray, logp: torch.Tensor, ids: Sequence[int]):
+        """A new sequence's state, from the prompt's forward pass (hidden [T, d] and log-probs [T, V] of its
+        positions; position t predicts ids[t + 1]): its last input tokens and the recent-gain average over
+        its last WARMUP tokens."""
+        state = RecentGain()
+        for t in ids[-CONTEXT:]:
+            state.push(t)
+        if not self.mixture.needs_history or len(ids) < 2:
+            return state
+        n = min(self.WARMUP, len(ids) - 1)
+        rows = slice(len(ids) - 1 - n, len(ids) - 1)
+        targets = np.asarray(ids[rows.start + 1:rows.stop + 1], dtype=np.int64)
+        nb = self.search(np.ascontiguousarray(hidden[rows]))
+        lk = knn_target_logprob(nb.distances, nb.tokens, targets, self.mixture.tau_ref)
+        lp = logp[rows].gather(1, torch.as_tensor(targets)[:, None])[:, 0].double().cpu().numpy()
+        have = nb.tokens[:, 0] >= 0 if nb.tokens.shape[1] else np.zeros(n, bool)
+        for g, ok in zip(token_gain(lk, lp), have):
+            if ok:
+                state.update(float(g))
+        return state
+
+    def next_token(self, hidden: np.ndarray, logp_lm: torch.Tensor, states: list) -> tuple[torch.Tensor, list[_RowMix]]:
+        """Next-token distributions for a batch of sequences: hidden [B, d] keys, logp_lm [B, V] float64,
+        `states` from `begin` (one per sequence)."""
+        lm_state = LMState.of(logp_lm)
+        nb, searched = self._search_unskipped(hidden, lm_state)
+        mix = self.mixture
+        recent = match = None
+        if mix.needs_history:
+            recent = np.array([s.value() for s in states])
+            match = self.match(nb, np.stack([s.context_array() for s in states]))
+        lam = self.lambdas(nb, lm_state, searched, recent, match)
+        tau = np.broadcast_to(np.asarray(mix.temperatures(nb), dtype=np.float64), (len(hidden),))
+        bonus = mix.bonus(match)
         rows, ps = [], []
         for i in range(len(hidden)):
-            p_knn, w = knn_distribution(nb.distances[i], nb.tokens[i], s.temperature, self.vocab_size)
-            ps.append(s.lmbda * p_knn + (1 - s.lmbda) * logp_lm[i].exp())
-            rows.append(_RowMix(nb.rows(slice(i, i + 1)), w, p_knn, s.lmbda))
+            p_lm = logp_lm[i].exp()
+            have = searched[i] and nb.tokens.shape[1] > 0 and nb.tokens[i, 0] >= 0
+            row = _RowMix(nb.rows(slice(i, i + 1)) if have else None, None, None, float(lam[i]))
+            if lam[i] <= 0:
+                ps.append(p_lm)
+            else:
+                row.p_knn, row.weights = knn_distribution(nb.distances[i, :self.k], nb.tokens[i, :self.k],
+                                                          float(tau[i]), self.vocab_size,
+                                                          None if bonus is None else bonus[i])
+                ps.append(float(lam[i]) * row.p_knn + (1 - float(lam[i])) * p_lm)
+            rows.append(row)
         return torch.stack(ps), rows
 
-    def support(self, row: _RowMix, token: int, p: torch.Tensor, logp_lm: torch.Tensor) -> StepSupport:
-        nb = row.neighbors
-        return StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()),
-                           p_knn=float(row.p_knn[token]), lmbda=row.lmbda,
-                           neighbors=[(int(nb.shard[0, j]), int(nb.ids[0, j]), float(row.weights[j]))
-                                      for j in range(nb.tokens.shape[1]) if nb.tokens[0, j] == token])
+    def observe(self, row: _RowMix, token: int, logp_lm: torch.Tensor, state) -> None:
+        """The chosen token joins the sequence's context; its gain joins the recent-gain average."""
+        if state is None:
+            return
+        if self.mixture.needs_history and row.neighbors is not None:
+            nb = row.neighbors
+            lk = knn_target_logprob(nb.distances[:, :self.k], nb.tokens[:, :self.k], np.array([token]),
+                                    self.mixture.tau_ref)
+            state.update(float(token_gain(lk, np.array([float(logp_lm[token])]))[0]))
+        state.push(token)
 
-    def attribute(self, text: str, steps: Sequence[GenerationStep], extra=None) -> list[SentenceAttribution]:
+    def support(self, row: _RowMix, token: int, p: torch.Tensor, logp_lm: torch.Tensor) -> StepSupport:
+        sup = StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()), p_knn=0.0,
+                          lmbda=row.lmbda)
+        if row.p_knn is not None:
+            nb = row.neighbors
+            sup.p_knn = float(row.p_knn[token])
+            sup.neighbors = [(int(nb.shard[0, j]), int(nb.ids[0, j]), float(row.weights[j]))
+                             for j in range(min(self.k, nb.tokens.shape[1])) if nb.tokens[0, j] == token]
+        return sup
+
+    def attribute(self, text: str, steps: Sequence[GenerationStep]) -> list[SentenceAttribution]:
         return attribute_steps(text, steps, self.store)

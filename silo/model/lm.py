@@ -16,6 +16,7 @@ that holds the datastore snapshot it was made from, so a generation in flight ke
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable, Iterator, Sequence
 
@@ -29,12 +30,38 @@ from silo.datastore.keys import OutputInputCapture, decoder_matches_head_input, 
 from silo.datastore.store import Datastore, DatastoreError
 
 from .attribution import attribute_steps
-from .knn import KNNConfig, KNNRetriever
+from .gate import Gate
+from .knn import FixedMixture, KNNConfig, KNNRetriever
 from .ric import RICConfig, RICRetriever
 from .sampling import SamplingParams, find_stop, sample
-from .types import Completion, GenerationStep, PositionBatch, ScoreResult, SiloInputError, StepSupport
+from .types import (
+    CONTEXT, Completion, GenerationStep, LMState, PositionBatch, ScoreResult, SiloInputError, StepSupport, context_of,
+)
 
 MODES = ("parametric", "knn", "ric")  # ric: retrieval in context, silo/model/ric.py
+log = logging.getLogger("silo.model")
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
+def _skip_threshold(skip: str | float, gate: Gate) -> float:
+    """The retrieval-skipping threshold a setting means for `gate` ("auto": the one fitted with it)."""
+    if skip == "off" or gate.skip is None:
+        return 0.0
+    if skip == "auto":
+        return float(gate.skip.threshold)
+    try:
+        value = float(skip)
+    except (TypeError, ValueError):
+        raise SiloInputError(f"skip must be auto, off or a number in [0, 1] (got {skip!r})", "skip") from None
+    if not 0.0 <= value <= 1.0:
+        raise SiloInputError(f"skip must be auto, off or a number in [0, 1] (got {skip!r})", "skip")
+    return value
 
 
 class Generation:
@@ -74,6 +101,7 @@ class SiloLM:
         self._hook_lock = threading.Lock()
         self._store: Datastore | None = None
         self._blocks: tuple | None = None  # (store snapshot, dense model, BlockStore) for mode ric
+        self._gate: tuple | None = None  # (store snapshot, Gate or None)
         if store is not None:
             self.swap_store(store)
 
@@ -98,7 +126,8 @@ class SiloLM:
                 f"{store.path}: store fingerprint {store.fingerprint[:23]}... does not match the model's "
                 f"{self.fingerprint[:23]}...; rebuild the store for this model")
         old, self._store = self._store, store
-        self._blocks = None  # the RIC block cache belonged to the old snapshot
+        self._blocks = None  # the RIC block and gate caches belonged to the old snapshot
+        self._gate = None
         return old
 
     def newer_store(self) -> Datastore | None:
@@ -130,28 +159,61 @@ class SiloLM:
         return bs
 
     # ----------------------------------------------------------------------------------- retrievers
+    def gate(self) -> Gate | None:
+        """The gate fitted for the attached snapshot's store (gate.json), cached until the snapshot changes."""
+        store = self._store
+        if store is None:
+            return None
+        if self._gate is None or self._gate[0] is not store:
+            self._gate = (store, Gate.load(store))
+        return self._gate[1]
+
     def retriever(self, mode: str | None = "knn", k: int | None = None, lmbda: float | None = None,
-                  temperature: float | None = None, ric: RICConfig | dict | None = None):
-        """The retriever for `mode` over the attached snapshot: None for parametric, `KNNRetriever` (the
-        LM's kNN defaults with any of k / lmbda / temperature overridden), or `RICRetriever`."""
+                  temperature: float | None = None, ric: RICConfig | dict | None = None, mixture: str | None = None,
+                  skip: str | float | None = None, store: Datastore | None = None):
+        """The retriever for `mode` over the attached snapshot (or `store`, another snapshot of the same
+        model's store): None for parametric, `RICRetriever`, or a `KNNRetriever`. Its mixture is the store's
+        fitted gate when the LM's kNN settings say "gated" (the default) and the store has one; giving k,
+        lmbda or temperature asks for the fixed mixture with those values (the others from the LM's
+        settings). `skip` overrides the settings' retrieval skipping."""
         mode = mode or "parametric"
         if mode not in MODES:
             raise SiloInputError(f"mode must be one of {', '.join(MODES)} (got {mode!r})", "mode")
         if mode == "parametric":
             return None
-        if self._store is None:
+        if store is not None and store is not self._store:
+            if store.fingerprint != self.fingerprint:
+                raise DatastoreError(f"{store.path}: the store was built for another model")
+            gate = Gate.load(store)
+        else:
+            store, gate = self._store, self.gate()
+        if store is None:
             raise SiloInputError(f"mode '{mode}' needs a datastore; attach one (store path) or use mode 'parametric'",
                                  "mode")
         if mode == "ric":
             cfg = ric if isinstance(ric, RICConfig) else None
             return RICRetriever(self.blocks(cfg.dense_model if cfg else (ric or {}).get("dense_model")), ric)
+        s = self.knn
+        if mixture not in (None, "gated", "fixed"):
+            raise SiloInputError(f"mixture must be gated or fixed (got {mixture!r})", "mixture")
+        explicit = any(x is not None for x in (k, lmbda, temperature))
+        if (mixture or s.mixture) == "gated" and not explicit:
+            if gate is not None:
+                threshold = _skip_threshold(s.skip if skip is None else skip, gate)
+                return KNNRetriever(store, gate, self.vocab_size, skip=gate.skip, skip_threshold=threshold,
+                                    bos=self.tokenizer.eos_token_id)
+            if mixture == "gated":
+                raise SiloInputError(f"{store.path}: no gate fitted for this store; fit one with "
+                                     "`silo datastore fit-gate` or use the fixed mixture", "mixture")
+            _warn_once(f"{store.path}: no gate fitted for this store (silo datastore fit-gate); using the "
+                       f"fixed mixture k={s.k} lambda={s.lmbda} tau={s.temperature}")
         try:
-            settings = KNNConfig(k=k if k is not None else self.knn.k,
-                                 lmbda=lmbda if lmbda is not None else self.knn.lmbda,
-                                 temperature=temperature if temperature is not None else self.knn.temperature)
+            settings = KNNConfig(k=k if k is not None else s.k, lmbda=lmbda if lmbda is not None else s.lmbda,
+                                 temperature=temperature if temperature is not None else s.temperature)
         except Exception as exc:
             raise SiloInputError(f"invalid kNN setting: {exc}", "knn") from None
-        return KNNRetriever(self._store, settings, self.vocab_size)
+        return KNNRetriever(store, FixedMixture(settings.k, settings.lmbda, settings.temperature),
+                            self.vocab_size, bos=self.tokenizer.eos_token_id)
 
     def _resolve(self, retriever):
         return self.retriever(retriever) if isinstance(retriever, str) or retriever is None else retriever
@@ -200,7 +262,7 @@ class SiloLM:
             per_text_ids.append(ids)
             for b, e, first_new in window_plan(len(ids) - 1, self.window, self.stride) if len(ids) > 1 else []:
                 jobs.append((ti, b, e, first_new))
-        targets, logps, keys, owners = [], [], [], []
+        targets, logps, keys, owners, states, contexts = [], [], [], [], [], []
         pad = self.tokenizer.pad_token_id
         for i in range(0, len(jobs), self.batch_size):
             chunk = jobs[i:i + self.batch_size]
@@ -216,6 +278,8 @@ class SiloLM:
                 rows = slice(first_new - b, e - b)
                 tgt = torch.tensor(per_text_ids[ti][first_new + 1: e + 1], dtype=torch.long)
                 lp = logprobs[r, rows].gather(1, tgt.to(logprobs.device)[:, None])[:, 0]
+                states.append(LMState.of(logprobs[r, rows]))
+                contexts.append(np.stack([context_of(per_text_ids[ti], i) for i in range(first_new, e)]))
                 targets.append(tgt.numpy())
                 logps.append(lp.double().cpu().numpy())
                 keys.append(hidden[r, rows].cpu().numpy())
@@ -224,9 +288,11 @@ class SiloLM:
                 progress(sum(e - f for _, _, e, f in chunk))
         if not targets:
             d = self.model.get_output_embeddings().in_features
-            return PositionBatch(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, d), np.float32), np.zeros(0, np.int32))
+            return PositionBatch(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, d), np.float32), np.zeros(0, np.int32),
+                                 LMState.empty(), np.zeros((0, CONTEXT), np.int64))
         return PositionBatch(np.concatenate(targets), np.concatenate(logps),
-                             np.ascontiguousarray(np.concatenate(keys)), np.concatenate(owners))
+                             np.ascontiguousarray(np.concatenate(keys)), np.concatenate(owners), LMState.concat(states),
+                             np.concatenate(contexts))
 
     # ----------------------------------------------------------------------------------- scoring
     def score(self, texts: Sequence[str] | str, retriever=None) -> list[ScoreResult]:
@@ -260,6 +326,9 @@ class SiloLM:
         stop = sampling.stop
         gen = sampling.generator()
         hidden, logits, past = self.forward(torch.tensor([ids], device=self.device), past=self._new_cache())
+        state = None
+        if retriever is not None:
+            state = retriever.begin(hidden[0].cpu().numpy(), torch.log_softmax(logits[0].double(), dim=-1), ids)
         out_ids: list[int] = []
         steps: list[GenerationStep] = []
         released = 0  # characters of the completion already yielded
@@ -277,13 +346,14 @@ class SiloLM:
                 break
             logp_lm = torch.log_softmax(logits[0, -1].double(), dim=-1)
             if retriever is not None:
-                p, mixes = retriever.next_token(hidden[0, -1:].cpu().numpy(), logp_lm[None])
+                p, mixes = retriever.next_token(hidden[0, -1:].cpu().numpy(), logp_lm[None], [state])
                 p = p[0]
             else:
                 p = logp_lm.exp()
             token = sample(p, sampling, gen)
             if retriever is not None:
                 sup = retriever.support(mixes[0], token, p, logp_lm)
+                retriever.observe(mixes[0], token, logp_lm, state)
             else:
                 sup = StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()),
                                   p_knn=0.0, lmbda=0.0)

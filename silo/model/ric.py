@@ -242,8 +242,14 @@ class RICRetriever:
         self.used = list(zip(used, rank_shares(len(used))))
         return [lm.tokenizer.eos_token_id] + pre + p_ids
 
-    def next_token(self, hidden, logp_lm):
+    def begin(self, hidden, logp, ids):
+        return None
+
+    def next_token(self, hidden, logp_lm, states):
         return logp_lm.exp(), [None] * len(logp_lm)
+
+    def observe(self, row, token: int, logp_lm, state) -> None:
+        pass
 
     def support(self, row, token: int, p, logp_lm) -> StepSupport:
         return StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()), p_knn=0.0,

@@ -8,6 +8,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+CONTEXT = 8  # input tokens kept per position for matching a neighbour's context (silo.datastore.store)
+
+
+def context_of(ids, i: int) -> np.ndarray:
+    """The CONTEXT input tokens ending at position i of `ids`, most recent first (-1 before the start)."""
+    out = np.full(CONTEXT, -1, dtype=np.int64)
+    back = ids[max(0, i - CONTEXT + 1): i + 1][::-1]
+    out[:len(back)] = back
+    return out
+
+
 class SiloInputError(ValueError):
     """A request to SiloLM is invalid; the message names the argument (`field`, when known)."""
 
@@ -17,16 +28,63 @@ class SiloInputError(ValueError):
 
 
 @dataclass
+class LMState:
+    """What the LM's own next-token distribution says at each position (the gate's LM features)."""
+
+    entropy: np.ndarray  # [N] float64, nats
+    top_token: np.ndarray  # [N] int64, argmax
+    top_p: np.ndarray  # [N] float64, its probability
+
+    @classmethod
+    def of(cls, logp) -> "LMState":
+        """From log-probabilities [N, V] (torch)."""
+        import torch
+
+        p = logp.exp()
+        top_p, top = torch.max(p, dim=-1)
+        ent = -(p * logp.clamp_min(-1e30)).sum(-1)
+        return cls(ent.double().cpu().numpy(), top.cpu().numpy().astype(np.int64), top_p.double().cpu().numpy())
+
+    def rows(self, sel) -> "LMState":
+        return LMState(self.entropy[sel], self.top_token[sel], self.top_p[sel])
+
+    @classmethod
+    def concat(cls, parts: list["LMState"]) -> "LMState":
+        return cls(np.concatenate([x.entropy for x in parts]), np.concatenate([x.top_token for x in parts]),
+                   np.concatenate([x.top_p for x in parts]))
+
+    @classmethod
+    def empty(cls) -> "LMState":
+        return cls(np.zeros(0), np.zeros(0, np.int64), np.zeros(0))
+
+
+@dataclass
 class PositionBatch:
-    """Per scored position of a set of texts: the target token, its LM log-prob and the key."""
+    """Per scored position of a set of texts: the target token, its LM log-prob, the key and the LM state."""
 
     targets: np.ndarray  # [N] int64
     logp_lm: np.ndarray  # [N] float64
     keys: np.ndarray  # [N, d] float32
     text_index: np.ndarray  # [N] int32: which input text each position belongs to
+    lm: LMState = None  # type: ignore[assignment]
+    context: np.ndarray = None  # type: ignore[assignment]  # [N, CONTEXT] input tokens, most recent first
+
+    def rows(self, sel) -> "PositionBatch":
+        return PositionBatch(self.targets[sel], self.logp_lm[sel], self.keys[sel], self.text_index[sel],
+                             self.lm.rows(sel) if self.lm is not None else None,
+                             self.context[sel] if self.context is not None else None)
 
     def truncate(self, n: int) -> "PositionBatch":
-        return PositionBatch(self.targets[:n], self.logp_lm[:n], self.keys[:n], self.text_index[:n])
+        return self.rows(slice(0, n))
+
+    @classmethod
+    def concat(cls, parts: list["PositionBatch"]) -> "PositionBatch":
+        """One batch of several, text indices renumbered so texts of different parts stay apart."""
+        offsets = np.cumsum([0] + [int(p.text_index.max()) + 1 if len(p.text_index) else 0 for p in parts[:-1]])
+        return cls(np.concatenate([p.targets for p in parts]), np.concatenate([p.logp_lm for p in parts]),
+                   np.ascontiguousarray(np.concatenate([p.keys for p in parts])),
+                   np.concatenate([p.text_index + o for p, o in zip(parts, offsets)]).astype(np.int32),
+                   LMState.concat([p.lm for p in parts]), np.concatenate([p.context for p in parts]))
 
 
 @dataclass

@@ -78,3 +78,45 @@ def plot_lambda(curves: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_gate(points: dict[str, tuple[np.ndarray, np.ndarray]], tau_ref: float, path: Path) -> None:
+    """lambda against the nearest neighbour's distance (relative to the store's scale), one colour per domain."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.8, 4.0))
+    for dom, (d1, lam) in points.items():
+        ax.scatter(d1 / tau_ref, lam, s=3, alpha=0.35, label=dom)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("nearest neighbour's squared distance / store distance scale (log)")
+    ax.set_ylabel("λ (weight of the datastore)")
+    ax.set_title("The gate: λ per test token")
+    ax.legend(fontsize=7, markerscale=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_skip(curve: list[dict], path: Path) -> None:
+    """Validation perplexity (relative to searching everywhere) against the share of searches skipped."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    xs = [c["skipped"] for c in curve]
+    ys = [c["relative"] for c in curve]
+    ax.plot(xs, ys, "o-")
+    for c in curve:
+        ax.annotate(f"{c['threshold']:g}", (c["skipped"], c["relative"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.axhline(1.0, color="gray", ls=":")
+    ax.set_xlabel("share of searches skipped")
+    ax.set_ylabel("validation perplexity / no skipping")
+    ax.set_title("Retrieval skipping (thresholds annotated)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

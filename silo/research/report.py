@@ -6,16 +6,32 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from silo.datastore.store import Datastore
 from silo.model.lm import SiloLM
-from silo.workflows.evaluate import EvalConfig, evaluate
+from silo.workflows.evaluate import EvalConfig, cached_collect, domain_texts, evaluate
 
 from .config import ResearchConfig
 from .experiments import ensure_blocks, owner_effect, scaling, sweep, variant_rows
-from .plots import plot_domains, plot_lambda, plot_scaling
+from .plots import plot_domains, plot_gate, plot_lambda, plot_scaling, plot_skip
 from .tables import main_rows, write_table
+
+
+def gate_points(ev: EvalConfig, lm: SiloLM, cache: dict) -> dict:
+    """Per test domain: the nearest distance and the gate's lambda of every scored position."""
+    from silo.core.corpus import load_documents
+
+    knn = lm.retriever("knn", skip="off")
+    out = {}
+    for dom, texts in domain_texts(load_documents(ev.test, ev.domains), ev.max_tokens).items():
+        pos = cached_collect(lm, texts, ev.max_tokens, cache, ("test", dom))
+        nb = knn.search(pos.keys)
+        every = np.ones(len(pos.targets), bool)
+        lam = knn.lambdas(nb, pos.lm, every, knn.recent(nb, pos, every), knn.match(nb, pos.context))
+        out[dom] = (nb.distances[:, 0].astype(float), lam)
+    return out
 
 
 def report(ev: EvalConfig, rc: ResearchConfig, progress: bool = True) -> dict:
@@ -76,6 +92,13 @@ def report(ev: EvalConfig, rc: ResearchConfig, progress: bool = True) -> dict:
     if rc.plots and rows:
         plot_domains(rows, out / "perplexity_by_domain.png")
         plots["perplexity_by_domain.png"] = "test perplexity per domain and method"
+    gate = lm.gate()
+    if rc.plots and gate is not None:
+        plot_gate(gate_points(ev, lm, cache), gate.tau_ref, out / "gate_lambda.png")
+        plots["gate_lambda.png"] = "the gate's λ per test token against the nearest neighbour's distance"
+        if gate.skip is not None and gate.skip.curve:
+            plot_skip(gate.skip.curve, out / "skip_curve.png")
+            plots["skip_curve.png"] = "retrieval skipping: validation perplexity against the share of searches skipped"
     if sc is not None:
         flat = [{"fraction": r["fraction"], "entries": r["entries"], "documents": r["documents"], "domain": dom, **{
             k: v for k, v in vals.items() if k != "knn_settings"}} for r in sc["rows"] for dom, vals in r["domains"].items()]

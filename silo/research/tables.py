@@ -45,6 +45,8 @@ def main_rows(res: EvalResult, variants: dict | None = None) -> list[dict]:
         r = {"domain": d.domain, "tokens": d.tokens, "parametric": d.parametric}
         if d.knn is not None:
             r["kNN-LM"] = d.knn
+        if d.knn_gated is not None:
+            r["kNN-LM gated"] = d.knn_gated
         for name, v in d.ric.items():
             r[f"RIC-LM ({name})"] = v
         if d.ric_parametric is not None:
@@ -55,6 +57,8 @@ def main_rows(res: EvalResult, variants: dict | None = None) -> list[dict]:
             r["reference"] = d.reference
         if d.gap_closed is not None:
             r["gap closed kNN-LM"] = _pct(d.gap_closed)
+        if d.gap_closed_gated is not None:
+            r["gap closed kNN-LM gated"] = _pct(d.gap_closed_gated)
         for name, g in d.ric_gap_closed.items():
             r[f"gap closed RIC-LM ({name})"] = _pct(g)
         if d.knn_settings:

@@ -2,10 +2,19 @@
 
 Follows SILO's protocol: texts are read in sliding windows (window = model context, stride = half of it
 by default; SILO uses 1,024/512), only the new tokens of each window are scored, perplexity is
-exp(mean NLL). kNN settings (k, lambda, tau) are tuned per domain on the validation split from one
-search at the largest k, and reported on the test split. The "gap closed" is
-(parametric - kNN) / (parametric - reference): the share of the distance to an LM trained on
-everything that the datastore recovers.
+exp(mean NLL). Two kNN-LM rows:
+
+* fixed lambda (the paper's protocol): lambda and tau fitted per domain on the validation split by
+  maximum likelihood (continuous), k chosen from `grid.k` (up to 1,024) on a held-out half, from one
+  search at the largest k; reported on the test split;
+* gated: the store's fitted gate (gate.json; silo/model/gate.py), one for all domains, the mixture that
+  `silo generate` and the server use. Without a saved gate one is fitted on the validation split for
+  this evaluation (not saved). With its retrieval skipping, the share of searches skipped is reported.
+
+Validation and test documents that share a 13-gram with the store are reported and left out
+(`keep_overlap` keeps them). A setting chosen on the edge of its search range is reported as a warning.
+The "gap closed" is (parametric - kNN) / (parametric - reference): the share of the distance to an LM
+trained on everything that the datastore recovers.
 
 RIC-LM rows (retrieval in context, silo/ric.py) are added per retriever when the store has text blocks
 (`silo datastore build-blocks`; `eval.ric.enabled: auto`): the retrieved block is prepended to windows of
@@ -21,6 +30,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -28,12 +38,14 @@ from silo.core.config import StageConfig
 from silo.core.corpus import Document, load_documents
 from silo.datastore.blocks import BlockStore
 from silo.datastore.store import DatastoreError
-from silo.model.knn import KNNConfig
+from silo.model.knn import KNNConfig, KNNRetriever, knn_target_logprob, mix_logp
 from silo.model.lm import SiloLM
 from silo.model.ric import RICConfig, ric_collect, ric_plan
 from silo.model.types import PositionBatch
 
-from .tuning import GridConfig, KnnCache, Sweep, ppl, tune
+from .decontam import OverlapIndex, decontaminate
+from .gate_fit import GateConfig, distance_scale, fit_fixed, fit_gate, validation_positions
+from .tuning import GridConfig, KnnCache, Sweep, domain_texts, ppl, tune
 
 __all__ = ["EvalConfig", "EvalResult", "DomainResult", "GridConfig", "RICEvalConfig", "evaluate", "markdown_table",
            "domain_texts", "cached_collect", "open_blocks", "ppl"]
@@ -58,8 +70,10 @@ class EvalConfig(StageConfig):
     window: int | None = Field(None, gt=1)
     stride: int | None = Field(None, gt=0)
     tune: bool = True
-    knn: KNNConfig = KNNConfig()  # used as-is when tune is false
+    knn: KNNConfig = KNNConfig()  # the fixed row's settings when tune is false
     grid: GridConfig = GridConfig()
+    gate: Literal["auto", "store", "fit", "off"] = "auto"  # gated row: the store's gate (fit one when missing)
+    keep_overlap: bool = False  # keep validation/test documents that share 13-grams with the store
     ric: RICEvalConfig = RICEvalConfig()
     output_dir: str = "runs/eval"
 
@@ -81,10 +95,16 @@ class DomainResult:
     ric_parametric: float | None = None  # the RIC windows without a block
     ric_block_used: float | None = None
     ric_gap_closed: dict[str, float] = field(default_factory=dict)
+    knn_gated: float | None = None  # the gated mixture (what is served)
+    gated_lambda: float | None = None  # its mean lambda on these tokens
+    gap_closed_gated: float | None = None
+    knn_gated_skip: float | None = None  # the gated mixture with retrieval skipping at its threshold
+    skipped: float | None = None  # share of positions whose search was skipped
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: v for k, v in out.items() if v is not None and v != {}}
+        return {k: v for k, v in out.items() if v is not None and v != {} and v != []}
 
     @classmethod
     def from_json(cls, data: dict) -> "DomainResult":
@@ -107,34 +127,22 @@ class EvalResult:
     domains: list[DomainResult]
     seconds: float = 0.0
     ric: dict | None = None  # the RIC-LM protocol used (retrievers, windows, blocks)
+    gate: dict | None = None  # the gate of the gated row (describe()) and where it came from
+    overlaps: list[dict] = field(default_factory=list)  # held-out documents sharing 13-grams with the store
     sweeps: dict[str, Sweep] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
         out = {"model": self.model, "store": self.store, "reference_model": self.reference_model,
                "store_entries": self.store_entries, "window": self.window, "stride": self.stride,
                "max_tokens": self.max_tokens, "tuned": self.tuned, "domains": [d.to_json() for d in self.domains],
-               "seconds": self.seconds}
-        if self.ric is not None:
-            out["ric"] = self.ric
+               "seconds": self.seconds, "overlaps": self.overlaps}
+        for key in ("ric", "gate"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     def domain(self, name: str) -> DomainResult | None:
         return next((d for d in self.domains if d.domain == name), None)
-
-
-def domain_texts(docs: list[Document], max_tokens: int, chars_per_token: float = 6.0) -> dict[str, list[str]]:
-    """Group documents by domain, keeping roughly enough text for `max_tokens` scored tokens."""
-    out: dict[str, list[str]] = {}
-    budget: dict[str, float] = {}
-    for d in docs:
-        dom = d.domain or "default"
-        left = budget.setdefault(dom, max_tokens * chars_per_token)
-        if left <= 0:
-            continue
-        text = d.text[: int(left)]
-        out.setdefault(dom, []).append(text)
-        budget[dom] = left - len(text)
-    return out
 
 
 def open_blocks(cfg: EvalConfig, lm: SiloLM) -> BlockStore | None:
@@ -179,12 +187,25 @@ def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, r
         lm = SiloLM.load(cfg.model, cfg.store, knn=cfg.knn, window=cfg.window, stride=cfg.stride)
     if ref is None and cfg.reference_model:
         ref = SiloLM.load(cfg.reference_model, window=cfg.window, stride=cfg.stride)
-    val = domain_texts(load_documents(cfg.val, cfg.domains), cfg.max_tokens)
-    test = domain_texts(load_documents(cfg.test, cfg.domains), cfg.max_tokens)
+    val_docs, test_docs = load_documents(cfg.val, cfg.domains), load_documents(cfg.test, cfg.domains)
+    overlaps = []
+    if lm.store is not None:
+        index = OverlapIndex(lm.store)
+        val_docs, ov_val = decontaminate(val_docs, lm.store, cfg.keep_overlap, index)
+        test_docs, ov_test = decontaminate(test_docs, lm.store, cfg.keep_overlap, index)
+        overlaps = [{**o.to_json(), "split": split, "kept": cfg.keep_overlap}
+                    for split, ovs in (("val", ov_val), ("test", ov_test)) for o in ovs]
+        for split, kept, ovs in (("val", val_docs, ov_val), ("test", test_docs, ov_test)):
+            if ovs and not kept:
+                raise DatastoreError(f"eval.{split}: all {len(ovs)} document(s) share 13-grams with the store and "
+                                     "were left out; pass --keep-overlap (eval.keep_overlap: true) to keep them")
+    val = domain_texts(val_docs, cfg.max_tokens)
+    test = domain_texts(test_docs, cfg.max_tokens)
     domains = [d for d in test if d in val] if cfg.tune else list(test)
-    k_max = max(cfg.grid.k) if cfg.tune else cfg.knn.k
     blocks = open_blocks(cfg, lm)
     retrievers = [r for r in cfg.ric.retrievers if blocks is not None and r in blocks.retrievers()]
+    gate, gate_info = _gate_for(cfg, lm, val_docs, progress)
+    k_max = max(max(cfg.grid.k) if cfg.tune else cfg.knn.k, gate.k if gate else 0)
 
     results, sweeps = [], {}
     bar = tqdm(domains, desc="evaluating", unit="domain", disable=not progress or None)
@@ -198,17 +219,22 @@ def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, r
             test_cache = KnnCache.search(lm.store, te, k_max)
             if cfg.tune:
                 va = cached_collect(lm, val[dom], cfg.max_tokens, cache, ("val", dom))
-                sweep = tune(KnnCache.search(lm.store, va, k_max), cfg.grid)
-                sweeps[dom] = sweep
-                settings = sweep.settings
+                vcache = KnnCache.search(lm.store, va, k_max)
+                sweeps[dom] = tune(vcache, cfg.grid)  # the grid: lambda-sensitivity curves of the research report
+                nb = vcache.neighbors()
+                fit, _ = fit_fixed(nb, va, cfg.grid.k, distance_scale(nb))
+                settings = {"k": fit.k, "lmbda": fit.lmbda, "temperature": fit.temperature}
                 row.val_parametric = ppl(va.logp_lm)
-                row.val_knn = sweep.best["val_ppl"]
+                row.val_knn = ppl(vcache.logp(fit.k, fit.lmbda, fit.temperature))
+                row.warnings += [f"{dom} (fixed lambda): {w}" for w in fit.warnings]
             else:
                 settings = {"k": cfg.knn.k, "lmbda": cfg.knn.lmbda, "temperature": cfg.knn.temperature}
             row.knn = ppl(test_cache.logp(settings["k"], settings["lmbda"], settings["temperature"]))
             row.knn_settings = settings
             if row.reference is not None and row.parametric - row.reference > 0:
                 row.gap_closed = (row.parametric - row.knn) / (row.parametric - row.reference)
+            if gate is not None:
+                _gated_row(row, lm, gate, te, test_cache)
         for r in retrievers:
             rb = ric_collect(lm, test[dom], cfg.ric.for_retriever(r), blocks, max_positions=cfg.max_tokens)
             row.ric[r] = ppl(rb.logp)
@@ -221,7 +247,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, r
     out = EvalResult(model=cfg.model, store=cfg.store, reference_model=cfg.reference_model,
                      store_entries=lm.store.num_entries if lm.store else 0, window=lm.window, stride=lm.stride,
                      max_tokens=cfg.max_tokens, tuned=cfg.tune, domains=results, seconds=round(time.time() - t0, 1),
-                     sweeps=sweeps)
+                     sweeps=sweeps, gate=gate_info, overlaps=overlaps)
     if retrievers:
         w, st = ric_plan(lm, cfg.ric.for_retriever(retrievers[0]), blocks)
         out.ric = {"retrievers": retrievers, "window": w, "stride": st, "n_blocks": cfg.ric.n_blocks,
@@ -235,35 +261,99 @@ def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, r
     return out
 
 
+def _gate_for(cfg: EvalConfig, lm: SiloLM, val_docs: list[Document], progress: bool):
+    """The gate of the gated row, and a description of it (None, None when there is no store or it is off)."""
+    if lm.store is None or cfg.gate == "off":
+        return None, None
+    gate = lm.gate() if cfg.gate in ("auto", "store") else None
+    if gate is not None:
+        return gate, {**gate.describe(), "source": f"{lm.store.path}/gate.json"}
+    if cfg.gate == "store":
+        raise DatastoreError(f"{lm.store.path}: eval.gate is 'store' but the store has no gate; "
+                             "fit one with `silo datastore fit-gate`")
+    pos, _ = validation_positions(lm, val_docs, cfg.max_tokens)
+    nb = lm.store.search(pos.keys, max(GateConfig.model_fields["k"].default))
+    gate, report = fit_gate(lm.store, nb, pos, GateConfig.model_fields["k"].default, bos=lm.tokenizer.eos_token_id)
+    if progress:
+        print(f"eval: fitted a gate on the validation split for this evaluation (not saved): k={gate.k}")
+    return gate, {**gate.describe(), "source": "fitted on eval.val for this evaluation", "warnings": report["warnings"]}
+
+
+def _gated_row(row: DomainResult, lm: SiloLM, gate, te: PositionBatch, test_cache: KnnCache) -> None:
+    """The gated mixture's perplexity on a domain's test positions (from the search already made), and with
+    its retrieval skipping."""
+    from silo.datastore.store import Neighbors
+
+    nb = test_cache.neighbors()
+    retr = KNNRetriever(lm.store, gate, lm.vocab_size, bos=lm.tokenizer.eos_token_id)
+    row.knn_gated = ppl(retr.mix_targets(te, nb))
+    every = np.ones(len(te.targets), bool)
+    row.gated_lambda = float(retr.lambdas(nb, te.lm, every, retr.recent(nb, te, every), retr.match(nb, te.context)).mean())
+    if row.reference is not None and row.parametric - row.reference > 0:
+        row.gap_closed_gated = (row.parametric - row.knn_gated) / (row.parametric - row.reference)
+    if gate.skip is not None and gate.skip.threshold > 0:
+        skipping = KNNRetriever(lm.store, gate, lm.vocab_size, skip=gate.skip, skip_threshold=gate.skip.threshold,
+                                bos=lm.tokenizer.eos_token_id)
+        searched = gate.skip.predict(te.keys, te.lm) >= gate.skip.threshold
+        keep = Neighbors.empty(len(te.targets), nb.distances.shape[1])
+        for full, got in ((keep.distances, nb.distances), (keep.tokens, nb.tokens), (keep.shard, nb.shard),
+                          (keep.ids, nb.ids)):
+            full[searched] = got[searched]
+        match = skipping.match(keep, te.context)
+        lam = skipping.lambdas(keep, te.lm, searched, skipping.recent(keep, te, searched), match)
+        lk = knn_target_logprob(keep.distances[:, :gate.k], keep.tokens[:, :gate.k], te.targets,
+                                gate.temperatures(keep), gate.bonus(match))
+        row.knn_gated_skip = ppl(mix_logp(te.logp_lm, lk, lam))
+        row.skipped = float(1 - searched.mean())
+
+
 def markdown_table(out: EvalResult) -> str:
     rows = out.domains
     has_ref = any(r.reference is not None for r in rows)
     has_knn = any(r.knn is not None for r in rows)
+    has_gate = any(r.knn_gated is not None for r in rows)
+    has_skip = any(r.skipped is not None for r in rows)
     head = ["domain", "tokens", "parametric"]
     if has_knn:
-        head += ["kNN-LM", "k", "λ", "τ"]
+        head += ["kNN-LM fixed λ", "k", "λ", "τ"]
+    if has_gate:
+        head += ["kNN-LM gated", "mean λ"] + (["gated, skipping", "skipped"] if has_skip else [])
     if has_ref:
         head += ["reference"]
     if has_knn and has_ref:
-        head += ["gap closed"]
+        head += ["gap closed (fixed)"] + (["gap closed (gated)"] if has_gate else [])
     rics = list(dict.fromkeys(name for r in rows for name in r.ric))
     for name in rics:
         head += [f"RIC-LM ({name})"] + ([f"gap closed ({name})"] if has_ref else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def num(v, fmt="{:.2f}"):
+        return fmt.format(v) if v is not None else ""
+
+    def pct(v):
+        return f"{100 * v:.0f}%" if v is not None else "n/a"
+
     for r in rows:
         cells = [r.domain, str(r.tokens), f"{r.parametric:.2f}"]
         if has_knn:
             s = r.knn_settings or {}
-            cells += [f"{r.knn:.2f}" if r.knn is not None else "", str(s.get("k", "")),
-                      f"{s['lmbda']:.2f}" if s else "", f"{s['temperature']:.3g}" if s else ""]
+            cells += [num(r.knn), str(s.get("k", "")), f"{s['lmbda']:.2f}" if s else "", f"{s['temperature']:.3g}" if s else ""]
+        if has_gate:
+            cells += [num(r.knn_gated), num(r.gated_lambda)]
+            if has_skip:
+                cells += [num(r.knn_gated_skip), num(r.skipped, "{:.0%}")]
         if has_ref:
-            cells += [f"{r.reference:.2f}" if r.reference is not None else ""]
+            cells += [num(r.reference)]
         if has_knn and has_ref:
-            cells += [f"{100 * r.gap_closed:.0f}%" if r.gap_closed is not None else "n/a"]
+            cells += [pct(r.gap_closed)] + ([pct(r.gap_closed_gated)] if has_gate else [])
         for name in rics:
-            cells += [f"{r.ric[name]:.2f}" if name in r.ric else ""]
+            cells += [num(r.ric.get(name))]
             if has_ref:
-                g = r.ric_gap_closed
-                cells += [f"{100 * g[name]:.0f}%" if name in g else "n/a"]
+                cells += [pct(r.ric_gap_closed.get(name))]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [w for r in rows for w in r.warnings] + (out.gate or {}).get("warnings", [])
+    if out.overlaps:
+        notes.append(f"{len(out.overlaps)} held-out document(s) share 13-grams with the store "
+                     f"({'kept' if out.overlaps[0]['kept'] else 'left out'}): "
+                     + ", ".join(o["document_id"] for o in out.overlaps[:10]))
+    return "\n".join(lines) + "\n" + "".join(f"\nwarning: {n}" for n in notes) + ("\n" if notes else "")

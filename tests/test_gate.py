@@ -1,0 +1,170 @@
+"""The gated kNN-LM mixture on the tiny real model and store: fitting, falling back to the LM where the
+store does not hold the text, shrinking when a shard leaves, decontamination and boundary warnings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from silo.core.corpus import Document, load_documents, write_jsonl
+from silo.datastore.store import Datastore
+from silo.model.gate import Gate
+from silo.model.lm import SiloLM
+from silo.model.sampling import SamplingParams
+from silo.research.snapshots import without_owners
+from silo.workflows.decontam import OverlapIndex, decontaminate, find_overlaps
+from silo.workflows.gate_fit import GateConfig, fit_store_gate
+
+VAL = ["pkg:demo/val"]  # other plays, other dictionary chunks, Python and Bible text: not in the tiny store
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory, tiny_model, tiny_store):
+    import shutil
+
+    store = tmp_path_factory.mktemp("gate") / "store"
+    shutil.copytree(tiny_store, store)
+    cfg = GateConfig(model=str(tiny_model), store=str(store), val=VAL, domains=["shakespeare", "gcide", "python"],
+                     max_tokens=700, k=[4, 16, 64], window=128, stride=64)
+    gate, report = fit_store_gate(cfg, progress=False)
+    lm = SiloLM.load(str(tiny_model), str(store), window=128, stride=64)
+    return lm, gate, report
+
+
+def ppl(x):
+    return math.exp(-np.mean(x))
+
+
+def test_gate_is_fitted_saved_and_served(gated, tiny_model):
+    lm, gate, report = gated
+    saved = Gate.load(lm.store)
+    assert saved is not None and saved.k == gate.k in (4, 16, 64) and saved.fingerprint == lm.fingerprint
+    assert saved.generation == lm.store.generation and saved.temperature > 0
+    assert set(report["domains"]) == {"shakespeare", "gcide", "python"}
+    r = lm.retriever("knn")  # the LM's default settings ask for the gate
+    assert r.mixture.kind == "gated" and r.k == gate.k
+    assert lm.retriever("knn", lmbda=0.5).mixture.kind == "fixed"  # explicit settings: the fixed mixture
+    # the fit maximised validation likelihood: no domain's validation perplexity got worse than the LM's by much,
+    # and the store's own domains gained
+    for dom, row in report["domains"].items():
+        assert row["gated"] <= row["parametric"] * 1.02, (dom, row)
+    assert report["domains"]["gcide"]["gated"] < report["domains"]["gcide"]["parametric"]
+
+
+def test_gate_follows_the_text_not_the_settings(gated):
+    lm, gate, _ = gated
+    knn = lm.retriever("knn")
+    stored = next(d for s in lm.store.shards for d in s.documents if d["domain"] == "gcide")["text"][2000:4000]
+    python = next(d.text for d in load_documents(VAL, ["python"]))[:2000]
+    res_store, res_py = lm.score([stored, python], knn)
+    assert res_store.perplexity < 0.7 * res_store.perplexity_parametric  # text the store holds: large gain
+    assert res_py.perplexity <= 1.02 * res_py.perplexity_parametric  # text it does not hold: the LM's level
+    pos = lm.collect([stored, python])
+    nb = knn.search(pos.keys)
+    every = np.ones(len(pos.targets), bool)
+    lam = knn.lambdas(nb, pos.lm, every, knn.recent(nb, pos, every), knn.match(nb, pos.context))
+    assert lam[pos.text_index == 0].mean() > 2 * lam[pos.text_index == 1].mean()
+    # generation reads the same gate: a stored passage's continuation is carried by the store and attributed
+    prompt = stored[:160]
+    comp = lm.complete(prompt, SamplingParams(max_new_tokens=12, temperature=0), knn)
+    assert any(s.support.lmbda > 0.3 for s in comp.steps if s.token >= 0)
+    assert any(src.owner == "gcide" for a in comp.attributions for src in a.sources)
+
+
+def test_gate_shrinks_when_a_shard_leaves(gated):
+    """No re-tuning after an opt-out: the same gate reads larger distances and lowers lambda by itself."""
+    lm, gate, _ = gated
+    doc = next(d for s in lm.store.shards for d in s.documents if d["domain"] == "shakespeare")
+    text = doc["text"][3000:5000]
+    full = lm.retriever("knn")
+    wo = without_owners(lm.store, {doc["owner"]})
+    after = lm.retriever("knn", store=wo)
+    assert after.mixture is full.mixture or after.mixture.k == full.mixture.k
+    pos = lm.collect([text])
+    every = np.ones(len(pos.targets), bool)
+    lams = []
+    for r in (full, after):
+        nb = r.search(pos.keys)
+        lams.append(r.lambdas(nb, pos.lm, every, r.recent(nb, pos, every), r.match(nb, pos.context)).mean())
+    assert lams[1] < 0.6 * lams[0], lams
+    p_before, p_after, p_lm = ppl(full.mix_targets(pos)), ppl(after.mix_targets(pos)), ppl(pos.logp_lm)
+    assert p_before < p_lm and p_after <= 1.05 * p_lm, (p_before, p_after, p_lm)
+
+
+def test_empty_store_answers_with_the_lm_alone(gated):
+    lm, _, _ = gated
+    empty = Datastore(lm.store.path, lm.store.manifest, [], lm.store.device)
+    text = "In the beginning God created the heaven and the earth."
+    for r in (lm.retriever("knn", store=empty), lm.retriever("knn", store=empty, mixture="fixed")):
+        res = lm.score([text], r)[0]
+        assert np.allclose(res.logp, res.logp_parametric)
+        comp = lm.complete("In the beginning", SamplingParams(max_new_tokens=5, temperature=0), r)
+        par = lm.complete("In the beginning", SamplingParams(max_new_tokens=5, temperature=0), None)
+        assert comp.tokens == par.tokens
+
+
+def test_decontamination_finds_a_planted_overlap(tiny_store, tmp_path, tiny_model):
+    store = Datastore.open(tiny_store)
+    stored = store.shards[0].documents[0]["text"]
+    clean = load_documents(VAL, ["python"])[:2]
+    planted = Document(id="val/planted", text="Some introduction of our own. " + stored[500:900] + " And an end.",
+                       owner="x", domain="python")
+    index = OverlapIndex(store)
+    found = find_overlaps(clean + [planted], index)
+    assert [o.document_id for o in found] == ["val/planted"] and found[0].shared > 10
+    kept, overlaps = decontaminate(clean + [planted], store)
+    assert [d.id for d in kept] == [d.id for d in clean] and len(overlaps) == 1
+    # silo eval reports it and leaves it out unless told to keep it
+    write_jsonl(clean + [planted], tmp_path / "heldout.jsonl")
+    cfg = {"eval": {"model": str(tiny_model), "store": str(tiny_store), "val": [str(tmp_path / "heldout.jsonl")],
+                    "test": [str(tmp_path / "heldout.jsonl")], "max_tokens": 300, "window": 128, "stride": 64,
+                    "output_dir": str(tmp_path / "eval"), "gate": "off",
+                    "grid": {"k": [4, 16], "lmbda": [0.0, 0.5], "temperature": [1.0]}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    from silo.cli import main
+
+    assert main(["eval", "--config", str(tmp_path / "c.yaml")]) == 0
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert {(o["document_id"], o["split"], o["kept"]) for o in res["overlaps"]} == \
+        {("val/planted", "val", False), ("val/planted", "test", False)}
+    assert "share 13-grams with the store (left out)" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_boundary_choices_are_reported(tiny_model, tiny_store, tmp_path):
+    """k chosen at the largest value tried is named in the table, not silently used."""
+    from silo.workflows.evaluate import EvalConfig, evaluate
+
+    stored = [d for d in load_documents(str(tiny_store.parent.parent / "corpus0" / "datastore.jsonl"))]
+    write_jsonl(stored, tmp_path / "stored.jsonl")
+    cfg = EvalConfig(model=str(tiny_model), store=str(tiny_store), val=[str(tmp_path / "stored.jsonl")],
+                     test=[str(tmp_path / "stored.jsonl")], keep_overlap=True, max_tokens=400, window=128, stride=64,
+                     gate="off", output_dir=str(tmp_path / "eval"),
+                     grid={"k": [1, 2], "lmbda": [0.0, 0.5], "temperature": [1.0]})
+    out = evaluate(cfg, progress=False)
+    warnings = [w for r in out.domains for w in r.warnings]
+    assert any("k 2 is the largest value tried" in w for w in warnings), warnings
+    assert "warning: " in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_server_serves_the_gate_by_default(gated, tiny_model):
+    from silo.serving.client import SiloClient
+    from silo.serving.config import ServeConfig
+    from silo.serving.server import SiloServer
+
+    lm, gate, _ = gated
+    server = SiloServer(ServeConfig(model=str(tiny_model), store=str(lm.store.path), port=0), lm=lm).start()
+    try:
+        with SiloClient(server.target, timeout=60) as c:
+            info = c.info()
+            assert info.knn.mixture == "gated" and info.knn.k == gate.k
+            text = next(d.text for d in load_documents(VAL, ["python"]))[:1500]
+            served, par = c.score(text), c.score(text, mode="parametric")
+            assert served.perplexity <= 1.02 * par.perplexity
+            fixed = c.score(text, lmbda=0.8, tau=0.5, k=16)  # explicit settings: the fixed mixture
+            assert fixed.perplexity != served.perplexity
+    finally:
+        server.stop()
