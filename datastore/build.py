@@ -3,6 +3,12 @@ one FAISS index per shard (a quantizer trained once and shared when the index ty
 
 The store is written in a temporary folder beside `output_dir`, fsynced, and swapped into place whole,
 so readers see the old store or the new one.
+
+A rebuild over an existing store is bound by its owners' opt-outs: every removal recorded there (owner,
+shards, documents, and copies of removed documents by content hash) is left out of the new build, the
+removal records, receipts and journal are carried over, the generation continues upwards (a reader never
+sees it go back) and the store keeps its lineage id. The build holds the store's removal lock from reading
+the records to the swap, so a removal cannot slip in between.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -25,8 +32,11 @@ from silo.core.fingerprint import model_fingerprint
 from silo.core.models import load_lm
 from silo.core.text import sentence_of_offsets, sentence_spans
 
-from .format import ENTRY_DTYPE, MANIFEST, DatastoreError, IndexRef, Manifest, ModelRef, ShardRecord, now
+from .format import (
+    ENTRY_DTYPE, GATE_FILE, MANIFEST, DatastoreError, IndexRef, Manifest, ModelRef, ShardRecord, now, store_lock,
+)
 from .journal import append_journal
+from .removal_records import Exclusions, read_exclusions
 from .keys import KeyExtractor
 from .shard import write_documents, write_entries, write_index, write_shard_info
 from .store import Datastore
@@ -103,6 +113,26 @@ def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: 
     docs = load_documents(cfg.corpus, cfg.domains)
     if not docs:
         raise DatastoreError(f"datastore.corpus: no documents in {cfg.corpus} (domains {cfg.domains})")
+    with store_lock(out):
+        return _build(cfg, out, model, tokenizer, fp, docs, progress, config_source)
+
+
+def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: list[Document], progress: bool,
+           config_source: str) -> Datastore:
+    previous = Manifest.read(out) if (out / MANIFEST).exists() else None
+    excl = read_exclusions(out) if previous is not None else Exclusions()
+    if excl:
+        kept = [d for d in docs if not excl.excludes(d.id, d.owner, d.sha256,
+                                                     slug(d.owner if cfg.shard_by == "owner" else (d.domain or "default")))]
+        if progress:
+            print(f"datastore: {len(docs) - len(kept)} document(s) left out: earlier opt-outs of this store bind its "
+                  f"rebuilds ({len(excl.requests)} removal request(s): {', '.join(excl.requests[:5])}"
+                  f"{' ...' if len(excl.requests) > 5 else ''})")
+        excluded, docs = len(docs) - len(kept), kept
+        if not docs:
+            raise DatastoreError(f"{out}: every document of {cfg.corpus} was removed by an earlier opt-out")
+    else:
+        excluded = 0
     groups = _group_documents(docs, cfg.shard_by)
     if cfg.max_chars_per_shard:
         groups = {k: _first_chars(v, cfg.max_chars_per_shard) for k, v in groups.items()}
@@ -174,8 +204,10 @@ def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: 
             "built_from": {"corpus": cfg.corpus, "domains": cfg.domains, "window": cfg.window, "stride": cfg.stride}})
     index_s = time.time() - t1
 
+    generation = previous.generation + 1 if previous is not None else 1
+    lineage = previous.lineage if previous is not None and previous.lineage else uuid.uuid4().hex
     manifest = Manifest(
-        generation=1, created=now(), updated=now(),
+        generation=generation, created=now(), updated=now(), lineage=lineage,
         model=ModelRef(fingerprint=fp, path=cfg.model, key_dim=key_dim, vocab_size=len(tokenizer)),
         index=IndexRef(factory=cfg.index.factory, metric="l2", nprobe=cfg.index.nprobe,
                        quantizer="quantizer.faiss" if trained else None),
@@ -184,9 +216,14 @@ def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: 
                "encode_seconds": round(encode_s, 2), "index_seconds": round(index_s, 2)},
         shards=shard_recs)
     manifest.write(tmp)
-    if (out / "journal.jsonl").exists():  # a rebuild keeps the history of the store it replaces
-        shutil.copy2(out / "journal.jsonl", tmp / "journal.jsonl")
-    append_journal(tmp / "journal.jsonl", "build", generation=1, entries=n_total,
+    for name in ("journal.jsonl", GATE_FILE):  # a rebuild keeps the history (and the fitted gate) of the store
+        if (out / name).exists():
+            shutil.copy2(out / name, tmp / name)
+    for folder in ("removals", "receipts"):  # ... and its owners' removal records and receipts
+        if (out / folder).is_dir():
+            shutil.copytree(out / folder, tmp / folder)
+    append_journal(tmp / "journal.jsonl", "build", generation=generation, entries=n_total,
+                   excluded_documents=excluded, bound_by=excl.requests,
                    shards=[{"name": r.name, "entries": r.entries, "checksum": r.checksum} for r in shard_recs],
                    fingerprint=fp, index=cfg.index.factory)
     fsync_tree(tmp)

@@ -15,16 +15,21 @@ are kept (`extra`) so an older reader never drops what a newer writer recorded.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from silo.core.files import write_json_atomic
 
 FORMAT = "silo.datastore.v1"
+GATE_FILE = "gate.json"  # the mixture gate fitted for the store (its content belongs to silo.model.gate)
+LOCK_FILE = ".removal.lock"
 ENTRY_DTYPE = np.dtype([("token", "<i4"), ("doc", "<i4"), ("pos", "<i4"), ("sent", "<i4")])
 SHARD_FILES = ("index.faiss", "entries.npy", "documents.jsonl")  # checksummed in shard.json
 MANIFEST = "manifest.json"
@@ -37,6 +42,10 @@ class DatastoreError(RuntimeError):
 class ShardMissing(DatastoreError):
     """A shard file named by the manifest is gone: the store is damaged, or a removal deleted the folder
     between our reading the manifest and loading the shard (then the next manifest read no longer names it)."""
+
+
+class StaleGeneration(DatastoreError):
+    """A snapshot older than the one in use was offered for the same store: generations only move forward."""
 
 
 class FingerprintMismatch(DatastoreError):
@@ -121,6 +130,7 @@ class Manifest:
     build: dict = field(default_factory=dict)  # window, stride, config, timings (free-form settings)
     created: str = ""
     updated: str = ""
+    lineage: str = ""  # one id for every generation built at this path (kept by rebuilds)
     format: str = FORMAT
     extra: dict = field(default_factory=dict)
 
@@ -133,9 +143,12 @@ class Manifest:
         return cls(**known, extra=extra)
 
     def to_json(self) -> dict:
-        return {"format": self.format, "generation": int(self.generation), "created": self.created,
-                "updated": self.updated, "model": _flat(self.model), "index": _flat(self.index),
-                "build": self.build, "shards": [r.to_json() for r in self.shards], **self.extra}
+        out = {"format": self.format, "generation": int(self.generation), "created": self.created,
+               "updated": self.updated, "model": _flat(self.model), "index": _flat(self.index),
+               "build": self.build, "shards": [r.to_json() for r in self.shards], **self.extra}
+        if self.lineage:
+            out["lineage"] = self.lineage
+        return out
 
     @classmethod
     def read(cls, store: str | Path) -> "Manifest":
@@ -167,3 +180,19 @@ class Manifest:
 
 def read_manifest(store: str | Path) -> Manifest:
     return Manifest.read(store)
+
+
+@contextmanager
+def store_lock(store: str | Path) -> Iterator[None]:
+    """Exclusive lock on a store's mutations (removals, rebuilds, block builds): one writer at a time,
+    across processes. A path that holds no store yet has nothing to lock."""
+    path = Path(store)
+    if not (path / MANIFEST).exists():
+        yield
+        return
+    with open(path / LOCK_FILE, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -27,20 +27,18 @@ are listed in `CRASH_POINTS`.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from silo.core.files import crash_point, fsync_path, sha256_file, write_json_atomic
 
 from .blocks import compact_blocks, has_blocks
-from .format import Manifest, now
+from .format import Manifest, now, store_lock
 from .journal import append_journal, read_journal
 from .removal_records import (  # noqa: F401  (re-exported: the records are part of this module's API)
-    _ID_RE, KINDS, STATUSES, RemovalError, RemovalRequest, RemovalState, RemovalTargets, ShardTarget, _listing,
+    _ID_RE, KINDS, STATUSES, RemovalError, RemovalForbidden, RemovalRequest, RemovalState, RemovalTargets,
+    ShardTarget, _listing,
 )
 from .shard import compact_shard, read_documents
 
@@ -75,14 +73,8 @@ class RemovalManager:
         self.receipts_dir = self.path / "receipts"
 
     # ------------------------------------------------------------------------------ state files
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        with open(self.path / ".removal.lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _lock(self):
+        return store_lock(self.path)
 
     def _state_path(self, request_id: str) -> Path:
         if not isinstance(request_id, str) or not _ID_RE.match(request_id):
@@ -119,10 +111,15 @@ class RemovalManager:
         return append_journal(jpath, event, request_id=request_id, **details)
 
     # ------------------------------------------------------------------------------ resolve
-    def resolve(self, request: RemovalRequest | dict, manifest: Manifest | None = None) -> RemovalTargets:
+    def resolve(self, request: RemovalRequest | dict, manifest: Manifest | None = None,
+                owner: str | None = None) -> RemovalTargets:
         """What the request removes in the current generation, or RemovalError naming the field and
         listing what exists. Owner and shard requests read only manifest.json (so their cost does not
-        depend on the rest of the store); document requests read documents.jsonl of the shards."""
+        depend on the rest of the store); document requests read documents.jsonl of the shards.
+
+        With `owner` (a data owner asking through its token) only that owner's content is considered and
+        listed: asking for anything else raises `RemovalForbidden`, and errors never name other owners'
+        shards or documents."""
         req = RemovalRequest.coerce(request)
         manifest = manifest or Manifest.read(self.path)
         recs = manifest.shards
@@ -131,16 +128,25 @@ class RemovalManager:
 
         def doc_target(rec, hits):
             return ShardTarget.of(rec, document_ids=[d["id"] for d in hits],
-                                  removed_entries=sum(int(d["tokens"]) for d in hits))
+                                  removed_entries=sum(int(d["tokens"]) for d in hits),
+                                  document_owners=sorted({d["owner"] for d in hits}),
+                                  document_sha256=[d.get("sha256", "") for d in hits if d.get("sha256")])
 
         if req.kind == "shards":
             names = {r.name: r for r in recs}
+            visible = {n for n, r in names.items() if owner is None or r.owner == owner}
             unknown = [s for s in req.shards if s not in names]
+            foreign = [s for s in req.shards if s in names and s not in visible]
+            if foreign:
+                raise RemovalForbidden(f"shards: an owner token for {owner!r} may only remove that owner's shards", "shards")
             if unknown:
                 raise RemovalError(f"shards: unknown shard(s) {_listing(unknown)}; the store has "
-                                   f"{_listing(names)}", "shards")
+                                   f"{_listing(visible)}", "shards")
             drop = [ShardTarget.of(names[s]) for s in dict.fromkeys(req.shards)]
         elif req.kind == "owner":
+            if owner is not None and req.owner != owner:
+                raise RemovalForbidden(f"owner: an owner token for {owner!r} may only remove that owner's content "
+                                       f"(asked for {req.owner!r})", "owner")
             drop = [ShardTarget.of(r) for r in recs if r.owner == req.owner]
             # Domain-sharded stores (shard owner "") mix owners: tombstone that owner's documents there.
             owners = {r.owner for r in recs if r.owner}
@@ -153,28 +159,37 @@ class RemovalManager:
                 if hits:
                     docs.append(doc_target(rec, hits))
             if not drop and not docs:
-                raise RemovalError(f"owner: no content of owner {req.owner!r} in the store; owners present: "
-                                   f"{_listing(owners)}", "owner")
+                listed = owners if owner is None else set()
+                raise RemovalError(f"owner: no content of owner {req.owner!r} in the store"
+                                   + (f"; owners present: {_listing(listed)}" if owner is None else ""), "owner")
         else:
             wanted = set(req.document_ids)
             found: set[str] = set()
-            all_ids = []
+            visible_ids = []
             for rec in recs:
                 removed = set(rec.removed_docs)
                 hits = []
                 for d in read_documents(self.path / rec.dir):
                     if d["index"] in removed:
                         continue  # already removed: not "in the store"
-                    all_ids.append(d["id"])
+                    if owner is not None and d["owner"] != owner:
+                        continue  # another owner's document: neither removable nor named to this caller
+                    visible_ids.append(d["id"])
                     if d["id"] in wanted:
                         hits.append(d)
                         found.add(d["id"])
                 if hits:
                     docs.append(doc_target(rec, hits))
             unknown = [x for x in req.document_ids if x not in found]
-            if unknown:
+            if unknown and owner is None:
                 raise RemovalError(f"document_ids: not in the store: {_listing(unknown)}; documents present: "
-                                   f"{_listing(all_ids)}", "document_ids")
+                                   f"{_listing(visible_ids)}", "document_ids")
+            if unknown:
+                # an owner is told only about its own documents: an id of another owner's document and an id
+                # that exists nowhere read the same, so the answer reveals nothing about other owners
+                raise RemovalForbidden(f"document_ids: not among the documents of {owner!r}: {_listing(unknown)} "
+                                       f"(an owner token may only remove its own documents); its documents: "
+                                       f"{_listing(visible_ids)}", "document_ids")
         entries = sum(t.entries for t in drop) + sum(t.removed_entries for t in docs)
         return RemovalTargets(drop_shards=drop, drop_documents=docs, entries=entries,
                               generation=int(manifest.generation))
@@ -324,13 +339,14 @@ class RemovalManager:
             self._gc()
             return receipt
 
+    def unfinished(self) -> list[str]:
+        """Requests a process left before compaction or without a receipt (`resume_all` finishes them)."""
+        return [st.request_id for st in self.list()
+                if st.status in ("received", "applied") or not (self.receipts_dir / f"{st.request_id}.json").exists()]
+
     def resume_all(self) -> list[dict]:
         """Resume every unfinished request (and collect garbage); returns their receipts."""
-        out = []
-        for st in self.list():
-            rid = st.request_id
-            if st.status in ("received", "applied") or not (self.receipts_dir / f"{rid}.json").exists():
-                out.append(self.resume(rid))
+        out = [self.resume(rid) for rid in self.unfinished()]
         with self._lock():
             self._gc()
         return out
@@ -355,6 +371,14 @@ class RemovalManager:
             raise RemovalError(f"request_id: {request_id!r} has no receipt yet (status {st.status}); "
                                "run resume", "request_id")
         return json.loads(p.read_text(encoding="utf-8"))
+
+    def record_error(self, request_id: str, error: str | None) -> None:
+        """Persist why the work after "applied" failed (None clears it once it succeeds)."""
+        with self._lock():
+            state = self._load(request_id)
+            if state.error != error:
+                state.error = error
+                self._save(state)
 
     def record_verification(self, request_id: str, verification: dict) -> dict:
         """Attach LM verification results to the receipt (status ``verified``); journal

@@ -25,6 +25,10 @@ class RemovalError(DatastoreError):
         self.field = field
 
 
+class RemovalForbidden(RemovalError):
+    """The caller may not remove what the request names (another owner's content)."""
+
+
 def _listing(items, limit: int = 20) -> str:
     items = sorted(set(items))
     shown = ", ".join(items[:limit])
@@ -116,6 +120,8 @@ class ShardTarget:
     checksum: str | None = None
     document_ids: list[str] = field(default_factory=list)
     removed_entries: int = 0
+    document_owners: list[str] = field(default_factory=list)  # owners of the tombstoned documents
+    document_sha256: list[str] = field(default_factory=list)  # their content hashes (a rebuild excludes copies)
 
     @classmethod
     def of(cls, rec: ShardRecord, **kw) -> "ShardTarget":
@@ -125,8 +131,8 @@ class ShardTarget:
     def to_json(self, whole: bool) -> dict:
         out = asdict(self)
         if whole:  # a dropped shard: no per-document detail
-            out.pop("document_ids")
-            out.pop("removed_entries")
+            for key in ("document_ids", "removed_entries", "document_owners", "document_sha256"):
+                out.pop(key)
         return out
 
 
@@ -168,6 +174,7 @@ class RemovalState:
     generation_applied: int | None = None
     generation_compacted: int | None = None
     verification: dict | None = None
+    error: str | None = None  # why the work after "applied" failed (persisted; cleared when it succeeds)
     updated: str = ""
 
     @property
@@ -175,8 +182,11 @@ class RemovalState:
         return self.request.request_id
 
     def owners(self) -> set[str]:
-        """Owners the request is about (shard owners; the request's owner for owner requests)."""
-        out = {x.owner for x in self.targets.drop_shards + self.targets.drop_documents} - {""}
+        """Owners the request is about: shard owners, the owners of its documents (a domain-sharded shard has
+        no owner of its own) and, for owner requests, the request's owner."""
+        t = self.targets
+        out = {x.owner for x in t.drop_shards + t.drop_documents} | {o for x in t.drop_documents for o in x.document_owners}
+        out -= {""}
         if self.request.owner:
             out.add(self.request.owner)
         return out
@@ -194,3 +204,45 @@ class RemovalState:
         data["request"] = RemovalRequest.from_dict(data["request"])
         data["targets"] = RemovalTargets.from_json(data["targets"])
         return cls(**data)
+
+
+@dataclass
+class Exclusions:
+    """What earlier removals bind every later build of a store to leave out."""
+
+    owners: set[str] = field(default_factory=set)
+    shards: set[str] = field(default_factory=set)
+    document_ids: set[str] = field(default_factory=set)
+    sha256: set[str] = field(default_factory=set)
+    requests: list[str] = field(default_factory=list)
+
+    def excludes(self, doc_id: str, owner: str, sha256: str, shard: str) -> bool:
+        return (owner in self.owners or shard in self.shards or doc_id in self.document_ids
+                or sha256 in self.sha256)
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+
+def read_exclusions(store_path) -> Exclusions:
+    """Every removal recorded in the store at `store_path` (removals/*.json), whatever its status."""
+    import json
+    from pathlib import Path
+
+    out = Exclusions()
+    folder = Path(store_path) / "removals"
+    for p in sorted(folder.glob("*.json")) if folder.exists() else []:
+        st = RemovalState.from_json(json.loads(p.read_text(encoding="utf-8")))
+        out.requests.append(st.request_id)
+        r, t = st.request, st.targets
+        if r.kind == "owner" and r.owner:
+            out.owners.add(r.owner)
+        for x in t.drop_shards:
+            out.shards.add(x.name)
+            if r.kind == "owner" and x.owner:
+                out.owners.add(x.owner)
+        for x in t.drop_documents:
+            out.document_ids |= set(x.document_ids)
+            out.sha256 |= set(x.document_sha256)
+        out.document_ids |= set(r.document_ids)
+    return out

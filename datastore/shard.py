@@ -13,6 +13,7 @@ removal state machine call it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -39,11 +40,40 @@ def write_entries(sdir: Path, entries: np.ndarray) -> None:
 
 
 def write_documents(sdir: Path, documents: list[dict]) -> None:
+    """documents.jsonl and the sentence-hash lookup index built from it (sentences.npy)."""
     with open(Path(sdir) / "documents.jsonl", "w", encoding="utf-8") as fh:
         for d in documents:
             fh.write(json.dumps(d, ensure_ascii=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+    np.save(Path(sdir) / "sentences.npy", sentence_index(documents))
+    fsync_path(Path(sdir) / "sentences.npy")
+
+
+SENTENCE_DTYPE = np.dtype([("hash", "<u8"), ("doc", "<i4"), ("chars", "<i4")])
+MIN_SENTENCE_CHARS = 20  # shorter sentences ("Ay.", "Exeunt.") say nothing about a document
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def sentence_hash(text: str) -> int:
+    """64-bit hash of a whitespace-normalised sentence (the lookup key; the index holds no text)."""
+    return int.from_bytes(hashlib.blake2b(normalise(text).encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def sentence_index(documents: list[dict]) -> np.ndarray:
+    """(hash, doc, chars) of every sentence of at least MIN_SENTENCE_CHARS characters, sorted by hash."""
+    rows = []
+    for d in documents:
+        text = d["text"]
+        for a, b in d.get("sentences") or []:
+            sent = normalise(text[a:b])
+            if len(sent) >= MIN_SENTENCE_CHARS:
+                rows.append((sentence_hash(sent), int(d["index"]), len(sent)))
+    out = np.array(rows, dtype=SENTENCE_DTYPE) if rows else np.zeros(0, SENTENCE_DTYPE)
+    return out[np.argsort(out["hash"], kind="stable")]
 
 
 def write_index(sdir: Path, index: faiss.Index) -> None:
@@ -55,7 +85,8 @@ def write_shard_info(sdir: Path, info: dict) -> str:
     """shard.json with the checksums of the shard's files (written first); returns its sha256, which the
     manifest records."""
     sdir = Path(sdir)
-    info = {**info, "checksums": {f: sha256_file(sdir / f) for f in SHARD_FILES}}
+    files = [f for f in SHARD_FILES + ("sentences.npy",) if (sdir / f).exists()]
+    info = {**info, "checksums": {f: sha256_file(sdir / f) for f in files}}
     write_json_atomic(sdir / "shard.json", info)
     return sha256_file(sdir / "shard.json")
 
@@ -85,6 +116,8 @@ class Shard:
     live_entries: int = 0
     _params: object = None
     _keep: object = None  # keeps the selector's id buffer alive while _params is used
+    sentences: np.ndarray | None = None  # the lookup index (SENTENCE_DTYPE), sorted by hash
+    checksum: str | None = None  # of shard.json: which version of the shard this is (reuse across snapshots)
 
     @classmethod
     def load(cls, store_dir: Path, rec: ShardRecord, device: str = "cpu") -> "Shard":
@@ -98,8 +131,12 @@ class Shard:
         entries = np.load(d / "entries.npy", mmap_mode="r")
         if index.ntotal != len(entries):
             raise DatastoreError(f"{d}: index holds {index.ntotal} keys but entries.npy {len(entries)} rows")
-        shard = cls(name=rec.name, owner=rec.owner, dir=d, index=index, entries=entries,
-                    documents=read_documents(d))
+        documents = read_documents(d)
+        # stores written before the lookup index existed get it in memory, from the documents just read
+        sentences = np.load(d / "sentences.npy", mmap_mode="r") if (d / "sentences.npy").exists() \
+            else sentence_index(documents)
+        shard = cls(name=rec.name, owner=rec.owner, dir=d, index=index, entries=entries, documents=documents,
+                    sentences=sentences, checksum=rec.checksum)
         shard.live_entries = len(entries)
         return shard
 
@@ -111,12 +148,32 @@ class Shard:
         params, keep = search_params(self.index, nprobe, dead)
         live = len(self.entries) - (0 if dead is None else len(dead))
         return Shard(self.name, self.owner, self.dir, self.index, self.entries, self.documents, frozenset(removed),
-                     live, params, keep)
+                     live, params, keep, self.sentences, self.checksum)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._params is not None:
+        if self._params is None:
+            return self.index.search(queries, k)
+        try:
             return self.index.search(queries, k, params=self._params)
-        return self.index.search(queries, k)
+        except RuntimeError:  # an index type without IDSelector support (PQ, LSH, ...): filter ourselves
+            return self._search_filtered(queries, k)
+
+    def _search_filtered(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top k among the live entries: over-fetch by the number of tombstoned entries (never fewer than k
+        survive), drop those rows, keep the first k. Only an index that refuses selectors comes here."""
+        dead = self._keep[0] if self._keep is not None and self._keep[0] is not None else np.zeros(0, np.int64)
+        fetch = min(self.index.ntotal, k + len(dead))
+        params = None
+        nprobe = getattr(self._params, "nprobe", None)
+        if nprobe:
+            import faiss
+
+            params = faiss.SearchParametersIVF(nprobe=nprobe)
+        D, I = self.index.search(queries, fetch, params=params) if params else self.index.search(queries, fetch)
+        alive = ~np.isin(I, dead) & (I >= 0)
+        order = np.argsort(~alive, axis=1, kind="stable")[:, :k]  # live rows first, in distance order
+        D, I, alive = (np.take_along_axis(x, order, axis=1) for x in (D, I, alive))
+        return np.where(alive, D, np.inf).astype(np.float32), np.where(alive, I, -1)
 
     def live_documents(self) -> list[dict]:
         return [d for d in self.documents if d["index"] not in self.removed_docs]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import DatastoreError, FingerprintMismatch, Manifest, ShardMissing
+from .format import DatastoreError, FingerprintMismatch, Manifest, ShardMissing, StaleGeneration
 from .shard import Shard
 
 
@@ -53,8 +53,8 @@ class Datastore:
              reuse: "Datastore | None" = None, retries: int = 5) -> "Datastore":
         """Open the current generation. With `fingerprint`, refuse a store built for another model.
 
-        `reuse` is a previously opened snapshot: shards whose folder did not change are shared with it
-        instead of being read again, so picking up a removal costs only what changed. A removal may delete
+        `reuse` is a previously opened snapshot: shards whose folder and checksum did not change are shared
+        with it instead of being read again, so picking up a removal costs only what changed. A removal may delete
         a folder between our reading the manifest and loading its shard; the open is then retried
         (`retries` times) with a fresh manifest, which no longer names the deleted folder.
         """
@@ -79,7 +79,9 @@ class Datastore:
         loaded = dict(reuse._cache) if reuse is not None and reuse.path == path else {}
         shards, cache = [], {}
         for rec in manifest.shards:
-            base = loaded.get(rec.dir) or Shard.load(path, rec, device)
+            base = loaded.get(rec.dir)
+            if base is None or base.checksum != rec.checksum:  # a folder name can come back with other content
+                base = Shard.load(path, rec, device)
             cache[rec.dir] = base
             shards.append(base.with_removed(frozenset(rec.removed_docs), manifest.index.nprobe))
         return cls(path=path, manifest=manifest, shards=shards, device=device, _cache=cache)
@@ -87,6 +89,19 @@ class Datastore:
     @property
     def generation(self) -> int:
         return int(self.manifest.generation)
+
+    def same_store(self, other: "Datastore") -> bool:
+        """Another snapshot of this store (same lineage, or the same folder for stores without one)?"""
+        if self.manifest.lineage and other.manifest.lineage:
+            return self.manifest.lineage == other.manifest.lineage
+        return Path(self.path).resolve() == Path(other.path).resolve()
+
+    def check_not_older(self, current: "Datastore | None") -> None:
+        """Refuse to replace `current` by an older generation of the same store (StaleGeneration)."""
+        if current is not None and self.same_store(current) and self.generation < current.generation:
+            raise StaleGeneration(f"{self.path}: generation {self.generation} is older than the generation "
+                                  f"{current.generation} in use; generations of a store only move forward "
+                                  "(reopen the store to get its current generation)")
 
     @property
     def fingerprint(self) -> str:

@@ -95,7 +95,8 @@ class SiloClient:
         return self.gen.Tokenize(pb.TokenizeRequest(text=text), timeout=self.timeout)
 
     def info(self) -> pb.ModelInfoResponse:
-        return self.gen.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+        """Model and store facts; with the admin token also the server's paths."""
+        return self.gen.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, metadata=self._admin_md())
 
     # ------------------------------------------------------------------------------- admin
     def list_shards(self) -> pb.StoreInfo:

@@ -23,12 +23,15 @@ class ServeConfig(StageConfig):
     max_tokens_limit: int = Field(512, ge=1)  # largest max_tokens a request may ask for
     max_score_tokens: int = Field(4096, ge=1)  # longest text Score accepts, in tokens
     max_stop_sequences: int = Field(8, ge=0)
+    max_prompt_chars: int = Field(32_768, ge=1)  # Complete's prompt / Chat's messages, checked before queueing
+    max_messages: int = Field(64, ge=1)  # Chat messages per request
+    max_lookups: int = Field(4, ge=1)  # DataOwner.Lookup calls in flight; beyond: RESOURCE_EXHAUSTED
     admin_token: str | None = None
     admin_token_env: str | None = None  # name of an environment variable holding the admin token
     # data owners: owner -> token, or "sha256:<hex digest of the token>" so the file never holds the secret
     owner_tokens: dict[str, str] = {}
     owner_tokens_file: str | None = None  # a JSON or YAML mapping of the same form, merged over owner_tokens
-    public_lookup: bool = True  # DataOwner.Lookup without a token (it reveals ids and counts, never text)
+    public_lookup: bool = True  # DataOwner.Lookup without a token: counts only (never text, never ids)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics; None = off, 0 = free port
     metrics_host: str = "127.0.0.1"
     tls_cert: str | None = None  # PEM paths; both or neither

@@ -4,13 +4,19 @@ Authorisation (documented in the proto too):
   * the admin token may do everything;
   * an owner token (``serve.owner_tokens``: owner -> token, or ``sha256:<hex>`` of the token so the config
     never holds the secret itself) may remove, and read the removals of, that owner's content only;
-  * ``Lookup`` is open to everyone when ``serve.public_lookup`` is true (ids and counts, never text).
+  * ``Lookup`` is open to everyone when ``serve.public_lookup`` is true: the public sees counts only (how
+    much of its own passage the store holds), an owner token also the ids of its own matching documents,
+    the admin everything. Lookups match whole sentences by hash (datastore/lookup.py), never text, and at
+    most ``serve.max_lookups`` run at once (RESOURCE_EXHAUSTED beyond).
 
-A removal is applied on the engine's worker between two requests (record + new manifest generation +
-`lm.reload_store()`), so it is live for every request that starts after SubmitRemoval returns, and a
-request in flight finishes on the snapshot it started with. Compaction (file I/O) then runs on a
-background thread and the model-based verification on the worker; GetRemoval follows the status
-received -> applied -> compacted -> verified (or failed, with the error).
+A removal is recorded and applied on disk by the RPC thread (under the server's store lock, which Admin
+swaps and reloads share, so a stale snapshot can never be swapped back in), the new generation is opened
+there too and swapped in on the engine's worker between two requests: it is live for every request that
+starts after SubmitRemoval returns, and a request in flight finishes on the snapshot it started with.
+Compaction then runs on a background thread and the model-based verification on the worker; GetRemoval
+follows received -> applied -> compacted -> verified, or failed with the persisted reason. A server
+started on a store with unfinished removals finishes them first; draining waits for them (a process
+killed meanwhile leaves a store that the next start resumes).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import grpc
 
 from silo.datastore.format import Manifest
 from silo.datastore.lookup import lookup
-from silo.datastore.removal import RemovalError, RemovalManager, RemovalRequest, RemovalState, RemovalTargets
+from silo.datastore.removal import (
+    RemovalError, RemovalForbidden, RemovalManager, RemovalRequest, RemovalState, RemovalTargets,
+)
 from silo.workflows.removal import PendingRemoval, RemovalWorkflow
 
 from .gen import silo_pb2 as pb
@@ -47,9 +55,12 @@ def token_matches(given: str, configured: str) -> bool:
 class DataOwnerService(pb_grpc.DataOwnerServicer):
     def __init__(self, server):
         self.server = server
-        self._lock = threading.Lock()  # one store change at a time
-        self._failures: dict[str, str] = {}
         self._threads: dict[str, threading.Thread] = {}
+        self._lookups = threading.BoundedSemaphore(server.cfg.max_lookups)
+
+    @property
+    def _lock(self) -> threading.Lock:
+        return self.server.store_lock  # shared with Admin's swaps and reloads
 
     # ----------------------------------------------------------------------------------- auth
     def _caller(self, context, optional: bool = False) -> tuple[str, str | None] | None:
@@ -96,7 +107,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         """`generation`: the store's current generation, when the caller has read it already."""
         r = state.request
         status = state.status
-        error = self._failures.get(r.request_id, "")
+        error = state.error or ""
         if error and status != "verified":
             status = "failed"
         msg = pb.RemovalStatus(request_id=r.request_id, status=status, kind=r.kind, owner=r.owner or "",
@@ -132,10 +143,12 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         except RemovalError as exc:
             raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
         info.update(request_id=req.request_id, kind=req.kind, caller=caller[1] or caller[0])
-        workflow = RemovalWorkflow(engine.lm, on_model=lambda fn: engine.control(fn, timeout=600))
+        workflow = self._workflow(engine)
         with self._lock:
             try:
-                pending = workflow.prepare(req)
+                pending = workflow.prepare(req, owner=caller[1] if caller[0] == "owner" else None)
+            except RemovalForbidden as exc:
+                raise RpcFailure(Code.PERMISSION_DENIED, str(exc)) from None
             except RemovalError as exc:
                 raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
             self._check_owner_may(caller, pending.targets, pending.removed)
@@ -150,19 +163,51 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         info["status"] = state.status
         return self._status_message(mgr, state)
 
+    @staticmethod
+    def _workflow(engine) -> RemovalWorkflow:
+        return RemovalWorkflow(engine.lm, on_model=lambda fn: engine.control(fn, timeout=600))
+
     def _finish(self, workflow: RemovalWorkflow, pending: PendingRemoval, verify: bool) -> None:
-        """Compact (bytes leave the disk), switch the model to the compacted generation, verify."""
+        """Compact (bytes leave the disk), switch the model to the compacted generation, verify; a failure
+        is persisted in the request's state (GetRemoval reports it, also after a restart)."""
         request_id = pending.request.request_id
         try:
             with self._lock:
                 workflow.compact(pending)
             if verify:
                 workflow.verify(pending)
+            workflow.manager.record_error(request_id, None)
             log.info("removal finished", extra={"fields": {"event": "removal", "request_id": request_id,
                                                             "verified": verify}})
         except Exception as exc:  # noqa: BLE001 - reported through GetRemoval, never kills the server
-            self._failures[request_id] = f"{type(exc).__name__}: {exc}"
-            log.error("removal %s failed after it was applied", request_id, exc_info=exc)
+            try:
+                workflow.manager.record_error(request_id, f"{type(exc).__name__}: {exc}")
+            finally:
+                log.error("removal %s failed after it was applied", request_id, exc_info=exc)
+
+    def resume_unfinished(self) -> list[str]:
+        """At start: finish removals a previous process left unfinished (apply, compact, receipt), then
+        serve the resulting generation. Returns their request ids."""
+        engine = self.server.engine
+        if engine is None or engine.lm.store is None:
+            return []
+        mgr = RemovalManager(engine.lm.store.path)
+        done = []
+        for rid in mgr.unfinished():
+            with self._lock:
+                try:
+                    mgr.resume(rid)
+                    mgr.record_error(rid, None)
+                    done.append(rid)
+                except Exception as exc:  # noqa: BLE001 - recorded; the server serves what is applied
+                    mgr.record_error(rid, f"{type(exc).__name__}: {exc}")
+                    log.error("could not finish removal %s at start", rid, exc_info=exc)
+        if done:
+            with self._lock:
+                self._workflow(engine)._switch()
+        if done:
+            log.info("resumed unfinished removals", extra={"fields": {"event": "removal_resume", "requests": done}})
+        return done
 
     def wait_background(self, timeout: float | None = None) -> None:
         """Wait for background compaction/verification threads (tests, draining)."""
@@ -204,19 +249,35 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
 
     @_handled("Lookup")
     def Lookup(self, request, context, info):
-        if not self.server.cfg.public_lookup:
-            self._caller(context)
-        mgr = self._manager()
+        caller = self._caller(context, optional=self.server.cfg.public_lookup)
+        role, owner = caller if caller is not None else ("public", None)
+        engine = self.server.engine
+        if engine is None:
+            raise RpcFailure(Code.UNAVAILABLE, "the model is still loading; retry shortly")
+        store = engine.lm.store  # the snapshot being served: what a generation could use right now
+        if store is None:
+            raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached to this server")
         if bool(request.document_id) == bool(request.text):
             raise RpcFailure(Code.INVALID_ARGUMENT, "give exactly one of document_id or text")
+        limit = self.server.cfg.max_prompt_chars
+        if len(request.text) > limit or len(request.document_id) > 200:
+            raise RpcFailure(Code.INVALID_ARGUMENT, f"text: at most {limit} characters (document_id: 200)")
+        if not self._lookups.acquire(blocking=False):
+            raise RpcFailure(Code.RESOURCE_EXHAUSTED, f"too many lookups in flight ({self.server.cfg.max_lookups}); "
+                                                      "retry shortly")
         try:
-            res = lookup(mgr.path, document_id=request.document_id or None, text=request.text or None)
+            res = lookup(store, document_id=request.document_id or None, text=request.text or None)
         except RemovalError as exc:
             raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
-        out = pb.LookupResponse(in_store=res["in_store"], entries=res["entries"], shards=res["shards"],
-                                generation=res["generation"])
-        for m in res["matches"]:
-            out.matches.append(pb.LookupMatch(shard=m["shard"], owner=m["owner"], document_id=m["document_id"],
-                                              title=m["title"], match=m["match"], entries=m["entries"],
-                                              live=m["live"]))
+        finally:
+            self._lookups.release()
+        res = res.view(role, owner)
+        info.update(role=role, in_store=res.in_store)
+        out = pb.LookupResponse(in_store=res.in_store, entries=res.entries, shards=res.shards,
+                                generation=res.generation, query_sentences=res.query_sentences,
+                                matched_sentences=res.matched_sentences, matched_chars=res.matched_chars)
+        for m in res.matches:
+            out.matches.append(pb.LookupMatch(shard=m.shard, owner=m.owner, document_id=m.document_id,
+                                              title=m.title, match=m.match, entries=m.entries, live=True,
+                                              matched_sentences=m.matched_sentences))
         return out

@@ -35,6 +35,8 @@ class Limits:
     has_store: bool
     has_blocks: bool = False  # the store carries RIC-LM blocks (silo datastore build-blocks)
     max_score_chars: int = 1 << 20  # a cheap bound before tokenizing; tokens are checked on the worker
+    max_prompt_chars: int = 32_768  # prompt / all chat messages together, before queueing
+    max_messages: int = 64
 
 
 @dataclass
@@ -127,13 +129,22 @@ def generation_request(prompt: str, params, limits: Limits, prompt_field: str = 
 def complete_request(msg, limits: Limits) -> GenRequest:
     if not msg.prompt:
         raise InvalidRequest("prompt", "must not be empty")
+    if len(msg.prompt) > limits.max_prompt_chars:
+        raise InvalidRequest("prompt", f"{len(msg.prompt)} characters; at most {limits.max_prompt_chars}")
     return generation_request(msg.prompt, msg.params, limits)
 
 
-def check_messages(messages) -> list[dict]:
-    """Chat messages as dicts for the chat template; refuses empty lists, unknown roles, empty content."""
+def check_messages(messages, limits: Limits | None = None) -> list[dict]:
+    """Chat messages as dicts for the chat template; refuses empty lists, unknown roles, empty content and
+    (with `limits`) too many messages or characters, before the request takes a queue slot."""
     if len(messages) == 0:
         raise InvalidRequest("messages", "must contain at least one message")
+    if limits is not None:
+        if len(messages) > limits.max_messages:
+            raise InvalidRequest("messages", f"{len(messages)} messages; at most {limits.max_messages}")
+        chars = sum(len(m.content) for m in messages)
+        if chars > limits.max_prompt_chars:
+            raise InvalidRequest("messages", f"{chars} characters in all; at most {limits.max_prompt_chars}")
     out = []
     for i, m in enumerate(messages):
         if m.role not in CHAT_ROLES:

@@ -53,16 +53,17 @@ def completion_message(res: GenResult, request_id: str) -> pb.CompleteResponse:
     for a in res.attributions:
         msg.attributions.append(pb.SentenceAttribution(
             sentence=a.sentence, start=a.start, end=a.end, parametric_share=a.parametric_share,
+            other_share=a.other_share,
             sources=[pb.AttributionSource(owner=s.owner, document_id=s.document_id, title=s.title, license=s.license,
                                           shard=s.shard, sentence=s.sentence, share=s.share) for s in a.sources]))
     return msg
 
 
-def store_message(store: Datastore | None) -> pb.StoreInfo:
+def store_message(store: Datastore | None, show_path: bool = True) -> pb.StoreInfo:
     if store is None:
         return pb.StoreInfo()
     s = store.summary()
-    return pb.StoreInfo(path=s["path"], generation=s["generation"], fingerprint=s["fingerprint"], index=s["index"],
+    return pb.StoreInfo(path=s["path"] if show_path else "", generation=s["generation"], fingerprint=s["fingerprint"], index=s["index"],
                         entries=s["entries"], shard_count=len(s["shards"]),
                         shards=[pb.ShardInfo(name=x["name"], owner=x["owner"], entries=x["entries"],
                                              documents=x["documents"]) for x in s["shards"]])
@@ -121,7 +122,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 yield pb.CompleteChunk(done=self._done(value, job, info))
 
     def _chat_request(self, request):
-        messages = check_messages(request.messages)
+        messages = check_messages(request.messages, self.server.limits())
         tok = self._engine().lm.tokenizer
         try:
             prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
@@ -179,21 +180,25 @@ class GenerationService(pb_grpc.GenerationServicer):
         lm = self._engine().lm
         cfg = self.server.cfg
         limits = self.server.limits()
+        admin = self.server.is_admin(context)  # server paths are the operator's business only
         msg = pb.ModelInfoResponse(
-            model_name=Path(cfg.model).name, model_path=cfg.model, fingerprint=lm.fingerprint,
+            model_name=Path(cfg.model).name, model_path=cfg.model if admin else "", fingerprint=lm.fingerprint,
             context_length=lm.context_length, vocab_size=lm.vocab_size, training_policy=self.server.policy,
             knn=knn_defaults(lm),
             modes=[m for m in SERVED_MODES if (m != "knn" or limits.has_store) and (m != "ric" or limits.has_blocks)],
             max_tokens_default=cfg.max_tokens, max_tokens_limit=cfg.max_tokens_limit)
         if lm.store is not None:
-            msg.store.CopyFrom(store_message(lm.store))
+            msg.store.CopyFrom(store_message(lm.store, show_path=admin))
         return msg
 
 
 class AdminService(pb_grpc.AdminServicer):
     def __init__(self, server: "SiloServer"):
         self.server = server
-        self._lock = threading.Lock()  # one store change at a time
+
+    @property
+    def _lock(self) -> threading.Lock:
+        return self.server.store_lock  # one store change at a time, removals included
 
     def _authorize(self, context) -> Engine:
         token = self.server.admin_token
@@ -223,8 +228,10 @@ class AdminService(pb_grpc.AdminServicer):
         if not request.path:
             raise RpcFailure(Code.INVALID_ARGUMENT, "path: must not be empty")
         with self._lock:
-            # open and validate off the worker (slow I/O), then swap between two requests on the worker
+            # open and validate off the worker (slow I/O), then swap between two requests on the worker;
+            # swap_store refuses an older generation of the store in use (FAILED_PRECONDITION)
             new = Datastore.open(request.path, fingerprint=engine.lm.fingerprint, device=self.server.cfg.device)
+            new.check_not_older(engine.lm.store)
             prev = engine.control(lambda: engine.lm.swap_store(new))
         return self._changed(prev, new, info)
 
@@ -257,6 +264,7 @@ class SiloServer:
         self.cfg = cfg
         self._lm = lm  # an already loaded SiloLM (tests, embedding); else loaded from cfg in start()
         self.metrics = Metrics()
+        self.store_lock = threading.Lock()  # store changes (swap, reload, removal) one at a time
         self.engine: Engine | None = None
         self.admin_token = cfg.resolved_admin_token()
         self.policy = ""
@@ -283,10 +291,18 @@ class SiloServer:
         for name in ("", *SERVICES):
             self.health.set(name, status)
 
+    def is_admin(self, context) -> bool:
+        """Did the call present the admin token?"""
+        token = self.admin_token
+        given = dict(context.invocation_metadata()).get("authorization") or ""
+        scheme, _, value = given.partition(" ")
+        return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
     def limits(self) -> Limits:
         lm = self.engine.lm
         return Limits(max_tokens_default=self.cfg.max_tokens, max_tokens_limit=self.cfg.max_tokens_limit,
                       max_stop_sequences=self.cfg.max_stop_sequences, vocab_size=lm.vocab_size,
+                      max_prompt_chars=self.cfg.max_prompt_chars, max_messages=self.cfg.max_messages,
                       has_store=lm.store is not None,
                       has_blocks=lm.store is not None and any(has_blocks(sh.dir) for sh in lm.store.shards))
 
@@ -306,6 +322,10 @@ class SiloServer:
             self.port = self.grpc.add_insecure_port(addr)
         if not self.port:
             raise OSError(f"could not bind {addr}")
+        if not self.cfg.tls_cert and not _is_loopback(self.cfg.host):
+            log.warning("serving on %s without TLS: bearer tokens (admin, data owners) travel in clear; "
+                        "set serve.tls_cert and serve.tls_key", addr,
+                        extra={"fields": {"event": "insecure_bind", "host": self.cfg.host}})
         self.grpc.start()
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
@@ -332,9 +352,12 @@ class SiloServer:
                 self.policy = json.loads(prov.read_text(encoding="utf-8")).get("policy", {}).get("name", "")
             self.engine = Engine(lm, max_queue=self.cfg.max_queue, metrics=self.metrics,
                                  max_score_tokens=self.cfg.max_score_tokens)
+            resumed = self.dataowner.resume_unfinished()  # removals a previous process left unfinished
             if lm.store is not None:
                 self.metrics.store_generation.set(lm.store.generation)
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            if resumed:
+                log.info("finished removals left unfinished", extra={"fields": {"event": "resumed", "requests": resumed}})
             log.info("ready", extra={"fields": {"event": "ready", "load_s": round(time.monotonic() - t0, 2),
                                                  "model": self.cfg.model, "store": self.cfg.store}})
         except BaseException as exc:  # noqa: BLE001 - reported by wait_ready / start
@@ -359,6 +382,9 @@ class SiloServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         t0 = time.monotonic()
         stopped = self.grpc.stop(grace)  # new RPCs are refused now; in-flight ones get `grace` seconds
+        # removals being compacted/verified finish first (they need the engine); one still running after
+        # the grace period is cut off with the process and resumed by the next start (crash-safe)
+        self.dataowner.wait_background(grace)
         clean = self.engine.drain(grace) if self.engine is not None else True
         stopped.wait(grace + 1.0)
         if self.engine is not None:
@@ -370,6 +396,17 @@ class SiloServer:
 
     def stop(self) -> None:
         self.drain(0.0)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos) and bool(infos)
 
 
 def serve_forever(cfg: ServeConfig) -> int:

@@ -66,9 +66,13 @@ def test_owner_removal_is_live_verified_and_receipted(served):
     server, store = served
     gdoc = json.loads((store / "shards" / "gcide" / "documents.jsonl").read_text().splitlines()[0])
     prompt = gdoc["text"][: gdoc["text"].find("\n", 60) + 1]  # the opening of a stored gcide document
-    with SiloClient(server.target, timeout=120) as c:  # Lookup needs no token (public_lookup)
+    with SiloClient(server.target, timeout=120) as c:  # Lookup needs no token (public_lookup): counts only
         look = c.lookup(text=gdoc["text"][200:400])
-        assert look.in_store and look.shards == ["gcide"] and look.entries > 0
+        assert look.in_store and look.matched_sentences > 0 and look.entries > 0
+        assert not look.matches and not look.shards  # the public learns whether, not where or whose
+    with SiloClient(server.target, token=GCIDE_TOKEN, timeout=120) as c:  # the owner sees its own documents
+        mine = c.lookup(text=gdoc["text"][200:400])
+        assert mine.shards == ["gcide"] and gdoc["id"] in {m.document_id for m in mine.matches}
         r0 = c.complete(prompt, max_tokens=24, temperature=0, return_attributions=True, lmbda=0.8)
         assert any(s.owner == "gcide" for a in r0.attributions for s in a.sources)
     with SiloClient(server.target, token=GCIDE_TOKEN, timeout=300) as owner:
@@ -90,7 +94,7 @@ def test_owner_removal_is_live_verified_and_receipted(served):
         assert receipt["verification"]["probe"]["before"]["hits"] > 0
         assert [x["present"] for x in receipt["shards_after"]] == [False]
         assert [x.request_id for x in owner.list_removals()] == [status.request_id]
-        assert not owner.lookup(document_id=look.matches[0].document_id).in_store
+        assert not owner.lookup(document_id=gdoc["id"]).in_store
     # the other owner sees none of gcide's requests
     with SiloClient(server.target, token=SHKSPR_TOKEN) as other:
         assert other.list_removals() == []

@@ -66,6 +66,13 @@ def play_doc(store_path, other_than=()):
     raise AssertionError("no distinctive passage")
 
 
+def whole_sentences(doc, passage):
+    """The document's sentences that overlap `passage` (the text a reader would quote to ask about it)."""
+    at = doc["text"].find(passage)
+    spans = [(a, b) for a, b in doc["sentences"] if a < at + len(passage) and b > at]
+    return doc["text"][spans[0][0]:spans[-1][1]]
+
+
 def all_bytes(root):
     return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
@@ -123,7 +130,7 @@ def test_owner_removal_drops_shard_and_old_snapshot_keeps_working(store):
     doc_id = next(s.documents[0]["id"] for s in old.shards if s.owner == "gcide")
     mgr = RemovalManager(store)
     look = lookup(store, document_id=doc_id)
-    assert look["in_store"] and look["shards"] == ["gcide"] and look["entries"] > 0
+    assert look.in_store and look.shards == ["gcide"] and look.entries > 0
 
     st = mgr.submit(RemovalRequest(owner="gcide", requester="gcide-maintainers", reason="licence withdrawn",
                                    request_id="own-1"))
@@ -138,7 +145,7 @@ def test_owner_removal_drops_shard_and_old_snapshot_keeps_working(store):
     # the snapshot opened before still answers, from files that are now deleted
     nb_old = old.search(q, k=32)
     assert "gcide" in {old.shards[i].owner for i in np.unique(nb_old.shard)}
-    assert not lookup(store, document_id=doc_id)["in_store"]
+    assert not lookup(store, document_id=doc_id).in_store
 
     receipt = mgr.compact("own-1")
     assert receipt["status"] == "compacted" and mgr.status("own-1").status == "compacted"
@@ -174,9 +181,10 @@ def test_document_removal_compaction_and_verification(store, model_and_tok):
     build_blocks(store, lm.tokenizer, block_tokens=64, stride=32, retrievers=["bm25"], progress=False)
     blocks_before = BlockStore.open(store).num_blocks
     mgr = RemovalManager(store)
-    look = lookup(store, text="  " + passage.replace(" ", "\n ", 2) + " ")  # whitespace is normalised
-    assert look["in_store"] and {m["document_id"] for m in look["matches"]} == {doc["id"]}
-    assert lookup(store, document_id=doc["id"])["entries"] == doc["tokens"]
+    quote = whole_sentences(doc, passage)  # Lookup matches whole sentences (by hash), never substrings
+    look = lookup(store, text="  " + quote.replace(" ", "\n ", 2) + " ")  # whitespace is normalised
+    assert look.in_store and {m.document_id for m in look.matches} == {doc["id"]}
+    assert lookup(store, document_id=doc["id"]).entries == doc["tokens"]
     old_ntotal = shard_before.index.ntotal
     old_vecs = shard_before.index.reconstruct_n(0, old_ntotal)
     keep = shard_before.entries["doc"] != doc["index"]
@@ -205,7 +213,7 @@ def test_document_removal_compaction_and_verification(store, model_and_tok):
     assert rec.checksum == sha256_file(shard.dir / "shard.json") and "removed_docs" not in rec.to_json()
     assert unreferenced_shard_dirs(store) == []
     assert lm.store.generation == new.generation == receipt["generations"]["current"]
-    assert not lookup(store, document_id=doc["id"])["in_store"] and not lookup(store, text=passage)["in_store"]
+    assert not lookup(store, document_id=doc["id"]).in_store and not lookup(store, text=quote).in_store
     # RIC blocks moved into the compacted shard without the document, and still open and search
     blocks = BlockStore.open(store)
     assert 0 < blocks.num_blocks < blocks_before

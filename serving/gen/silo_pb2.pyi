@@ -83,18 +83,20 @@ class AttributionSource(_message.Message):
     def __init__(self, owner: _Optional[str] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., license: _Optional[str] = ..., shard: _Optional[str] = ..., sentence: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
 
 class SentenceAttribution(_message.Message):
-    __slots__ = ("sentence", "start", "end", "parametric_share", "sources")
+    __slots__ = ("sentence", "start", "end", "parametric_share", "sources", "other_share")
     SENTENCE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PARAMETRIC_SHARE_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    OTHER_SHARE_FIELD_NUMBER: _ClassVar[int]
     sentence: str
     start: int
     end: int
     parametric_share: float
     sources: _containers.RepeatedCompositeFieldContainer[AttributionSource]
-    def __init__(self, sentence: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., parametric_share: _Optional[float] = ..., sources: _Optional[_Iterable[_Union[AttributionSource, _Mapping]]] = ...) -> None: ...
+    other_share: float
+    def __init__(self, sentence: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., parametric_share: _Optional[float] = ..., sources: _Optional[_Iterable[_Union[AttributionSource, _Mapping]]] = ..., other_share: _Optional[float] = ...) -> None: ...
 
 class CompleteResponse(_message.Message):
     __slots__ = ("text", "finish_reason", "usage", "attributions", "store_generation", "mode", "request_id")
@@ -359,7 +361,7 @@ class LookupRequest(_message.Message):
     def __init__(self, document_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class LookupMatch(_message.Message):
-    __slots__ = ("shard", "owner", "document_id", "title", "match", "entries", "live")
+    __slots__ = ("shard", "owner", "document_id", "title", "match", "entries", "live", "matched_sentences")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -367,6 +369,7 @@ class LookupMatch(_message.Message):
     MATCH_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_SENTENCES_FIELD_NUMBER: _ClassVar[int]
     shard: str
     owner: str
     document_id: str
@@ -374,18 +377,25 @@ class LookupMatch(_message.Message):
     match: str
     entries: int
     live: bool
-    def __init__(self, shard: _Optional[str] = ..., owner: _Optional[str] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., match: _Optional[str] = ..., entries: _Optional[int] = ..., live: _Optional[bool] = ...) -> None: ...
+    matched_sentences: int
+    def __init__(self, shard: _Optional[str] = ..., owner: _Optional[str] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., match: _Optional[str] = ..., entries: _Optional[int] = ..., live: _Optional[bool] = ..., matched_sentences: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("in_store", "entries", "shards", "matches", "generation")
+    __slots__ = ("in_store", "entries", "shards", "matches", "generation", "query_sentences", "matched_sentences", "matched_chars")
     IN_STORE_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_CHARS_FIELD_NUMBER: _ClassVar[int]
     in_store: bool
     entries: int
     shards: _containers.RepeatedScalarFieldContainer[str]
     matches: _containers.RepeatedCompositeFieldContainer[LookupMatch]
     generation: int
-    def __init__(self, in_store: _Optional[bool] = ..., entries: _Optional[int] = ..., shards: _Optional[_Iterable[str]] = ..., matches: _Optional[_Iterable[_Union[LookupMatch, _Mapping]]] = ..., generation: _Optional[int] = ...) -> None: ...
+    query_sentences: int
+    matched_sentences: int
+    matched_chars: int
+    def __init__(self, in_store: _Optional[bool] = ..., entries: _Optional[int] = ..., shards: _Optional[_Iterable[str]] = ..., matches: _Optional[_Iterable[_Union[LookupMatch, _Mapping]]] = ..., generation: _Optional[int] = ..., query_sentences: _Optional[int] = ..., matched_sentences: _Optional[int] = ..., matched_chars: _Optional[int] = ...) -> None: ...

@@ -545,8 +545,10 @@ class DataOwnerStub:
     - the admin token may do everything;
     - an owner token (serve.owner_tokens: owner -> token or "sha256:<hex of the token>") may remove and
     read removals of that owner's content only: its own owner name, documents it owns, shards it owns;
-    - Lookup needs no token when serve.public_lookup is true (the default): it reveals ids and counts,
-    never text.
+    - Lookup needs no token when serve.public_lookup is true (the default). It matches the caller's passage
+    by whole sentences (hashes), never substrings, so it reveals no text the caller did not send: the
+    public sees counts only; an owner token also its own matching documents; the admin every match.
+    Removed documents are never matched.
     A removal takes effect for new requests as soon as SubmitRemoval returns (status "applied"); compaction
     (the bytes leave the disk) and verification with the model follow in the background:
     received -> applied -> compacted -> verified (or failed).
@@ -593,8 +595,10 @@ class DataOwnerServicer:
     - the admin token may do everything;
     - an owner token (serve.owner_tokens: owner -> token or "sha256:<hex of the token>") may remove and
     read removals of that owner's content only: its own owner name, documents it owns, shards it owns;
-    - Lookup needs no token when serve.public_lookup is true (the default): it reveals ids and counts,
-    never text.
+    - Lookup needs no token when serve.public_lookup is true (the default). It matches the caller's passage
+    by whole sentences (hashes), never substrings, so it reveals no text the caller did not send: the
+    public sees counts only; an owner token also its own matching documents; the admin every match.
+    Removed documents are never matched.
     A removal takes effect for new requests as soon as SubmitRemoval returns (status "applied"); compaction
     (the bytes leave the disk) and verification with the model follow in the background:
     received -> applied -> compacted -> verified (or failed).
@@ -674,8 +678,10 @@ class DataOwner:
     - the admin token may do everything;
     - an owner token (serve.owner_tokens: owner -> token or "sha256:<hex of the token>") may remove and
     read removals of that owner's content only: its own owner name, documents it owns, shards it owns;
-    - Lookup needs no token when serve.public_lookup is true (the default): it reveals ids and counts,
-    never text.
+    - Lookup needs no token when serve.public_lookup is true (the default). It matches the caller's passage
+    by whole sentences (hashes), never substrings, so it reveals no text the caller did not send: the
+    public sees counts only; an owner token also its own matching documents; the admin every match.
+    Removed documents are never matched.
     A removal takes effect for new requests as soon as SubmitRemoval returns (status "applied"); compaction
     (the bytes leave the disk) and verification with the model follow in the background:
     received -> applied -> compacted -> verified (or failed).

@@ -140,8 +140,10 @@ def cmd_receipt(args) -> int:
 
 def cmd_lookup(args) -> int:
     from silo.datastore.lookup import lookup
+    from silo.datastore.store import Datastore
 
-    _print(lookup(args.store, document_id=args.document, text=args.text))
+    # the operator's own view (everything that matches): the server gives callers less (counts, own ids)
+    _print(lookup(Datastore.open(args.store), document_id=args.document, text=args.text).to_json())
     return 0
 
 
@@ -222,7 +224,8 @@ def register(sub) -> None:
     lk.add_argument("--store", required=True)
     q = lk.add_mutually_exclusive_group(required=True)
     q.add_argument("--document", metavar="ID", help="document id")
-    q.add_argument("--text", help="a passage (whitespace-normalised; sentences matched too)")
+    q.add_argument("--text", help="a passage: which of its sentences (20+ characters, whitespace-normalised) "
+                                  "a live document holds, matched by hash")
     lk.set_defaults(func=cmd_lookup)
 
     vj = ds.add_parser("verify-journal", help="check the journal's hash chain (exit 1 if tampered)")

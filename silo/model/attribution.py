@@ -3,7 +3,8 @@
 kNN-LM: a token's probability p(y) = (1-lambda) p_LM(y) + sum_i lambda w_i [v_i == y] splits into the
 parametric part and one part per neighbour. A sentence's share for a source is the mean, over the
 sentence's tokens, of the fraction of p(y) that source's neighbours carried; the parametric share is the
-same mean for the LM term, so a sentence's shares sum to 1 (before small sources are cut).
+same mean for the LM term, so a sentence's shares sum to 1; the sources below the listing cut are
+reported together as `other_share`.
 
 RIC-LM: every sentence is credited to the prepended blocks' documents, split by retrieval rank.
 """
@@ -53,6 +54,7 @@ def attribute_steps(text: str, steps: Sequence[GenerationStep], store: Datastore
                 by_sent[key][int(e["sent"])] = by_sent[key].get(int(e["sent"]), 0.0) + share
         n = len(idx)
         sources = []
+        listed = 0.0
         for (shard, doc), mass in sorted(by_doc.items(), key=lambda kv: -kv[1]):
             if mass / n < min_share or len(sources) >= max_sources:
                 break
@@ -62,7 +64,9 @@ def attribute_steps(text: str, steps: Sequence[GenerationStep], store: Datastore
             sources.append(Source(owner=d["owner"], document_id=d["id"], title=d.get("title", ""),
                                   license=d.get("license", ""), shard=store.shards[shard].name,
                                   sentence=d["text"][sa:sb], share=mass / n))
-        out.append(SentenceAttribution(text[a:b], a, b, param / n, sources))
+            listed += mass
+        other = max(0.0, 1.0 - param / n - listed / n)
+        out.append(SentenceAttribution(text[a:b], a, b, param / n, sources, other if other > 1e-9 else 0.0))
     return out
 
 

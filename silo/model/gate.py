@@ -48,13 +48,13 @@ from pathlib import Path
 import numpy as np
 
 from silo.core.files import write_json_atomic
+from silo.datastore.format import GATE_FILE
 from silo.datastore.store import Datastore, Neighbors
 
 from .evidence import MATCH_K, RecentGain, recent_gain, token_gain  # noqa: F401  (re-exported)
 from .knn import FixedMixture, neighbor_log_weights  # noqa: F401  (FixedMixture: re-exported)
 from .types import CONTEXT, LMState, SiloInputError
 
-GATE_FILE = "gate.json"
 GATE_FORMAT = "silo.gate.v1"
 FEATURES = ("log_d1", "log_d_mean", "agree_top1", "agree_lm", "doc_share", "lm_entropy", "lm_top_p", "recent_gain",
             "history", "match_top1", "match_max")

@@ -125,6 +125,8 @@ class SiloLM:
             raise DatastoreError(
                 f"{store.path}: store fingerprint {store.fingerprint[:23]}... does not match the model's "
                 f"{self.fingerprint[:23]}...; rebuild the store for this model")
+        if store is not None:
+            store.check_not_older(self._store)  # a stale snapshot must never come back after a removal
         old, self._store = self._store, store
         self._blocks = None  # the RIC block and gate caches belonged to the old snapshot
         self._gate = None

