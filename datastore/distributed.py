@@ -20,6 +20,7 @@ GPU); a failure on one rank is sent to all of them, which stop naming the rank a
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,9 +51,17 @@ class BuildRanks:
     def from_env(cls) -> "BuildRanks":
         if not launched_by_accelerate():
             return cls()
+        import torch
         from accelerate import PartialState
 
-        state = PartialState(timeout=BARRIER_TIMEOUT)
+        # CPU processes: asked for (--cpu), or no GPU (`--multi_gpu` on a CPU machine, torchrun): gloo
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+        state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+        if state.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+            print("datastore build: accelerate started one process. Its --cpu launcher starts several only "
+                  "through MPI (--mpirun_hostfile); for several CPU processes on one machine use "
+                  "`accelerate launch --multi_gpu --num_processes P` on a machine without GPUs, or "
+                  "`torchrun --nproc_per_node P -m silo.cli ...`. Building in this one process.", file=sys.stderr)
         return cls(rank=state.process_index, world=state.num_processes, device=str(state.device), _state=state)
 
     @property
