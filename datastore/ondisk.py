@@ -34,19 +34,22 @@ _SCAN = 1 << 26  # bytes per chunk when scanning documents.jsonl for line ends
 
 
 def read_index_mmap(path: Path) -> faiss.Index:
-    """`path` opened memory-mapped when FAISS can map its type (see the module docstring), else read."""
+    """`path` opened memory-mapped when FAISS can map its type (see the module docstring), else read.
+
+    The first read maps flat-coded indexes and refuses IVF ones cheaply (it stops at their inverted lists);
+    those are then opened with IO_FLAG_MMAP, so every index is read once."""
     path = str(path)
+    probe_flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY
     try:
-        index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        index = faiss.read_index(path, probe_flags)
+        if ivf_of(index) is None:
+            return index
     except RuntimeError:
-        return faiss.read_index(path)
-    ivf = ivf_of(index)
-    if ivf is not None and not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists):
-        try:
-            index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        except RuntimeError:
-            pass  # keep the IFC-mapped one
-    return index
+        pass  # an IVF index (its inverted lists cannot be skipped with these flags)
+    try:
+        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        return faiss.read_index(path)  # a type FAISS cannot map: read it whole
 
 
 def is_mapped(index: faiss.Index) -> bool:
