@@ -235,3 +235,24 @@ def test_reindex_crash_leaves_old_or_new_generation(store, point):
     res = reindex_store(store, "IVF8,Flat", train_sample=3000, nprobe=8, progress=False)  # and it runs again
     assert res["generation"] == expect + 1
     assert len(list(store.glob("quantizer*.faiss"))) == 1
+
+
+def test_reindex_command_reports_recall_and_perplexity_change(store, corpus_dir, capsys):
+    from silo.cli import main
+
+    rc = main(["datastore", "reindex", str(store), "--factory", "IVF8,SQ8", "--nprobe", "8", "--train-sample",
+               "3000", "--val", str(corpus_dir / "datastore.jsonl"), "--max-tokens", "150", "--queries", "64",
+               "--k", "16"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["factory"] == "IVF8,SQ8" and out["generation"] == out["generation_before"] + 1
+    assert set(out["recall"]) == {"recall@1", "recall@10", "recall@16"}
+    assert 0.5 < out["recall"]["recall@16"] <= 1.0  # SQ8 over every list: close to exact
+    assert "validation text" in out["recall_queries"]
+    for dom in ("shakespeare", "gcide"):
+        p = out["perplexity"][dom]
+        assert p["tokens"] > 50 and p["before"] > 1 and p["after"] > 1
+        assert abs(p["after"] / p["before"] - 1) < 0.25 and p["change_pct"] == pytest.approx(
+            100 * (p["after"] / p["before"] - 1), abs=0.02)
+    assert main(["datastore", "reindex", str(store), "--factory", "Nonsense"]) == 2
+    assert "factory: 'Nonsense'" in capsys.readouterr().err
