@@ -21,7 +21,7 @@ from silo.core.files import fsync_path
 from silo.core.text import sentence_of_offsets, sentence_spans
 
 from .distributed import BuildRanks, document_shares
-from .format import ENTRY_DTYPE
+from .format import ENTRY_DTYPE, DatastoreError
 from .keys import KeyExtractor
 from .shard import read_documents, write_documents, write_entries
 
@@ -65,7 +65,8 @@ def _merge_parts(parts: list[Path], sdir: Path) -> tuple[int, int]:
     entries = np.concatenate([np.load(p / "entries.npy") for p in parts])
     docs = [d for p in parts for d in read_documents(p)]
     if [d["index"] for d in docs] != list(range(len(docs))):
-        raise AssertionError(f"{sdir}: parts do not hold the documents in order")
+        raise DatastoreError(f"{sdir}: the ranks' parts do not hold the documents in order (were all ranks given "
+                             "the same corpus and config?)")
     with open(sdir / SCRATCH_KEYS, "wb") as out:
         for p in parts:
             with open(p / SCRATCH_KEYS, "rb") as fh:

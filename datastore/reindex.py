@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def reindex_store(store_path: str | Path, factory: str, train_sample: int = 200_
             if len(sample) < 2:
                 raise DatastoreError(f"{store}: too few keys ({len(sample)}) to train a {factory} quantizer")
             if progress:
-                print(f"reindex: training {factory} on {len(sample):,} sampled keys")
+                print(f"reindex: training {factory} on {len(sample):,} sampled keys", file=sys.stderr)
             probe.train(sample)
             quantizer = f"quantizer@g{gen}.faiss"
             faiss.write_index(probe, str(store / quantizer))
