@@ -97,7 +97,7 @@ def main() -> None:
     t_par, r_par = timed(lambda: lm.score(texts, None), repeat=2)
     t_knn, r_knn = timed(lambda: lm.score(texts, lm.retriever("knn", k=32)), repeat=2)
     n_tok = r_par[0].num_tokens
-    print(f"demo store: {store.num_entries:,} entries, index {store.manifest['index']['factory']}")
+    print(f"demo store: {store.num_entries:,} entries, index {store.manifest.index.factory}")
     print(f"  scoring: parametric {n_tok / t_par:,.0f} tok/s, kNN-LM {n_tok / t_knn:,.0f} tok/s "
           f"-> kNN-LM / parametric = {t_par / t_knn:.3f}")
 

@@ -2,7 +2,9 @@
 one FAISS index per shard (a quantizer trained once and shared when the index type needs training).
 
 The store is written in a temporary folder beside `output_dir`, fsynced, and swapped into place whole,
-so readers see the old store or the new one.
+so readers see the old store or the new one. Under ``accelerate launch`` the encoding is shared by the
+processes (`encode.py`, `distributed.py`) and the main process does the rest; each shard keeps its keys
+(keys.npy, float16) for `silo datastore reindex`.
 
 A rebuild over an existing store is bound by its owners' opt-outs: every removal recorded there (owner,
 shards, documents, and copies of removed documents by content hash) is left out of the new build, the
@@ -13,9 +15,9 @@ the records to the swap, so a removal cannot slip in between.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
+from contextlib import nullcontext
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -30,15 +32,17 @@ from silo.core.corpus import Document, load_documents
 from silo.core.files import fsync_tree, swap_dir_atomic
 from silo.core.fingerprint import model_fingerprint
 from silo.core.models import load_lm
-from silo.core.text import sentence_of_offsets, sentence_spans
 
+from .distributed import BuildRanks
+from .encode import SCRATCH_KEYS, encode_shares
 from .format import (
-    ENTRY_DTYPE, GATE_FILE, MANIFEST, DatastoreError, IndexRef, Manifest, ModelRef, ShardRecord, now, store_lock,
+    GATE_FILE, MANIFEST, DatastoreError, IndexRef, Manifest, ModelRef, ShardRecord, now, store_lock,
 )
 from .journal import append_journal
 from .removal_records import Exclusions, read_exclusions
 from .keys import KeyExtractor
-from .shard import write_documents, write_entries, write_index, write_shard_info
+from .keys_store import keys_from_f32
+from .shard import write_index, write_shard_info
 from .store import Datastore
 
 
@@ -47,6 +51,7 @@ class IndexSpec(StageConfig):
     nprobe: int = Field(16, gt=0)  # IVF lists visited per query
     train_sample: int = Field(200_000, gt=0)  # keys sampled to train an IVF/PQ quantizer
     device: Literal["cpu", "cuda"] = "cpu"
+    mmap: bool = True  # readers map the shards instead of reading them (recorded in the manifest)
 
 
 class DatastoreConfig(StageConfig):
@@ -97,10 +102,12 @@ def _first_chars(docs: list[Document], budget: int) -> list[Document]:
     return kept
 
 
-def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: str = "") -> Datastore:
-    """Build a store from a corpus and a model; the finished store replaces `output_dir` atomically."""
+def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: str = "") -> Datastore | None:
+    """Build a store from a corpus and a model; the finished store replaces `output_dir` atomically.
+    Under accelerate, ranks other than the main one return None once their share is encoded."""
     import torch
 
+    ranks = BuildRanks.from_env()  # one process unless launched by accelerate (distributed.py)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
@@ -108,19 +115,23 @@ def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: 
         raise DatastoreError(f"{out} already holds a store; pass --overwrite (datastore.overwrite: true) to replace it")
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise DatastoreError(f"{out} exists and is not a datastore; choose an empty or new output_dir")
-    model, tokenizer = load_lm(cfg.model, "cuda" if cfg.index.device == "cuda" else "cpu")
+    model, tokenizer = load_lm(cfg.model, ranks.device or ("cuda" if cfg.index.device == "cuda" else "cpu"))
     fp = model_fingerprint(model, tokenizer)
     docs = load_documents(cfg.corpus, cfg.domains)
     if not docs:
         raise DatastoreError(f"datastore.corpus: no documents in {cfg.corpus} (domains {cfg.domains})")
-    with store_lock(out):
-        return _build(cfg, out, model, tokenizer, fp, docs, progress, config_source)
+    # Only the main process takes the store's lock (the others would wait on it while it waits for them at
+    # the barrier); it reads the removal records under the lock and sends them to every rank, so all ranks
+    # leave out the same documents and a removal cannot slip in before the swap.
+    with store_lock(out) if ranks.is_main else nullcontext():
+        return _build(cfg, out, model, tokenizer, fp, docs, progress, config_source, ranks)
 
 
 def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: list[Document], progress: bool,
-           config_source: str) -> Datastore:
-    previous = Manifest.read(out) if (out / MANIFEST).exists() else None
-    excl = read_exclusions(out) if previous is not None else Exclusions()
+           config_source: str, ranks: BuildRanks) -> Datastore | None:
+    previous = Manifest.read(out) if ranks.is_main and (out / MANIFEST).exists() else None
+    excl = ranks.broadcast(read_exclusions(out) if previous is not None else Exclusions())
+    progress = progress and ranks.is_main
     if excl:
         kept = [d for d in docs if not excl.excludes(d.id, d.owner, d.sha256,
                                                      slug(d.owner if cfg.shard_by == "owner" else (d.domain or "default")))]
@@ -137,42 +148,20 @@ def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: lis
     if cfg.max_chars_per_shard:
         groups = {k: _first_chars(v, cfg.max_chars_per_shard) for k, v in groups.items()}
 
-    tmp = out.with_name(f".{out.name}.tmp-build-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "shards").mkdir(parents=True)
+    tmp = ranks.shared_tmp(out)
+    if ranks.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "shards").mkdir(parents=True)
+    ranks.barrier()
     extractor = KeyExtractor(model, tokenizer, cfg.window, cfg.stride, cfg.batch_size)
     key_dim = model.get_output_embeddings().in_features
     t0 = time.time()
-    total_chars = sum(len(d.text) for d in docs)
-    bar = tqdm(total=total_chars, desc="datastore: encoding", unit="char", unit_scale=True,
-               disable=not progress or None)
-    shard_recs: list[ShardRecord] = []
-    for key, group in groups.items():
-        name = slug(key)
-        sdir = tmp / "shards" / name
-        sdir.mkdir()
-        entry_parts, doc_recs = [], []
-        with open(sdir / "keys.f32", "wb") as kf:
-            for dk in extractor.iter_documents([d.text for d in group]):
-                doc = group[dk.doc_index]
-                spans = sentence_spans(doc.text)
-                sent = np.asarray(sentence_of_offsets(spans, dk.char_offsets.tolist()), dtype=np.int32)
-                rows = np.empty(len(dk.keys), dtype=ENTRY_DTYPE)
-                rows["token"], rows["doc"], rows["pos"], rows["sent"] = dk.next_tokens, dk.doc_index, dk.positions, sent
-                entry_parts.append(rows)
-                kf.write(dk.keys.tobytes())
-                doc_recs.append({"index": dk.doc_index, "id": doc.id, "owner": doc.owner, "license": doc.license,
-                                 "tier": doc.tier, "title": doc.title, "source": doc.source, "url": doc.url,
-                                 "domain": doc.domain, "sha256": doc.sha256, "tokens": int(len(dk.keys)),
-                                 "sentences": [list(s) for s in spans], "text": doc.text})
-                bar.update(len(doc.text))
-        entries = np.concatenate(entry_parts) if entry_parts else np.zeros(0, ENTRY_DTYPE)
-        write_entries(sdir, entries)
-        write_documents(sdir, doc_recs)
-        shard_recs.append(ShardRecord(name=name, owner=key if cfg.shard_by == "owner" else "", dir=f"shards/{name}",
-                                      entries=int(len(entries)), documents=len(doc_recs)))
-    bar.close()
+    counts = encode_shares(ranks, extractor, groups, tmp, slug, progress)
+    if counts is None:
+        return None  # this rank's share is written; the main process indexes and publishes the store
+    shard_recs = [ShardRecord(name=slug(key), owner=key if cfg.shard_by == "owner" else "", dir=f"shards/{slug(key)}",
+                              entries=n, documents=nd) for key, (n, nd) in counts.items()]
     encode_s = time.time() - t0
     n_total = sum(r.entries for r in shard_recs)
 
@@ -192,12 +181,12 @@ def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: lis
     for rec in tqdm(shard_recs, desc="datastore: indexing", unit="shard", disable=not progress or None):
         sdir = tmp / rec.dir
         index = faiss.read_index(str(trained)) if trained else faiss.index_factory(key_dim, cfg.index.factory, faiss.METRIC_L2)
-        keys = np.memmap(sdir / "keys.f32", dtype=np.float32, mode="r").reshape(-1, key_dim)
+        keys = np.memmap(sdir / SCRATCH_KEYS, dtype=np.float32, mode="r").reshape(-1, key_dim)
         for i in range(0, len(keys), 65536):
             index.add(np.ascontiguousarray(keys[i:i + 65536]))
         del keys
         write_index(sdir, index)
-        (sdir / "keys.f32").unlink()
+        keys_from_f32(sdir, sdir / SCRATCH_KEYS, key_dim)  # kept once, float16, for reindexing
         rec.checksum = write_shard_info(sdir, {
             "name": rec.name, "owner": rec.owner, "entries": rec.entries, "documents": rec.documents,
             "created": now(), "key_dim": key_dim, "index_factory": cfg.index.factory,
@@ -210,9 +199,9 @@ def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: lis
         generation=generation, created=now(), updated=now(), lineage=lineage,
         model=ModelRef(fingerprint=fp, path=cfg.model, key_dim=key_dim, vocab_size=len(tokenizer)),
         index=IndexRef(factory=cfg.index.factory, metric="l2", nprobe=cfg.index.nprobe,
-                       quantizer="quantizer.faiss" if trained else None),
+                       quantizer="quantizer.faiss" if trained else None, mmap=cfg.index.mmap),
         build={"window": cfg.window, "stride": cfg.stride, "config_source": config_source,
-               "config": cfg.model_dump(exclude={"overwrite"}),
+               "config": cfg.model_dump(exclude={"overwrite"}), "processes": ranks.world,
                "encode_seconds": round(encode_s, 2), "index_seconds": round(index_s, 2)},
         shards=shard_recs)
     manifest.write(tmp)
@@ -240,7 +229,7 @@ def _sample_keys(tmp: Path, shard_recs: list[ShardRecord], dim: int, n: int, see
     take = np.sort(rng.choice(total, size=min(n, total), replace=False))
     out, base = [], 0
     for rec in shard_recs:
-        keys = np.memmap(tmp / rec.dir / "keys.f32", dtype=np.float32, mode="r").reshape(-1, dim)
+        keys = np.memmap(tmp / rec.dir / SCRATCH_KEYS, dtype=np.float32, mode="r").reshape(-1, dim)
         local = take[(take >= base) & (take < base + rec.entries)] - base
         out.append(np.asarray(keys[local]))
         base += rec.entries

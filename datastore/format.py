@@ -105,6 +105,7 @@ class IndexRef:
     metric: str = "l2"
     nprobe: int = 16
     quantizer: str | None = None  # "quantizer.faiss" when trained (IVF/PQ)
+    mmap: bool = True  # readers map the shards (datastore/ondisk.py) unless they ask otherwise
     extra: dict = field(default_factory=dict)
 
 

@@ -2,9 +2,11 @@
 
     shards/<dir>/
       index.faiss      the keys; an entry's FAISS id is its row in entries.npy
+      keys.npy         the keys once more, float16 [entries, key_dim], memory-mappable (keys_store.py);
+                       absent in stores built before it existed
       entries.npy      structured array ENTRY_DTYPE: token (next-token id), doc, pos, sent
       documents.jsonl  the shard's documents: index, id, owner, licence, tier, title, sentences, text ...
-      shard.json       counts, key dim, index factory, checksums of the three files, created, built-from
+      shard.json       counts, key dim, index factory, checksums of the files above, created, built-from
       blocks/          RIC-LM text blocks (datastore/blocks.py), optional
 
 This module is the only writer of these files (`write_shard`, `compact_shard`); the build and the
@@ -27,6 +29,8 @@ from silo.core.files import crash_point, fsync_path, sha256_file, write_json_ato
 
 from .faiss_utils import compact_index, search_params, to_gpu
 from .format import ENTRY_DTYPE, SHARD_FILES, DatastoreError, ShardMissing, ShardRecord, now
+from .keys_store import KEYS_FILE, has_keys, write_filtered_keys
+from .ondisk import LazyDocuments, read_index_mmap
 
 
 def read_documents(shard_dir: Path) -> list[dict]:
@@ -85,17 +89,22 @@ def write_shard_info(sdir: Path, info: dict) -> str:
     """shard.json with the checksums of the shard's files (written first); returns its sha256, which the
     manifest records."""
     sdir = Path(sdir)
-    files = [f for f in SHARD_FILES + ("sentences.npy",) if (sdir / f).exists()]
+    files = SHARD_FILES + ((KEYS_FILE,) if has_keys(sdir) else ())  # keys.npy: optional (older stores)
+    files += ("sentences.npy",) if (sdir / "sentences.npy").exists() else ()  # optional (older stores)
     info = {**info, "checksums": {f: sha256_file(sdir / f) for f in files}}
     write_json_atomic(sdir / "shard.json", info)
     return sha256_file(sdir / "shard.json")
 
 
-def write_shard(sdir: Path, index: faiss.Index, entries: np.ndarray, documents: list[dict], info: dict) -> str:
-    """All of a shard's files into `sdir` (each fsynced), shard.json last; returns shard.json's sha256."""
+def write_shard(sdir: Path, index: faiss.Index, entries: np.ndarray, documents: list[dict], info: dict,
+                keys_from: tuple[Path, np.ndarray] | None = None) -> str:
+    """All of a shard's files into `sdir` (each fsynced), shard.json last; returns shard.json's sha256.
+    `keys_from` (source shard folder, keep mask) carries the stored keys of the kept rows."""
     if index.ntotal != len(entries):
         raise DatastoreError(f"{sdir}: {index.ntotal} keys for {len(entries)} entries")
     write_index(sdir, index)
+    if keys_from is not None:
+        write_filtered_keys(keys_from[0], sdir, keys_from[1])
     write_entries(sdir, entries)
     crash_point("mid_compaction_write")
     write_documents(sdir, documents)
@@ -120,22 +129,27 @@ class Shard:
     checksum: str | None = None  # of shard.json: which version of the shard this is (reuse across snapshots)
 
     @classmethod
-    def load(cls, store_dir: Path, rec: ShardRecord, device: str = "cpu") -> "Shard":
+    def load(cls, store_dir: Path, rec: ShardRecord, device: str = "cpu", mmap: bool = False) -> "Shard":
+        """`mmap`: map the index, entries and documents instead of reading them (ondisk.py): opening
+        costs the same at any shard size and pages are read as searches touch them (CPU only)."""
         d = Path(store_dir) / rec.dir
         for f in SHARD_FILES:
             if not (d / f).exists():
                 raise ShardMissing(f"{d / f}: missing; the store is damaged (shard {rec.name})")
-        index = faiss.read_index(str(d / "index.faiss"))
+        if mmap and device != "cuda":
+            index = read_index_mmap(d / "index.faiss")
+        else:
+            index = faiss.read_index(str(d / "index.faiss"))
         if device == "cuda":
             index = to_gpu(index)
         entries = np.load(d / "entries.npy", mmap_mode="r")
         if index.ntotal != len(entries):
             raise DatastoreError(f"{d}: index holds {index.ntotal} keys but entries.npy {len(entries)} rows")
-        documents = read_documents(d)
-        # stores written before the lookup index existed get it in memory, from the documents just read
+        docs = LazyDocuments(d / "documents.jsonl", rec.documents) if mmap and device != "cuda" else read_documents(d)
+        # stores written before the lookup index existed get it in memory, from the documents
         sentences = np.load(d / "sentences.npy", mmap_mode="r") if (d / "sentences.npy").exists() \
-            else sentence_index(documents)
-        shard = cls(name=rec.name, owner=rec.owner, dir=d, index=index, entries=entries, documents=documents,
+            else sentence_index(list(docs))
+        shard = cls(name=rec.name, owner=rec.owner, dir=d, index=index, entries=entries, documents=docs,
                     sentences=sentences, checksum=rec.checksum)
         shard.live_entries = len(entries)
         return shard
@@ -204,7 +218,8 @@ def compact_shard(store_dir: Path, rec: ShardRecord, new_rel: str) -> tuple[Shar
     info_path = old_dir / "shard.json"
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
     info.update(compacted=now(), compacted_from=rec.dir, removed_documents=len(docs) - len(kept_docs))
-    checksum = write_shard(new_dir, index, new_entries, kept_docs, info)
+    keys_from = (old_dir, keep) if has_keys(old_dir) else None  # stored keys follow their entries
+    checksum = write_shard(new_dir, index, new_entries, kept_docs, info, keys_from)
     new = ShardRecord(name=rec.name, owner=rec.owner, dir=new_rel, entries=int(len(new_entries)),
                       documents=len(kept_docs), checksum=checksum, extra=dict(rec.extra))
     return new, remap

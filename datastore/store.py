@@ -2,7 +2,8 @@
 
 A `Datastore` is one manifest generation (see `format.py`): searches never see a half-applied change,
 and a writer (build, removal) publishes a new generation that readers open — or a server swaps in —
-as a whole. Shards are loaded by `shard.Shard`; tombstoned documents are hidden by a FAISS IDSelector.
+as a whole. Shards are loaded by `shard.Shard` (memory-mapped by default: `ondisk.py`); tombstoned
+documents are hidden by a FAISS IDSelector; shards are searched in parallel (`parallel.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .format import DatastoreError, FingerprintMismatch, Manifest, ShardMissing, StaleGeneration
+from .parallel import map_shards
 from .shard import Shard
 
 
@@ -47,20 +49,25 @@ class Datastore:
     shards: list[Shard]
     device: str = "cpu"
     _cache: dict = field(default_factory=dict, repr=False)
+    parallel: bool = True  # search the shards on threads (results identical to the sequential loop)
 
     @classmethod
     def open(cls, path: str | Path, fingerprint: str | None = None, device: str = "cpu",
-             reuse: "Datastore | None" = None, retries: int = 5) -> "Datastore":
+             reuse: "Datastore | None" = None, retries: int = 5, mmap: bool | None = None) -> "Datastore":
         """Open the current generation. With `fingerprint`, refuse a store built for another model.
 
-        `reuse` is a previously opened snapshot: shards whose folder and checksum did not change are shared
-        with it instead of being read again, so picking up a removal costs only what changed. A removal may delete
+        `mmap` maps indexes, entries and documents instead of reading them (opening time and memory do not
+        grow with the store); None takes the manifest's `index.mmap` (on unless the build said otherwise).
+        It applies on CPU; a cuda store is read and copied to the GPU.
+
+        `reuse` is a previously opened snapshot: shards whose folder and checksum did not change are shared with it
+        instead of being read again, so picking up a removal costs only what changed. A removal may delete
         a folder between our reading the manifest and loading its shard; the open is then retried
         (`retries` times) with a fresh manifest, which no longer names the deleted folder.
         """
         for attempt in range(retries + 1):
             try:
-                return cls._open(Path(path), fingerprint, device, reuse)
+                return cls._open(Path(path), fingerprint, device, reuse, mmap)
             except ShardMissing:
                 if attempt == retries:
                     raise
@@ -68,8 +75,10 @@ class Datastore:
         raise AssertionError("unreachable")
 
     @classmethod
-    def _open(cls, path: Path, fingerprint: str | None, device: str, reuse: "Datastore | None") -> "Datastore":
+    def _open(cls, path: Path, fingerprint: str | None, device: str, reuse: "Datastore | None",
+              mmap: bool | None = None) -> "Datastore":
         manifest = Manifest.read(path)
+        mmap = manifest.index.mmap if mmap is None else mmap
         if fingerprint is not None and manifest.model.fingerprint != fingerprint:
             raise FingerprintMismatch(
                 f"{path}: the store was built for model {manifest.model.fingerprint[:23]}... "
@@ -81,7 +90,7 @@ class Datastore:
         for rec in manifest.shards:
             base = loaded.get(rec.dir)
             if base is None or base.checksum != rec.checksum:  # a folder name can come back with other content
-                base = Shard.load(path, rec, device)
+                base = Shard.load(path, rec, device, mmap=mmap)
             cache[rec.dir] = base
             shards.append(base.with_removed(frozenset(rec.removed_docs), manifest.index.nprobe))
         return cls(path=path, manifest=manifest, shards=shards, device=device, _cache=cache)
@@ -121,11 +130,15 @@ class Datastore:
             raise DatastoreError(f"queries must be [n, {self.key_dim}], got {list(q.shape)}")
         n = len(q)
         ds, ts, ss, ids = [], [], [], []
-        for si, shard in enumerate(self.shards):
+
+        def one(si: int, shard: Shard):
             kk = min(k, shard.live_entries)
-            if kk <= 0:
+            return shard.search(q, kk) if kk > 0 else None
+
+        for si, (shard, res) in enumerate(zip(self.shards, map_shards(one, self.shards, self.parallel))):
+            if res is None:
                 continue
-            D, I = shard.search(q, kk)
+            D, I = res
             valid = I >= 0
             tok = shard.entries["token"][np.where(valid, I, 0)]
             ds.append(np.where(valid, D, np.inf).astype(np.float32))

@@ -1,4 +1,5 @@
-"""`silo datastore build | info | build-blocks | remove | removals | receipt | lookup | verify-journal | resume`.
+"""`silo datastore build | info | reindex | build-blocks | remove | removals | receipt | lookup | verify-journal |
+resume`.
 
 Thin wrappers over `silo.datastore` (build, blocks, the removal state machine, lookup) and
 `silo.workflows.removal.remove_and_verify`. Errors are `DatastoreError`s (exit 2 via `silo.cli.main`);
@@ -7,6 +8,7 @@ Thin wrappers over `silo.datastore` (build, blocks, the removal state machine, l
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +25,8 @@ def cmd_build(args) -> int:
     overrides = {"overwrite": True} if args.overwrite else {}
     cfg = load_section(args.config, "datastore", DatastoreConfig, overrides)
     store = build_datastore(cfg, config_source=args.config)
-    print(json.dumps(store.summary(), indent=1))
+    if store is not None:  # None on the other ranks of an `accelerate launch` build: the main one prints
+        print(json.dumps(store.summary(), indent=1))
     return 0
 
 
@@ -44,6 +47,14 @@ def cmd_info(args) -> int:
         g["warnings"] = gate.report.get("warnings", [])
         out["gate"] = g
     print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_reindex(args) -> int:
+    from silo.workflows.reindex import reindex_with_report
+
+    _print(reindex_with_report(args.store, args.factory, args.train_sample, args.nprobe, val=args.val,
+                               model=args.model, k=args.k, max_tokens=args.max_tokens, queries=args.queries))
     return 0
 
 
@@ -175,6 +186,30 @@ def register(sub) -> None:
     di = ds.add_parser("info", help="generation, shards and entry counts of a store")
     di.add_argument("store")
     di.set_defaults(func=cmd_info)
+    ri = ds.add_parser(
+        "reindex", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="new FAISS indexes for every shard from the stored keys (no LM pass), as a new generation",
+        description="Build a new index of type --factory for every shard from its stored keys (keys.npy), "
+                    "with one quantizer trained on keys sampled across the shards and shared by all, as a new "
+                    "generation: new shard folders, then one manifest write, then the old folders are deleted "
+                    "(a crash leaves the old or the new generation; `silo datastore resume` cleans up). Prints "
+                    "recall@k against exact search over the stored keys and, with --val, the perplexity of the "
+                    "validation text before and after under the store's served mixture.",
+        epilog="example:\n  silo datastore reindex runs/demo/store --factory IVF1024,PQ32 --nprobe 32 "
+               "--val pkg:demo/val")
+    ri.add_argument("store", help="datastore folder")
+    ri.add_argument("--factory", required=True,
+                    help='FAISS index_factory string, e.g. "IVF4096,PQ64", "IVF1024,SQ8", "Flat"')
+    ri.add_argument("--train-sample", type=int, default=200_000,
+                    help="keys sampled to train the shared quantizer (default: %(default)s)")
+    ri.add_argument("--nprobe", type=int, help="IVF lists visited per query (default: keep the store's)")
+    ri.add_argument("--val", nargs="+", metavar="CORPUS",
+                    help="validation corpus: recall queries from its keys, and perplexity before/after")
+    ri.add_argument("--model", help="model for --val (default: the manifest's model path)")
+    ri.add_argument("--k", type=int, default=32, help="recall@k is reported for 1, 10 and k (default: %(default)s)")
+    ri.add_argument("--max-tokens", type=int, default=4000, help="validation tokens per domain (default: %(default)s)")
+    ri.add_argument("--queries", type=int, default=512, help="queries for recall (default: %(default)s)")
+    ri.set_defaults(func=cmd_reindex)
     fg = ds.add_parser("fit-gate", help="fit the store's per-token mixture gate (and retrieval skipping) on "
                                          "validation text; saved as STORE/gate.json")
     fg.add_argument("--config", required=True, help="YAML file with a gate section (model, store, val, ...)")

@@ -182,6 +182,25 @@ def score_windows(lm, cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemb
                     np.concatenate(owner), np.concatenate(used), [h[:n_blocks] for h in hits])
 
 
+@torch.inference_mode()
+def copy_test(lm, text: str, tokens: int | None = None) -> dict:
+    """Can the model copy from its context? RIC-LM's gain rests on it: the retrieved block holds the text
+    that follows, but only a model that reads it off its context profits. `text`'s first `tokens` tokens
+    (default: as many as fit twice in the context) are scored twice in one sequence, [BOS] P P; returns the
+    perplexity of the first and of the second copy and their ratio. A model with induction heads scores
+    the second copy near perplexity 1; a ratio near 1 means the model ignores what its context says."""
+    n = min(tokens or lm.context_length, (lm.context_length - 1) // 2)
+    ids = lm.encode(text)[:n]
+    if len(ids) < 2:
+        raise SiloInputError("copy_test: the text has fewer than 2 tokens", "text")
+    n = len(ids)
+    x = torch.tensor([[lm.tokenizer.eos_token_id] + ids + ids], device=lm.device)
+    _, logits, _ = lm.forward(x, torch.ones_like(x))
+    lp = torch.log_softmax(logits[0, :-1].float(), -1).gather(1, x[0, 1:, None])[:, 0].double().cpu().numpy()
+    first, second = float(math.exp(-lp[:n].mean())), float(math.exp(-lp[n:].mean()))
+    return {"tokens": n, "ppl_first": first, "ppl_second": second, "ratio": second / first}
+
+
 def ric_collect(lm, texts: Sequence[str], ric: RICConfig | dict | None = None,
                 blocks: BlockStore | None = None, max_positions: int | None = None) -> RICBatch:
     """Score texts in RIC mode (see the module docstring); `max_positions` stops after that many positions."""

@@ -1,0 +1,128 @@
+"""Stores larger than RAM: a shard opened memory-mapped instead of read.
+
+* the FAISS index through FAISS's own IO flags: ``IO_FLAG_MMAP_IFC`` maps the codes of flat-coded indexes
+  (Flat, SQ, PQ ...) in place, and IVF indexes are re-opened with ``IO_FLAG_MMAP``, which turns their
+  inverted lists into read-only ``OnDiskInvertedLists`` over the index file itself (what FAISS's
+  ``contrib/ondisk.py`` builds, without a second file);
+* entries.npy and keys.npy with ``np.load(mmap_mode="r")``;
+* documents.jsonl as a mapped file whose line offsets are found on first use (`LazyDocuments`): opening
+  reads nothing, a document is parsed when it is asked for (attribution, provenance), and the few most
+  recent are cached.
+
+Opening is then a few small reads per shard whatever the store's size, and resident memory grows only with
+the pages searches touch (file-backed, so the kernel can drop them again). A mapping stays valid after a
+removal deletes the folder, so a snapshot keeps working until it is released. Index types FAISS cannot
+map are read whole, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .faiss_utils import ivf_of
+from .format import DatastoreError
+
+_NEWLINE = 10
+_SCAN = 1 << 26  # bytes per chunk when scanning documents.jsonl for line ends
+
+
+def read_index_mmap(path: Path) -> faiss.Index:
+    """`path` opened memory-mapped when FAISS can map its type (see the module docstring), else read.
+
+    The first read maps flat-coded indexes and refuses IVF ones cheaply (it stops at their inverted lists);
+    those are then opened with IO_FLAG_MMAP, so every index is read once."""
+    path = str(path)
+    probe_flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY
+    try:
+        index = faiss.read_index(path, probe_flags)
+        if ivf_of(index) is None:
+            return index
+    except RuntimeError:
+        pass  # an IVF index (its inverted lists cannot be skipped with these flags)
+    try:
+        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        return faiss.read_index(path)  # a type FAISS cannot map: read it whole
+
+
+def is_mapped(index: faiss.Index) -> bool:
+    """True when the index's bulk data is a file mapping rather than heap memory (for tests and reports)."""
+    ivf = ivf_of(index)
+    if ivf is not None:
+        return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+    flat = faiss.downcast_index(index)
+    codes = getattr(flat, "codes", None)
+    return bool(codes is not None and getattr(codes, "is_owned", True) is False)
+
+
+class LazyDocuments(Sequence):
+    """documents.jsonl as a read-only sequence of dicts, mapped and parsed on demand.
+
+    `count` is the number of documents the manifest records; it answers ``len`` without reading the file
+    and is checked against the file when the line offsets are first computed."""
+
+    def __init__(self, path: Path, count: int, cache: int = 64):
+        self.path = Path(path)
+        self._count = int(count)
+        size = self.path.stat().st_size
+        # mapped now, so a removal deleting the folder later does not pull the text from under us
+        self._buf = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self._starts: np.ndarray | None = None
+        self._ends: np.ndarray | None = None
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._cache_size = cache
+        self._lock = threading.Lock()
+
+    def _index(self) -> None:
+        with self._lock:
+            if self._starts is not None:
+                return
+            ends = [np.flatnonzero(self._buf[i:i + _SCAN] == _NEWLINE) + i for i in range(0, len(self._buf), _SCAN)]
+            e = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+            if len(self._buf) and (not len(e) or e[-1] != len(self._buf) - 1):
+                e = np.append(e, len(self._buf))  # a last line without a newline
+            s = np.concatenate([[0], e[:-1] + 1]) if len(e) else np.zeros(0, np.int64)
+            nonblank = e > s
+            s, e = s[nonblank], e[nonblank]
+            if len(s) != self._count:
+                raise DatastoreError(f"{self.path}: {len(s)} documents, the manifest records {self._count}")
+            self._starts, self._ends = s.astype(np.int64), e.astype(np.int64)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _get(self, i: int) -> dict:
+        with self._lock:
+            hit = self._cache.get(i)
+            if hit is not None:
+                self._cache.move_to_end(i)
+                return hit
+        if self._starts is None:
+            self._index()
+        doc = json.loads(bytes(self._buf[self._starts[i]:self._ends[i]]).decode("utf-8"))
+        with self._lock:
+            self._cache[i] = doc
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return doc
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._get(j) for j in range(*i.indices(self._count))]
+        i = int(i)
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError(f"document {i} out of range ({self._count} in {self.path})")
+        return self._get(i)
+
+    def __iter__(self):
+        for i in range(self._count):
+            yield self._get(i)
