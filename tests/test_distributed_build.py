@@ -77,7 +77,8 @@ def test_two_process_build_equals_the_single_process_build(dist_store, tiny_stor
         assert np.allclose(x.index.reconstruct_n(0, x.index.ntotal), y.index.reconstruct_n(0, y.index.ntotal),
                            rtol=1e-3, atol=1e-4)
         info = json.loads((y.dir / "shard.json").read_text())
-        assert set(info["checksums"]) == {"index.faiss", "entries.npy", "documents.jsonl", "keys.npy"}
+        assert set(info["checksums"]) == {"index.faiss", "entries.npy", "documents.jsonl", "keys.npy", "sentences.npy"}
+        assert np.array_equal(np.asarray(x.sentences), np.asarray(y.sentences))  # the Lookup index too
     assert not list(dist_store.parent.glob(".store.tmp-build-*"))  # no scratch left beside it
     assert not (dist_store / "parts").exists()
     ok, msg, n = verify_store_journal(dist_store)
