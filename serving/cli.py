@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from silo.core.licenses import TIERS
+
 
 def cmd_serve(args) -> int:
     from .config import load_serve_config
@@ -231,7 +233,8 @@ def register(subparsers) -> None:
         p.add_argument("--max-verbatim-chars", type=int,
                        help="cap on a verbatim span of any one store document (only lowers the server's caps)")
         p.add_argument("--exclude-owner", action="append", help="never surface this owner's documents (repeatable)")
-        p.add_argument("--exclude-tier", action="append", help="never surface this licence tier (repeatable)")
+        p.add_argument("--exclude-tier", action="append", choices=TIERS,
+                       help="never surface this licence tier (repeatable)")
         p.add_argument("--require-notices", action="store_true", help="a licence notice for every source")
 
     p = cs.add_parser("complete", help="complete a prompt")

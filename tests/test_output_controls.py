@@ -231,3 +231,26 @@ def test_ric_guard_follows_the_prepended_block(ric_lm):
     ric2 = lm.retriever("ric")
     ric2.prepare(lm, prompt, lm.prompt_ids(prompt), GREEDY, allowed=lm.guard(ric2, policy).allowed)
     assert all(h.owner != hit.owner for h, _ in ric2.used)
+
+
+def test_generate_cli_prints_spans_notices_and_guard_events(tmp_path, tiny_model, tiny_store, copying, capsys):
+    import yaml
+
+    from silo.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "lm": {"model": str(tiny_model), "store": str(tiny_store)},
+        "knn": {"mixture": "fixed", "k": COPY["k"], "lmbda": COPY["lmbda"], "temperature": COPY["temperature"]},
+        "output_policy": {"tiers": {"by": {"max_verbatim_chars": 200}}}}))
+    argv = ["generate", "--config", str(cfg), "--max-tokens", "60", copying[0]]
+    assert main(argv) == 0
+    free = capsys.readouterr().out
+    assert "verbatim: completion [" in free and "licence notices:" in free and "CC-BY-2.5" in free
+    assert "[guard:" not in free  # 200 is not reached
+    assert main(argv + ["--max-verbatim-chars", "24"]) == 0  # the command line tightens the file's cap
+    out = capsys.readouterr().out
+    assert "verbatim (cap 24)" in out and "[guard: at character" in out
+    cfg.write_text(cfg.read_text().replace("by:", "permissive:"))
+    assert main(argv) == 2
+    assert "output_policy.tiers" in capsys.readouterr().err

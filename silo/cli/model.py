@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from silo.core.licenses import TIERS
+
 
 def cmd_eval(args) -> int:
     from silo.core.config import load_section
@@ -73,7 +75,22 @@ def output_policy_from_args(args):
     data = read_yaml(args.config).get("output_policy") if args.config else None
     policy = validate(OutputPolicy, data, prefix="output_policy", source=args.config) if data else OutputPolicy()
     return policy.restricted(args.max_verbatim_chars, args.exclude_owner or (), args.exclude_tier or (),
-                             args.require_notices, prefix="--")
+                             args.require_notices)
+
+
+def verbatim_cap(value: str) -> int:
+    """argparse type of --max-verbatim-chars."""
+    import argparse
+
+    from silo.model.output_policy import MIN_CAP
+
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < MIN_CAP:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_CAP} (got {n})")
+    return n
 
 
 def cmd_generate(args) -> int:
@@ -112,9 +129,10 @@ def register(sub) -> None:
     g.add_argument("--k", type=int, help="neighbours (with --lmbda/--tau: the fixed mixture; default: the gate)")
     g.add_argument("--lmbda", type=float, help="weight of the kNN term: asks for the fixed mixture")
     g.add_argument("--tau", type=float, help="kNN temperature on L2 distances: asks for the fixed mixture")
-    g.add_argument("--max-verbatim-chars", type=int,
+    g.add_argument("--max-verbatim-chars", type=verbatim_cap, metavar="N",
                    help="cap on a verbatim span of any one store document (only lowers output_policy's caps)")
     g.add_argument("--exclude-owner", action="append", help="never surface this owner's documents (repeatable)")
-    g.add_argument("--exclude-tier", action="append", help="never surface documents of this licence tier")
+    g.add_argument("--exclude-tier", action="append", choices=TIERS,
+                   help="never surface documents of this licence tier (repeatable)")
     g.add_argument("--require-notices", action="store_true", help="a licence notice for every source")
     g.set_defaults(func=cmd_generate)
