@@ -22,8 +22,8 @@ document's text after such an occurrence (found by a prefix search over the sort
 ones to block, and the few tokens longer than that window are checked one by one. That document's
 neighbours are dropped from the mixture for the step and the blocked tokens get probability 0 (a
 `GuardEvent` records it), so the longest verbatim span of the completion stays within the cap. A token's
-text is taken as decoded on its own (the tokenizers SILO trains decode token by token); the spans
-themselves are always measured on the decoded completion.
+text is taken as it decodes after a word (`TokenTexts.of`); the spans themselves are always measured on
+the decoded completion.
 
 Not seen: documents that never show up among the neighbours (or RIC blocks) while the overlap grows, and
 spans that start in the prompt (only the completion is measured).
@@ -53,8 +53,16 @@ class TokenTexts:
 
     @classmethod
     def of(cls, tokenizer, vocab_size: int) -> "TokenTexts":
+        """Each token's text as it reads after a word: decoded behind an anchor token, so that tokenizers
+        which drop a leading space when a token is decoded alone (SentencePiece) give it back."""
         n = min(vocab_size, len(tokenizer))
-        return cls([tokenizer.decode([i]) for i in range(n)] + [""] * (vocab_size - n))
+        anchor = tokenizer.encode("a", add_special_tokens=False)[:1]
+        head = tokenizer.decode(anchor) if anchor else ""
+        texts = []
+        for i in range(n):
+            both = tokenizer.decode(anchor + [i]) if anchor else ""
+            texts.append(both[len(head):] if head and both.startswith(head) else tokenizer.decode([i]))
+        return cls(texts + [""] * (vocab_size - n))
 
     def starting_with(self, prefix: str) -> np.ndarray:
         lo = bisect_left(self._sorted, prefix)
