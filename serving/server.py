@@ -32,9 +32,9 @@ from silo.model.lm import SiloLM
 from .config import ServeConfig
 from .dataowner import DataOwnerService
 from .engine import Engine, GenResult
-from .ledger import Ledger, credits_of
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
+from .ledger import Ledger, credits_of
 from .metrics import Metrics
 from .rpc import RpcFailure, _handled, _status_for  # noqa: F401  (re-exported)
 from .requests import SERVED_MODES, Limits, check_messages, complete_request, generation_request, score_request
