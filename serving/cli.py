@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from silo.core.licenses import TIERS
+
 
 def cmd_serve(args) -> int:
     from .config import load_serve_config
@@ -32,7 +34,9 @@ def _client(args):
 def _gen_kwargs(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 stop=args.stop, seed=args.seed, mode=args.mode or None, k=args.k, lmbda=args.lmbda, tau=args.tau,
-                return_attributions=not args.no_attributions)
+                return_attributions=not args.no_attributions, max_verbatim_chars=args.max_verbatim_chars,
+                exclude_owners=args.exclude_owner or None, exclude_tiers=args.exclude_tier or None,
+                require_notices=args.require_notices or None)
 
 
 def _print_completion(resp, as_json: bool, streamed: bool) -> None:
@@ -50,6 +54,13 @@ def _print_completion(resp, as_json: bool, streamed: bool) -> None:
         print(f"- {a.sentence.strip()!r}: parametric {a.parametric_share:.0%}")
         for s in a.sources:
             print(f"    {s.share:.0%} {s.owner} / {s.title or s.document_id} ({s.license}, shard {s.shard})")
+        for v in a.spans:
+            print(f"    verbatim {v.end - v.start} chars [{v.start}:{v.end}] = {v.document_id} [{v.doc_start}:{v.doc_end}]")
+    for n in resp.notices:
+        print(f"notice: {n.text}")
+    for e in resp.guard_events:
+        print(f"guard: at character {e.offset}, steered away from {e.document_id} ({e.span} verbatim characters, "
+              f"cap {e.cap})")
 
 
 def _run_generation(args, method: str, payload) -> int:
@@ -143,6 +154,20 @@ def cmd_removal(args) -> int:
     return 0
 
 
+def cmd_ledger(args) -> int:
+    from .client import to_dict
+
+    with _client(args) as c:
+        r = c.get_ledger(args.owner or "")
+    if args.json:
+        print(json.dumps(to_dict(r), indent=1))
+        return 0
+    print(f"{'owner':<24} {'responses':>9} {'tokens':>12} {'share':>10}  removed")
+    for o in r.owners:
+        print(f"{o.owner:<24} {o.responses:>9} {o.tokens:>12.2f} {o.share:>10.3f}  {o.removed_at or '-'}")
+    return 0
+
+
 def cmd_lookup(args) -> int:
     from .client import to_dict
 
@@ -205,6 +230,12 @@ def register(subparsers) -> None:
         p.add_argument("--seed", type=int)
         p.add_argument("--stream", action="store_true", help="print text as it is generated")
         p.add_argument("--no-attributions", action="store_true")
+        p.add_argument("--max-verbatim-chars", type=int,
+                       help="cap on a verbatim span of any one store document (only lowers the server's caps)")
+        p.add_argument("--exclude-owner", action="append", help="never surface this owner's documents (repeatable)")
+        p.add_argument("--exclude-tier", action="append", choices=TIERS,
+                       help="never surface this licence tier (repeatable)")
+        p.add_argument("--require-notices", action="store_true", help="a licence notice for every source")
 
     p = cs.add_parser("complete", help="complete a prompt")
     p.add_argument("prompt")
@@ -246,6 +277,10 @@ def register(subparsers) -> None:
     p.add_argument("--owner", help="only this owner's requests")
     common(p)
     p.set_defaults(func=_rpc_errors(cmd_removal))
+    p = cs.add_parser("ledger", help="contribution ledger totals (owner token: its own line; admin: every owner)")
+    p.add_argument("--owner", help="only this owner")
+    common(p)
+    p.set_defaults(func=_rpc_errors(cmd_ledger))
     p = cs.add_parser("lookup", help="is a document or passage in the datastore? (exit 3 if not)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--document", help="document id")

@@ -134,6 +134,10 @@ class SiloClient:
         return list(self._owner.ListRemovals(pb.ListRemovalsRequest(owner=owner), timeout=self.timeout,
                                              metadata=self._admin_md()).removals)
 
+    def get_ledger(self, owner: str = "") -> pb.LedgerResponse:
+        """Contribution ledger totals: the token's own owner, or (admin token) every owner / `owner`."""
+        return self._owner.GetLedger(pb.LedgerRequest(owner=owner), timeout=self.timeout, metadata=self._admin_md())
+
     def lookup(self, document_id: str = "", text: str = "") -> pb.LookupResponse:
         return self._owner.Lookup(pb.LookupRequest(document_id=document_id, text=text), timeout=self.timeout,
                                   metadata=self._admin_md())

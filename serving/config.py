@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from silo.core.config import ConfigError, StageConfig, load_section, read_yaml, validate
 from silo.model.knn import KNNConfig
+from silo.model.output_policy import OutputPolicy
 
 
 class ServeConfig(StageConfig):
@@ -18,6 +19,10 @@ class ServeConfig(StageConfig):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)  # 0 = pick a free port
     knn: KNNConfig | None = None  # None: the file's top-level `knn:` section, else KNNConfig defaults
+    # output controls (verbatim caps, notices, disallowed sources); None: the file's top-level
+    # `output_policy:` section, else nothing capped (silo/model/output_policy.py)
+    output_policy: OutputPolicy | None = None
+    ledger: str | None = None  # SQLite file of the contribution ledger (serving/ledger.py); None = off
     max_queue: int = Field(16, ge=1, le=10_000)  # requests waiting for the worker; beyond: RESOURCE_EXHAUSTED
     max_tokens: int = Field(64, ge=1)  # default new tokens when a request does not say
     max_tokens_limit: int = Field(512, ge=1)  # largest max_tokens a request may ask for
@@ -69,14 +74,19 @@ class ServeConfig(StageConfig):
     def resolved_knn(self) -> KNNConfig:
         return self.knn or KNNConfig()
 
+    def resolved_output_policy(self) -> OutputPolicy:
+        return self.output_policy or OutputPolicy()
+
 
 def load_serve_config(path: str | Path, overrides: dict | None = None) -> ServeConfig:
-    """`serve` section of `path`; without `serve.knn`, the file's `knn` section supplies kNN defaults."""
+    """`serve` section of `path`; without `serve.knn` / `serve.output_policy`, the file's top-level `knn` /
+    `output_policy` sections supply them."""
     cfg = load_section(path, "serve", ServeConfig, overrides)
-    if cfg.knn is None:
-        data = read_yaml(path)
-        if isinstance(data.get("knn"), dict):
-            cfg.knn = validate(KNNConfig, data["knn"], prefix="knn", source=str(path))
+    data = read_yaml(path)
+    if cfg.knn is None and isinstance(data.get("knn"), dict):
+        cfg.knn = validate(KNNConfig, data["knn"], prefix="knn", source=str(path))
+    if cfg.output_policy is None and isinstance(data.get("output_policy"), dict):
+        cfg.output_policy = validate(OutputPolicy, data["output_policy"], prefix="output_policy", source=str(path))
     for name in ("tls_cert", "tls_key"):
         p = getattr(cfg, name)
         if p and not Path(p).is_file():

@@ -17,6 +17,9 @@ Compaction then runs on a background thread and the model-based verification on 
 follows received -> applied -> compacted -> verified, or failed with the persisted reason. A server
 started on a store with unfinished removals finishes them first; draining waits for them (a process
 killed meanwhile leaves a store that the next start resumes).
+
+The contribution ledger (serve.ledger) is read here too (`GetLedger`: an owner its own line, the admin
+every owner's), and an applied owner removal stops that owner's credit from then on (history kept).
 """
 
 from __future__ import annotations
@@ -153,6 +156,8 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
                 raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
             self._check_owner_may(caller, pending.targets, pending.removed)
             state = workflow.apply(pending)  # live for every request after this returns
+            if req.kind == "owner" and self.server.ledger is not None:
+                self.server.ledger.mark_removed(req.owner, req.request_id)
         t = threading.Thread(target=self._finish, name=f"removal-{req.request_id}", daemon=True,
                              args=(workflow, pending, not request.skip_verification))
         self._threads[req.request_id] = t
@@ -245,6 +250,32 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
             if request.owner and request.owner not in owners:
                 continue
             out.removals.append(self._status_message(mgr, state, generation))
+        return out
+
+    def sync_ledger(self, store_path) -> None:
+        """Mark in the ledger every owner removed from the store (removal records, e.g. removals made with
+        `silo datastore remove` while no server ran), so they get no new credit."""
+        for state in RemovalManager(store_path).list():
+            r = state.request
+            if r.kind == "owner" and r.owner and state.status in ("applied", "compacted", "verified"):
+                self.server.ledger.mark_removed(r.owner, r.request_id)
+
+    @_handled("GetLedger")
+    def GetLedger(self, request, context, info):
+        caller = self._caller(context)
+        ledger = self.server.ledger
+        if ledger is None:
+            raise RpcFailure(Code.FAILED_PRECONDITION, "this server keeps no contribution ledger (serve.ledger)")
+        owner = request.owner or None
+        if caller[0] == "owner":
+            if owner and owner != caller[1]:
+                raise RpcFailure(Code.PERMISSION_DENIED, f"an owner token for '{caller[1]}' reads only that "
+                                                         f"owner's ledger line, not '{owner}'")
+            owner = caller[1]
+        out = pb.LedgerResponse(responses=ledger.responses() if caller[0] == "admin" else 0)
+        for t in ledger.totals(owner):
+            out.owners.append(pb.OwnerCredit(**vars(t)))
+        info.update(caller=caller[1] or caller[0], owners=len(out.owners))
         return out
 
     @_handled("Lookup")

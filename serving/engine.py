@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from silo.model.lm import SiloLM
+from silo.model.output_policy import NO_POLICY, OutputPolicy, license_notices
 from silo.model.sampling import SamplingParams
-from silo.model.types import ScoreResult, SentenceAttribution, SiloInputError
+from silo.model.types import Notice, ScoreResult, SentenceAttribution, SiloInputError
 
 from .metrics import Metrics
 from .requests import GenRequest, InvalidRequest, ScoreRequest
@@ -53,7 +54,12 @@ class GenResult:
     completion_tokens: int
     mode: str
     store_generation: int | None
+    # per-sentence sources, computed for every retrieval-mode generation (notices and the ledger need them);
+    # sent to the client only when it asked (`return_attributions`)
     attributions: list[SentenceAttribution] = field(default_factory=list)
+    return_attributions: bool = False
+    notices: list[Notice] = field(default_factory=list)
+    guard_events: list = field(default_factory=list)  # silo.model.guard.GuardEvent
 
 
 @dataclass
@@ -105,8 +111,14 @@ class Job:
 
 class Engine:
     def __init__(self, lm: SiloLM, max_queue: int = 16, metrics: Metrics | None = None,
-                 max_score_tokens: int = 4096):
+                 max_score_tokens: int = 4096, policy: OutputPolicy | None = None,
+                 on_result: Callable[[str, GenResult], Any] | None = None):
+        """`policy`: the operator's output controls; `on_result(request_id, result)` is called on the worker
+        with every finished generation before its result is delivered (the server records it in the
+        contribution ledger); a failure there is logged and does not fail the request."""
         self.lm = lm
+        self.policy = policy or NO_POLICY
+        self.on_result = on_result
         self.max_queue = max_queue
         self.max_score_tokens = max_score_tokens
         self.metrics = metrics or Metrics()
@@ -265,13 +277,16 @@ class Engine:
             ids = lm.prompt_ids(req.prompt, field="prompt")
             sampling = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                       top_k=req.top_k, stop=tuple(req.stop), seed=req.seed)
+            policy = self.policy.restricted(req.max_verbatim_chars, req.exclude_owners, req.exclude_tiers,
+                                            req.require_notices, prefix="params.")
         except SiloInputError as exc:
             if exc.field == "prompt":  # a chat request names its messages, not a prompt
                 raise InvalidRequest(req.prompt_field, str(exc).split(": ", 1)[1]) from None
             raise
         t0 = time.monotonic()
         first = True
-        generation = lm.generate(req.prompt, sampling, retriever, should_stop=job.should_stop, prompt_ids=ids)
+        generation = lm.generate(req.prompt, sampling, retriever, should_stop=job.should_stop, prompt_ids=ids,
+                                 policy=policy)
         for step in generation:
             if step.text:
                 if first:
@@ -283,11 +298,25 @@ class Engine:
         self.metrics.tokens.inc(n)
         self.metrics.generation_seconds.inc(time.monotonic() - t0)
         self.metrics.finish.labels(comp.finish_reason).inc()
-        atts = lm.attribute(comp, retriever) if req.attributions else []
+        atts = lm.attribute(comp, retriever, policy) if retriever is not None or req.attributions else []
         job.record.finish_reason = comp.finish_reason
         job.record.prompt_tokens, job.record.completion_tokens = comp.prompt_tokens, n
-        return GenResult(text=comp.text, finish_reason=comp.finish_reason, prompt_tokens=comp.prompt_tokens,
-                         completion_tokens=n, mode=req.mode, store_generation=comp.store_generation, attributions=atts)
+        result = GenResult(text=comp.text, finish_reason=comp.finish_reason, prompt_tokens=comp.prompt_tokens,
+                           completion_tokens=n, mode=req.mode, store_generation=comp.store_generation,
+                           attributions=atts, return_attributions=req.attributions,
+                           notices=license_notices(atts, policy), guard_events=comp.guard_events)
+        self._report(job, result)
+        return result
+
+    def _report(self, job: Job, result: GenResult) -> None:
+        """Hand a finished generation to `on_result` (the contribution ledger), on the worker."""
+        if self.on_result is None or result.finish_reason == "cancelled" and not result.completion_tokens:
+            return
+        try:
+            self.on_result(job.id, result)
+        except Exception:  # noqa: BLE001 - accounting must not take the response down; it is logged
+            log.exception("recording job %s in the ledger failed", job.id)
+            self.metrics.ledger_errors.inc()
 
     def _score(self, req: ScoreRequest) -> ScoreResult:
         n = len(self.lm.encode(req.text))

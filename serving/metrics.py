@@ -34,6 +34,14 @@ class Metrics:
         self.in_flight = Gauge("silo_in_flight", "RPCs being handled", registry=r)
         self.finish = Counter("silo_finish_reasons", "finished generations by finish_reason", ["reason"], registry=r)
         self.store_generation = Gauge("silo_store_generation", "generation of the attached datastore", registry=r)
+        # the contribution ledger (serving/ledger.py), per data owner, since this process started
+        self.owner_tokens = Counter("silo_owner_attributed_tokens", "generated tokens attributed to an owner's "
+                                    "content (share of each sentence * its tokens)", ["owner"], registry=r)
+        self.owner_share = Counter("silo_owner_attributed_share", "sum over responses of an owner's share of the "
+                                   "response's tokens", ["owner"], registry=r)
+        self.owner_responses = Counter("silo_owner_credited_responses", "responses that credited an owner",
+                                       ["owner"], registry=r)
+        self.ledger_errors = Counter("silo_ledger_errors", "responses the ledger failed to record", registry=r)
         self._http = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from silo.core.licenses import TIERS
+from silo.model.output_policy import MIN_CAP
 from silo.model.types import SiloInputError
 
 # Modes the server accepts. SiloLM also knows "ric" (retrieval in context); it needs per-request
@@ -54,6 +56,11 @@ class GenRequest:
     tau: float | None = None
     attributions: bool = False
     prompt_field: str = "prompt"  # for error messages: "prompt" or "messages"
+    # output controls: only ever tighten the server's output_policy
+    max_verbatim_chars: int | None = None
+    exclude_owners: list[str] = field(default_factory=list)
+    exclude_tiers: list[str] = field(default_factory=list)
+    require_notices: bool = False
 
 
 @dataclass
@@ -123,7 +130,21 @@ def generation_request(prompt: str, params, limits: Limits, prompt_field: str = 
     return GenRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       stop=stop, seed=seed, mode=_mode(params.mode, p + "mode", limits),
                       attributions=params.return_attributions, prompt_field=prompt_field,
-                      **_knn_overrides(params, p))
+                      **_knn_overrides(params, p), **_output_controls(params, p))
+
+
+def _output_controls(msg, prefix: str) -> dict:
+    cap = _opt(msg, "max_verbatim_chars")
+    if cap is not None and cap < MIN_CAP:
+        raise InvalidRequest(f"{prefix}max_verbatim_chars", f"must be >= {MIN_CAP} (got {cap})")
+    for i, t in enumerate(msg.exclude_tiers):
+        if t not in TIERS:
+            raise InvalidRequest(f"{prefix}exclude_tiers[{i}]", f"unknown tier {t!r}; tiers are {', '.join(TIERS)}")
+    for i, o in enumerate(msg.exclude_owners):
+        if not o.strip():
+            raise InvalidRequest(f"{prefix}exclude_owners[{i}]", "must not be empty")
+    return dict(max_verbatim_chars=cap, exclude_owners=list(msg.exclude_owners), exclude_tiers=list(msg.exclude_tiers),
+                require_notices=msg.require_notices)
 
 
 def complete_request(msg, limits: Limits) -> GenRequest:

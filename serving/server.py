@@ -34,6 +34,7 @@ from .dataowner import DataOwnerService
 from .engine import Engine, GenResult
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
+from .ledger import Ledger, credits_of
 from .metrics import Metrics
 from .rpc import RpcFailure, _handled, _status_for  # noqa: F401  (re-exported)
 from .requests import SERVED_MODES, Limits, check_messages, complete_request, generation_request, score_request
@@ -50,12 +51,16 @@ def completion_message(res: GenResult, request_id: str) -> pb.CompleteResponse:
                               usage=pb.Usage(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens))
     if res.store_generation is not None:
         msg.store_generation = res.store_generation
-    for a in res.attributions:
+    for a in res.attributions if res.return_attributions else ():
         msg.attributions.append(pb.SentenceAttribution(
-            sentence=a.sentence, start=a.start, end=a.end, parametric_share=a.parametric_share,
+            sentence=a.sentence, start=a.start, end=a.end, parametric_share=a.parametric_share, tokens=a.tokens,
             other_share=a.other_share,
             sources=[pb.AttributionSource(owner=s.owner, document_id=s.document_id, title=s.title, license=s.license,
-                                          shard=s.shard, sentence=s.sentence, share=s.share) for s in a.sources]))
+                                          shard=s.shard, sentence=s.sentence, share=s.share, source=s.source,
+                                          url=s.url) for s in a.sources],
+            spans=[pb.VerbatimSpan(**vars(x)) for x in a.spans]))
+    msg.notices.extend(pb.LicenseNotice(**vars(n), text=n.text()) for n in res.notices)
+    msg.guard_events.extend(pb.GuardEvent(**vars(e)) for e in res.guard_events)
     return msg
 
 
@@ -265,6 +270,7 @@ class SiloServer:
         self._lm = lm  # an already loaded SiloLM (tests, embedding); else loaded from cfg in start()
         self.metrics = Metrics()
         self.store_lock = threading.Lock()  # store changes (swap, reload, removal) one at a time
+        self.ledger: Ledger | None = None  # the contribution ledger (serve.ledger), opened in _load
         self.engine: Engine | None = None
         self.admin_token = cfg.resolved_admin_token()
         self.policy = ""
@@ -350,8 +356,13 @@ class SiloServer:
                 import json
 
                 self.policy = json.loads(prov.read_text(encoding="utf-8")).get("policy", {}).get("name", "")
+            if self.cfg.ledger:
+                self.ledger = Ledger(self.cfg.ledger)
+                if lm.store is not None:
+                    self.dataowner.sync_ledger(lm.store.path)
             self.engine = Engine(lm, max_queue=self.cfg.max_queue, metrics=self.metrics,
-                                 max_score_tokens=self.cfg.max_score_tokens)
+                                 max_score_tokens=self.cfg.max_score_tokens,
+                                 policy=self.cfg.resolved_output_policy(), on_result=self.record_credit)
             resumed = self.dataowner.resume_unfinished()  # removals a previous process left unfinished
             if lm.store is not None:
                 self.metrics.store_generation.set(lm.store.generation)
@@ -365,6 +376,16 @@ class SiloServer:
             log.error("loading failed", exc_info=exc)
         finally:
             self._ready.set()
+
+    def record_credit(self, request_id: str, res: GenResult) -> None:
+        """The engine's hook for each finished generation: credit its owners in the ledger and metrics."""
+        credits = credits_of(res.attributions)
+        if self.ledger is not None:
+            credits = self.ledger.record(request_id, credits, res.completion_tokens, res.mode, res.store_generation)
+        for owner, tokens in credits.items():
+            self.metrics.owner_tokens.labels(owner).inc(tokens)
+            self.metrics.owner_share.labels(owner).inc(tokens / max(1, res.completion_tokens))
+            self.metrics.owner_responses.labels(owner).inc()
 
     def wait_ready(self, timeout: float | None = None) -> "SiloServer":
         if not self._ready.wait(timeout):
@@ -389,6 +410,8 @@ class SiloServer:
         stopped.wait(grace + 1.0)
         if self.engine is not None:
             self.engine.stop()
+        if self.ledger is not None:
+            self.ledger.close()
         self.metrics.close()
         log.info("stopped", extra={"fields": {"event": "stopped", "clean": clean,
                                                "drain_s": round(time.monotonic() - t0, 2)}})

@@ -35,6 +35,7 @@ _EXPORTS = {
     "KNNConfig": "silo.model.knn", "KNNRetriever": "silo.model.knn",
     "RICConfig": "silo.model.ric", "RICRetriever": "silo.model.ric",
     "SamplingParams": "silo.model.sampling",
+    "OutputPolicy": "silo.model.output_policy", "VerbatimGuard": "silo.model.guard",
     "Completion": "silo.model.types", "ScoreResult": "silo.model.types", "SiloInputError": "silo.model.types",
     "Datastore": "silo.datastore.store", "DatastoreConfig": "silo.datastore.build",
     "build_datastore": "silo.datastore.build",

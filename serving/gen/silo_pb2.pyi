@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerationParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "mode", "k", "lmbda", "tau", "return_attributions")
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "mode", "k", "lmbda", "tau", "return_attributions", "max_verbatim_chars", "exclude_owners", "exclude_tiers", "require_notices")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,10 @@ class GenerationParams(_message.Message):
     LMBDA_FIELD_NUMBER: _ClassVar[int]
     TAU_FIELD_NUMBER: _ClassVar[int]
     RETURN_ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERBATIM_CHARS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_OWNERS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_TIERS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_NOTICES_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_p: float
@@ -30,7 +34,11 @@ class GenerationParams(_message.Message):
     lmbda: float
     tau: float
     return_attributions: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., k: _Optional[int] = ..., lmbda: _Optional[float] = ..., tau: _Optional[float] = ..., return_attributions: _Optional[bool] = ...) -> None: ...
+    max_verbatim_chars: int
+    exclude_owners: _containers.RepeatedScalarFieldContainer[str]
+    exclude_tiers: _containers.RepeatedScalarFieldContainer[str]
+    require_notices: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., k: _Optional[int] = ..., lmbda: _Optional[float] = ..., tau: _Optional[float] = ..., return_attributions: _Optional[bool] = ..., max_verbatim_chars: _Optional[int] = ..., exclude_owners: _Optional[_Iterable[str]] = ..., exclude_tiers: _Optional[_Iterable[str]] = ..., require_notices: _Optional[bool] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("prompt", "params")
@@ -65,7 +73,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class AttributionSource(_message.Message):
-    __slots__ = ("owner", "document_id", "title", "license", "shard", "sentence", "share")
+    __slots__ = ("owner", "document_id", "title", "license", "shard", "sentence", "share", "source", "url")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +81,8 @@ class AttributionSource(_message.Message):
     SHARD_FIELD_NUMBER: _ClassVar[int]
     SENTENCE_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
     owner: str
     document_id: str
     title: str
@@ -80,26 +90,90 @@ class AttributionSource(_message.Message):
     shard: str
     sentence: str
     share: float
-    def __init__(self, owner: _Optional[str] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., license: _Optional[str] = ..., shard: _Optional[str] = ..., sentence: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
+    source: str
+    url: str
+    def __init__(self, owner: _Optional[str] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., license: _Optional[str] = ..., shard: _Optional[str] = ..., sentence: _Optional[str] = ..., share: _Optional[float] = ..., source: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
+
+class VerbatimSpan(_message.Message):
+    __slots__ = ("document_id", "owner", "shard", "start", "end", "doc_start", "doc_end")
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    DOC_START_FIELD_NUMBER: _ClassVar[int]
+    DOC_END_FIELD_NUMBER: _ClassVar[int]
+    document_id: str
+    owner: str
+    shard: str
+    start: int
+    end: int
+    doc_start: int
+    doc_end: int
+    def __init__(self, document_id: _Optional[str] = ..., owner: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., doc_start: _Optional[int] = ..., doc_end: _Optional[int] = ...) -> None: ...
 
 class SentenceAttribution(_message.Message):
-    __slots__ = ("sentence", "start", "end", "parametric_share", "sources", "other_share")
+    __slots__ = ("sentence", "start", "end", "parametric_share", "sources", "other_share", "spans", "tokens")
     SENTENCE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PARAMETRIC_SHARE_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     OTHER_SHARE_FIELD_NUMBER: _ClassVar[int]
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     sentence: str
     start: int
     end: int
     parametric_share: float
     sources: _containers.RepeatedCompositeFieldContainer[AttributionSource]
     other_share: float
-    def __init__(self, sentence: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., parametric_share: _Optional[float] = ..., sources: _Optional[_Iterable[_Union[AttributionSource, _Mapping]]] = ..., other_share: _Optional[float] = ...) -> None: ...
+    spans: _containers.RepeatedCompositeFieldContainer[VerbatimSpan]
+    tokens: int
+    def __init__(self, sentence: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., parametric_share: _Optional[float] = ..., sources: _Optional[_Iterable[_Union[AttributionSource, _Mapping]]] = ..., other_share: _Optional[float] = ..., spans: _Optional[_Iterable[_Union[VerbatimSpan, _Mapping]]] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class LicenseNotice(_message.Message):
+    __slots__ = ("document_id", "title", "owner", "license", "source", "url", "share", "text")
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LICENSE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    document_id: str
+    title: str
+    owner: str
+    license: str
+    source: str
+    url: str
+    share: float
+    text: str
+    def __init__(self, document_id: _Optional[str] = ..., title: _Optional[str] = ..., owner: _Optional[str] = ..., license: _Optional[str] = ..., source: _Optional[str] = ..., url: _Optional[str] = ..., share: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class GuardEvent(_message.Message):
+    __slots__ = ("offset", "document_id", "owner", "shard", "span", "cap", "blocked_tokens", "blocked_mass")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    CAP_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_MASS_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    document_id: str
+    owner: str
+    shard: str
+    span: int
+    cap: int
+    blocked_tokens: int
+    blocked_mass: float
+    def __init__(self, offset: _Optional[int] = ..., document_id: _Optional[str] = ..., owner: _Optional[str] = ..., shard: _Optional[str] = ..., span: _Optional[int] = ..., cap: _Optional[int] = ..., blocked_tokens: _Optional[int] = ..., blocked_mass: _Optional[float] = ...) -> None: ...
 
 class CompleteResponse(_message.Message):
-    __slots__ = ("text", "finish_reason", "usage", "attributions", "store_generation", "mode", "request_id")
+    __slots__ = ("text", "finish_reason", "usage", "attributions", "store_generation", "mode", "request_id", "notices", "guard_events")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +181,8 @@ class CompleteResponse(_message.Message):
     STORE_GENERATION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NOTICES_FIELD_NUMBER: _ClassVar[int]
+    GUARD_EVENTS_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: str
     usage: Usage
@@ -114,7 +190,9 @@ class CompleteResponse(_message.Message):
     store_generation: int
     mode: str
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., attributions: _Optional[_Iterable[_Union[SentenceAttribution, _Mapping]]] = ..., store_generation: _Optional[int] = ..., mode: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    notices: _containers.RepeatedCompositeFieldContainer[LicenseNotice]
+    guard_events: _containers.RepeatedCompositeFieldContainer[GuardEvent]
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., attributions: _Optional[_Iterable[_Union[SentenceAttribution, _Mapping]]] = ..., store_generation: _Optional[int] = ..., mode: _Optional[str] = ..., request_id: _Optional[str] = ..., notices: _Optional[_Iterable[_Union[LicenseNotice, _Mapping]]] = ..., guard_events: _Optional[_Iterable[_Union[GuardEvent, _Mapping]]] = ...) -> None: ...
 
 class CompleteChunk(_message.Message):
     __slots__ = ("delta", "done")
@@ -399,3 +477,39 @@ class LookupResponse(_message.Message):
     matched_sentences: int
     matched_chars: int
     def __init__(self, in_store: _Optional[bool] = ..., entries: _Optional[int] = ..., shards: _Optional[_Iterable[str]] = ..., matches: _Optional[_Iterable[_Union[LookupMatch, _Mapping]]] = ..., generation: _Optional[int] = ..., query_sentences: _Optional[int] = ..., matched_sentences: _Optional[int] = ..., matched_chars: _Optional[int] = ...) -> None: ...
+
+class LedgerRequest(_message.Message):
+    __slots__ = ("owner",)
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    def __init__(self, owner: _Optional[str] = ...) -> None: ...
+
+class OwnerCredit(_message.Message):
+    __slots__ = ("owner", "responses", "tokens", "share", "first_credit", "last_credit", "removed", "removed_at", "removal_request")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CREDIT_FIELD_NUMBER: _ClassVar[int]
+    LAST_CREDIT_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_AT_FIELD_NUMBER: _ClassVar[int]
+    REMOVAL_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    responses: int
+    tokens: float
+    share: float
+    first_credit: str
+    last_credit: str
+    removed: bool
+    removed_at: str
+    removal_request: str
+    def __init__(self, owner: _Optional[str] = ..., responses: _Optional[int] = ..., tokens: _Optional[float] = ..., share: _Optional[float] = ..., first_credit: _Optional[str] = ..., last_credit: _Optional[str] = ..., removed: _Optional[bool] = ..., removed_at: _Optional[str] = ..., removal_request: _Optional[str] = ...) -> None: ...
+
+class LedgerResponse(_message.Message):
+    __slots__ = ("owners", "responses")
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    owners: _containers.RepeatedCompositeFieldContainer[OwnerCredit]
+    responses: int
+    def __init__(self, owners: _Optional[_Iterable[_Union[OwnerCredit, _Mapping]]] = ..., responses: _Optional[int] = ...) -> None: ...

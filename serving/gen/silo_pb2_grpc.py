@@ -586,6 +586,11 @@ class DataOwnerStub:
                 request_serializer=silo_dot_v1_dot_silo__pb2.LookupRequest.SerializeToString,
                 response_deserializer=silo_dot_v1_dot_silo__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.GetLedger = channel.unary_unary(
+                '/silo.v1.DataOwner/GetLedger',
+                request_serializer=silo_dot_v1_dot_silo__pb2.LedgerRequest.SerializeToString,
+                response_deserializer=silo_dot_v1_dot_silo__pb2.LedgerResponse.FromString,
+                _registered_method=True)
 
 
 class DataOwnerServicer:
@@ -635,6 +640,14 @@ class DataOwnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLedger(self, request, context):
+        """Contribution ledger: attributed tokens and shares per owner, over every recorded response (needs
+        serve.ledger). An owner token reads its own line only; the admin token reads every owner's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataOwnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -662,6 +675,11 @@ def add_DataOwnerServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=silo_dot_v1_dot_silo__pb2.LookupRequest.FromString,
                     response_serializer=silo_dot_v1_dot_silo__pb2.LookupResponse.SerializeToString,
+            ),
+            'GetLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLedger,
+                    request_deserializer=silo_dot_v1_dot_silo__pb2.LedgerRequest.FromString,
+                    response_serializer=silo_dot_v1_dot_silo__pb2.LedgerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -813,6 +831,33 @@ class DataOwner:
             '/silo.v1.DataOwner/Lookup',
             silo_dot_v1_dot_silo__pb2.LookupRequest.SerializeToString,
             silo_dot_v1_dot_silo__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/silo.v1.DataOwner/GetLedger',
+            silo_dot_v1_dot_silo__pb2.LedgerRequest.SerializeToString,
+            silo_dot_v1_dot_silo__pb2.LedgerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,14 +29,14 @@ def _quiet_libraries() -> None:
 def build_parser() -> argparse.ArgumentParser:
     from silo.serving import cli as serving
 
-    from . import corpus, datastore, demo, model, research, train
+    from . import corpus, datastore, demo, ledger, model, research, train
 
     p = argparse.ArgumentParser(
         prog="silo", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="SILO: an LM trained only on permissive text, with higher-risk text in a kNN datastore "
                     "that can be attributed and removed.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (corpus, train, datastore, model, demo, serving, research):
+    for module in (corpus, train, datastore, model, demo, serving, ledger, research):
         module.register(sub)
     return p
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from silo.core.licenses import TIERS
+
 
 def cmd_eval(args) -> int:
     from silo.core.config import load_section
@@ -53,6 +55,42 @@ def print_attributed(comp, out=None) -> None:
         for s in a.sources:
             print(f"    {100 * s.share:4.0f}%  {s.owner} / {s.document_id} ({s.title}; {s.license})", file=out)
             print(f"          supporting: {s.sentence[:160]!r}", file=out)
+        for v in a.spans:
+            print(f"    verbatim: completion [{v.start}:{v.end}] = {v.document_id} [{v.doc_start}:{v.doc_end}] "
+                  f"{comp.text[v.start:v.end][:100]!r}", file=out)
+    if comp.notices:
+        print("\nlicence notices:", file=out)
+        for n in comp.notices:
+            print(f"  {n.text()}", file=out)
+    for e in comp.guard_events:
+        print(f"\n[guard: at character {e.offset} the completion held {e.span} characters of {e.document_id} "
+              f"verbatim (cap {e.cap}); {e.blocked_tokens} continuing token(s) blocked]", file=out)
+
+
+def output_policy_from_args(args):
+    """The config's `output_policy` section (nothing capped without one), tightened by the command line."""
+    from silo.core.config import read_yaml, validate
+    from silo.model.output_policy import OutputPolicy
+
+    data = read_yaml(args.config).get("output_policy") if args.config else None
+    policy = validate(OutputPolicy, data, prefix="output_policy", source=args.config) if data else OutputPolicy()
+    return policy.restricted(args.max_verbatim_chars, args.exclude_owner or (), args.exclude_tier or (),
+                             args.require_notices)
+
+
+def verbatim_cap(value: str) -> int:
+    """argparse type of --max-verbatim-chars."""
+    import argparse
+
+    from silo.model.output_policy import MIN_CAP
+
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < MIN_CAP:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_CAP} (got {n})")
+    return n
 
 
 def cmd_generate(args) -> int:
@@ -62,7 +100,7 @@ def cmd_generate(args) -> int:
     mode = args.mode if lm.store is not None or args.mode == "parametric" else "parametric"
     sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, stop=tuple(args.stop or ()), seed=args.seed)
-    comp = lm.complete(args.prompt, sampling, lm.retriever(mode))
+    comp = lm.complete(args.prompt, sampling, lm.retriever(mode), policy=output_policy_from_args(args))
     print(args.prompt + "\u2502", end="")
     print_attributed(comp)
     return 0
@@ -76,9 +114,9 @@ def register(sub) -> None:
                    help="keep held-out documents that share 13-grams with the store (left out by default)")
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="complete a prompt and show each sentence's sources")
+    g = sub.add_parser("generate", help="complete a prompt; each sentence's sources and verbatim spans, licence notices")
     g.add_argument("prompt")
-    g.add_argument("--config", help="YAML with 'lm' (model, store) and 'knn' sections")
+    g.add_argument("--config", help="YAML with 'lm' (model, store), 'knn' and 'output_policy' sections")
     g.add_argument("--model", help="model folder or hub id (overrides the config)")
     g.add_argument("--store", help="datastore folder (overrides the config)")
     g.add_argument("--mode", choices=["knn", "parametric"], default="knn")
@@ -91,4 +129,10 @@ def register(sub) -> None:
     g.add_argument("--k", type=int, help="neighbours (with --lmbda/--tau: the fixed mixture; default: the gate)")
     g.add_argument("--lmbda", type=float, help="weight of the kNN term: asks for the fixed mixture")
     g.add_argument("--tau", type=float, help="kNN temperature on L2 distances: asks for the fixed mixture")
+    g.add_argument("--max-verbatim-chars", type=verbatim_cap, metavar="N",
+                   help="cap on a verbatim span of any one store document (only lowers output_policy's caps)")
+    g.add_argument("--exclude-owner", action="append", help="never surface this owner's documents (repeatable)")
+    g.add_argument("--exclude-tier", action="append", choices=TIERS,
+                   help="never surface documents of this licence tier (repeatable)")
+    g.add_argument("--require-notices", action="store_true", help="a licence notice for every source")
     g.set_defaults(func=cmd_generate)

@@ -7,6 +7,9 @@ same mean for the LM term, so a sentence's shares sum to 1; the sources below th
 reported together as `other_share`.
 
 RIC-LM: every sentence is credited to the prepended blocks' documents, split by retrieval rank.
+
+Each sentence also carries its verbatim evidence: the exact spans (at least `span_min_chars` long) it
+shares with its sources' documents, with character offsets in the completion and in the document text.
 """
 
 from __future__ import annotations
@@ -16,11 +19,43 @@ from typing import Sequence
 from silo.core.text import sentence_of_offsets, sentence_spans
 from silo.datastore.store import Datastore
 
-from .types import GenerationStep, SentenceAttribution, Source
+from .types import GenerationStep, SentenceAttribution, Source, Span
+from .verbatim import matching_spans
+
+SPAN_MIN_CHARS = 20  # shortest verbatim span reported (OutputPolicy.span_min_chars)
+
+
+def _source(store: Datastore, shard: int, doc: int, sentence: str, share: float) -> Source:
+    d = store.document(shard, doc)
+    return Source(owner=d["owner"], document_id=d["id"], title=d.get("title", ""), license=d.get("license", ""),
+                  shard=store.shards[shard].name, sentence=sentence, share=share, source=d.get("source", ""),
+                  url=d.get("url", ""))
+
+
+def spans_of(text: str, a: int, b: int, store: Datastore, docs: Sequence[tuple[int, int]],
+             min_chars: int | None = None) -> list[Span]:
+    """Verbatim spans of text[a:b] in each of `docs` ((shard, document) of `store`), in text order."""
+    out = []
+    for shard, doc in docs:
+        d = store.document(shard, doc)
+        for s, e, ds in matching_spans(text, a, b, d["text"], min_chars or SPAN_MIN_CHARS):
+            out.append(Span(document_id=d["id"], owner=d["owner"], shard=store.shards[shard].name, start=s, end=e,
+                            doc_start=ds, doc_end=ds + e - s))
+    return sorted(out, key=lambda x: (x.start, -x.end))
+
+
+def tokens_per_sentence(text: str, steps: Sequence[GenerationStep], spans: list[tuple[int, int]]) -> list[int]:
+    """How many generated tokens start in each sentence span."""
+    starts = [min(st.offset, len(text)) for st in steps if st.token >= 0]
+    counts = [0] * len(spans)
+    for si, off in zip(sentence_of_offsets(spans, starts), starts):
+        if spans and off < spans[si][1]:
+            counts[si] += 1
+    return counts
 
 
 def attribute_steps(text: str, steps: Sequence[GenerationStep], store: Datastore | None, max_sources: int = 5,
-                    min_share: float = 0.01) -> list[SentenceAttribution]:
+                    min_share: float = 0.01, span_min_chars: int | None = None) -> list[SentenceAttribution]:
     """Split generated text into sentences and rank the sources behind each one (see module docstring).
     `store` must be the snapshot the steps' neighbours came from."""
     toks = [st for st in steps if st.token >= 0]
@@ -53,7 +88,7 @@ def attribute_steps(text: str, steps: Sequence[GenerationStep], store: Datastore
                 by_sent.setdefault(key, {})
                 by_sent[key][int(e["sent"])] = by_sent[key].get(int(e["sent"]), 0.0) + share
         n = len(idx)
-        sources = []
+        sources, keys = [], []
         listed = 0.0
         for (shard, doc), mass in sorted(by_doc.items(), key=lambda kv: -kv[1]):
             if mass / n < min_share or len(sources) >= max_sources:
@@ -61,12 +96,13 @@ def attribute_steps(text: str, steps: Sequence[GenerationStep], store: Datastore
             d = store.document(shard, doc)
             best = max(by_sent[(shard, doc)].items(), key=lambda kv: kv[1])[0]
             sa, sb = d["sentences"][best] if d["sentences"] else (0, 0)
-            sources.append(Source(owner=d["owner"], document_id=d["id"], title=d.get("title", ""),
-                                  license=d.get("license", ""), shard=store.shards[shard].name,
-                                  sentence=d["text"][sa:sb], share=mass / n))
+            sources.append(_source(store, shard, doc, d["text"][sa:sb], mass / n))
+            keys.append((shard, doc))
             listed += mass
         other = max(0.0, 1.0 - param / n - listed / n)
-        out.append(SentenceAttribution(text[a:b], a, b, param / n, sources, other if other > 1e-9 else 0.0))
+        spans_ = spans_of(text, a, b, store, keys, span_min_chars) if keys else []
+        out.append(SentenceAttribution(text[a:b], a, b, param / n, sources, other_share=other if other > 1e-9 else 0.0,
+                                       spans=spans_, tokens=n))
     return out
 
 
@@ -77,9 +113,11 @@ def rank_shares(n: int) -> list[float]:
     return [x / s for x in w]
 
 
-def attribute_blocks(text: str, blocks: Sequence) -> list[SentenceAttribution]:
+def attribute_blocks(text: str, blocks: Sequence, steps: Sequence[GenerationStep] = (), store: Datastore | None = None,
+                     span_min_chars: int | None = None) -> list[SentenceAttribution]:
     """Every sentence of a RIC completion is credited to the prepended blocks' documents
-    (`blocks`: [(BlockHit, share)])."""
+    (`blocks`: [(BlockHit, share)]); with `store` (the blocks' snapshot) each sentence gets its verbatim
+    spans in those documents, with `steps` its token count."""
     by_doc: dict[tuple[int, int], list] = {}
     for h, share in blocks:
         key = (h.shard, h.doc)
@@ -88,9 +126,16 @@ def attribute_blocks(text: str, blocks: Sequence) -> list[SentenceAttribution]:
         else:
             by_doc[key] = [h, share]
     ranked = sorted(by_doc.values(), key=lambda x: -x[1])
+    spans = sentence_spans(text)
+    counts = tokens_per_sentence(text, steps, spans)
     out = []
-    for a, b in sentence_spans(text):
+    for (a, b), n in zip(spans, counts):
         sources = [Source(owner=h.owner, document_id=h.document_id, title=h.title, license=h.license,
                           shard=h.shard_name, sentence=h.text, share=share) for h, share in ranked]
-        out.append(SentenceAttribution(text[a:b], a, b, 0.0 if sources else 1.0, sources))
+        if store is not None:
+            for src, (h, _) in zip(sources, ranked):
+                d = store.document(h.shard, h.doc)
+                src.source, src.url = d.get("source", ""), d.get("url", "")
+        found = spans_of(text, a, b, store, [(h.shard, h.doc) for h, _ in ranked], span_min_chars) if store else []
+        out.append(SentenceAttribution(text[a:b], a, b, 0.0 if sources else 1.0, sources, spans=found, tokens=n))
     return out

@@ -121,6 +121,24 @@ class FixedMixture:
         return {"mixture": "fixed", "k": self.k, "lmbda": self.lmbda, "temperature": self.temperature}
 
 
+def drop_documents(nb: Neighbors, store: Datastore, exclude: Sequence[np.ndarray | None]) -> Neighbors:
+    """`nb` without the neighbours of the documents in exclude[i] (store-wide document keys, see
+    `Datastore.doc_keys`) in row i; the remaining neighbours keep their order, missing ones go last."""
+    if not nb.tokens.shape[1] or not any(x is not None and len(x) for x in exclude):
+        return nb
+    keys = store.doc_keys(nb)
+    gone = np.zeros(keys.shape, bool)
+    for i, x in enumerate(exclude):
+        if x is not None and len(x):
+            gone[i] = np.isin(keys[i], x)
+    if not gone.any():
+        return nb
+    tokens = np.where(gone, -1, nb.tokens).astype(nb.tokens.dtype)
+    order = np.argsort(tokens < 0, axis=1, kind="stable")
+    dist = np.where(gone, np.inf, nb.distances).astype(nb.distances.dtype)
+    return Neighbors(*(np.take_along_axis(x, order, axis=1) for x in (dist, tokens, nb.shard, nb.ids)))
+
+
 @dataclass
 class _RowMix:
     """What the mixture used at one position, kept until the token is chosen (for its StepSupport)."""
@@ -237,7 +255,7 @@ class KNNRetriever:
     # ------------------------------------------------------------------------------ generation
     WARMUP = 64  # prompt positions whose gain starts a generation's recent-gain average
 
-    def prepare(self, lm, prompt: str, prompt_ids: list[int], sampling) -> list[int]:
+    def prepare(self, lm, prompt: str, prompt_ids: list[int], sampling, allowed=None) -> list[int]:
         return prompt_ids
 
     def begin(self, hidden: np.ndarray, logp: torch.Tensor, ids: Sequence[int]):
@@ -261,11 +279,15 @@ class KNNRetriever:
                 state.update(float(g))
         return state
 
-    def next_token(self, hidden: np.ndarray, logp_lm: torch.Tensor, states: list) -> tuple[torch.Tensor, list[_RowMix]]:
+    def next_token(self, hidden: np.ndarray, logp_lm: torch.Tensor, states: list,
+                   exclude: Sequence[np.ndarray | None] | None = None) -> tuple[torch.Tensor, list[_RowMix]]:
         """Next-token distributions for a batch of sequences: hidden [B, d] keys, logp_lm [B, V] float64,
-        `states` from `begin` (one per sequence)."""
+        `states` from `begin` (one per sequence); `exclude[i]`: document keys whose neighbours sequence i
+        must not use (its VerbatimGuard's `exclude()`)."""
         lm_state = LMState.of(logp_lm)
         nb, searched = self._search_unskipped(hidden, lm_state)
+        if exclude is not None:
+            nb = drop_documents(nb, self.store, exclude)
         mix = self.mixture
         recent = match = None
         if mix.needs_history:
@@ -310,5 +332,13 @@ class KNNRetriever:
                              for j in range(min(self.k, nb.tokens.shape[1])) if nb.tokens[0, j] == token]
         return sup
 
-    def attribute(self, text: str, steps: Sequence[GenerationStep]) -> list[SentenceAttribution]:
-        return attribute_steps(text, steps, self.store)
+    def documents(self, row: _RowMix, limit: int = 64) -> np.ndarray:
+        """Keys of the documents of a step's first `limit` neighbours (what a VerbatimGuard follows)."""
+        if row.neighbors is None:
+            return np.zeros(0, np.int64)
+        keys = self.store.doc_keys(row.neighbors.truncate(limit))
+        return np.unique(keys[keys >= 0])
+
+    def attribute(self, text: str, steps: Sequence[GenerationStep], span_min_chars: int | None = None
+                  ) -> list[SentenceAttribution]:
+        return attribute_steps(text, steps, self.store, span_min_chars=span_min_chars)

@@ -31,7 +31,9 @@ from silo.datastore.store import Datastore, DatastoreError
 
 from .attribution import attribute_steps
 from .gate import Gate
+from .guard import TokenTexts, VerbatimGuard
 from .knn import FixedMixture, KNNConfig, KNNRetriever
+from .output_policy import NO_POLICY, OutputPolicy, license_notices
 from .ric import RICConfig, RICRetriever
 from .sampling import SamplingParams, find_stop, sample
 from .types import (
@@ -102,6 +104,7 @@ class SiloLM:
         self._store: Datastore | None = None
         self._blocks: tuple | None = None  # (store snapshot, dense model, BlockStore) for mode ric
         self._gate: tuple | None = None  # (store snapshot, Gate or None)
+        self._token_texts: TokenTexts | None = None
         if store is not None:
             self.swap_store(store)
 
@@ -217,6 +220,15 @@ class SiloLM:
         return KNNRetriever(store, FixedMixture(settings.k, settings.lmbda, settings.temperature),
                             self.vocab_size, bos=self.tokenizer.eos_token_id)
 
+    def guard(self, retriever, policy: OutputPolicy | None) -> VerbatimGuard | None:
+        """A VerbatimGuard for ONE sequence generated with `retriever` under `policy`; None when there is
+        nothing to guard (parametric mode, or no cap and no disallowed document in the policy)."""
+        if retriever is None or policy is None or not policy.guarded:
+            return None
+        if self._token_texts is None:
+            self._token_texts = TokenTexts.of(self.tokenizer, self.vocab_size)
+        return VerbatimGuard(retriever.store, policy, self._token_texts)
+
     def _resolve(self, retriever):
         return self.retriever(retriever) if isinstance(retriever, str) or retriever is None else retriever
 
@@ -312,19 +324,22 @@ class SiloLM:
 
     # ----------------------------------------------------------------------------------- generation
     def generate(self, prompt: str, sampling: SamplingParams | None = None, retriever=None,
-                 should_stop: Callable[[], bool] | None = None, prompt_ids: list[int] | None = None) -> Generation:
+                 should_stop: Callable[[], bool] | None = None, prompt_ids: list[int] | None = None,
+                 policy: OutputPolicy | None = None) -> Generation:
         """Stream a completion token by token (KV cache reused), the retriever's mixture applied at every
-        step. `should_stop` is polled before each step (cancellation, deadlines). Iterate the returned
-        `Generation`; its `completion` (text, tokens, finish_reason, ...) is set at the end."""
+        step. `should_stop` is polled before each step (cancellation, deadlines). `policy` (output controls)
+        caps verbatim spans and keeps disallowed documents out, through a VerbatimGuard. Iterate the
+        returned `Generation`; its `completion` (text, tokens, finish_reason, ...) is set at the end."""
         sampling = sampling or SamplingParams()
         retriever = self._resolve(retriever)
         ids = prompt_ids if prompt_ids is not None else [self.tokenizer.eos_token_id] + self.encode(prompt)
         self.check_prompt(ids)
+        guard = self.guard(retriever, policy)
         if retriever is not None:
-            ids = retriever.prepare(self, prompt, ids, sampling)
-        return Generation(self._steps(ids, sampling, retriever, should_stop))
+            ids = retriever.prepare(self, prompt, ids, sampling, allowed=guard.allowed if guard else None)
+        return Generation(self._steps(ids, sampling, retriever, should_stop, guard))
 
-    def _steps(self, ids: list[int], sampling: SamplingParams, retriever, should_stop):
+    def _steps(self, ids: list[int], sampling: SamplingParams, retriever, should_stop, guard=None):
         stop = sampling.stop
         gen = sampling.generator()
         hidden, logits, past = self.forward(torch.tensor([ids], device=self.device), past=self._new_cache())
@@ -348,12 +363,13 @@ class SiloLM:
                 break
             logp_lm = torch.log_softmax(logits[0, -1].double(), dim=-1)
             if retriever is not None:
-                p, mixes = retriever.next_token(hidden[0, -1:].cpu().numpy(), logp_lm[None], [state])
+                p, mixes = retriever.next_token(hidden[0, -1:].cpu().numpy(), logp_lm[None], [state],
+                                                exclude=[guard.exclude()] if guard is not None else None)
                 p = p[0]
             else:
                 p = logp_lm.exp()
-            token = sample(p, sampling, gen)
-            if retriever is not None:
+            token = sample(p if guard is None else guard.adjust(p), sampling, gen)
+            if retriever is not None:  # (the mixture's own p: attribution splits it among its sources)
                 sup = retriever.support(mixes[0], token, p, logp_lm)
                 retriever.observe(mixes[0], token, logp_lm, state)
             else:
@@ -365,6 +381,8 @@ class SiloLM:
             offset = len(text)  # the completion so far, decoded: this token starts here
             out_ids.append(token)
             text = self.tokenizer.decode(out_ids)
+            if guard is not None:
+                guard.observe(text, retriever.documents(mixes[0]))
             stop_at = find_stop(text, stop)
             if stop_at is not None:
                 text = text[:stop_at]
@@ -386,7 +404,8 @@ class SiloLM:
             yield emit(GenerationStep(-1, text[released:], StepSupport(-1, 0.0, 0.0, 0.0, 0.0)))
         return Completion(text=text, tokens=out_ids, finish_reason=finish, prompt_tokens=len(ids), steps=steps,
                           mode=retriever.mode if retriever is not None else "parametric",
-                          store_generation=retriever.store_generation if retriever is not None else None)
+                          store_generation=retriever.store_generation if retriever is not None else None,
+                          guard_events=guard.events if guard is not None else [])
 
     def _new_cache(self):
         from transformers import DynamicCache
@@ -397,19 +416,23 @@ class SiloLM:
             return DynamicCache()
 
     def complete(self, prompt: str, sampling: SamplingParams | None = None, retriever=None, attribute: bool = True,
-                 should_stop: Callable[[], bool] | None = None, prompt_ids: list[int] | None = None) -> Completion:
-        """Generate to the end and attribute each sentence to its sources (unless `attribute` is False)."""
+                 should_stop: Callable[[], bool] | None = None, prompt_ids: list[int] | None = None,
+                 policy: OutputPolicy | None = None) -> Completion:
+        """Generate to the end and attribute each sentence to its sources, with verbatim spans and the
+        licence notices `policy` requires (unless `attribute` is False)."""
         retriever = self._resolve(retriever)
-        generation = self.generate(prompt, sampling, retriever, should_stop, prompt_ids)
+        generation = self.generate(prompt, sampling, retriever, should_stop, prompt_ids, policy)
         for _ in generation:
             pass
         comp = generation.completion
         if attribute:
-            comp.attributions = self.attribute(comp, retriever)
+            comp.attributions = self.attribute(comp, retriever, policy)
+            comp.notices = license_notices(comp.attributions, policy or NO_POLICY)
         return comp
 
-    def attribute(self, comp: Completion, retriever=None) -> list:
-        """Per-sentence sources of a completion made with `retriever` (None: parametric, share 1)."""
+    def attribute(self, comp: Completion, retriever=None, policy: OutputPolicy | None = None) -> list:
+        """Per-sentence sources (and verbatim spans) of a completion made with `retriever` (None:
+        parametric, share 1)."""
         if retriever is None:
             return attribute_steps(comp.text, comp.steps, None)
-        return retriever.attribute(comp.text, comp.steps)
+        return retriever.attribute(comp.text, comp.steps, span_min_chars=(policy or NO_POLICY).span_min_chars)

@@ -237,15 +237,19 @@ class RICRetriever:
                                    logp=rb.logp[sel], mode=self.mode, store_generation=self.store_generation))
         return out
 
-    def prepare(self, lm, prompt: str, prompt_ids: list[int], sampling) -> list[int]:
+    def prepare(self, lm, prompt: str, prompt_ids: list[int], sampling, allowed=None) -> list[int]:
         """Retrieve with the prompt and prepend the top block(s), truncated from the left to leave room for
-        the prompt and `sampling.max_new_tokens`; `self.used` records them for attribution."""
+        the prompt and `sampling.max_new_tokens`; `self.used` records them for attribution. `allowed(shard,
+        doc)` (a VerbatimGuard's) says which documents' blocks may be prepended at all."""
         cfg = self.cfg
         if cfg.ensemble:
             raise SiloInputError("ric.ensemble applies to scoring only; generate with ensemble false", "ric.ensemble")
         p_ids = prompt_ids[1:]  # without BOS
         q = p_ids[-cfg.query_tokens:] if cfg.query_tokens else p_ids
-        hits = self.blocks.search([lm.tokenizer.decode(q)], cfg.n_blocks, cfg.retriever)[0] if q else []
+        want = cfg.n_blocks if allowed is None else 4 * cfg.n_blocks + 16  # room for refused blocks
+        hits = self.blocks.search([lm.tokenizer.decode(q)], want, cfg.retriever)[0] if q else []
+        if allowed is not None:
+            hits = [h for h in hits if allowed(h.shard, h.doc)][:cfg.n_blocks]
         budget = lm.context_length - 1 - len(p_ids) - sampling.max_new_tokens
         sep = lm.encode(cfg.separator) if cfg.separator else []
         pre: list[int] = []
@@ -264,7 +268,7 @@ class RICRetriever:
     def begin(self, hidden, logp, ids):
         return None
 
-    def next_token(self, hidden, logp_lm, states):
+    def next_token(self, hidden, logp_lm, states, exclude=None):  # the model's own distribution: nothing to drop
         return logp_lm.exp(), [None] * len(logp_lm)
 
     def observe(self, row, token: int, logp_lm, state) -> None:
@@ -274,5 +278,10 @@ class RICRetriever:
         return StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()), p_knn=0.0,
                            lmbda=0.0)
 
-    def attribute(self, text: str, steps: Sequence[GenerationStep]) -> list[SentenceAttribution]:
-        return attribute_blocks(text, self.used)
+    def documents(self, row=None) -> np.ndarray:
+        """Keys of the prepended blocks' documents (what a VerbatimGuard follows at every step)."""
+        return np.array(sorted({(h.shard << 32) | h.doc for h, _ in self.used}), dtype=np.int64)
+
+    def attribute(self, text: str, steps: Sequence[GenerationStep], span_min_chars: int | None = None
+                  ) -> list[SentenceAttribution]:
+        return attribute_blocks(text, self.used, steps, self.store, span_min_chars)

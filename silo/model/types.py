@@ -137,6 +137,21 @@ class Source:
     shard: str
     sentence: str
     share: float
+    source: str = ""  # the document's `source` field (where the text came from)
+    url: str = ""
+
+
+@dataclass
+class Span:
+    """Verbatim evidence: completion text[start:end] == the document's stored text[doc_start:doc_end]."""
+
+    document_id: str
+    owner: str
+    shard: str
+    start: int
+    end: int
+    doc_start: int
+    doc_end: int
 
 
 @dataclass
@@ -147,6 +162,26 @@ class SentenceAttribution:
     parametric_share: float
     sources: list[Source]
     other_share: float = 0.0  # the sources below the listing cut, together: all the shares sum to 1
+    spans: list[Span] = field(default_factory=list)  # verbatim spans of the sentence in its sources' documents
+    tokens: int = 0  # generated tokens that start in the sentence (a source's credit: share * tokens)
+
+
+@dataclass
+class Notice:
+    """A licence notice a response carries for a source whose licence (by output policy) requires one."""
+
+    document_id: str
+    title: str
+    owner: str
+    license: str
+    source: str
+    url: str = ""
+    share: float = 0.0  # the source's largest share of one sentence
+
+    def text(self) -> str:
+        where = self.url or self.source
+        return (f"\"{self.title or self.document_id}\" by {self.owner}, licensed under {self.license or 'unknown terms'}"
+                + (f"; source: {where}" if where else ""))
 
 
 @dataclass
@@ -159,3 +194,5 @@ class Completion:
     mode: str = "parametric"
     attributions: list[SentenceAttribution] = field(default_factory=list)
     store_generation: int | None = None
+    notices: list[Notice] = field(default_factory=list)  # licence notices its sources require (output policy)
+    guard_events: list = field(default_factory=list)  # silo.model.guard.GuardEvent: where the guard steered
