@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import threading
 import time
 from concurrent import futures
@@ -23,10 +22,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from silo.core.models import chat_template_of
 from silo.datastore.blocks import has_blocks
 from silo.datastore.store import Datastore
+
+from silo.core.models import chat_template_of
 from silo.model.lm import SiloLM
 
 from .config import ServeConfig
@@ -35,63 +34,25 @@ from .engine import Engine, GenResult
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
 from .ledger import Ledger, credits_of
+from .messages import _finite, completion_message, knn_defaults, store_message
 from .metrics import Metrics
+from .requests import (
+    SERVED_MODES,
+    Limits,
+    check_messages,
+    complete_request,
+    generation_request,
+    score_request,
+)
 from .rpc import RpcFailure, _handled, _status_for  # noqa: F401  (re-exported)
-from .requests import SERVED_MODES, Limits, check_messages, complete_request, generation_request, score_request
 
 log = logging.getLogger("silo.serving")
 SERVICES = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Generation", "Admin", "DataOwner")]
 Code = grpc.StatusCode
 
 
-# ----------------------------------------------------------------------------------------- conversion
-
-def completion_message(res: GenResult, request_id: str) -> pb.CompleteResponse:
-    msg = pb.CompleteResponse(text=res.text, finish_reason=res.finish_reason, mode=res.mode, request_id=request_id,
-                              usage=pb.Usage(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens))
-    if res.store_generation is not None:
-        msg.store_generation = res.store_generation
-    for a in res.attributions if res.return_attributions else ():
-        msg.attributions.append(pb.SentenceAttribution(
-            sentence=a.sentence, start=a.start, end=a.end, parametric_share=a.parametric_share, tokens=a.tokens,
-            other_share=a.other_share,
-            sources=[pb.AttributionSource(owner=s.owner, document_id=s.document_id, title=s.title, license=s.license,
-                                          shard=s.shard, sentence=s.sentence, share=s.share, source=s.source,
-                                          url=s.url) for s in a.sources],
-            spans=[pb.VerbatimSpan(**vars(x)) for x in a.spans]))
-    msg.notices.extend(pb.LicenseNotice(**vars(n), text=n.text()) for n in res.notices)
-    msg.guard_events.extend(pb.GuardEvent(**vars(e)) for e in res.guard_events)
-    return msg
-
-
-def store_message(store: Datastore | None, show_path: bool = True) -> pb.StoreInfo:
-    if store is None:
-        return pb.StoreInfo()
-    s = store.summary()
-    return pb.StoreInfo(path=s["path"] if show_path else "", generation=s["generation"], fingerprint=s["fingerprint"], index=s["index"],
-                        entries=s["entries"], shard_count=len(s["shards"]),
-                        shards=[pb.ShardInfo(name=x["name"], owner=x["owner"], entries=x["entries"],
-                                             documents=x["documents"]) for x in s["shards"]])
-
-
-def knn_defaults(lm: SiloLM) -> pb.KnnDefaults:
-    """What a kNN request without overrides gets: the store's gate, or the fixed settings."""
-    knn = lm.knn
-    msg = pb.KnnDefaults(k=knn.k, lmbda=knn.lmbda, tau=knn.temperature, mixture="fixed")
-    retriever = lm.retriever("knn") if lm.store is not None else None
-    if retriever is not None and retriever.mixture.kind == "gated":
-        msg.mixture, msg.k, msg.skip_threshold = "gated", retriever.k, retriever.skip_threshold
-    return msg
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else -1e30  # -inf log-probs (kNN mass 0 with lambda 1) as a large negative
-
-
-# ----------------------------------------------------------------------------------------- services
-
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, server: "SiloServer"):
+    def __init__(self, server: SiloServer):
         self.server = server
 
     def _engine(self) -> Engine:
@@ -198,7 +159,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, server: "SiloServer"):
+    def __init__(self, server: SiloServer):
         self.server = server
 
     @property
@@ -317,7 +278,7 @@ class SiloServer:
         host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::", "[::]") else "127.0.0.1"
         return f"{host}:{self.port}"
 
-    def start(self, background_load: bool = False) -> "SiloServer":
+    def start(self, background_load: bool = False) -> SiloServer:
         """Bind and start serving health (NOT_SERVING); load the model (in a thread if background_load)."""
         addr = f"{self.cfg.host}:{self.cfg.port}"
         if self.cfg.tls_cert:
@@ -371,7 +332,7 @@ class SiloServer:
                 log.info("finished removals left unfinished", extra={"fields": {"event": "resumed", "requests": resumed}})
             log.info("ready", extra={"fields": {"event": "ready", "load_s": round(time.monotonic() - t0, 2),
                                                  "model": self.cfg.model, "store": self.cfg.store}})
-        except BaseException as exc:  # noqa: BLE001 - reported by wait_ready / start
+        except BaseException as exc:
             self.load_error = exc
             log.error("loading failed", exc_info=exc)
         finally:
@@ -387,7 +348,7 @@ class SiloServer:
             self.metrics.owner_share.labels(owner).inc(tokens / max(1, res.completion_tokens))
             self.metrics.owner_responses.labels(owner).inc()
 
-    def wait_ready(self, timeout: float | None = None) -> "SiloServer":
+    def wait_ready(self, timeout: float | None = None) -> SiloServer:
         if not self._ready.wait(timeout):
             raise TimeoutError(f"the server did not finish loading within {timeout}s")
         if self.load_error is not None:
