@@ -24,6 +24,7 @@ class ServeConfig(StageConfig):
     output_policy: OutputPolicy | None = None
     ledger: str | None = None  # SQLite file of the contribution ledger (serving/ledger.py); None = off
     max_queue: int = Field(16, ge=1, le=10_000)  # requests waiting for the worker; beyond: RESOURCE_EXHAUSTED
+    max_batch: int = Field(8, ge=1, le=1024)  # generations advanced together, one token each per step
     max_tokens: int = Field(64, ge=1)  # default new tokens when a request does not say
     max_tokens_limit: int = Field(512, ge=1)  # largest max_tokens a request may ask for
     max_score_tokens: int = Field(4096, ge=1)  # longest text Score accepts, in tokens

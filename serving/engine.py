@@ -1,18 +1,22 @@
-"""The Engine: owns a SiloLM and runs all model work on ONE worker thread.
+"""The Engine: owns a SiloLM and runs all model work on ONE worker thread, with continuous batching.
 
-Why one thread: generation on CPU is compute bound (torch already uses every core for one forward
-pass), so running requests side by side would only slow each one down, and SiloLM's KV-cache loop,
-tokenizer and store references are simplest to reason about when touched by one thread. Concurrency
-lives in front of the worker: gRPC threads validate, enqueue and stream results back; a bounded queue
-(`max_queue`) turns overload into an immediate RESOURCE_EXHAUSTED instead of unbounded latency.
+The worker keeps a batch of active generations (`silo.model.batch.BatchDecoder`) and advances all of
+them one token per step: one batched forward, one batched datastore search per shared retriever, then
+per-sequence mixing, sampling, stop handling and streaming. Between two steps it runs control jobs
+(datastore swaps), then admits queued requests while fewer than `max_batch` generate (each new one's
+prompt runs alone and joins the batch); scoring and tokenising run there too, one at a time.
+Finished and cancelled generations leave the batch at once. gRPC threads only validate, enqueue and
+stream results back; a bounded queue (`max_queue` waiting requests) turns overload into an immediate
+RESOURCE_EXHAUSTED instead of unbounded latency.
 
-Datastore swaps also run on the worker (as priority "control" jobs, ahead of queued requests): the new
-store is opened and validated off the worker, then its reference is swapped between two requests, so a
-request in flight always finishes, attributions included, on the snapshot it started with.
+Every generation holds the retriever, and so the datastore snapshot, it was admitted with until it
+finishes, attributions included; a swap between two steps applies to requests admitted after it.
+kNN generations with the same settings on the same snapshot share one retriever object, so their
+neighbours come from one search per step.
 
 Cancellation: each job has a cancel flag (set when the client cancels or the RPC ends) and an optional
-deadline; SiloLM.generate polls `Job.should_stop` before every token, so generation stops within one
-step. A job cancelled while still queued is removed from the queue at once.
+deadline, polled before every step, so a generation stops within one step. A job cancelled while still
+queued is removed from the queue at once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from silo.model.batch import BatchDecoder
+from silo.model.batch import Sequence as Decoding
 from silo.model.lm import SiloLM
 from silo.model.output_policy import NO_POLICY, OutputPolicy, license_notices
 from silo.model.sampling import SamplingParams
@@ -112,7 +118,7 @@ class Job:
 class Engine:
     def __init__(self, lm: SiloLM, max_queue: int = 16, metrics: Metrics | None = None,
                  max_score_tokens: int = 4096, policy: OutputPolicy | None = None,
-                 on_result: Callable[[str, GenResult], Any] | None = None):
+                 on_result: Callable[[str, GenResult], Any] | None = None, max_batch: int = 8):
         """`policy`: the operator's output controls; `on_result(request_id, result)` is called on the worker
         with every finished generation before its result is delivered (the server records it in the
         contribution ledger); a failure there is logged and does not fail the request."""
@@ -120,6 +126,9 @@ class Engine:
         self.policy = policy or NO_POLICY
         self.on_result = on_result
         self.max_queue = max_queue
+        self.max_batch = max(1, int(max_batch))
+        self.decoder = BatchDecoder(lm)
+        self._retrievers: tuple[object, dict] = (None, {})  # (store snapshot, settings -> shared kNN retriever)
         self.max_score_tokens = max_score_tokens
         self.metrics = metrics or Metrics()
         self.records: deque[JobRecord] = deque(maxlen=512)
@@ -129,7 +138,6 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._busy = False
-        self._current: Job | None = None
         self._worker = threading.Thread(target=self._run, name="silo-engine", daemon=True)
         self._worker.start()
 
@@ -160,7 +168,9 @@ class Engine:
         self._finish_unstarted(job)
 
     def generate(self, req: GenRequest, deadline: float | None = None) -> Job:
-        return self._submit(Job("generate", lambda job: self._generate(job, req), deadline))
+        job = Job("generate", None, deadline)
+        job.req = req  # admitted into the batch by the worker (_admit), not run as a function
+        return self._submit(job)
 
     def score(self, req: ScoreRequest, deadline: float | None = None) -> Job:
         return self._submit(Job("score", lambda job: self._score(req), deadline))
@@ -213,31 +223,41 @@ class Engine:
         self._worker.join(timeout)
 
     def _cancel_running(self) -> None:
-        job = self._current
-        if job is not None:
-            job.cancelled.set()
+        for seq in list(self.decoder.seqs):
+            seq.tag[0].cancelled.set()
 
     # ------------------------------------------------------------------------------- worker
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._control or self._queue or self._stopping):
+                while not (self._control or self._queue or self._stopping or self.decoder.active):
                     self._cv.wait()
-                if self._control:
-                    job = self._control.popleft()
-                elif self._queue:
-                    job = self._queue.popleft()
-                    self.metrics.queue_depth.set(len(self._queue))
-                else:
+                if self._stopping and not (self._control or self._queue or self.decoder.active):
                     return
+                controls = list(self._control)
+                self._control.clear()
+                admitted = []
+                while self._queue and self.decoder.active + len(admitted) < self.max_batch:
+                    admitted.append(self._queue.popleft())
+                self.metrics.queue_depth.set(len(self._queue))
                 self._busy = True
-                self._current = job
             try:
-                self._execute(job)
+                for job in controls:
+                    self._execute(job)
+                for job in admitted:
+                    if job.kind == "generate":
+                        self._admit(job)
+                    else:
+                        self._execute(job)
+                if self.decoder.active:
+                    self._step()
+            except Exception:  # noqa: BLE001 - a step that fails ends the batch's requests, not the worker
+                log.exception("batch step failed")
+                self._fail_batch()
             finally:
                 with self._cv:
-                    self._busy = False
-                    self._current = None
+                    self._busy = bool(self.decoder.active)
+                    self.metrics.batch_size.set(self.decoder.active)
                     self._cv.notify_all()
 
     def _execute(self, job: Job) -> None:
@@ -270,43 +290,108 @@ class Engine:
         self.records.append(job.record)
 
     # ------------------------------------------------------------------------------- model work
-    def _generate(self, job: Job, req: GenRequest) -> GenResult:
+    def _retriever(self, req: GenRequest):
+        """The retriever for a request: kNN ones with the same settings on the same snapshot are shared (one
+        search per step for all their sequences); RIC and parametric ones are per request."""
+        lm = self.lm
+        if req.mode != "knn":
+            ric = {k: v for k, v in (("retriever", req.ric_retriever), ("n_blocks", req.ric_blocks)) if v}
+            return lm.retriever(req.mode, ric=ric or None)
+        store, shared = self._retrievers
+        if store is not lm.store:
+            store, shared = lm.store, {}
+            self._retrievers = (store, shared)
+        key = (req.k, req.lmbda, req.tau)
+        if key not in shared:
+            shared[key] = lm.retriever("knn", k=req.k, lmbda=req.lmbda, temperature=req.tau)
+        return shared[key]
+
+    def _admit(self, job: Job) -> None:
+        """Validate and set up a generation, run its prompt and put it in the batch."""
+        req: GenRequest = job.req
+        job.record.queued_s = time.monotonic() - job.created
+        if job.should_stop():
+            self._finish_unstarted(job)
+            return
         lm = self.lm
         try:  # the retriever holds the snapshot this request uses throughout, attributions included
-            retriever = lm.retriever(req.mode, k=req.k, lmbda=req.lmbda, temperature=req.tau)
-            ids = lm.prompt_ids(req.prompt, field="prompt")
-            sampling = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                      top_k=req.top_k, stop=tuple(req.stop), seed=req.seed)
-            policy = self.policy.restricted(req.max_verbatim_chars, req.exclude_owners, req.exclude_tiers,
-                                            req.require_notices, prefix="params.")
-        except SiloInputError as exc:
-            if exc.field == "prompt":  # a chat request names its messages, not a prompt
-                raise InvalidRequest(req.prompt_field, str(exc).split(": ", 1)[1]) from None
-            raise
+            try:
+                retriever = self._retriever(req)
+                ids = lm.prompt_ids(req.prompt, field="prompt")
+                sampling = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature,
+                                          top_p=req.top_p, top_k=req.top_k, stop=tuple(req.stop), seed=req.seed)
+                policy = self.policy.restricted(req.max_verbatim_chars, req.exclude_owners, req.exclude_tiers,
+                                                req.require_notices, prefix="params.")
+            except SiloInputError as exc:
+                if exc.field == "prompt":  # a chat request names its messages, not a prompt
+                    raise InvalidRequest(req.prompt_field, str(exc).split(": ", 1)[1]) from None
+                raise
+            guard = lm.guard(retriever, policy)
+            if retriever is not None:
+                ids = retriever.prepare(lm, req.prompt, ids, sampling, allowed=guard.allowed if guard else None)
+            t0 = time.monotonic()
+            seq = self.decoder.add(Decoding(ids, sampling, retriever, guard, job.should_stop,
+                                            tag=(job, req, policy, t0, [True])))
+        except Exception as exc:  # noqa: BLE001 - delivered to the caller, who maps it to a status
+            self._fail(job, exc)
+            return
+        self._deliver(seq)
+        if seq.done:
+            self._complete(seq)
+
+    def _step(self) -> None:
         t0 = time.monotonic()
-        first = True
-        generation = lm.generate(req.prompt, sampling, retriever, should_stop=job.should_stop, prompt_ids=ids,
-                                 policy=policy)
-        for step in generation:
-            if step.text:
-                if first:
-                    self.metrics.ttft.observe(time.monotonic() - job.created)
-                    first = False
-                job.emit(step.text)
-        comp = generation.completion
-        n = len(comp.tokens)
-        self.metrics.tokens.inc(n)
+        finished = self.decoder.step()
+        self.metrics.steps.inc()
         self.metrics.generation_seconds.inc(time.monotonic() - t0)
-        self.metrics.finish.labels(comp.finish_reason).inc()
-        atts = lm.attribute(comp, retriever, policy) if retriever is not None or req.attributions else []
-        job.record.finish_reason = comp.finish_reason
-        job.record.prompt_tokens, job.record.completion_tokens = comp.prompt_tokens, n
-        result = GenResult(text=comp.text, finish_reason=comp.finish_reason, prompt_tokens=comp.prompt_tokens,
-                           completion_tokens=n, mode=req.mode, store_generation=comp.store_generation,
-                           attributions=atts, return_attributions=req.attributions,
-                           notices=license_notices(atts, policy), guard_events=comp.guard_events)
-        self._report(job, result)
-        return result
+        for seq in list(self.decoder.seqs) + finished:
+            self._deliver(seq)
+        for seq in finished:
+            self._complete(seq)
+
+    def _deliver(self, seq: Decoding) -> None:
+        job, first = seq.tag[0], seq.tag[4]
+        for step in seq.take():
+            if step.text:
+                if first[0]:
+                    self.metrics.ttft.observe(time.monotonic() - job.created)
+                    first[0] = False
+                job.emit(step.text)
+
+    def _complete(self, seq: Decoding) -> None:
+        """A generation left the batch: attribute it, answer, count it."""
+        job, req, policy, t0, _ = seq.tag
+        try:
+            comp, retriever, lm = seq.completion, seq.retriever, self.lm
+            n = len(comp.tokens)
+            self.metrics.tokens.inc(n)
+            self.metrics.finish.labels(comp.finish_reason).inc()
+            atts = lm.attribute(comp, retriever, policy) if retriever is not None or req.attributions else []
+            job.record.finish_reason = comp.finish_reason
+            job.record.prompt_tokens, job.record.completion_tokens = comp.prompt_tokens, n
+            result = GenResult(text=comp.text, finish_reason=comp.finish_reason, prompt_tokens=comp.prompt_tokens,
+                               completion_tokens=n, mode=req.mode, store_generation=comp.store_generation,
+                               attributions=atts, return_attributions=req.attributions,
+                               notices=license_notices(atts, policy), guard_events=comp.guard_events)
+            self._report(job, result)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(job, exc)
+            return
+        job.record.run_s = time.monotonic() - t0
+        self.records.append(job.record)
+        job.events.put(("done", result))
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        if not isinstance(exc, (InvalidRequest, SiloInputError)):
+            log.error("job %s (%s) failed", job.id, job.kind, exc_info=exc)
+        job.record.error = f"{type(exc).__name__}: {exc}"
+        self.records.append(job.record)
+        job.events.put(("error", exc))
+
+    def _fail_batch(self) -> None:
+        seqs, self.decoder = list(self.decoder.seqs), BatchDecoder(self.lm)
+        for seq in seqs:
+            self._fail(seq.tag[0], RuntimeError("the generation step failed; see the server log"))
 
     def _report(self, job: Job, result: GenResult) -> None:
         """Hand a finished generation to `on_result` (the contribution ledger), on the worker."""

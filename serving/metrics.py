@@ -30,6 +30,10 @@ class Metrics:
         self.tokens = Counter("silo_generated_tokens", "tokens generated", registry=r)
         self.generation_seconds = Counter("silo_generation_seconds", "worker time spent generating "
                                           "(tokens / this = tokens per second)", registry=r)
+        self.batch_size = Gauge("silo_batch_size", "generations advancing together in the worker's batch",
+                                registry=r)
+        self.steps = Counter("silo_batch_steps", "batched decoding steps (one token for every sequence in the batch)",
+                             registry=r)
         self.queue_depth = Gauge("silo_queue_depth", "requests waiting for the worker", registry=r)
         self.in_flight = Gauge("silo_in_flight", "RPCs being handled", registry=r)
         self.finish = Counter("silo_finish_reasons", "finished generations by finish_reason", ["reason"], registry=r)

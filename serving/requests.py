@@ -61,6 +61,9 @@ class GenRequest:
     exclude_owners: list[str] = field(default_factory=list)
     exclude_tiers: list[str] = field(default_factory=list)
     require_notices: bool = False
+    # RIC-LM (mode ric): which block index and how many blocks; None = the server's settings
+    ric_retriever: str | None = None
+    ric_blocks: int | None = None
 
 
 @dataclass
@@ -130,7 +133,20 @@ def generation_request(prompt: str, params, limits: Limits, prompt_field: str = 
     return GenRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       stop=stop, seed=seed, mode=_mode(params.mode, p + "mode", limits),
                       attributions=params.return_attributions, prompt_field=prompt_field,
-                      **_knn_overrides(params, p), **_output_controls(params, p))
+                      **_knn_overrides(params, p), **_output_controls(params, p), **_ric_overrides(params, p))
+
+
+MAX_RIC_BLOCKS = 8
+
+
+def _ric_overrides(msg, prefix: str) -> dict:
+    retriever = getattr(msg, "ric_retriever", "") or None
+    if retriever is not None and retriever not in ("bm25", "dense"):
+        raise InvalidRequest(f"{prefix}ric_retriever", f"must be bm25 or dense (got {retriever!r})")
+    blocks = _opt(msg, "ric_blocks") if hasattr(msg, "ric_blocks") else None
+    if blocks is not None and not 1 <= blocks <= MAX_RIC_BLOCKS:
+        raise InvalidRequest(f"{prefix}ric_blocks", f"must be in [1, {MAX_RIC_BLOCKS}] (got {blocks})")
+    return dict(ric_retriever=retriever, ric_blocks=blocks)
 
 
 def _output_controls(msg, prefix: str) -> dict:

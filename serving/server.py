@@ -321,7 +321,7 @@ class SiloServer:
                 self.ledger = Ledger(self.cfg.ledger)
                 if lm.store is not None:
                     self.dataowner.sync_ledger(lm.store.path)
-            self.engine = Engine(lm, max_queue=self.cfg.max_queue, metrics=self.metrics,
+            self.engine = Engine(lm, max_queue=self.cfg.max_queue, max_batch=self.cfg.max_batch, metrics=self.metrics,
                                  max_score_tokens=self.cfg.max_score_tokens,
                                  policy=self.cfg.resolved_output_policy(), on_result=self.record_credit)
             resumed = self.dataowner.resume_unfinished()  # removals a previous process left unfinished

@@ -172,7 +172,7 @@ def test_cancelled_stream_stops_generation(client, server):
 
 
 def test_full_queue_answers_resource_exhausted(tiny_model, tiny_store, server):
-    s = make_server(tiny_model, tiny_store, lm=server.engine.lm, max_queue=1)
+    s = make_server(tiny_model, tiny_store, lm=server.engine.lm, max_queue=1, max_batch=1)
     try:
         with SiloClient(s.target, timeout=60) as c, ThreadPoolExecutor(6) as ex:
             futs = [ex.submit(c.complete, PROMPT, **LONG) for _ in range(6)]

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerationParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "mode", "k", "lmbda", "tau", "return_attributions", "max_verbatim_chars", "exclude_owners", "exclude_tiers", "require_notices")
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "mode", "k", "lmbda", "tau", "return_attributions", "max_verbatim_chars", "exclude_owners", "exclude_tiers", "require_notices", "ric_retriever", "ric_blocks")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,8 @@ class GenerationParams(_message.Message):
     EXCLUDE_OWNERS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_TIERS_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_NOTICES_FIELD_NUMBER: _ClassVar[int]
+    RIC_RETRIEVER_FIELD_NUMBER: _ClassVar[int]
+    RIC_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_p: float
@@ -38,7 +40,9 @@ class GenerationParams(_message.Message):
     exclude_owners: _containers.RepeatedScalarFieldContainer[str]
     exclude_tiers: _containers.RepeatedScalarFieldContainer[str]
     require_notices: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., k: _Optional[int] = ..., lmbda: _Optional[float] = ..., tau: _Optional[float] = ..., return_attributions: _Optional[bool] = ..., max_verbatim_chars: _Optional[int] = ..., exclude_owners: _Optional[_Iterable[str]] = ..., exclude_tiers: _Optional[_Iterable[str]] = ..., require_notices: _Optional[bool] = ...) -> None: ...
+    ric_retriever: str
+    ric_blocks: int
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., k: _Optional[int] = ..., lmbda: _Optional[float] = ..., tau: _Optional[float] = ..., return_attributions: _Optional[bool] = ..., max_verbatim_chars: _Optional[int] = ..., exclude_owners: _Optional[_Iterable[str]] = ..., exclude_tiers: _Optional[_Iterable[str]] = ..., require_notices: _Optional[bool] = ..., ric_retriever: _Optional[str] = ..., ric_blocks: _Optional[int] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("prompt", "params")

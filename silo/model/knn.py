@@ -304,9 +304,9 @@ class KNNRetriever:
             if lam[i] <= 0:
                 ps.append(p_lm)
             else:
-                row.p_knn, row.weights = knn_distribution(nb.distances[i, :self.k], nb.tokens[i, :self.k],
-                                                          float(tau[i]), self.vocab_size,
-                                                          None if bonus is None else bonus[i])
+                p_knn, row.weights = knn_distribution(nb.distances[i, :self.k], nb.tokens[i, :self.k],
+                                                      float(tau[i]), self.vocab_size, None if bonus is None else bonus[i])
+                row.p_knn = p_knn.to(device=p_lm.device, dtype=p_lm.dtype)  # the mixture runs on the LM's device
                 ps.append(float(lam[i]) * row.p_knn + (1 - float(lam[i])) * p_lm)
             rows.append(row)
         return torch.stack(ps), rows

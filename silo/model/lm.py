@@ -30,14 +30,16 @@ from silo.datastore.keys import OutputInputCapture, decoder_matches_head_input, 
 from silo.datastore.store import Datastore, DatastoreError
 
 from .attribution import attribute_steps
+from .batch import BatchDecoder
+from .batch import Sequence as Decoding
 from .gate import Gate
 from .guard import TokenTexts, VerbatimGuard
 from .knn import FixedMixture, KNNConfig, KNNRetriever
 from .output_policy import NO_POLICY, OutputPolicy, license_notices
 from .ric import RICConfig, RICRetriever
-from .sampling import SamplingParams, find_stop, sample
+from .sampling import SamplingParams
 from .types import (
-    CONTEXT, Completion, GenerationStep, LMState, PositionBatch, ScoreResult, SiloInputError, StepSupport, context_of,
+    CONTEXT, Completion, GenerationStep, LMState, PositionBatch, ScoreResult, SiloInputError, context_of,
 )
 
 MODES = ("parametric", "knn", "ric")  # ric: retrieval in context, silo/model/ric.py
@@ -234,16 +236,20 @@ class SiloLM:
 
     # ----------------------------------------------------------------------------------- forward
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, past=None):
-        """(hidden [B,T,d] float32, logits [B,T,V] float32, past) for a batch."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, past=None,
+                position_ids: torch.Tensor | None = None):
+        """(hidden [B,T,d] float32, logits [B,T,V] float32, past) for a batch (`position_ids` for left-padded
+        rows: each row's own positions)."""
+        extra = {} if position_ids is None else {"position_ids": position_ids}
         if self._fast:
             out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, past_key_values=past,
-                                           use_cache=past is not None)
+                                           use_cache=past is not None, **extra)
             hidden = out.last_hidden_state
             logits = self.model.get_output_embeddings()(hidden)
             return hidden.float(), logits.float(), getattr(out, "past_key_values", None)
         with self._hook_lock, OutputInputCapture(self.model) as cap:
-            out = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=past is not None)
+            out = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=past is not None,
+                             **extra)
             hidden = cap.value
         return hidden.float(), out.logits.float(), getattr(out, "past_key_values", None)
 
@@ -340,72 +346,14 @@ class SiloLM:
         return Generation(self._steps(ids, sampling, retriever, should_stop, guard))
 
     def _steps(self, ids: list[int], sampling: SamplingParams, retriever, should_stop, guard=None):
-        stop = sampling.stop
-        gen = sampling.generator()
-        hidden, logits, past = self.forward(torch.tensor([ids], device=self.device), past=self._new_cache())
-        state = None
-        if retriever is not None:
-            state = retriever.begin(hidden[0].cpu().numpy(), torch.log_softmax(logits[0].double(), dim=-1), ids)
-        out_ids: list[int] = []
-        steps: list[GenerationStep] = []
-        released = 0  # characters of the completion already yielded
-        text = ""
-        finish = "length"
-        max_stop = max((len(x) for x in stop), default=0)
-
-        def emit(step: GenerationStep) -> GenerationStep:
-            steps.append(step)
-            return step
-
-        for _ in range(sampling.max_new_tokens):
-            if should_stop is not None and should_stop():
-                finish = "cancelled"
-                break
-            logp_lm = torch.log_softmax(logits[0, -1].double(), dim=-1)
-            if retriever is not None:
-                p, mixes = retriever.next_token(hidden[0, -1:].cpu().numpy(), logp_lm[None], [state],
-                                                exclude=[guard.exclude()] if guard is not None else None)
-                p = p[0]
-            else:
-                p = logp_lm.exp()
-            token = sample(p if guard is None else guard.adjust(p), sampling, gen)
-            if retriever is not None:  # (the mixture's own p: attribution splits it among its sources)
-                sup = retriever.support(mixes[0], token, p, logp_lm)
-                retriever.observe(mixes[0], token, logp_lm, state)
-            else:
-                sup = StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()),
-                                  p_knn=0.0, lmbda=0.0)
-            if token == self.tokenizer.eos_token_id:
-                finish = "stop"
-                break
-            offset = len(text)  # the completion so far, decoded: this token starts here
-            out_ids.append(token)
-            text = self.tokenizer.decode(out_ids)
-            if guard is not None:
-                guard.observe(text, retriever.documents(mixes[0]))
-            stop_at = find_stop(text, stop)
-            if stop_at is not None:
-                text = text[:stop_at]
-                finish = "stop"
-                yield emit(GenerationStep(token, text[released:], sup, offset))
-                released = len(text)
-                break
-            safe = len(text) - (max_stop - 1 if max_stop else 0)
-            if text.endswith("\ufffd"):
-                safe = min(safe, len(text) - 1)  # a multi-byte character is not complete yet
-            delta = text[released:max(safe, released)]
-            released += len(delta)
-            yield emit(GenerationStep(token, delta, sup, offset))
-            if len(ids) + len(out_ids) >= self.context_length:
-                finish = "length"
-                break
-            hidden, logits, past = self.forward(torch.tensor([[token]], device=self.device), past=past)
-        if released < len(text):
-            yield emit(GenerationStep(-1, text[released:], StepSupport(-1, 0.0, 0.0, 0.0, 0.0)))
-        return Completion(text=text, tokens=out_ids, finish_reason=finish, prompt_tokens=len(ids), steps=steps,
-                          mode=retriever.mode if retriever is not None else "parametric",
-                          store_generation=retriever.store_generation if retriever is not None else None,
-                          guard_events=guard.events if guard is not None else [])
+        """One sequence through the batch decoder (the serving engine runs many through it at once)."""
+        decoder = BatchDecoder(self)
+        seq = decoder.add(Decoding(ids, sampling, retriever, guard, should_stop))
+        yield from seq.take()
+        while not seq.done:
+            decoder.step()
+            yield from seq.take()
+        return seq.completion
 
     def _new_cache(self):
         from transformers import DynamicCache

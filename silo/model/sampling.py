@@ -42,8 +42,9 @@ class SamplingParams:
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def find_stop(text: str, stop: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stop]
+def find_stop(text: str, stop: Sequence[str], start: int = 0) -> int | None:
+    """Where the first stop string begins in `text` (searching from `start`), or None."""
+    hits = [text.find(s, start) for s in stop]
     hits = [h for h in hits if h >= 0]
     return min(hits) if hits else None
 

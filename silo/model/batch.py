@@ -1,0 +1,279 @@
+"""Continuous batching: every active sequence advances one token per `step()`.
+
+A step is one batched forward of the sequences' last tokens (their KV caches held together, left-padded
+to one length, with an attention mask and explicit position ids), one batched datastore search per
+retriever (sequences made with the same retriever object share it), then per-sequence mixing, guard,
+sampling, stop handling and incremental detokenisation. A sequence joins with `add` (its prompt runs
+alone, unpadded, and its cache is merged into the batch) and leaves when it finishes or is cancelled
+(its rows are dropped and padding no sequence needs any more is trimmed).
+
+`SiloLM.generate` runs one sequence through this same decoder; the serving engine runs many. Each
+sequence keeps the retriever (and so the datastore snapshot) it was made with until it finishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .detok import IncrementalDetokenizer
+from .sampling import SamplingParams, find_stop, sample
+from .types import Completion, GenerationStep, StepSupport
+
+
+def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a transformers cache, [B, heads, T, head_dim] each."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v in cache]  # legacy tuples
+
+
+def _make_cache(layers):
+    from transformers import DynamicCache
+
+    return DynamicCache(layers)
+
+
+class KVBatch:
+    """The KV caches of the active sequences as one left-padded batch."""
+
+    def __init__(self):
+        self.layers: list[list[torch.Tensor]] | None = None  # per layer [keys, values], [B, H, T, D]
+        self.mask: torch.Tensor | None = None  # [B, T] long: 1 where a row holds a real position
+        self.positions: torch.Tensor | None = None  # [B] long: the position id of each row's next token
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[0])
+
+    def add(self, cache, length: int) -> None:
+        """Append one sequence (its cache from an unpadded prefill of `length` tokens) as the last row."""
+        new = [[k, v] for k, v in _cache_layers(cache)]
+        dev = new[0][0].device
+        mask = torch.ones((1, length), dtype=torch.long, device=dev)
+        pos = torch.tensor([length], dtype=torch.long, device=dev)
+        if self.layers is None:
+            self.layers, self.mask, self.positions = new, mask, pos
+            return
+        T = max(self.mask.shape[1], length)
+        self.layers = [[torch.cat([_left_pad(a, T), _left_pad(b, T)], dim=0) for a, b in zip(old, one)]
+                       for old, one in zip(self.layers, new)]
+        self.mask = torch.cat([_left_pad(self.mask, T, dim=1), _left_pad(mask, T, dim=1)], dim=0)
+        self.positions = torch.cat([self.positions, pos])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (in this order); drop columns that are padding in every kept row."""
+        if not rows:
+            self.layers = self.mask = self.positions = None
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, idx)
+        start = int((mask.sum(0) > 0).nonzero()[0, 0])  # first column some kept row uses
+        self.mask = mask[:, start:]
+        self.positions = self.positions.index_select(0, idx)
+        self.layers = [[t.index_select(0, idx)[:, :, start:] for t in kv] for kv in self.layers]
+
+    def cache(self):
+        return _make_cache([(k, v) for k, v in self.layers])
+
+    def advanced(self, cache) -> None:
+        """After a forward of one token per row with `cache()`: take the grown cache."""
+        self.layers = [[k, v] for k, v in _cache_layers(cache)]
+        ones = torch.ones((self.rows, 1), dtype=torch.long, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.positions = self.positions + 1
+
+
+def _left_pad(t: torch.Tensor, T: int, dim: int = 2) -> torch.Tensor:
+    n = t.shape[dim]
+    if n == T:
+        return t
+    shape = list(t.shape)
+    shape[dim] = T - n
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
+@dataclass
+class Sequence:
+    """One generation in a batch: its settings, what it has produced, and the steps not yet taken out."""
+
+    ids: list[int]  # the prompt (after the retriever's `prepare`)
+    sampling: SamplingParams
+    retriever: object = None
+    guard: object = None
+    should_stop: Callable[[], bool] | None = None
+    tag: object = None  # the caller's (the engine keeps its job here)
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    released: int = 0
+    steps: list[GenerationStep] = field(default_factory=list)
+    pending: list[GenerationStep] = field(default_factory=list)
+    finish: str | None = None
+    completion: Completion | None = None
+    _state: object = None  # the retriever's
+    _hidden: torch.Tensor | None = None  # [d] input of the output layer at the last position
+    _logp: torch.Tensor | None = None  # [V] float64 log-probs of the next token
+    _gen: torch.Generator | None = None
+    _detok: IncrementalDetokenizer | None = None
+    _max_stop: int = 0
+    _support: StepSupport | None = None  # the chosen token's, until it is taken in
+    _docs: Callable[[], np.ndarray] | None = None  # the documents that carried the step (for the guard)
+
+    @property
+    def done(self) -> bool:
+        return self.completion is not None
+
+    def take(self) -> list[GenerationStep]:
+        """The steps made since the last call."""
+        out, self.pending = self.pending, []
+        return out
+
+    def _emit(self, step: GenerationStep) -> None:
+        self.steps.append(step)
+        self.pending.append(step)
+
+
+class BatchDecoder:
+    """Advances many sequences of one SiloLM together (see the module docstring)."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.seqs: list[Sequence] = []
+        self.kv = KVBatch()
+
+    @property
+    def active(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seq: Sequence) -> Sequence:
+        """Run the prompt and put the sequence in the batch (finished at once when it may not generate)."""
+        lm = self.lm
+        seq._gen = seq.sampling.generator()
+        seq._detok = IncrementalDetokenizer(lm.tokenizer, seq.ids)
+        seq._max_stop = max((len(x) for x in seq.sampling.stop), default=0)
+        hidden, logits, past = lm.forward(torch.tensor([seq.ids], device=lm.device), past=lm._new_cache())
+        if seq.retriever is not None:
+            seq._state = seq.retriever.begin(hidden[0].cpu().numpy(), torch.log_softmax(logits[0].double(), dim=-1),
+                                             seq.ids)
+        seq._hidden, seq._logp = hidden[0, -1], torch.log_softmax(logits[0, -1].double(), dim=-1)
+        if seq.sampling.max_new_tokens <= 0:
+            self._finish(seq, "length")
+            return seq
+        self.kv.add(past, len(seq.ids))
+        self.seqs.append(seq)
+        return seq
+
+    def cancel_all(self) -> None:
+        for seq in self.seqs:
+            seq.should_stop = lambda: True
+
+    def step(self) -> list[Sequence]:
+        """One token for every active sequence; returns the sequences that finished in this step."""
+        if not self.seqs:
+            return []
+        finished: set[int] = set()
+        for i, seq in enumerate(self.seqs):
+            if seq.should_stop is not None and seq.should_stop():
+                self._finish(seq, "cancelled")
+                finished.add(i)
+        live = [i for i in range(len(self.seqs)) if i not in finished]
+        tokens = self._choose(live)
+        for i, token in zip(live, tokens):
+            if self._advance(self.seqs[i], token):
+                finished.add(i)
+        going = [i for i in range(len(self.seqs)) if i not in finished]
+        done = [self.seqs[i] for i in sorted(finished)]
+        if len(going) < len(self.seqs):
+            self.kv.keep(going)
+            self.seqs = [self.seqs[i] for i in going]
+        if self.seqs:
+            self._forward([s.out_ids[-1] for s in self.seqs])
+        return done
+
+    # ------------------------------------------------------------------------------ one step
+    def _choose(self, live: list[int]) -> list[int]:
+        """Mix (one search per retriever for all its sequences), guard and sample the next tokens."""
+        groups: dict[int, list[int]] = {}
+        for i in live:
+            groups.setdefault(id(self.seqs[i].retriever), []).append(i)
+        chosen: dict[int, int] = {}
+        for members in groups.values():
+            seqs = [self.seqs[i] for i in members]
+            r = seqs[0].retriever
+            logp = torch.stack([s._logp for s in seqs])
+            if r is not None:
+                hidden = torch.stack([s._hidden for s in seqs]).float().cpu().numpy()
+                excl = [s.guard.exclude() if s.guard is not None else None for s in seqs]
+                p, mixes = r.next_token(hidden, logp, [s._state for s in seqs],
+                                        exclude=excl if any(e is not None for e in excl) else None)
+            else:
+                p, mixes = logp.exp(), [None] * len(seqs)
+            for row, (i, s) in enumerate(zip(members, seqs)):
+                pi = p[row]
+                token = sample((pi if s.guard is None else s.guard.adjust(pi)).cpu(), s.sampling, s._gen)
+                if r is not None:  # (the mixture's own p: attribution splits it among its sources)
+                    sup = r.support(mixes[row], token, pi, s._logp)
+                    r.observe(mixes[row], token, s._logp, s._state)
+                    s._docs = lambda m=mixes[row], r=r: r.documents(m)
+                else:
+                    sup = StepSupport(token=token, p=float(pi[token]), p_parametric=float(pi[token]), p_knn=0.0,
+                                      lmbda=0.0)
+                s._support = sup
+                chosen[i] = token
+        return [chosen[i] for i in live]
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Take the chosen token into the sequence; True when the sequence is finished."""
+        lm = self.lm
+        if token == lm.tokenizer.eos_token_id:
+            self._finish(seq, "stop")
+            return True
+        offset = len(seq.text)  # this token's text starts here in the completion
+        seq.out_ids.append(token)
+        seq.text += seq._detok.push(token)
+        if seq.guard is not None:
+            seq.guard.observe(seq.text, seq._docs())
+        stop_at = find_stop(seq.text, seq.sampling.stop, start=max(0, offset - seq._max_stop))
+        if stop_at is not None:
+            seq.text = seq.text[:stop_at]
+            seq._emit(GenerationStep(token, seq.text[seq.released:], seq._support, offset))
+            seq.released = len(seq.text)
+            self._finish(seq, "stop", flush=False)
+            return True
+        safe = len(seq.text) - (seq._max_stop - 1 if seq._max_stop else 0)
+        delta = seq.text[seq.released:max(safe, seq.released)]
+        seq.released += len(delta)
+        seq._emit(GenerationStep(token, delta, seq._support, offset))
+        if len(seq.ids) + len(seq.out_ids) >= lm.context_length or len(seq.out_ids) >= seq.sampling.max_new_tokens:
+            self._finish(seq, "length")
+            return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> None:
+        if flush:
+            seq.text += seq._detok.flush()
+        if seq.released < len(seq.text):
+            seq._emit(GenerationStep(-1, seq.text[seq.released:], StepSupport(-1, 0.0, 0.0, 0.0, 0.0)))
+            seq.released = len(seq.text)
+        r = seq.retriever
+        seq.finish = reason
+        seq.completion = Completion(text=seq.text, tokens=seq.out_ids, finish_reason=reason, prompt_tokens=len(seq.ids),
+                                    steps=seq.steps, mode=r.mode if r is not None else "parametric",
+                                    store_generation=r.store_generation if r is not None else None,
+                                    guard_events=seq.guard.events if seq.guard is not None else [])
+
+    def _forward(self, tokens: list[int]) -> None:
+        lm, kv = self.lm, self.kv
+        ids = torch.tensor(tokens, dtype=torch.long, device=lm.device)[:, None]
+        cache = kv.cache()
+        mask = torch.cat([kv.mask, torch.ones((kv.rows, 1), dtype=torch.long, device=kv.mask.device)], dim=1)
+        hidden, logits, past = lm.forward(ids, mask, past=cache, position_ids=kv.positions[:, None])
+        kv.advanced(past)
+        logp = torch.log_softmax(logits[:, -1].double(), dim=-1)
+        for row, seq in enumerate(self.seqs):
+            seq._hidden, seq._logp = hidden[row, -1], logp[row]
