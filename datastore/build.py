@@ -56,6 +56,8 @@ class IndexSpec(StageConfig):
 
 class DatastoreConfig(StageConfig):
     model: str  # HF model folder or hub id; its fingerprint is written into the manifest
+    device: str = "auto"  # the model's while encoding: auto | cpu | cuda | cuda:N (index.device: the index's)
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 (or float16) on a GPU
     corpus: list[str] = Field(min_length=1)
     domains: list[str] | None = None
     output_dir: str
@@ -115,7 +117,7 @@ def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: 
         raise DatastoreError(f"{out} already holds a store; pass --overwrite (datastore.overwrite: true) to replace it")
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise DatastoreError(f"{out} exists and is not a datastore; choose an empty or new output_dir")
-    model, tokenizer = load_lm(cfg.model, ranks.device or ("cuda" if cfg.index.device == "cuda" else "cpu"))
+    model, tokenizer = load_lm(cfg.model, ranks.device or cfg.device, cfg.dtype)
     fp = model_fingerprint(model, tokenizer)
     docs = load_documents(cfg.corpus, cfg.domains)
     if not docs:

@@ -14,7 +14,8 @@ def cmd_serve(args) -> int:
     from .metrics import setup_json_logging
     from .server import serve_forever
 
-    overrides = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
+    overrides = {k: v for k, v in (("port", args.port), ("host", args.host), ("device", args.device),
+                                   ("max_batch", args.max_batch)) if v is not None}
     cfg = load_serve_config(args.config, overrides)
     setup_json_logging(args.log_level)
     if cfg.torch_threads:
@@ -36,7 +37,8 @@ def _gen_kwargs(args) -> dict:
                 stop=args.stop, seed=args.seed, mode=args.mode or None, k=args.k, lmbda=args.lmbda, tau=args.tau,
                 return_attributions=not args.no_attributions, max_verbatim_chars=args.max_verbatim_chars,
                 exclude_owners=args.exclude_owner or None, exclude_tiers=args.exclude_tier or None,
-                require_notices=args.require_notices or None)
+                require_notices=args.require_notices or None, ric_retriever=args.ric_retriever,
+                ric_blocks=args.ric_blocks)
 
 
 def _print_completion(resp, as_json: bool, streamed: bool) -> None:
@@ -198,6 +200,8 @@ def register(subparsers) -> None:
     s.add_argument("--config", required=True, help="YAML file with a serve section")
     s.add_argument("--port", type=int, help="override serve.port (0 = a free port)")
     s.add_argument("--host", help="override serve.host")
+    s.add_argument("--device", help="override serve.device, the model's: auto | cpu | cuda | cuda:N")
+    s.add_argument("--max-batch", type=int, help="override serve.max_batch (generations advanced together)")
     s.add_argument("--log-level", default="INFO")
     s.set_defaults(func=cmd_serve)
 
@@ -222,6 +226,8 @@ def register(subparsers) -> None:
     def gen(p):
         common(p)
         knn(p)
+        p.add_argument("--ric-retriever", choices=["bm25", "dense"], help="mode ric: which block index")
+        p.add_argument("--ric-blocks", type=int, help="mode ric: blocks prepended (1-8)")
         p.add_argument("--max-tokens", type=int)
         p.add_argument("--temperature", type=float)
         p.add_argument("--top-p", type=float)

@@ -15,7 +15,8 @@ from silo.model.output_policy import OutputPolicy
 class ServeConfig(StageConfig):
     model: str  # HF folder or hub id
     store: str | None = None  # datastore folder; None serves parametric mode only
-    device: str = "cpu"
+    device: str = "auto"  # the model's: auto | cpu | cuda | cuda:N (the store's FAISS index stays on CPU)
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 (or float16) on a GPU
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)  # 0 = pick a free port
     knn: KNNConfig | None = None  # None: the file's top-level `knn:` section, else KNNConfig defaults

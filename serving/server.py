@@ -196,7 +196,9 @@ class AdminService(pb_grpc.AdminServicer):
         with self._lock:
             # open and validate off the worker (slow I/O), then swap between two requests on the worker;
             # swap_store refuses an older generation of the store in use (FAILED_PRECONDITION)
-            new = Datastore.open(request.path, fingerprint=engine.lm.fingerprint, device=self.server.cfg.device)
+            cur = engine.lm.store
+            new = Datastore.open(request.path, fingerprint=engine.lm.fingerprint,
+                                 device=cur.device if cur is not None else "cpu")
             new.check_not_older(engine.lm.store)
             prev = engine.control(lambda: engine.lm.swap_store(new))
         return self._changed(prev, new, info)
@@ -311,7 +313,7 @@ class SiloServer:
         try:
             t0 = time.monotonic()
             lm = self._lm or SiloLM.load(self.cfg.model, self.cfg.store, knn=self.cfg.resolved_knn(),
-                                         device=self.cfg.device)
+                                         device=self.cfg.device, dtype=self.cfg.dtype)
             prov = Path(self.cfg.model) / "provenance.json"
             if prov.is_file():
                 import json

@@ -301,5 +301,20 @@ def test_ric_mode_over_grpc(tiny_model, tiny_store, tmp_path):
             assert doc["id"] in cited
             sc = c.score(doc["text"][:1500], mode="ric")
             assert sc.mode == "ric" and sc.perplexity > 1 and sc.perplexity_parametric > 1
+            # per-request RIC settings: three blocks make a longer prompt than one; bad values name the field
+            short = doc["text"][600:640]  # room in the tiny model's context for more than one block
+            r1, r3 = (c.complete(short, mode="ric", max_tokens=4, temperature=0, return_attributions=True,
+                                 ric_blocks=n, ric_retriever="bm25") for n in (1, 3))
+            assert r3.usage.prompt_tokens >= r1.usage.prompt_tokens
+            with pytest.raises(grpc.RpcError) as err:  # the setting reaches the retriever: no dense index here
+                c.complete(short, mode="ric", max_tokens=4, ric_retriever="dense")
+            assert "dense" in err.value.details(), err.value.details()
+            assert doc["id"] in {src.document_id for a in r3.attributions for src in a.sources}
+            with pytest.raises(grpc.RpcError) as err:
+                c.complete(prompt, mode="ric", ric_blocks=9)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "params.ric_blocks" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                c.complete(prompt, mode="ric", ric_retriever="tfidf")
+            assert "params.ric_retriever" in err.value.details()
     finally:
         s.stop()

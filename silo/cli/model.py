@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from silo.core.licenses import TIERS
+from silo.core.models import DEVICE_HELP
 
 
 def cmd_eval(args) -> int:
@@ -27,7 +28,7 @@ def load_lm_from_args(args):
     from silo.model.knn import KNNConfig
     from silo.model.lm import SiloLM
 
-    model, store, knn = args.model, args.store, KNNConfig()
+    model, store, knn, lm_sec = args.model, args.store, KNNConfig(), {}
     if args.config:
         data = read_yaml(args.config)
         lm_sec = data.get("lm") or {}
@@ -41,7 +42,9 @@ def load_lm_from_args(args):
     if over:
         over["mixture"] = "fixed"  # explicit kNN settings ask for the constant lambda
     knn = validate(KNNConfig, {**knn.model_dump(), **over}, prefix="knn", source="command line")
-    return SiloLM.load(model, None if args.mode == "parametric" else store, knn=knn)
+    device = args.device or (lm_sec.get("device") if args.config else None) or "auto"
+    return SiloLM.load(model, None if args.mode == "parametric" else store, knn=knn, device=device,
+                       dtype=(lm_sec.get("dtype") if args.config else None) or "auto")
 
 
 def print_attributed(comp, out=None) -> None:
@@ -120,6 +123,7 @@ def register(sub) -> None:
     g.add_argument("--model", help="model folder or hub id (overrides the config)")
     g.add_argument("--store", help="datastore folder (overrides the config)")
     g.add_argument("--mode", choices=["knn", "parametric"], default="knn")
+    g.add_argument("--device", help=f"the model's device: {DEVICE_HELP} (default: lm.device, else auto)")
     g.add_argument("--max-tokens", type=int, default=48)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)

@@ -18,6 +18,8 @@ _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype",
 
 
 def model_fingerprint(model: torch.nn.Module, tokenizer) -> str:
+    if getattr(model, "silo_fingerprint", None):  # taken before the weights were cast (silo.core.models.load_lm)
+        return model.silo_fingerprint
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())

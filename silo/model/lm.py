@@ -113,8 +113,11 @@ class SiloLM:
     # ----------------------------------------------------------------------------------- loading
     @classmethod
     def load(cls, model_path: str, store_path: str | None = None, knn: KNNConfig | None = None,
-             device: str = "cpu", **kwargs) -> "SiloLM":
-        model, tokenizer = load_lm(model_path, device)
+             device: str = "cpu", dtype: str | None = "auto", **kwargs) -> "SiloLM":
+        """`device`: auto | cpu | cuda | cuda:N for the model (the store's index stays where it is opened:
+        CPU FAISS unless the store is opened on cuda); `dtype`: auto (bfloat16/float16 on a GPU) or a torch
+        dtype name."""
+        model, tokenizer = load_lm(model_path, device, dtype)
         lm = cls(model, tokenizer, knn=knn, **kwargs)
         if store_path:
             lm.swap_store(Datastore.open(store_path, fingerprint=lm.fingerprint))

@@ -76,6 +76,8 @@ class EvalConfig(StageConfig):
     keep_overlap: bool = False  # keep validation/test documents that share 13-grams with the store
     ric: RICEvalConfig = RICEvalConfig()
     output_dir: str = "runs/eval"
+    device: str = "auto"  # the models': auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 (or float16) on a GPU
 
 
 @dataclass
@@ -184,9 +186,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, r
     """
     t0 = time.time()
     if lm is None:
-        lm = SiloLM.load(cfg.model, cfg.store, knn=cfg.knn, window=cfg.window, stride=cfg.stride)
+        lm = SiloLM.load(cfg.model, cfg.store, knn=cfg.knn, window=cfg.window, stride=cfg.stride, device=cfg.device,
+                         dtype=cfg.dtype)
     if ref is None and cfg.reference_model:
-        ref = SiloLM.load(cfg.reference_model, window=cfg.window, stride=cfg.stride)
+        ref = SiloLM.load(cfg.reference_model, window=cfg.window, stride=cfg.stride, device=cfg.device,
+                          dtype=cfg.dtype)
     val_docs, test_docs = load_documents(cfg.val, cfg.domains), load_documents(cfg.test, cfg.domains)
     overlaps = []
     if lm.store is not None:
