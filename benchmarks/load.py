@@ -2,6 +2,11 @@
 
     python benchmarks/load.py --target 127.0.0.1:50051 --concurrency 1,8,32 --duration 20
     python benchmarks/load.py --model runs/demo/model --store runs/demo/store --concurrency 1,8,32
+    python benchmarks/load.py --model runs/demo/model --store runs/demo/store --modes parametric,knn
+
+Each mode runs every level in turn against the same server; the summary prints the ratios the serving
+engine is judged by: kNN (with attributions) over parametric tokens/s at 1 stream, and each mode's
+tokens/s at 8 streams over 1 stream (continuous batching).
 
 With --model the script starts its own server on 127.0.0.1 (port 0). Prints, per concurrency level,
 requests/s, generated tokens/s, p50/p95 latency, p50/p95 time to first token and errors by status code.
@@ -55,7 +60,8 @@ def run_level(target: str, streams: int, duration: float, args) -> dict:
                 first = None
                 try:
                     for piece in c.complete_stream(args.prompt, max_tokens=args.max_tokens, seed=i * 100000 + n,
-                                                   temperature=args.temperature, mode=args.mode or None):
+                                                   temperature=args.temperature, mode=args.mode or None,
+                                                   return_attributions=args.attributions):
                         if first is None and isinstance(piece, str):
                             first = time.monotonic() - t0
                         if isinstance(piece, pb.CompleteResponse):
@@ -93,8 +99,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="In the beginning")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--mode", choices=["parametric", "knn"])
+    ap.add_argument("--modes", "--mode", default="", help="comma-separated: parametric, knn, ric (default: the "
+                    "server's default mode)")
+    ap.add_argument("--no-attributions", dest="attributions", action="store_false",
+                    help="do not ask for per-sentence attributions (asked for by default)")
+    ap.add_argument("--max-batch", type=int, default=8, help="continuous-batching width of the started server")
     args = ap.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m] or [""]
     levels = [int(x) for x in args.concurrency.split(",")]
     if any(not 1 <= n <= MAX_STREAMS for n in levels) or not 0 < args.duration <= MAX_SECONDS:
         raise SystemExit(f"concurrency must be 1..{MAX_STREAMS} and duration 0..{MAX_SECONDS} s")
@@ -107,7 +118,8 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
         server = SiloServer(ServeConfig(model=args.model, store=args.store, host="127.0.0.1", port=0,
-                                        max_queue=args.max_queue, max_tokens_limit=max(512, args.max_tokens)))
+                                        max_queue=args.max_queue, max_batch=args.max_batch,
+                                        max_tokens_limit=max(512, args.max_tokens)))
         server.start()
         target = server.target
     elif args.target:
@@ -115,12 +127,25 @@ def main(argv=None) -> int:
     else:
         raise SystemExit("give --target or --model")
     print(f"target {target}, {args.duration:.0f} s per level, max_tokens {args.max_tokens}, prompt {args.prompt!r}")
-    print(f"{'streams':>7} {'ok':>5} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} {'ttft50':>7} {'ttft95':>7}  errors")
+    print(f"{'mode':>10} {'streams':>7} {'ok':>5} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} {'ttft50':>7} "
+          f"{'ttft95':>7}  errors")
+    tps = {}
     try:
-        for n in levels:
-            r = run_level(target, n, args.duration, args)
-            print(f"{r['streams']:>7} {r['ok']:>5} {r['rps']:>7.2f} {r['tps']:>7.1f} {r['p50']:>7.2f} {r['p95']:>7.2f} "
-                  f"{r['ttft50']:>7.2f} {r['ttft95']:>7.2f}  {r['errors'] or '-'}", flush=True)
+        for mode in modes:
+            args.mode = mode
+            for n in levels:
+                r = run_level(target, n, args.duration, args)
+                tps[(mode, n)] = r["tps"]
+                print(f"{mode or 'default':>10} {r['streams']:>7} {r['ok']:>5} {r['rps']:>7.2f} {r['tps']:>7.1f} "
+                      f"{r['p50']:>7.2f} {r['p95']:>7.2f} {r['ttft50']:>7.2f} {r['ttft95']:>7.2f}  {r['errors'] or '-'}",
+                      flush=True)
+        if ("knn", 1) in tps and ("parametric", 1) in tps:
+            print(f"kNN{' + attributions' if args.attributions else ''} / parametric tokens/s at 1 stream: "
+                  f"{tps[('knn', 1)] / max(tps[('parametric', 1)], 1e-9):.2f}")
+        for mode in modes:
+            if (mode, 1) in tps and (mode, 8) in tps:
+                print(f"{mode or 'default'}: tokens/s at 8 streams / 1 stream: "
+                      f"{tps[(mode, 8)] / max(tps[(mode, 1)], 1e-9):.2f}")
     finally:
         if server is not None:
             server.stop()

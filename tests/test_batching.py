@@ -136,3 +136,22 @@ def test_mixture_runs_on_the_model_device(tiny_model, tiny_store, device):
     p, rows = knn.next_token(hidden[0, -1:].cpu().numpy(), logp[-1:], [state])
     assert p.device == logp.device and p.dtype == logp.dtype
     assert abs(float(p.sum()) - 1.0) < 1e-6 and rows[0].lmbda == 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_generation_on_a_device(tiny_model, tiny_store, device):
+    """The engine's path on `device` (cpu here; cuda in scripts/gpu_check.sh): kNN and parametric
+    sequences batched together give what each gives alone, in float32, with attributions."""
+    lm = SiloLM.load(str(tiny_model), str(tiny_store), device=device, dtype="float32")
+    assert str(lm.device).startswith(device)
+    alone = {m: _alone(lm, PROMPTS[0], m) for m in ("parametric", "knn")}
+    dec = BatchDecoder(lm)
+    knn = lm.retriever("knn")
+    seqs = {m: dec.add(Decoding([lm.tokenizer.eos_token_id] + lm.encode(PROMPTS[0]),
+                                SamplingParams(max_new_tokens=12, temperature=0), knn if m == "knn" else None))
+            for m in ("parametric", "knn")}
+    while dec.active:
+        dec.step()
+    for m, seq in seqs.items():
+        assert seq.completion.tokens == alone[m].tokens
+    assert lm.attribute(seqs["knn"].completion, knn)
