@@ -40,8 +40,11 @@ def _store_up_to_date(cfg) -> bool:
         prov = json.loads((Path(cfg.model) / "provenance.json").read_text())
     except Exception:
         return False
-    # generation 1 = nothing removed since the build (the demo's opt-out step removes an owner)
-    return (manifest.model.fingerprint == prov.get("fingerprint") and manifest.generation == 1
+    # nothing removed or reindexed since the build (the demo's opt-out step works on a copy; a rebuild
+    # over an old store continues its generations, so the generation number alone cannot tell)
+    removed = any((Path(cfg.output_dir) / "removals").glob("*")) or any(r.removed_docs for r in manifest.shards)
+    return (manifest.model.fingerprint == prov.get("fingerprint") and not removed
+            and manifest.index.factory == cfg.index.factory
             and manifest.build.get("config") == cfg.model_dump(exclude={"overwrite"}))
 
 

@@ -328,8 +328,8 @@ class KNNRetriever:
         if row.p_knn is not None:
             nb = row.neighbors
             sup.p_knn = float(row.p_knn[token])
-            sup.neighbors = [(int(nb.shard[0, j]), int(nb.ids[0, j]), float(row.weights[j]))
-                             for j in range(min(self.k, nb.tokens.shape[1])) if nb.tokens[0, j] == token]
+            hit = np.flatnonzero(nb.tokens[0, :self.k] == token)  # the neighbours that voted for the token
+            sup.neighbors = list(zip(nb.shard[0, hit].tolist(), nb.ids[0, hit].tolist(), row.weights[hit].tolist()))
         return sup
 
     def documents(self, row: _RowMix, limit: int = 64) -> np.ndarray:

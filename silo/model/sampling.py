@@ -65,4 +65,7 @@ def sample(p: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int
         mask[order[keep]] = True
         probs = torch.where(mask, probs, torch.zeros_like(probs))
         probs = probs / probs.sum()
-    return int(torch.multinomial(probs.float(), 1, generator=gen))
+    # inverse CDF with one uniform draw from the sequence's generator (a seed gives the same text again)
+    cdf = torch.cumsum(probs, 0)
+    u = torch.rand(1, generator=gen, dtype=cdf.dtype) * cdf[-1]
+    return int(min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1))
