@@ -188,7 +188,7 @@ def build_router(door) -> APIRouter:
                         break
                     event = await run_in_threadpool(next_event)
                 yield b"data: [DONE]\n\n"
-            except Exception as exc:  # after the headers: an error event ends the stream
+            except Exception as exc:  # noqa: BLE001 - after the headers: an error event ends the stream
                 from .errors import http_error
 
                 yield _sse(http_error(exc).body())

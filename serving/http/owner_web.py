@@ -176,7 +176,7 @@ def build_owner_router(door) -> APIRouter:
         caller = page_caller(request, required=not server.cfg.public_lookup)
         try:
             res = await run_in_threadpool(actions.lookup_for, caller, lookup_request(form), {})
-        except Exception as exc:  # shown on the page, with the form kept
+        except Exception as exc:  # noqa: BLE001 - shown on the page, with the form kept
             err = http_error(exc)
             return await _home(request, caller, err.status, error=err.message, form=form)
         look = as_dict(res)
@@ -192,7 +192,7 @@ def build_owner_router(door) -> APIRouter:
         caller = page_caller(request, required=True)
         try:
             res = await run_in_threadpool(actions.submit, caller, removal_request(form), {})
-        except Exception as exc:  # shown on the page
+        except Exception as exc:  # noqa: BLE001 - shown on the page
             err = http_error(exc)
             return await _home(request, caller, err.status, error=err.message, form=form)
         return RedirectResponse(f"/owner/removals/{res.request_id}", status_code=303)
