@@ -188,5 +188,10 @@ def test_generation_tokens_when_configured(tiny_model, tiny_store, tmp_path):
         with SiloClient(server.target) as anon, pytest.raises(grpc.RpcError) as ei:  # the gRPC door agrees
             anon.complete(PROMPT, max_tokens=2)
         assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        server.http.close_intake()  # draining: health and new work answer 503
+        assert http(server, "GET", "/health") == (503, {"status": "draining"})
+        with pytest.raises(openai.InternalServerError) as ei:
+            ok.completions.create(model="model", prompt=PROMPT, max_tokens=2)
+        assert ei.value.status_code == 503 and "shutting down" in ei.value.body["message"]
     finally:
         server.stop()
