@@ -11,12 +11,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+
+from silo.model.lm import SiloLM
 from silo.serving.client import SiloClient
 from silo.serving.config import ServeConfig
 from silo.serving.http import queue_depth
 from silo.serving.server import SiloServer
-
-from silo.model.lm import SiloLM
 
 openai = pytest.importorskip("openai", reason="the HTTP API tests drive the server with the official openai client")
 

