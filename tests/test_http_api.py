@@ -79,19 +79,22 @@ def test_completion_matches_grpc_and_carries_silo_extension(served, oa):
 
 
 def test_streaming_completion_arrives_in_pieces(served, oa):
-    stamps, pieces, last = [], [], None
-    for chunk in oa.completions.create(model="model", prompt=PROMPT, max_tokens=40, temperature=0.8, seed=3,
-                                       stream=True, stream_options={"include_usage": True}):
-        stamps.append(time.monotonic())
+    kw = {**LONG, "seed": 3}  # about a second of generation
+    t0, stamps, pieces, last = time.monotonic(), [], [], None
+    for chunk in oa.completions.create(model="model", prompt=PROMPT, stream=True,
+                                       stream_options={"include_usage": True}, **kw):
         if chunk.choices:
+            stamps.append(time.monotonic())
             pieces.append(chunk.choices[0].text)
             if chunk.choices[0].finish_reason:
                 last = chunk
         else:
             usage = chunk.usage
-    assert len(pieces) > 5 and stamps[-1] - stamps[0] > 0.01  # many events, spread over the generation
+    total = stamps[-1] - t0
+    # events arrive as tokens are made: the first long before the last, not all at once at the end
+    assert len(pieces) > 20 and stamps[0] - t0 < 0.5 * total, (stamps[0] - t0, total)
     assert last is not None and "silo" in last.choices[0].model_extra
-    unary = oa.completions.create(model="model", prompt=PROMPT, max_tokens=40, temperature=0.8, seed=3)
+    unary = oa.completions.create(model="model", prompt=PROMPT, **kw)
     assert "".join(pieces) == unary.choices[0].text and usage.completion_tokens == unary.usage.completion_tokens
 
 
@@ -141,6 +144,29 @@ def test_backpressure_is_429(served, oa):
     first.close()  # the client goes away: its generation is cancelled, the queued one runs
     queued.join(30)
     assert not queued.is_alive()
+    rec = wait_record(served.engine, lambda r: r.kind == "generate" and r.finish_reason == "cancelled")
+    assert 1 <= rec.completion_tokens < LONG["max_tokens"]
+
+
+def test_unary_client_that_gives_up_cancels_its_generation(served, oa):
+    before = set(map(id, served.engine.records))
+    impatient = oa.with_options(timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model="model", prompt=PROMPT, **{**LONG, "seed": 5})
+    rec = wait_record(served.engine, lambda r: r.kind == "generate" and r.finish_reason == "cancelled"
+                      and r.completion_tokens < LONG["max_tokens"], seen=before)
+    assert rec.completion_tokens >= 1
+
+
+def wait_record(engine, pred, timeout=10.0, seen=frozenset()):
+    """The engine's record of a finished job matching `pred` (not one of `seen`)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        hits = [r for r in list(engine.records) if pred(r) and id(r) not in seen]
+        if hits:
+            return hits[-1]
+        time.sleep(0.02)
+    raise AssertionError("no matching engine record")
 
 
 def test_owner_routes_follow_the_grpc_roles(served):

@@ -151,9 +151,17 @@ def build_router(door) -> APIRouter:
             eng.cancel(job)
             raise
         if not stream:
-            event = first
-            while event[0] != "done":
-                event = await run_in_threadpool(next_event)
+            event, checked = first, time.monotonic()
+            try:
+                while event[0] != "done":
+                    if time.monotonic() - checked > 0.2:  # a client that gave up frees the worker within a step
+                        checked = time.monotonic()
+                        if await request.is_disconnected():
+                            eng.cancel(job)
+                    event = await run_in_threadpool(next_event)
+            except BaseException:
+                eng.cancel(job)
+                raise
             res = event[1]
             choice = {"index": 0, "finish_reason": FINISH.get(res.finish_reason, "stop"),
                       "silo": silo_extension(res, job.id)}
