@@ -57,7 +57,7 @@ def http(server, method, path, body=None, token=None):
 
 
 def test_health_and_models(served, oa):
-    assert http(served, "GET", "/health") == (200, {"status": "serving", "model": served.engine.lm.fingerprint[:12],
+    assert http(served, "GET", "/health") == (200, {"status": "serving", "fingerprint": served.engine.lm.fingerprint,
                                                     "queue_depth": 0})
     models = oa.models.list().data
     assert [m.id for m in models] == ["model"]  # the model folder's name

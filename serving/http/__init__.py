@@ -100,7 +100,7 @@ class HttpDoor:
                 return JSONResponse({"status": "failed", "error": str(self.server.load_error)}, status_code=503)
             if self.server.engine is None:
                 return JSONResponse({"status": "loading"}, status_code=503)
-            return {"status": "serving", "model": self.server.engine.lm.fingerprint[:12],
+            return {"status": "serving", "fingerprint": self.server.engine.lm.fingerprint,
                     "queue_depth": queue_depth(self.server.engine)}
 
         @app.get("/")
