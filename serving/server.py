@@ -300,7 +300,11 @@ class SiloServer:
         if self.cfg.http_port is not None:
             from .http import HttpDoor  # the OpenAI-compatible API and the owner page, on this server's engine
 
-            self.http = HttpDoor(self, GenerationService(self)._chat_request).start()
+            try:
+                self.http = HttpDoor(self, GenerationService(self)._chat_request).start()
+            except BaseException:
+                self.grpc.stop(0)  # one config, both doors: never leave half of it serving
+                raise
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
         log.info("listening", extra={"fields": {"event": "listening", "target": addr, "port": self.port,

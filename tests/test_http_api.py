@@ -128,6 +128,11 @@ def test_bad_requests_name_the_field(served, oa):
         oa.completions.create(model="gpt-9", prompt=PROMPT)
     assert ei.value.body["param"] == "model" and ei.value.body["code"] == "model_not_found"
     assert http(served, "POST", "/v1/completions", None)[0] == 400
+    status, err = http(served, "POST", "/v1/completions", {"model": "model", "prompt": "x" * 300_000})
+    assert status == 413 and "larger than" in err["error"]["message"]  # refused before it is read in full
+    with pytest.raises(openai.BadRequestError) as ei:  # within the byte limit, over serve.max_prompt_chars
+        oa.completions.create(model="model", prompt="x" * 40_000)
+    assert ei.value.body["param"] == "prompt"
 
 
 def test_backpressure_is_429(served, oa):

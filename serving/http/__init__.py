@@ -47,6 +47,9 @@ class HttpDoor:
         self._closed = False
         self._uvicorn: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        # a JSON body holds at most the prompt or messages (serve.max_prompt_chars, up to 4 UTF-8 bytes a
+        # character, escapes aside) and some parameters; beyond that it is refused unread (413)
+        self.body_limit = 6 * server.cfg.max_prompt_chars + (64 << 10)
         self.app = self._build()
 
     @property

@@ -42,9 +42,15 @@ def model_id(server) -> str:
     return Path(server.cfg.model).name
 
 
-async def json_body(request: Request) -> dict:
+async def json_body(request: Request, limit: int = 1 << 20) -> dict:
+    """The request's JSON object; 413 past `limit` bytes (read no further), 400 when not a JSON object."""
+    raw = bytearray()
+    async for part in request.stream():
+        raw += part
+        if len(raw) > limit:
+            raise HttpError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     try:
-        body = json.loads(await request.body() or b"null")
+        body = json.loads(bytes(raw) or b"null")
     except ValueError as exc:
         raise HttpError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -208,7 +214,7 @@ def build_router(door) -> APIRouter:
 
     @router.post("/v1/completions")
     async def completions(request: Request):
-        body = await json_body(request)
+        body = await json_body(request, door.body_limit)
         eng, stream, include_usage = common(body, request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -220,7 +226,7 @@ def build_router(door) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await json_body(request)
+        body = await json_body(request, door.body_limit)
         eng, stream, include_usage = common(body, request)
         messages = body.get("messages")
         if not isinstance(messages, list):

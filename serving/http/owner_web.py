@@ -24,6 +24,7 @@ from ..dataowner import resolve_caller
 from ..gen import silo_pb2 as pb
 from .convert import as_dict
 from .errors import HttpError, bad, http_error
+from .openai_api import json_body
 
 COOKIE = "silo_owner"
 STEPS = ("received", "applied", "compacted", "verified")
@@ -99,19 +100,15 @@ def build_owner_router(door) -> APIRouter:
     # ----------------------------------------------------------------------------------- JSON
     @router.post("/v1/owner/lookup")
     async def api_lookup(request: Request):
-        from .openai_api import json_body
-
-        body = await json_body(request)
+        body = await json_body(request, door.body_limit)
         caller = owners_caller(request.headers.get("authorization"), optional=server.cfg.public_lookup)
         res = await run_in_threadpool(actions.lookup_for, caller, lookup_request(body), {})
         return as_dict(res)
 
     @router.post("/v1/owner/removals")
     async def api_submit(request: Request):
-        from .openai_api import json_body
-
         door.check_open()
-        body = await json_body(request)
+        body = await json_body(request, door.body_limit)
         caller = owners_caller(request.headers.get("authorization"))
         res = await run_in_threadpool(actions.submit, caller, removal_request(body), {})
         return JSONResponse(as_dict(res), status_code=202)
