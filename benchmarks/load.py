@@ -1,15 +1,19 @@
 """Load test for `silo serve`: N concurrent streaming clients for a fixed duration (not a test).
 
     python benchmarks/load.py --target 127.0.0.1:50051 --concurrency 1,8,32 --duration 20
-    python benchmarks/load.py --model runs/demo/model --store runs/demo/store --concurrency 1,8,32
     python benchmarks/load.py --model runs/demo/model --store runs/demo/store --modes parametric,knn
+    python benchmarks/load.py --http-url http://127.0.0.1:8080 --doors http --concurrency 1,8
+    python benchmarks/load.py --model runs/demo/model --store runs/demo/store --doors grpc,http --concurrency 1,8
 
-Each mode runs every level in turn against the same server; the summary prints the ratios the serving
-engine is judged by: kNN (with attributions) over parametric tokens/s at 1 stream, and each mode's
-tokens/s at 8 streams over 1 stream (continuous batching).
+Each door and mode runs every level in turn against the same server; the summary prints the ratios the
+serving engine is judged by: kNN (with attributions) over parametric tokens/s at 1 stream, and each
+mode's tokens/s at 8 streams over 1 stream (continuous batching).
 
-With --model the script starts its own server on 127.0.0.1 (port 0). Prints, per concurrency level,
-requests/s, generated tokens/s, p50/p95 latency, p50/p95 time to first token and errors by status code.
+With --model the script starts its own server on 127.0.0.1 (gRPC and HTTP on free ports, one engine).
+`--doors` picks the front doors to load, one after the other: grpc (silo.v1 CompleteStream) and http (the
+OpenAI-compatible /v1/completions with stream=true, through the official openai client). Prints, per door
+and concurrency level, requests/s, generated tokens/s, p50/p95 latency, p50/p95 time to first token and
+errors by status code.
 Bounded on purpose: loopback targets only, at most 64 streams, at most 300 s per level.
 """
 
@@ -88,9 +92,63 @@ def run_level(target: str, streams: int, duration: float, args) -> dict:
                 errors=dict(errors))
 
 
+def run_level_http(url: str, streams: int, duration: float, args) -> dict:
+    """The same loop through the HTTP door: OpenAI streaming completions, usage from the last chunk."""
+    import openai
+
+    stop_at = time.monotonic() + duration
+    lock = threading.Lock()
+    lat, ttft, errors = [], [], Counter()
+    tokens = [0]
+    model = openai.OpenAI(base_url=url + "/v1", api_key="load", max_retries=0).models.list().data[0].id
+    extra = ({"mode": args.mode} if args.mode else {}) | {"return_attributions": args.attributions}
+
+    def client_loop(i: int) -> None:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="load", max_retries=0, timeout=duration + 60)
+        n = 0
+        while time.monotonic() < stop_at:
+            t0 = time.monotonic()
+            first = None
+            try:
+                for chunk in client.completions.create(model=model, prompt=args.prompt, max_tokens=args.max_tokens,
+                                                       seed=i * 100000 + n, temperature=args.temperature, stream=True,
+                                                       stream_options={"include_usage": True}, extra_body=extra):
+                    if first is None and chunk.choices and chunk.choices[0].text:
+                        first = time.monotonic() - t0
+                    if chunk.usage is not None:
+                        with lock:
+                            tokens[0] += chunk.usage.completion_tokens
+                            lat.append(time.monotonic() - t0)
+                            if first is not None:
+                                ttft.append(first)
+            except openai.APIStatusError as exc:
+                with lock:
+                    errors[f"HTTP {exc.status_code}"] += 1
+                time.sleep(0.05)
+            except openai.APIConnectionError:
+                with lock:
+                    errors["connection"] += 1
+                time.sleep(0.05)
+            n += 1
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration + 120)
+    wall = time.monotonic() - t0
+    return dict(streams=streams, wall=wall, ok=len(lat), rps=len(lat) / wall, tps=tokens[0] / wall,
+                p50=pct(lat, 0.5), p95=pct(lat, 0.95), ttft50=pct(ttft, 0.5), ttft95=pct(ttft, 0.95),
+                errors=dict(errors))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", help="host:port of a running server (loopback only)")
+    ap.add_argument("--http-url", help="base URL of a running server's HTTP door, e.g. http://127.0.0.1:8080 "
+                                        "(loopback only)")
+    ap.add_argument("--doors", default="grpc", help="comma-separated: grpc, http (default: %(default)s)")
     ap.add_argument("--model", help="start a server on 127.0.0.1 with this model instead")
     ap.add_argument("--store", help="datastore for the started server")
     ap.add_argument("--max-queue", type=int, default=64, help="queue bound of the started server")
@@ -107,6 +165,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m] or [""]
     levels = [int(x) for x in args.concurrency.split(",")]
+    doors = [d.strip() for d in args.doors.split(",") if d.strip()]
+    if not doors or set(doors) - {"grpc", "http"}:
+        raise SystemExit(f"--doors: grpc and/or http (got {args.doors!r})")
     if any(not 1 <= n <= MAX_STREAMS for n in levels) or not 0 < args.duration <= MAX_SECONDS:
         raise SystemExit(f"concurrency must be 1..{MAX_STREAMS} and duration 0..{MAX_SECONDS} s")
     server = None
@@ -118,34 +179,43 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
         server = SiloServer(ServeConfig(model=args.model, store=args.store, host="127.0.0.1", port=0,
-                                        max_queue=args.max_queue, max_batch=args.max_batch,
-                                        max_tokens_limit=max(512, args.max_tokens)))
+                                        http_port=0 if "http" in doors else None, max_batch=args.max_batch,
+                                        max_queue=args.max_queue, max_tokens_limit=max(512, args.max_tokens)))
         server.start()
-        target = server.target
-    elif args.target:
-        target = loopback_only(args.target)
+        target, url = server.target, server.http.url if server.http else None
+    elif args.target or args.http_url:
+        target = loopback_only(args.target) if args.target else None
+        url = args.http_url.rstrip("/") if args.http_url else None
+        if url:
+            loopback_only(url.split("://", 1)[-1].split("/", 1)[0])
     else:
-        raise SystemExit("give --target or --model")
-    print(f"target {target}, {args.duration:.0f} s per level, max_tokens {args.max_tokens}, prompt {args.prompt!r}")
-    print(f"{'mode':>10} {'streams':>7} {'ok':>5} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} {'ttft50':>7} "
-          f"{'ttft95':>7}  errors")
+        raise SystemExit("give --target / --http-url, or --model")
+    if "grpc" in doors and not target or "http" in doors and not url:
+        raise SystemExit("--doors grpc needs --target (or --model); --doors http needs --http-url (or --model)")
+    print(f"grpc {target or '-'}, http {url or '-'}, {args.duration:.0f} s per level, max_tokens {args.max_tokens}, "
+          f"prompt {args.prompt!r}")
+    print(f"{'door':>5} {'mode':>10} {'streams':>7} {'ok':>5} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} "
+          f"{'ttft50':>7} {'ttft95':>7}  errors")
     tps = {}
     try:
-        for mode in modes:
-            args.mode = mode
-            for n in levels:
-                r = run_level(target, n, args.duration, args)
-                tps[(mode, n)] = r["tps"]
-                print(f"{mode or 'default':>10} {r['streams']:>7} {r['ok']:>5} {r['rps']:>7.2f} {r['tps']:>7.1f} "
-                      f"{r['p50']:>7.2f} {r['p95']:>7.2f} {r['ttft50']:>7.2f} {r['ttft95']:>7.2f}  {r['errors'] or '-'}",
-                      flush=True)
-        if ("knn", 1) in tps and ("parametric", 1) in tps:
-            print(f"kNN{' + attributions' if args.attributions else ''} / parametric tokens/s at 1 stream: "
-                  f"{tps[('knn', 1)] / max(tps[('parametric', 1)], 1e-9):.2f}")
-        for mode in modes:
-            if (mode, 1) in tps and (mode, 8) in tps:
-                print(f"{mode or 'default'}: tokens/s at 8 streams / 1 stream: "
-                      f"{tps[(mode, 8)] / max(tps[(mode, 1)], 1e-9):.2f}")
+        for door in doors:
+            for mode in modes:
+                args.mode = mode
+                for n in levels:
+                    r = run_level(target, n, args.duration, args) if door == "grpc" else \
+                        run_level_http(url, n, args.duration, args)
+                    tps[(door, mode, n)] = r["tps"]
+                    print(f"{door:>5} {mode or 'default':>10} {r['streams']:>7} {r['ok']:>5} {r['rps']:>7.2f} "
+                          f"{r['tps']:>7.1f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['ttft50']:>7.2f} {r['ttft95']:>7.2f}  "
+                          f"{r['errors'] or '-'}", flush=True)
+        for door in doors:
+            if (door, "knn", 1) in tps and (door, "parametric", 1) in tps:
+                print(f"{door}: kNN{' + attributions' if args.attributions else ''} / parametric tokens/s at 1 stream: "
+                      f"{tps[(door, 'knn', 1)] / max(tps[(door, 'parametric', 1)], 1e-9):.2f}")
+            for mode in modes:
+                if (door, mode, 1) in tps and (door, mode, 8) in tps:
+                    print(f"{door}: {mode or 'default'} tokens/s at 8 streams / 1 stream: "
+                          f"{tps[(door, mode, 8)] / max(tps[(door, mode, 1)], 1e-9):.2f}")
     finally:
         if server is not None:
             server.stop()

@@ -14,8 +14,10 @@ def cmd_serve(args) -> int:
     from .metrics import setup_json_logging
     from .server import serve_forever
 
-    overrides = {k: v for k, v in (("port", args.port), ("host", args.host), ("device", args.device),
-                                   ("max_batch", args.max_batch)) if v is not None}
+    overrides = {k: v for k, v in (("port", args.port), ("host", args.host), ("http_port", args.http_port),
+                                   ("device", args.device), ("max_batch", args.max_batch)) if v is not None}
+    if args.no_http:
+        overrides["http_port"] = None
     cfg = load_serve_config(args.config, overrides)
     setup_json_logging(args.log_level)
     if cfg.torch_threads:
@@ -196,9 +198,14 @@ def _rpc_errors(fn):
 
 
 def register(subparsers) -> None:
-    s = subparsers.add_parser("serve", help="gRPC completion/chat backend (silo.v1) with health, metrics, admin")
+    s = subparsers.add_parser("serve", help="gRPC completion/chat backend (silo.v1) with health, metrics, admin; "
+                                            "with serve.http_port also the OpenAI-compatible HTTP API and the "
+                                            "data owners' web page, on the same model")
     s.add_argument("--config", required=True, help="YAML file with a serve section")
-    s.add_argument("--port", type=int, help="override serve.port (0 = a free port)")
+    s.add_argument("--port", type=int, help="override serve.port, the gRPC port (0 = a free port)")
+    s.add_argument("--http-port", type=int, help="override serve.http_port: the HTTP door (OpenAI-compatible /v1 "
+                                                  "API and the owner page at /owner) on this port (0 = a free port)")
+    s.add_argument("--no-http", action="store_true", help="serve gRPC only, even if the config sets serve.http_port")
     s.add_argument("--host", help="override serve.host")
     s.add_argument("--device", help="override serve.device, the model's: auto | cpu | cuda | cuda:N")
     s.add_argument("--max-batch", type=int, help="override serve.max_batch (generations advanced together)")

@@ -39,6 +39,13 @@ class ServeConfig(StageConfig):
     owner_tokens: dict[str, str] = {}
     owner_tokens_file: str | None = None  # a JSON or YAML mapping of the same form, merged over owner_tokens
     public_lookup: bool = True  # DataOwner.Lookup without a token: counts only (never text, never ids)
+    # the HTTP door (serving/http): OpenAI-compatible /v1 API and the data owners' web page, served by the same
+    # engine beside gRPC; None = off, 0 = a free port; http_host None = `host`
+    http_port: int | None = Field(None, ge=0, le=65535)
+    http_host: str | None = None
+    # generation clients: name -> token (or sha256:<hex>); when any is set, generation on both doors needs a
+    # bearer token (a client's, an owner's or the admin's); empty = generation open to everyone, as before
+    api_tokens: dict[str, str] = {}
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics; None = off, 0 = free port
     metrics_host: str = "127.0.0.1"
     tls_cert: str | None = None  # PEM paths; both or neither

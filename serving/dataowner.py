@@ -55,6 +55,53 @@ def token_matches(given: str, configured: str) -> bool:
     return hmac.compare_digest(given.encode(), configured.encode())
 
 
+class UnknownToken(RpcFailure):
+    """A well-formed bearer token that is neither the admin token nor an owner token (PERMISSION_DENIED
+    on gRPC, as ever; 401 on the HTTP door, where an unknown API key is an authentication failure)."""
+
+    def __init__(self):
+        super().__init__(Code.PERMISSION_DENIED, "token not recognised (neither the admin token nor an owner token)")
+
+
+def resolve_caller(server, authorization: str | None, optional: bool = False) -> tuple[str, str | None] | None:
+    """The caller behind an `authorization` value (both doors): ("admin", None) or ("owner", name); None when
+    no token was given and `optional`."""
+    if not authorization:
+        if optional:
+            return None
+        raise RpcFailure(Code.UNAUTHENTICATED, "missing call metadata 'authorization: Bearer <token>' "
+                                               "(the admin token or the data owner's token)")
+    scheme, _, value = authorization.partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value:
+        raise RpcFailure(Code.UNAUTHENTICATED, "authorization must be 'Bearer <token>'")
+    admin = server.admin_token
+    if admin is not None and hmac.compare_digest(value.encode(), admin.encode()):
+        return ("admin", None)
+    for owner, configured in server.cfg.resolved_owner_tokens().items():
+        if token_matches(value, configured):
+            return ("owner", owner)
+    raise UnknownToken()
+
+
+def check_generation_access(server, authorization: str | None) -> str | None:
+    """Generation on either door: open while `serve.api_tokens` is empty (the token, if any, is ignored);
+    else a client, owner or admin token is needed. Returns the caller's name, when known."""
+    tokens = server.cfg.api_tokens
+    if not tokens:
+        return None
+    given = (authorization or "").partition(" ")[2].strip()
+    for name, configured in tokens.items():
+        if given and configured and token_matches(given, configured):
+            return name
+    try:
+        caller = resolve_caller(server, authorization)
+    except UnknownToken:
+        raise RpcFailure(Code.UNAUTHENTICATED, "token not recognised (generation needs a client token of "
+                                               "serve.api_tokens, an owner token or the admin token)") from None
+    return caller[1] or caller[0]
+
+
 class DataOwnerService(pb_grpc.DataOwnerServicer):
     def __init__(self, server):
         self.server = server
@@ -68,23 +115,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
     # ----------------------------------------------------------------------------------- auth
     def _caller(self, context, optional: bool = False) -> tuple[str, str | None] | None:
         """("admin", None) or ("owner", name); None when no token was given and `optional`."""
-        given = dict(context.invocation_metadata()).get("authorization")
-        if not given:
-            if optional:
-                return None
-            raise RpcFailure(Code.UNAUTHENTICATED, "missing call metadata 'authorization: Bearer <token>' "
-                                                   "(the admin token or the data owner's token)")
-        scheme, _, value = given.partition(" ")
-        value = value.strip()
-        if scheme.lower() != "bearer" or not value:
-            raise RpcFailure(Code.UNAUTHENTICATED, "authorization must be 'Bearer <token>'")
-        admin = self.server.admin_token
-        if admin is not None and hmac.compare_digest(value.encode(), admin.encode()):
-            return ("admin", None)
-        for owner, configured in self.server.cfg.resolved_owner_tokens().items():
-            if token_matches(value, configured):
-                return ("owner", owner)
-        raise RpcFailure(Code.PERMISSION_DENIED, "token not recognised (neither the admin token nor an owner token)")
+        return resolve_caller(self.server, dict(context.invocation_metadata()).get("authorization"), optional)
 
     def _manager(self) -> RemovalManager:
         engine = self.server.engine
@@ -134,9 +165,13 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         return state
 
     # ----------------------------------------------------------------------------------- RPCs
+    # Each RPC resolves its caller, then calls the action below it; the HTTP door (serving/http) calls the
+    # same actions with the caller it resolved from its own Authorization header.
     @_handled("SubmitRemoval")
     def SubmitRemoval(self, request, context, info):
-        caller = self._caller(context)
+        return self.submit(self._caller(context), request, info)
+
+    def submit(self, caller, request, info: dict) -> pb.RemovalStatus:
         mgr = self._manager()
         engine = self.server.engine
         try:
@@ -221,25 +256,30 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
 
     @_handled("GetRemoval")
     def GetRemoval(self, request, context, info):
-        caller = self._caller(context)
+        return self.get(self._caller(context), request.request_id)
+
+    def get(self, caller, request_id: str) -> pb.RemovalStatus:
         mgr = self._manager()
-        state = self._load_state(mgr, caller, request.request_id)
-        return self._status_message(mgr, state)
+        return self._status_message(mgr, self._load_state(mgr, caller, request_id))
 
     @_handled("GetReceipt")
     def GetReceipt(self, request, context, info):
-        caller = self._caller(context)
+        state, receipt = self.receipt(self._caller(context), request.request_id)
+        return pb.Receipt(request_id=request.request_id, status=state.status, json=json.dumps(receipt, indent=1))
+
+    def receipt(self, caller, request_id: str) -> tuple[RemovalState, dict]:
         mgr = self._manager()
-        state = self._load_state(mgr, caller, request.request_id)
+        state = self._load_state(mgr, caller, request_id)
         try:
-            receipt = mgr.receipt(request.request_id)
+            return state, mgr.receipt(request_id)
         except RemovalError as exc:
             raise RpcFailure(Code.FAILED_PRECONDITION, str(exc)) from None
-        return pb.Receipt(request_id=request.request_id, status=state.status, json=json.dumps(receipt, indent=1))
 
     @_handled("ListRemovals")
     def ListRemovals(self, request, context, info):
-        caller = self._caller(context)
+        return self.list_for(self._caller(context), request.owner)
+
+    def list_for(self, caller, owner: str = "") -> pb.ListRemovalsResponse:
         mgr = self._manager()
         out = pb.ListRemovalsResponse()
         generation = int(Manifest.read(mgr.path).generation)  # once, not once per request listed
@@ -247,7 +287,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
             owners = state.owners()
             if caller[0] == "owner" and caller[1] not in owners:
                 continue
-            if request.owner and request.owner not in owners:
+            if owner and owner not in owners:
                 continue
             out.removals.append(self._status_message(mgr, state, generation))
         return out
@@ -280,7 +320,10 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
 
     @_handled("Lookup")
     def Lookup(self, request, context, info):
-        caller = self._caller(context, optional=self.server.cfg.public_lookup)
+        return self.lookup_for(self._caller(context, optional=self.server.cfg.public_lookup), request, info)
+
+    def lookup_for(self, caller, request, info: dict) -> pb.LookupResponse:
+        """`caller` None: the public (counts only)."""
         role, owner = caller if caller is not None else ("public", None)
         engine = self.server.engine
         if engine is None:

@@ -29,7 +29,7 @@ from silo.core.models import chat_template_of
 from silo.model.lm import SiloLM
 
 from .config import ServeConfig
-from .dataowner import DataOwnerService
+from .dataowner import DataOwnerService, check_generation_access
 from .engine import Engine, GenResult
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
@@ -62,6 +62,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def _run(self, req, context, info):
         """Enqueue a generation tied to this call: its deadline, and cancellation when the call ends."""
+        check_generation_access(self.server, dict(context.invocation_metadata()).get("authorization"))
         engine = self._engine()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -118,6 +119,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     @_handled("Score")
     def Score(self, request, context, info):
+        check_generation_access(self.server, dict(context.invocation_metadata()).get("authorization"))
         req = score_request(request, self.server.limits())
         remaining = context.time_remaining()
         job = self._engine().score(req, time.monotonic() + remaining if remaining is not None else None)
@@ -239,6 +241,7 @@ class SiloServer:
         self.policy = ""
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http = None  # the HTTP door (serving/http), when serve.http_port is set
         self.load_error: BaseException | None = None
         self._ready = threading.Event()
         self.health = health.HealthServicer(experimental_non_blocking=True,
@@ -296,6 +299,14 @@ class SiloServer:
                         "set serve.tls_cert and serve.tls_key", addr,
                         extra={"fields": {"event": "insecure_bind", "host": self.cfg.host}})
         self.grpc.start()
+        if self.cfg.http_port is not None:
+            from .http import HttpDoor  # the OpenAI-compatible API and the owner page, on this server's engine
+
+            try:
+                self.http = HttpDoor(self, GenerationService(self)._chat_request).start()
+            except BaseException:
+                self.grpc.stop(0)  # one config, both doors: never leave half of it serving
+                raise
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
         log.info("listening", extra={"fields": {"event": "listening", "target": addr, "port": self.port,
@@ -365,12 +376,16 @@ class SiloServer:
         grace = self.cfg.grace_seconds if grace is None else grace
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         t0 = time.monotonic()
+        if self.http is not None:
+            self.http.close_intake()  # new HTTP requests get 503; those in flight finish below
         stopped = self.grpc.stop(grace)  # new RPCs are refused now; in-flight ones get `grace` seconds
         # removals being compacted/verified finish first (they need the engine); one still running after
         # the grace period is cut off with the process and resumed by the next start (crash-safe)
         self.dataowner.wait_background(grace)
         clean = self.engine.drain(grace) if self.engine is not None else True
         stopped.wait(grace + 1.0)
+        if self.http is not None:
+            self.http.stop(grace)
         if self.engine is not None:
             self.engine.stop()
         if self.ledger is not None:
@@ -405,6 +420,7 @@ def serve_forever(cfg: ServeConfig) -> int:
         signal.signal(sig, lambda *_: done.set())
     server.start(background_load=True)
     print(f"silo serve: listening on {cfg.host}:{server.port}"
+          + (f", HTTP on {server.http.url}/v1 (owner page {server.http.url}/owner)" if server.http else "")
           + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
     while not server._ready.is_set() and not done.is_set():
         server._ready.wait(0.2)

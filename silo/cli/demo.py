@@ -182,11 +182,14 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
         shutil.rmtree(served)
     shutil.copytree(dcfg.output_dir, served)  # the opt-out below edits this copy; the built store stays whole
     admin, owner_token = secrets.token_hex(16), secrets.token_hex(16)
-    cfg = load_serve_config(config, {"port": 0, "store": str(served), "metrics_port": None,
+    cfg = load_serve_config(config, {"port": 0, "http_port": 0, "store": str(served), "metrics_port": None,
                                      "admin_token": admin, "admin_token_env": None,
                                      "owner_tokens": {owner: owner_token}})
     server = SiloServer(cfg).start()
     print(f"silo serve listening on {server.target} (health SERVING, store generation 1)")
+    if server.http is not None:
+        print(f"  OpenAI-compatible API: {server.http.url}/v1 (completions, chat/completions, models); "
+              f"health: {server.http.url}/health\n  data owners' page: {server.http.url}/owner")
     try:
         with SiloClient(server.target, timeout=600) as client:
             gen = dict(max_tokens=40, temperature=0.0, return_attributions=True)

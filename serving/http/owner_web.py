@@ -1,0 +1,225 @@
+"""The data owners' door: a web page (/owner) and the same actions as JSON (/v1/owner/...).
+
+Both call DataOwnerService's actions (serving/dataowner.py) with the caller resolved from a bearer token,
+so the rules are the gRPC door's: without a token Lookup shows counts only (when serve.public_lookup), an
+owner token also its own matching documents and may remove and follow only its own content, the admin
+token everything.
+
+The page is plain server-rendered HTML (templates/, no build step). Signing in keeps the token in an
+HttpOnly, SameSite=Strict cookie scoped to /owner (Secure under TLS); every form posts to the same origin.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import jinja2
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..dataowner import resolve_caller
+from ..gen import silo_pb2 as pb
+from .convert import as_dict
+from .errors import HttpError, bad, http_error
+from .openai_api import json_body
+
+COOKIE = "silo_owner"
+STEPS = ("received", "applied", "compacted", "verified")
+_env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                          autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+
+
+def _ids(value) -> list[str]:
+    if isinstance(value, list):
+        return [str(x).strip() for x in value if str(x).strip()]
+    return [x.strip() for x in str(value or "").replace(",", "\n").splitlines() if x.strip()]
+
+
+def render(name: str, status: int = 200, **ctx) -> HTMLResponse:
+    return HTMLResponse(_env.get_template(name).render(steps=STEPS, **ctx), status_code=status)
+
+
+def error_page(door, request: Request, err: HttpError) -> Response:
+    if request.url.path.startswith("/owner/removals/") and request.url.path.endswith(".json"):
+        return JSONResponse(err.body(), status_code=err.status)
+    return render("owner.html", err.status, error=err.message, **_page_state(door, request, None))
+
+
+def _page_state(door, request: Request, caller) -> dict:
+    return {"signed_in": caller, "public_lookup": door.server.cfg.public_lookup, "removals": [], "lookup": None,
+            "form": {}}
+
+
+def removal_request(body: dict) -> pb.RemovalRequest:
+    """A removal from a JSON body or a form: owner, document_ids, shards, requester, reason."""
+    for name in ("owner", "requester", "reason", "request_id"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise bad(name, "must be a string")
+    return pb.RemovalRequest(owner=(body.get("owner") or "").strip(), document_ids=_ids(body.get("document_ids")),
+                                   shards=_ids(body.get("shards")), requester=(body.get("requester") or "").strip(),
+                                   reason=(body.get("reason") or "").strip(), request_id=body.get("request_id") or "",
+                                   skip_verification=bool(body.get("skip_verification")), wait=False)
+
+
+def lookup_request(body: dict) -> pb.LookupRequest:
+    text, doc = body.get("text") or "", (body.get("document_id") or "").strip()
+    if not isinstance(text, str):
+        raise bad("text", "must be a string")
+    if bool(text.strip()) == bool(doc):
+        raise bad("text" if not doc else "document_id", "give exactly one of text or document_id")
+    return pb.LookupRequest(text=text, document_id=doc)
+
+
+def receipt_html(request_id: str, status: str, receipt: dict) -> str:
+    return _env.get_template("receipt.html").render(request_id=request_id, status=status, receipt=receipt,
+                                                    raw=json.dumps(receipt, indent=1, ensure_ascii=False))
+
+
+def build_owner_router(door) -> APIRouter:
+    server = door.server
+    router = APIRouter()
+    actions = server.dataowner
+
+    def owners_caller(authorization: str | None, optional: bool = False):
+        caller = resolve_caller(server, authorization, optional)
+        if caller is not None and server.engine is None:
+            raise HttpError(503, "the model is still loading; retry shortly")
+        return caller
+
+    def page_caller(request: Request, required: bool):
+        token = request.cookies.get(COOKIE)
+        if not token:
+            if required:
+                raise HttpError(401, "sign in with your owner token first")
+            return None
+        return owners_caller(f"Bearer {token}")
+
+    # ----------------------------------------------------------------------------------- JSON
+    @router.post("/v1/owner/lookup")
+    async def api_lookup(request: Request):
+        body = await json_body(request, door.body_limit)
+        caller = owners_caller(request.headers.get("authorization"), optional=server.cfg.public_lookup)
+        res = await run_in_threadpool(actions.lookup_for, caller, lookup_request(body), {})
+        return as_dict(res)
+
+    @router.post("/v1/owner/removals")
+    async def api_submit(request: Request):
+        door.check_open()
+        body = await json_body(request, door.body_limit)
+        caller = owners_caller(request.headers.get("authorization"))
+        res = await run_in_threadpool(actions.submit, caller, removal_request(body), {})
+        return JSONResponse(as_dict(res), status_code=202)
+
+    @router.get("/v1/owner/removals")
+    async def api_list(request: Request, owner: str = ""):
+        caller = owners_caller(request.headers.get("authorization"))
+        res = await run_in_threadpool(actions.list_for, caller, owner)
+        return {"removals": [as_dict(r) for r in res.removals]}
+
+    @router.get("/v1/owner/removals/{request_id}")
+    async def api_get(request: Request, request_id: str):
+        caller = owners_caller(request.headers.get("authorization"))
+        return as_dict(await run_in_threadpool(actions.get, caller, request_id))
+
+    @router.get("/v1/owner/removals/{request_id}/receipt")
+    async def api_receipt(request: Request, request_id: str):
+        caller = owners_caller(request.headers.get("authorization"))
+        return (await run_in_threadpool(actions.receipt, caller, request_id))[1]
+
+    # ----------------------------------------------------------------------------------- page
+    async def _home(request: Request, caller, status: int = 200, **extra):
+        state = _page_state(door, request, caller)
+        if caller is not None:
+            res = await run_in_threadpool(actions.list_for, caller, "")
+            state["removals"] = [as_dict(r) for r in res.removals]
+        state.update(extra)
+        return render("owner.html", status, **state)
+
+    @router.get("/owner")
+    async def home(request: Request):
+        try:
+            caller = page_caller(request, required=False)
+        except HttpError as err:  # a stale cookie: sign out
+            resp = render("owner.html", err.status, error=err.message, **_page_state(door, request, None))
+            resp.delete_cookie(COOKIE, path="/owner")
+            return resp
+        return await _home(request, caller)
+
+    @router.post("/owner/signin")
+    async def signin(request: Request):
+        form = await request.form()
+        token = str(form.get("token") or "").strip()
+        if not token:
+            raise HttpError(401, "token: enter your owner token", "token")
+        caller = owners_caller(f"Bearer {token}")
+        resp = RedirectResponse("/owner", status_code=303)
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/owner",
+                        secure=bool(server.cfg.tls_cert))
+        del caller
+        return resp
+
+    @router.post("/owner/signout")
+    async def signout(request: Request):
+        resp = RedirectResponse("/owner", status_code=303)
+        resp.delete_cookie(COOKIE, path="/owner")
+        return resp
+
+    @router.post("/owner/lookup")
+    async def page_lookup(request: Request):
+        form = dict(await request.form())
+        caller = page_caller(request, required=not server.cfg.public_lookup)
+        try:
+            res = await run_in_threadpool(actions.lookup_for, caller, lookup_request(form), {})
+        except Exception as exc:  # noqa: BLE001 - shown on the page, with the form kept
+            err = http_error(exc)
+            return await _home(request, caller, err.status, error=err.message, form=form)
+        look = as_dict(res)
+        q = max(1, look["query_sentences"])
+        look["percent"] = round(100 * look["matched_sentences"] / q) if look["query_sentences"] else None
+        look["role"] = caller[0] if caller else "public"
+        return await _home(request, caller, lookup=look, form=form)
+
+    @router.post("/owner/removals")
+    async def page_submit(request: Request):
+        door.check_open()
+        form = dict(await request.form())
+        caller = page_caller(request, required=True)
+        try:
+            res = await run_in_threadpool(actions.submit, caller, removal_request(form), {})
+        except Exception as exc:  # noqa: BLE001 - shown on the page
+            err = http_error(exc)
+            return await _home(request, caller, err.status, error=err.message, form=form)
+        return RedirectResponse(f"/owner/removals/{res.request_id}", status_code=303)
+
+    @router.get("/owner/removals/{request_id}")
+    async def page_status(request: Request, request_id: str):
+        caller = page_caller(request, required=True)
+        status = as_dict(await run_in_threadpool(actions.get, caller, request_id))
+        stamps = await run_in_threadpool(lambda: actions._manager().status(request_id).timestamps)
+        final = status["status"] in ("verified", "failed") or (status["status"] == "compacted"
+                                                                 and "verified" not in stamps and _unverified(actions, request_id))
+        return render("removal.html", removal=status, stamps=stamps, final=final, signed_in=caller)
+
+    @router.get("/owner/removals/{request_id}/receipt.json")
+    async def page_receipt_json(request: Request, request_id: str):
+        caller = page_caller(request, required=True)
+        _, receipt = await run_in_threadpool(actions.receipt, caller, request_id)
+        return Response(json.dumps(receipt, indent=1, ensure_ascii=False), media_type="application/json",
+                        headers={"Content-Disposition": f'attachment; filename="{html.escape(request_id)}.json"'})
+
+    @router.get("/owner/removals/{request_id}/receipt.html")
+    async def page_receipt_html(request: Request, request_id: str):
+        caller = page_caller(request, required=True)
+        state, receipt = await run_in_threadpool(actions.receipt, caller, request_id)
+        return HTMLResponse(receipt_html(request_id, state.status, receipt))
+
+    return router
+
+
+def _unverified(actions, request_id: str) -> bool:
+    """A removal submitted without verification stops at compacted."""
+    thread = actions._threads.get(request_id)
+    return thread is None or not thread.is_alive()
