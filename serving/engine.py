@@ -25,6 +25,7 @@ import itertools
 import logging
 import queue
 import threading
+import weakref
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -128,7 +129,9 @@ class Engine:
         self.max_queue = max_queue
         self.max_batch = max(1, int(max_batch))
         self.decoder = BatchDecoder(lm)
-        self._retrievers: tuple[object, dict] = (None, {})  # (store snapshot, settings -> shared kNN retriever)
+        # settings -> the kNN retriever the active generations with those settings share; weak, so a snapshot
+        # no generation uses any more is not kept alive here (an opt-out's old text must not linger)
+        self._retrievers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.max_score_tokens = max_score_tokens
         self.metrics = metrics or Metrics()
         self.records: deque[JobRecord] = deque(maxlen=512)
@@ -297,14 +300,12 @@ class Engine:
         if req.mode != "knn":
             ric = {k: v for k, v in (("retriever", req.ric_retriever), ("n_blocks", req.ric_blocks)) if v}
             return lm.retriever(req.mode, ric=ric or None)
-        store, shared = self._retrievers
-        if store is not lm.store:
-            store, shared = lm.store, {}
-            self._retrievers = (store, shared)
-        key = (req.k, req.lmbda, req.tau)
-        if key not in shared:
-            shared[key] = lm.retriever("knn", k=req.k, lmbda=req.lmbda, temperature=req.tau)
-        return shared[key]
+        key = (id(lm.store), req.k, req.lmbda, req.tau)
+        shared = self._retrievers.get(key)
+        if shared is None or shared.store is not lm.store:
+            shared = lm.retriever("knn", k=req.k, lmbda=req.lmbda, temperature=req.tau)
+            self._retrievers[key] = shared
+        return shared
 
     def _admit(self, job: Job) -> None:
         """Validate and set up a generation, run its prompt and put it in the batch."""

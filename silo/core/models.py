@@ -31,7 +31,7 @@ def resolve_device(spec: str | None = "auto", field: str = "device") -> str:
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
+    if spec == "cpu" or spec.startswith("cpu:"):  # (accelerate names its CPU processes' device cpu:N)
         return "cpu"
     if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
         if not torch.cuda.is_available():
