@@ -142,7 +142,7 @@ class Shard:
             index = faiss.read_index(str(d / "index.faiss"))
         if device == "cuda":
             index = to_gpu(index)
-        entries = np.load(d / "entries.npy", mmap_mode="r")
+        entries = np.load(d / "entries.npy", mmap_mode="r" if mmap and device != "cuda" else None)
         if index.ntotal != len(entries):
             raise DatastoreError(f"{d}: index holds {index.ntotal} keys but entries.npy {len(entries)} rows")
         docs = LazyDocuments(d / "documents.jsonl", rec.documents) if mmap and device != "cuda" else read_documents(d)

@@ -85,17 +85,6 @@ def mix_logp(logp_lm: np.ndarray, logp_knn: np.ndarray, lmbda: np.ndarray) -> np
     return np.where(lam > 0, mixed, logp_lm.astype(np.float64))
 
 
-def knn_distribution(distances: np.ndarray, tokens: np.ndarray, tau: float, vocab_size: int,
-                     bonus: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
-    """p_kNN over the vocabulary for one position, and each neighbour's weight ([k])."""
-    w = np.exp(neighbor_log_weights(distances[None], tokens[None], tau, None if bonus is None else bonus[None])[0])
-    p = torch.zeros(vocab_size, dtype=torch.float64)
-    valid = tokens >= 0
-    if valid.any():
-        p.index_add_(0, torch.from_numpy(tokens[valid].astype(np.int64)), torch.from_numpy(w[valid]))
-    return p, w
-
-
 @dataclass
 class FixedMixture:
     """Khandelwal et al.'s constant lambda (the paper protocol and research baselines)."""
@@ -296,20 +285,26 @@ class KNNRetriever:
         lam = self.lambdas(nb, lm_state, searched, recent, match)
         tau = np.broadcast_to(np.asarray(mix.temperatures(nb), dtype=np.float64), (len(hidden),))
         bonus = mix.bonus(match)
-        rows, ps = [], []
-        for i in range(len(hidden)):
-            p_lm = logp_lm[i].exp()
-            have = searched[i] and nb.tokens.shape[1] > 0 and nb.tokens[i, 0] >= 0
-            row = _RowMix(nb.rows(slice(i, i + 1)) if have else None, None, None, float(lam[i]))
-            if lam[i] <= 0:
-                ps.append(p_lm)
-            else:
-                p_knn, row.weights = knn_distribution(nb.distances[i, :self.k], nb.tokens[i, :self.k],
-                                                      float(tau[i]), self.vocab_size, None if bonus is None else bonus[i])
-                row.p_knn = p_knn.to(device=p_lm.device, dtype=p_lm.dtype)  # the mixture runs on the LM's device
-                ps.append(float(lam[i]) * row.p_knn + (1 - float(lam[i])) * p_lm)
-            rows.append(row)
-        return torch.stack(ps), rows
+        p = logp_lm.exp()  # [B, V] on the LM's device: the mixture is computed there
+        k = self.k
+        have = searched & (nb.tokens[:, 0] >= 0) if nb.tokens.shape[1] else np.zeros(len(hidden), bool)
+        mixed = np.flatnonzero(lam > 0)
+        rows = [_RowMix(nb.rows(slice(i, i + 1)) if have[i] else None, None, None, float(lam[i]))
+                for i in range(len(hidden))]
+        if len(mixed):  # p_kNN of every mixed row at once: softmax weights scattered onto their tokens
+            toks = nb.tokens[mixed, :k]
+            w = np.exp(neighbor_log_weights(nb.distances[mixed, :k], toks, tau[mixed],
+                                            None if bonus is None else bonus[mixed]))
+            w = np.where(toks >= 0, w, 0.0)
+            p_knn = torch.zeros((len(mixed), self.vocab_size), dtype=torch.float64)
+            p_knn.scatter_add_(1, torch.from_numpy(np.maximum(toks, 0).astype(np.int64)), torch.from_numpy(w))
+            p_knn = p_knn.to(device=p.device, dtype=p.dtype)
+            lam_t = torch.as_tensor(lam[mixed], dtype=p.dtype, device=p.device)[:, None]
+            idx = torch.as_tensor(mixed, device=p.device)
+            p = p.index_copy(0, idx, lam_t * p_knn + (1 - lam_t) * p[idx])
+            for j, i in enumerate(mixed):
+                rows[i].p_knn, rows[i].weights = p_knn[j], w[j]
+        return p, rows
 
     def observe(self, row: _RowMix, token: int, logp_lm: torch.Tensor, state) -> None:
         """The chosen token joins the sequence's context; its gain joins the recent-gain average."""
