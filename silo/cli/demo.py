@@ -186,7 +186,8 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
                                      "admin_token": admin, "admin_token_env": None,
                                      "owner_tokens": {owner: owner_token}})
     server = SiloServer(cfg).start()
-    print(f"silo serve listening on {server.target} (health SERVING, store generation 1)")
+    print(f"silo serve listening on {server.target} (health SERVING, store generation "
+          f"{server.engine.lm.store.generation})")
     if server.http is not None:
         print(f"  OpenAI-compatible API: {server.http.url}/v1 (completions, chat/completions, models); "
               f"health: {server.http.url}/health\n  data owners' page: {server.http.url}/owner")
@@ -204,8 +205,10 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
                     print(f"{mode:>10}: {p}\u2502{r.text!r}")
 
             _banner(f"6. opt-out: owner '{owner}' removes its content through silo.v1.DataOwner")
-            look = client.lookup(document_id=doc_id)
-            print(f"lookup {doc_id}: in store = {look.in_store}, {look.entries:,} entries in {list(look.shards)}")
+            with SiloClient(server.target, token=owner_token, timeout=60) as as_owner:  # the public sees counts only
+                look = as_owner.lookup(document_id=doc_id)
+            print(f"lookup {doc_id} (as its owner): in store = {look.in_store}, {look.entries:,} entries in "
+                  f"{', '.join(look.shards) or '-'}")
             test = {}
             for d in load_documents("pkg:demo/test"):
                 test.setdefault(d.domain, d.text)
