@@ -84,7 +84,7 @@ class JobRecord:
 
 
 class Job:
-    def __init__(self, kind: str, fn: Callable[["Job"], Any], deadline: float | None = None):
+    def __init__(self, kind: str, fn: Callable[["Job"], Any] | None, deadline: float | None = None):
         self.id = f"{kind[:1]}{next(_ids):06d}"
         self.kind = kind
         self.fn = fn
@@ -93,6 +93,7 @@ class Job:
         self.cancelled = threading.Event()
         self.events: queue.Queue = queue.Queue()  # ("delta", str) ... then ("done", value) or ("error", exc)
         self.record = JobRecord(self.id, kind)
+        self.req: GenRequest | None = None  # a generation's request: admitted into the batch, not run as `fn`
 
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
@@ -172,7 +173,7 @@ class Engine:
 
     def generate(self, req: GenRequest, deadline: float | None = None) -> Job:
         job = Job("generate", None, deadline)
-        job.req = req  # admitted into the batch by the worker (_admit), not run as a function
+        job.req = req
         return self._submit(job)
 
     def score(self, req: ScoreRequest, deadline: float | None = None) -> Job:
