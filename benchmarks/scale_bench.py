@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import faiss
@@ -133,7 +134,7 @@ def tiled_store(src: Datastore, dest: Path, n_entries: int, factory: str, nprobe
     recs = [_write_tiled_shard(dest / "shards" / name, name, owner, n, keys, entries, docs, trained, rng, scale,
                                factory, bar) for name, owner, n in plan]
     bar.close()
-    manifest = dataclasses.replace(src.manifest, generation=1, shards=recs, extra={},
+    manifest = dataclasses.replace(src.manifest, generation=1, shards=recs, extra={}, lineage=uuid.uuid4().hex,
                                    index=IndexRef(factory=factory, nprobe=nprobe,
                                                   quantizer="quantizer.faiss" if (dest / "quantizer.faiss").exists() else None),
                                    build={"synthetic": "demo keys tiled with 1% noise"})
