@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -63,6 +64,7 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
     from selenium.common.exceptions import (
         NoSuchElementException,
         StaleElementReferenceException,
+        WebDriverException,
     )
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.expected_conditions import staleness_of
@@ -85,7 +87,16 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
 
     def press(element_id):  # click a button or link and wait until the next page replaced this one
         old = b.find_element(By.TAG_NAME, "html")
-        b.find_element(By.ID, element_id).click()
+        for attempt in range(3):
+            try:
+                b.find_element(By.ID, element_id).click()
+                break
+            except WebDriverException:  # chromium may report the click's node as gone while the page swaps
+                if staleness_of(old)(b):
+                    break  # the click went through: the next page is already here
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
         WebDriverWait(b, 60).until(staleness_of(old))
 
     def fill(field, value):
