@@ -50,16 +50,48 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+class Level:
+    """One concurrency level: `streams` client loops for `duration` seconds, and what they recorded."""
+
+    def __init__(self, streams: int, duration: float):
+        self.streams, self.duration = streams, duration
+        self.stop_at = time.monotonic() + duration
+        self.lock = threading.Lock()
+        self.lat, self.ttft, self.errors, self.tokens = [], [], Counter(), 0
+
+    def done(self, t0: float, first: float | None, tokens: int) -> None:
+        with self.lock:
+            self.tokens += tokens
+            self.lat.append(time.monotonic() - t0)
+            if first is not None:
+                self.ttft.append(first)
+
+    def error(self, name: str) -> None:
+        with self.lock:
+            self.errors[name] += 1
+        time.sleep(0.05)  # back off a little on backpressure instead of spinning
+
+    def run(self, client_loop) -> dict:
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(self.streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.duration + 120)
+        wall = time.monotonic() - t0
+        lat, ttft = self.lat, self.ttft
+        return dict(streams=self.streams, wall=wall, ok=len(lat), rps=len(lat) / wall, tps=self.tokens / wall,
+                    p50=pct(lat, 0.5), p95=pct(lat, 0.95), ttft50=pct(ttft, 0.5), ttft95=pct(ttft, 0.95),
+                    errors=dict(self.errors))
+
+
 def run_level(target: str, streams: int, duration: float, args) -> dict:
-    stop_at = time.monotonic() + duration
-    lock = threading.Lock()
-    lat, ttft, errors = [], [], Counter()
-    tokens = [0]
+    level = Level(streams, duration)
 
     def client_loop(i: int) -> None:
         with SiloClient(target, timeout=duration + 60) as c:
             n = 0
-            while time.monotonic() < stop_at:
+            while time.monotonic() < level.stop_at:
                 t0 = time.monotonic()
                 first = None
                 try:
@@ -69,44 +101,26 @@ def run_level(target: str, streams: int, duration: float, args) -> dict:
                         if first is None and isinstance(piece, str):
                             first = time.monotonic() - t0
                         if isinstance(piece, pb.CompleteResponse):
-                            with lock:
-                                tokens[0] += piece.usage.completion_tokens
-                                lat.append(time.monotonic() - t0)
-                                if first is not None:
-                                    ttft.append(first)
+                            level.done(t0, first, piece.usage.completion_tokens)
                 except grpc.RpcError as exc:
-                    with lock:
-                        errors[exc.code().name] += 1
-                    time.sleep(0.05)  # back off a little on RESOURCE_EXHAUSTED instead of spinning
+                    level.error(exc.code().name)
                 n += 1
 
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(duration + 120)
-    wall = time.monotonic() - t0
-    return dict(streams=streams, wall=wall, ok=len(lat), rps=len(lat) / wall, tps=tokens[0] / wall,
-                p50=pct(lat, 0.5), p95=pct(lat, 0.95), ttft50=pct(ttft, 0.5), ttft95=pct(ttft, 0.95),
-                errors=dict(errors))
+    return level.run(client_loop)
 
 
 def run_level_http(url: str, streams: int, duration: float, args) -> dict:
     """The same loop through the HTTP door: OpenAI streaming completions, usage from the last chunk."""
     import openai
 
-    stop_at = time.monotonic() + duration
-    lock = threading.Lock()
-    lat, ttft, errors = [], [], Counter()
-    tokens = [0]
+    level = Level(streams, duration)
     model = openai.OpenAI(base_url=url + "/v1", api_key="load", max_retries=0).models.list().data[0].id
     extra = ({"mode": args.mode} if args.mode else {}) | {"return_attributions": args.attributions}
 
     def client_loop(i: int) -> None:
         client = openai.OpenAI(base_url=url + "/v1", api_key="load", max_retries=0, timeout=duration + 60)
         n = 0
-        while time.monotonic() < stop_at:
+        while time.monotonic() < level.stop_at:
             t0 = time.monotonic()
             first = None
             try:
@@ -116,31 +130,14 @@ def run_level_http(url: str, streams: int, duration: float, args) -> dict:
                     if first is None and chunk.choices and chunk.choices[0].text:
                         first = time.monotonic() - t0
                     if chunk.usage is not None:
-                        with lock:
-                            tokens[0] += chunk.usage.completion_tokens
-                            lat.append(time.monotonic() - t0)
-                            if first is not None:
-                                ttft.append(first)
+                        level.done(t0, first, chunk.usage.completion_tokens)
             except openai.APIStatusError as exc:
-                with lock:
-                    errors[f"HTTP {exc.status_code}"] += 1
-                time.sleep(0.05)
+                level.error(f"HTTP {exc.status_code}")
             except openai.APIConnectionError:
-                with lock:
-                    errors["connection"] += 1
-                time.sleep(0.05)
+                level.error("connection")
             n += 1
 
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(duration + 120)
-    wall = time.monotonic() - t0
-    return dict(streams=streams, wall=wall, ok=len(lat), rps=len(lat) / wall, tps=tokens[0] / wall,
-                p50=pct(lat, 0.5), p95=pct(lat, 0.95), ttft50=pct(ttft, 0.5), ttft95=pct(ttft, 0.95),
-                errors=dict(errors))
+    return level.run(client_loop)
 
 
 def main(argv=None) -> int:
