@@ -273,15 +273,10 @@ class Engine:
         try:
             value = job.fn(job)
         except Exception as exc:  # noqa: BLE001 - delivered to the caller, who maps it to a status
-            if not isinstance(exc, InvalidRequest):
-                log.exception("job %s (%s) failed", job.id, job.kind)
-            job.record.error = f"{type(exc).__name__}: {exc}"
-            job.events.put(("error", exc))
-        else:
-            job.events.put(("done", value))
-        finally:
             job.record.run_s = time.monotonic() - start
-            self.records.append(job.record)
+            self._fail(job, exc)
+        else:
+            self._answer(job, value, start)
 
     def _finish_unstarted(self, job: Job) -> None:
         """A job cancelled or past its deadline before it ran: answer without touching the model."""
@@ -379,12 +374,15 @@ class Engine:
         except Exception as exc:  # noqa: BLE001
             self._fail(job, exc)
             return
-        job.record.run_s = time.monotonic() - t0
+        self._answer(job, result, t0)
+
+    def _answer(self, job: Job, value, start: float) -> None:
+        job.record.run_s = time.monotonic() - start
         self.records.append(job.record)
-        job.events.put(("done", result))
+        job.events.put(("done", value))
 
     def _fail(self, job: Job, exc: Exception) -> None:
-        if not isinstance(exc, (InvalidRequest, SiloInputError)):
+        if not isinstance(exc, SiloInputError):  # (InvalidRequest is one: the caller named the field)
             log.error("job %s (%s) failed", job.id, job.kind, exc_info=exc)
         job.record.error = f"{type(exc).__name__}: {exc}"
         self.records.append(job.record)

@@ -113,7 +113,6 @@ class Sequence:
     released: int = 0
     steps: list[GenerationStep] = field(default_factory=list)
     pending: list[GenerationStep] = field(default_factory=list)
-    finish: str | None = None
     completion: Completion | None = None
     _state: object = None  # the retriever's
     _hidden: torch.Tensor | None = None  # [d] input of the output layer at the last position
@@ -167,10 +166,6 @@ class BatchDecoder:
         self.kv.add(past, len(seq.ids))
         self.seqs.append(seq)
         return seq
-
-    def cancel_all(self) -> None:
-        for seq in self.seqs:
-            seq.should_stop = lambda: True
 
     def step(self) -> list[Sequence]:
         """One token for every active sequence; returns the sequences that finished in this step."""
@@ -261,7 +256,6 @@ class BatchDecoder:
             seq._emit(GenerationStep(-1, seq.text[seq.released:], StepSupport(-1, 0.0, 0.0, 0.0, 0.0)))
             seq.released = len(seq.text)
         r = seq.retriever
-        seq.finish = reason
         seq.completion = Completion(text=seq.text, tokens=seq.out_ids, finish_reason=reason, prompt_tokens=len(seq.ids),
                                     steps=seq.steps, mode=r.mode if r is not None else "parametric",
                                     store_generation=r.store_generation if r is not None else None,
