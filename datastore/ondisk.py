@@ -47,9 +47,25 @@ def read_index_mmap(path: Path) -> faiss.Index:
     except RuntimeError:
         pass  # an IVF index (its inverted lists cannot be skipped with these flags)
     try:
-        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:
         return faiss.read_index(path)  # a type FAISS cannot map: read it whole
+    no_prefetch_threads(index)
+    return index
+
+
+def no_prefetch_threads(index: faiss.Index) -> None:
+    """Searches on mapped inverted lists touch their pages in the calling threads.
+
+    `OnDiskInvertedLists` starts `prefetch_nthread` (32) threads on every search call to read the probed
+    lists ahead; with pages already in the page cache that costs more than the search itself (a
+    447k-entry IVF1024 shard, nprobe 16, one query per call: 3.3 ms with the prefetch threads, 0.8 ms
+    without, the same as the index read into RAM)."""
+    ivf = ivf_of(index)
+    if ivf is not None:
+        lists = faiss.downcast_InvertedLists(ivf.invlists)
+        if isinstance(lists, faiss.OnDiskInvertedLists):
+            lists.prefetch_nthread = 0
 
 
 def is_mapped(index: faiss.Index) -> bool:

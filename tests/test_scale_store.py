@@ -19,6 +19,7 @@ from silo.datastore.blocks import BlockStore, build_blocks
 from silo.datastore.format import Manifest
 from silo.datastore.journal import verify_store_journal
 from silo.datastore.keys_store import KEYS_FILE, exact_search, open_keys, recall_at_k
+from silo.datastore.faiss_utils import ivf_of
 from silo.datastore.ondisk import LazyDocuments, is_mapped
 from silo.datastore.reindex import index_recall, reindex_store
 from silo.datastore.removal import RemovalManager, RemovalRequest
@@ -98,6 +99,19 @@ def test_mmap_open_maps_instead_of_reading(store):
     assert not mapped.shards[0].dir.exists()
     assert np.array_equal(mapped.search(q, 16).ids, a.ids)
     assert mapped.document(0, len(mapped.shards[0].documents) - 1)["owner"] == owner
+
+
+def test_mapped_ivf_lists_search_like_lists_in_ram(store):
+    reindex_store(store, "IVF8,Flat", train_sample=4000, nprobe=3, progress=False)
+    mapped, read = Datastore.open(store), Datastore.open(store, mmap=False)
+    for m, r in zip(mapped.shards, read.shards):
+        assert is_mapped(m.index) and not is_mapped(r.index)
+        # no prefetch threads started per search call (they cost more than the search; see ondisk.py)
+        assert faiss.downcast_InvertedLists(ivf_of(m.index).invlists).prefetch_nthread == 0
+    q = _queries(read)
+    for k in (1, 32):
+        a, b = mapped.search(q, k), read.search(q, k)
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.distances, b.distances)
 
 
 def test_lazy_documents_name_a_count_mismatch(store):
