@@ -9,7 +9,11 @@ Prints, for the demo model and store (run `bash scripts/demo.sh` first; the stor
     owner's shards, the gate NOT re-fitted), and the change against before;
   * retrieval skipping at the gate's threshold: share of searches skipped, perplexity change, and the
     scoring and generation speed-up (wall clock, side by side in this run);
-  * extra corpora the store does not hold (`--extra FILE.jsonl ...`: any corpus; reported the same way).
+  * extra corpora the store does not hold (`--extra FILE.jsonl ...`: any corpus; reported the same way);
+  * fluency where the store holds nothing relevant (`--fluency N`): greedy completions of N prompts cut
+    from the test text of `--fluency-domain` (python), served vs parametric-only: how many are identical,
+    and the perplexity of each continuation under an independent judge (the reference model, trained on
+    every domain) and under the parametric model itself.
 
     .venv/bin/python benchmarks/gate_bench.py [--model runs/demo/model] [--store runs/demo/store]
 """
@@ -54,6 +58,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", default="auto", help="retrieval-skipping threshold to measure (default: the gate's)")
     ap.add_argument("--only-skip", action="store_true", help="measure retrieval skipping only (no table)")
+    ap.add_argument("--fluency", type=int, default=0, help="prompts for the fluency check (0: none)")
+    ap.add_argument("--fluency-domain", default="python", help="test domain the prompts are cut from")
+    ap.add_argument("--judge", default="runs/demo/reference", help="model that judges the continuations")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = SiloLM.load(args.model, args.store)
@@ -88,6 +95,10 @@ def main() -> None:
             print(f"| {dom} | {len(pos.targets)} | {p0:.2f} | {pg:.2f} | {pg / p0:.3f} | {fixed} | {keeps} | {po:.2f} | "
                   f"{pa:.2f} | {pa / p0:.3f} | {pa / pg:.3f} |", flush=True)
 
+    if args.fluency:
+        fluency(lm, args)
+        if args.only_skip or args.skip == "0":
+            return
     if args.only_skip:
         all_pos = list(domain_texts(load_documents("pkg:demo/test"), args.tokens).values())
     skip = gate.skip.threshold if args.skip == "auto" and gate.skip else float(args.skip) if args.skip != "auto" else 0
@@ -120,6 +131,51 @@ def main() -> None:
             n_tok += len(a.tokens)
         print(f"generation ({len(prompts)} prompts, {n_tok} tokens, greedy, interleaved): {t_off:.1f}s -> {t_on:.1f}s "
               f"(speed-up {t_off / t_on:.2f}x); {same}/{len(prompts)} completions identical")
+
+
+def cut_prompts(texts: list[str], n: int, min_chars: int = 60, max_chars: int = 160) -> list[str]:
+    """n prompts spread evenly over the paragraphs of `texts`: each a paragraph's opening, cut at a word
+    boundary between min_chars and max_chars (what a user might type before asking for more)."""
+    paras = [p.strip() for t in texts for p in t.split("\n\n") if len(p.strip()) >= min_chars]
+    out = []
+    for i in np.linspace(0, len(paras) - 1, min(n, len(paras))).astype(int):
+        p = paras[i][:max_chars]
+        cut = p.rfind(" ", min_chars)
+        out.append(p[:cut] if cut > 0 else p)
+    return out
+
+
+def continuation_nll(model: SiloLM, prompt_ids: list[int], tokens: list[int]) -> float:
+    """Summed negative log-likelihood of `tokens` after `prompt_ids` under `model`."""
+    ids = torch.tensor([prompt_ids + tokens], device=model.device)
+    with torch.inference_mode():
+        _, logits, _ = model.forward(ids)
+    logp = torch.log_softmax(logits[0, len(prompt_ids) - 1:-1].double(), dim=-1)
+    return -float(logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None]).sum())
+
+
+def fluency(lm: SiloLM, args) -> None:
+    texts = [d.text for d in load_documents("pkg:demo/test", [args.fluency_domain])]
+    prompts = cut_prompts(texts, args.fluency)
+    judge = SiloLM.load(args.judge)
+    g = SamplingParams(max_new_tokens=32, temperature=0)
+    same, nll, n = 0, {"parametric": [0.0, 0.0], "served": [0.0, 0.0]}, {"parametric": 0, "served": 0}
+    for prompt in prompts:
+        ids = lm.prompt_ids(prompt)
+        out = {"parametric": lm.complete(prompt, g, None, attribute=False),
+               "served": lm.complete(prompt, g, lm.retriever("knn"), attribute=False)}
+        same += out["parametric"].text == out["served"].text
+        for name, comp in out.items():
+            if comp.tokens:
+                nll[name][0] += continuation_nll(judge, ids, comp.tokens)
+                nll[name][1] += continuation_nll(lm, ids, comp.tokens)
+                n[name] += len(comp.tokens)
+    jp, js = (math.exp(nll[x][0] / max(1, n[x])) for x in ("parametric", "served"))
+    sp, ss = (math.exp(nll[x][1] / max(1, n[x])) for x in ("parametric", "served"))
+    print(f"\nfluency on {args.fluency_domain} ({len(prompts)} prompts from its test text, 32 greedy tokens each): "
+          f"{same}/{len(prompts)} served completions identical to parametric-only; perplexity of the "
+          f"continuations under the judge ({args.judge}): parametric {jp:.2f}, served {js:.2f} "
+          f"(ratio {js / jp:.3f}); under the parametric model: {sp:.2f} vs {ss:.2f} (ratio {ss / sp:.3f})")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,44 @@ def test_gate_shrinks_when_a_shard_leaves(gated):
     assert p_before < p_lm and p_after <= 1.05 * p_lm, (p_before, p_after, p_lm)
 
 
+def test_lambda_floor_is_fitted_within_tolerance_and_used_everywhere(gated, tmp_path):
+    """Below the fitted floor the store is not used: not in scoring, not in greedy generation."""
+    import dataclasses
+    import shutil
+
+    lm, gate, report = gated
+    fl = report["min_lambda"]
+    assert gate.min_lambda == fl["chosen"] and Gate.load(lm.store).min_lambda == gate.min_lambda
+    kept = [row for row in fl["curve"] if row["min_lambda"] <= gate.min_lambda]
+    assert kept and all(row["worst_relative"] <= 1 + fl["tolerance"] for row in kept)
+    if len(fl["curve"]) > len(kept):  # the first floor past the chosen one broke the tolerance somewhere
+        assert fl["curve"][len(kept)]["worst_relative"] > 1 + fl["tolerance"]
+    text = next(d.text for d in load_documents(VAL, ["shakespeare"]))[:1500]
+    pos = lm.collect([text])
+    every = np.ones(len(pos.targets), bool)
+    r = lm.retriever("knn", skip="off")
+    nb = r.search(pos.keys)
+    recent, match = r.recent(nb, pos, every), r.match(nb, pos.context)
+    raw = dataclasses.replace(gate, min_lambda=0.0).lambdas(nb, lm.store, pos.lm, recent, match)
+    high = dataclasses.replace(gate, min_lambda=float(np.median(raw[raw > 0])))
+    lam = high.lambdas(nb, lm.store, pos.lm, recent, match)
+    assert np.array_equal(lam, np.where(raw >= high.min_lambda, raw, 0.0)) and (lam == 0).any() and (lam > 0).any()
+    # a floor above every lambda: the served mixture is the LM alone, in scoring and in generation
+    store = tmp_path / "store"
+    shutil.copytree(lm.store.path, store)
+    dataclasses.replace(gate, min_lambda=1.01).save(store)
+    original = lm.swap_store(Datastore.open(store))
+    try:
+        off = lm.retriever("knn", skip="off")
+        assert off.mixture.kind == "gated" and off.mixture.min_lambda == 1.01
+        res = lm.score([text], off)[0]
+        assert np.allclose(res.logp, res.logp_parametric)
+        g = SamplingParams(max_new_tokens=12, temperature=0)
+        assert lm.complete(text[:120], g, off).tokens == lm.complete(text[:120], g, None).tokens
+    finally:
+        lm.swap_store(original)
+
+
 def test_empty_store_answers_with_the_lm_alone(gated):
     lm, _, _ = gated
     empty = Datastore(lm.store.path, lm.store.manifest, [], lm.store.device)

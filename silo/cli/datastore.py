@@ -68,7 +68,7 @@ def cmd_fit_gate(args) -> int:
     cfg = load_section(args.config, "gate", GateConfig, over)
     gate, report = fit_store_gate(cfg)
     print(json.dumps({"k": gate.k, "temperature": gate.temperature, "tau_ref": gate.tau_ref,
-                      "tau_slope": gate.tau_slope, "match_bonus": gate.match_bonus,
+                      "tau_slope": gate.tau_slope, "match_bonus": gate.match_bonus, "min_lambda": gate.min_lambda,
                       "skip_threshold": gate.skip.threshold if gate.skip else None,
                       "validation": report["domains"], "warnings": report["warnings"]}, indent=1))
     return 0

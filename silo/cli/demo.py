@@ -51,14 +51,15 @@ def _store_up_to_date(cfg) -> bool:
 def _gate_up_to_date(gcfg):
     """The store's saved gate if it was fitted for this store's model and current build, else None."""
     from silo.datastore.format import Manifest
-    from silo.model.gate import Gate
+    from silo.model.gate import GATE_FORMAT, Gate
 
     try:
         gate = Gate.load(gcfg.store)
         manifest = Manifest.read(gcfg.store)
     except Exception:
         return None
-    if gate is None or gate.fingerprint != manifest.model.fingerprint or gate.fitted < manifest.created:
+    if (gate is None or gate.fingerprint != manifest.model.fingerprint or gate.fitted < manifest.created
+            or gate.format != GATE_FORMAT):
         return None
     return gate
 

@@ -34,6 +34,13 @@ fingerprint and the generation it was fitted on) and read by every user of the m
 distances, lambda falls by itself when the content a text needs leaves the store (an opt-out): no
 re-tuning. Where a search returns no neighbour (an empty store) lambda is 0: the LM alone.
 
+`min_lambda`: below this the store is not used at all (lambda 0). Maximum likelihood rewards a small
+hedge towards a peaked p_kNN wherever the LM is unsure, which costs next to nothing in perplexity but,
+where the LM is flat, is enough to flip a greedy choice towards the store's text (a dictionary headword
+after a blank line of Python documentation). The floor is fitted on validation as the largest value that
+keeps every domain's perplexity within a tolerance of the unfloored gate, and it applies wherever the
+mixture does (scoring, evaluation, generation, attribution).
+
 `SkipPredictor` (He et al. 2021's adaptive retrieval) predicts the gate's lambda from the LM's state
 alone, before searching; where it is below a threshold the search is skipped and lambda is 0.
 """
@@ -55,7 +62,8 @@ from .evidence import MATCH_K, RecentGain, recent_gain, token_gain  # noqa: F401
 from .knn import FixedMixture, neighbor_log_weights  # noqa: F401  (FixedMixture: re-exported)
 from .types import CONTEXT, LMState, SiloInputError
 
-GATE_FORMAT = "silo.gate.v1"
+GATE_FORMAT = "silo.gate.v2"  # v2 adds min_lambda (a v1 gate reads as min_lambda 0)
+READ_FORMATS = ("silo.gate.v1", GATE_FORMAT)
 FEATURES = ("log_d1", "log_d_mean", "agree_top1", "agree_lm", "doc_share", "lm_entropy", "lm_top_p", "recent_gain",
             "history", "match_top1", "match_max")
 def knn_features(nb: Neighbors, doc_keys: np.ndarray, lm: LMState, k: int, tau_ref: float,
@@ -144,6 +152,8 @@ class Gate:
     fitted: str = ""
     report: dict = field(default_factory=dict)  # validation figures of the fit
     skip: SkipPredictor | None = None
+    min_lambda: float = 0.0  # lambda below this is 0: the store is not used there (fitted; see the docstring)
+    format: str = GATE_FORMAT  # the format it was read from (a v1 gate is older than the floor)
     kind: str = "gated"
 
     def temperatures(self, nb: Neighbors) -> np.ndarray:
@@ -166,11 +176,15 @@ class Gate:
             raise SiloInputError("the gated mixture needs the LM's state, the recent gain and the context match "
                                  "at each position", "lm")
         f, have = knn_features(nb, store.doc_keys(nb), lm, self.k, self.tau_ref, recent, match)
-        return np.where(have, _sigmoid(self.logits(f)), 0.0)
+        return self.floor(np.where(have, _sigmoid(self.logits(f)), 0.0))
+
+    def floor(self, lam: np.ndarray) -> np.ndarray:
+        """lambda with values below `min_lambda` set to 0."""
+        return np.where(lam >= self.min_lambda, lam, 0.0) if self.min_lambda > 0 else lam
 
     def describe(self) -> dict:
         return {"mixture": "gated", "k": self.k, "temperature": self.temperature, "tau_ref": self.tau_ref,
-                "tau_slope": self.tau_slope, "match_bonus": self.match_bonus,
+                "tau_slope": self.tau_slope, "match_bonus": self.match_bonus, "min_lambda": self.min_lambda,
                 "weights": dict(zip(FEATURES, self.weights)), "bias": self.bias, "generation": self.generation,
                 "fitted": self.fitted, "skip_threshold": self.skip.threshold if self.skip else None}
 
@@ -194,15 +208,14 @@ class Gate:
         if not path.exists():
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != GATE_FORMAT or data.get("features") != list(FEATURES):
+        if data.get("format") not in READ_FORMATS or data.get("features") != list(FEATURES):
             raise SiloInputError(f"{path}: not a {GATE_FORMAT} gate with features {FEATURES}; fit it again "
                                  "with `silo datastore fit-gate`", "gate")
         if isinstance(store, Datastore) and data.get("fingerprint") != store.fingerprint:
             raise SiloInputError(f"{path}: fitted for model {str(data.get('fingerprint'))[:23]}..., the store is for "
                                  f"{store.fingerprint[:23]}...; fit it again with `silo datastore fit-gate`", "gate")
         skip = data.pop("skip", None)
-        for key in ("format", "features"):
-            data.pop(key, None)
+        data.pop("features", None)
         gate = cls(**data)
         gate.skip = SkipPredictor(**skip) if skip else None
         return gate

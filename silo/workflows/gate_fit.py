@@ -188,9 +188,10 @@ def _nll_fixed(nb, targets, logp_lm, have, f: Fit) -> float:
 
 
 def fit_gate(store: Datastore, nb: Neighbors, pos: PositionBatch, ks: list[int], skip: bool = True,
-             bos: int = 0) -> tuple[Gate, dict]:
+             bos: int = 0, labels: np.ndarray | None = None) -> tuple[Gate, dict]:
     """The gate for `store`: features standardised on these positions, (w, b, tau) by maximum likelihood,
-    k chosen on a held-out half; and the retrieval-skipping predictor. Returns (gate, report)."""
+    k chosen on a held-out half; its lambda floor (`fit_floor`, per domain of `labels`); and the
+    retrieval-skipping predictor. Returns (gate, report)."""
     tau_ref = distance_scale(nb)
     doc_keys = store.doc_keys(nb)
     match = store.context_match(nb, pos.context, bos, MATCH_K)
@@ -236,7 +237,13 @@ def fit_gate(store: Datastore, nb: Neighbors, pos: PositionBatch, ks: list[int],
     report = {"k_search": rows, "warnings": warns + fit.warnings, "positions": int(len(pos.targets)),
               "nll_parametric": float(-pos.logp_lm.mean()), "nll_gated": fit.nll,
               "lambda_mean": float(lam.mean()), "lambda_quantiles": {q: float(np.quantile(lam, q)) for q in (0.1, 0.5, 0.9)}}
-    if skip:
+    lk = knn_target_logprob(nb.distances[:, :gate.k], nb.tokens[:, :gate.k], pos.targets, gate.temperatures(nb),
+                            gate.bonus(match))
+    gate.min_lambda, report["min_lambda"] = fit_floor(
+        lam, lambda floored: mix_logp(pos.logp_lm, lk, floored),
+        np.zeros(len(lam), int) if labels is None else np.asarray(labels))
+    lam = gate.floor(lam)
+    if skip:  # fitted on the floored gate: positions it leaves at 0 cost nothing to skip
         gate.skip = fit_skip(pos, lam, lambda mask: _gated_nll(gate, nb, pos, lam, mask, match))
         report["skip"] = {"threshold": gate.skip.threshold, "curve": gate.skip.curve}
     gate.report = report
@@ -252,6 +259,29 @@ def _gated_nll(gate: Gate, nb: Neighbors, pos: PositionBatch, lam: np.ndarray, s
 
 
 SKIP_THRESHOLDS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+MIN_LAMBDAS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
+
+
+def fit_floor(lam: np.ndarray, mixed_logp, labels: np.ndarray, tolerance: float = 0.005) -> tuple[float, dict]:
+    """The gate's lambda floor: the largest of MIN_LAMBDAS such that it and every smaller one keep each
+    domain's validation perplexity within `tolerance` (relative) of the unfloored gate. `mixed_logp(lam)`:
+    log p(target) per position under the mixture with those lambdas; `labels`: each position's domain."""
+    doms = np.unique(labels)
+
+    def per_domain(lp):
+        return np.array([math.exp(-lp[labels == d].mean()) for d in doms])
+
+    base = per_domain(mixed_logp(lam))
+    curve, chosen = [], 0.0
+    for th in MIN_LAMBDAS:
+        floored = np.where(lam >= th, lam, 0.0)
+        rel = per_domain(mixed_logp(floored)) / base
+        curve.append({"min_lambda": th, "zeroed": float(((lam > 0) & (lam < th)).mean()),
+                      "worst_relative": float(rel.max()), "worst_domain": str(doms[int(rel.argmax())])})
+        if rel.max() > 1 + tolerance:
+            break
+        chosen = th
+    return chosen, {"chosen": chosen, "tolerance": tolerance, "curve": curve}
 
 
 def fit_skip(pos: PositionBatch, lam: np.ndarray, nll_with, tolerance: float = 0.0025) -> SkipPredictor:
@@ -339,7 +369,8 @@ def fit_store_gate(cfg: GateConfig, lm=None, progress: bool = True, save: bool =
     say(f"gate: {len(pos.targets):,} validation positions ({', '.join(sorted(set(labels)))}); "
         f"searching {lm.store.num_entries:,} entries at k={k_max}")
     nb = lm.store.search(pos.keys, k_max)
-    gate, report = fit_gate(lm.store, nb, pos, cfg.k, skip=cfg.skip, bos=lm.tokenizer.eos_token_id)
+    gate, report = fit_gate(lm.store, nb, pos, cfg.k, skip=cfg.skip, bos=lm.tokenizer.eos_token_id,
+                            labels=np.asarray(labels))
     report["overlaps"] = [o.to_json() for o in overlaps]
     report["validation"] = cfg.val
     labels = np.asarray(labels)
