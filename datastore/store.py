@@ -177,25 +177,21 @@ class Datastore:
         if kk == 0 or M == 0:
             return out
         ids, sh, alive = nb.ids[:, :kk], nb.shard[:, :kk], nb.tokens[:, :kk] >= 0
+        back = np.arange(M, dtype=np.int64)
         for si, shard in enumerate(self.shards):
             sel = (sh == si) & alive
             if not sel.any():
                 continue
             e = shard.entries
             r = ids[sel]
-            doc, pos = e["doc"][r].astype(np.int64), e["pos"][r].astype(np.int64)
+            here = e[r]
+            doc, pos = here["doc"].astype(np.int64)[:, None], here["pos"].astype(np.int64)[:, None]
             q = context[np.nonzero(sel)[0]]
-            m = np.zeros(len(r), dtype=np.int64)
-            going = np.ones(len(r), bool)
-            for j in range(M):
-                p = pos - j  # the input position whose token is compared
-                at_bos = p == 0
-                prev = np.clip(r - j - 1, 0, len(e) - 1)
-                same = (e["doc"][prev] == doc) & (e["pos"][prev] == p - 1) & (p >= 1)
-                tok = np.where(at_bos, bos, np.where(same, e["token"][prev], -2))
-                going &= (tok == q[:, j]) & (p >= 0)
-                m += going
-            out[sel] = m
+            p = pos - back  # [R, M] the input positions whose tokens are compared, most recent first
+            prev = e[np.clip(r[:, None] - back - 1, 0, len(e) - 1)]  # the entries that predicted them
+            same = (prev["doc"] == doc) & (prev["pos"] == p - 1) & (p >= 1)
+            tok = np.where(p == 0, bos, np.where(same, prev["token"], -2))
+            out[sel] = np.cumprod((tok == q) & (p >= 0), axis=1).sum(axis=1)  # the unbroken run from the query
         return out
 
     def entry_info(self, shard_index: int, entry_id: int) -> dict:

@@ -114,6 +114,35 @@ def test_mapped_ivf_lists_search_like_lists_in_ram(store):
         assert np.array_equal(a.ids, b.ids) and np.array_equal(a.distances, b.distances)
 
 
+def test_context_match_counts_the_unbroken_run_of_shared_tokens(tiny_store):
+    """A neighbour read at its own position matches its whole context (BOS included); a changed token cuts
+    the run there; other documents' entries are not taken for earlier tokens."""
+    from silo.model.types import CONTEXT, context_of
+    from silo.datastore.store import Neighbors
+
+    ds, bos = Datastore.open(tiny_store), 7
+    shard = ds.shards[0]
+    e = np.asarray(shard.entries)
+    doc = int(e["doc"][0])
+    rows = np.flatnonzero(e["doc"] == doc)
+    rows = rows[np.argsort(e["pos"][rows])][:40]
+    assert np.array_equal(e["pos"][rows], np.arange(len(rows)))
+    ids = [bos] + e["token"][rows].tolist()  # entry at pos p: input ids[p], target ids[p + 1]
+    ctx = np.stack([context_of(ids, p) for p in range(len(rows))])
+    nb = Neighbors(np.zeros((len(rows), 1), np.float32), e["token"][rows, None].astype(np.int32),
+                   np.zeros((len(rows), 1), np.int16), rows[:, None].astype(np.int64))
+    m = ds.context_match(nb, ctx, bos)[:, 0]
+    assert np.array_equal(m, np.minimum(np.arange(len(rows)) + 1, CONTEXT))
+    cut = ctx.copy()
+    cut[:, 3] = -5  # a different token four back
+    assert np.array_equal(ds.context_match(nb, cut, bos)[:, 0], np.minimum(np.arange(len(rows)) + 1, 3))
+    other = ds.shards[0].entries["doc"] != doc
+    if other.any():  # an entry of another document at the same position does not match past its own start
+        r = int(np.flatnonzero(other & (shard.entries["pos"] == 0))[0])
+        nb1 = Neighbors(nb.distances[:1], nb.tokens[:1], nb.shard[:1], np.array([[r]], np.int64))
+        assert ds.context_match(nb1, ctx[5:6], bos)[0, 0] <= 1
+
+
 def test_lazy_documents_name_a_count_mismatch(store):
     rec = Manifest.read(store).shards[0]
     docs = LazyDocuments(store / rec.dir / "documents.jsonl", rec.documents + 1)

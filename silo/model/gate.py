@@ -130,8 +130,12 @@ class SkipPredictor:
         return np.concatenate([keys.astype(np.float64), lm.entropy[:, None], lm.top_p[:, None]], axis=1)
 
     def predict(self, keys: np.ndarray, lm: LMState) -> np.ndarray:
-        x = (self.inputs(keys, lm) - np.asarray(self.mean)) / np.asarray(self.std)
-        return _sigmoid(x @ np.asarray(self.weights) + self.bias)
+        if getattr(self, "_folded", None) is None:  # standardisation folded into the weights, once
+            w = np.asarray(self.weights) / np.asarray(self.std)
+            self._folded = (w[:-2].astype(np.float32), w[-2:], self.bias - float(np.asarray(self.mean) @ w))
+        wk, wl, b = self._folded
+        z = (keys.astype(np.float32, copy=False) @ wk).astype(np.float64) + lm.entropy * wl[0] + lm.top_p * wl[1] + b
+        return _sigmoid(z)
 
 
 @dataclass

@@ -273,7 +273,8 @@ class KNNRetriever:
         """Next-token distributions for a batch of sequences: hidden [B, d] keys, logp_lm [B, V] float64,
         `states` from `begin` (one per sequence); `exclude[i]`: document keys whose neighbours sequence i
         must not use (its VerbatimGuard's `exclude()`)."""
-        lm_state = LMState.of(logp_lm)
+        p = logp_lm.exp()  # [B, V] on the LM's device: the mixture is computed there
+        lm_state = LMState.of(logp_lm, p)
         nb, searched = self._search_unskipped(hidden, lm_state)
         if exclude is not None:
             nb = drop_documents(nb, self.store, exclude)
@@ -285,7 +286,6 @@ class KNNRetriever:
         lam = self.lambdas(nb, lm_state, searched, recent, match)
         tau = np.broadcast_to(np.asarray(mix.temperatures(nb), dtype=np.float64), (len(hidden),))
         bonus = mix.bonus(match)
-        p = logp_lm.exp()  # [B, V] on the LM's device: the mixture is computed there
         k = self.k
         have = searched & (nb.tokens[:, 0] >= 0) if nb.tokens.shape[1] else np.zeros(len(hidden), bool)
         mixed = np.flatnonzero(lam > 0)

@@ -36,11 +36,11 @@ class LMState:
     top_p: np.ndarray  # [N] float64, its probability
 
     @classmethod
-    def of(cls, logp) -> "LMState":
-        """From log-probabilities [N, V] (torch)."""
+    def of(cls, logp, p=None) -> "LMState":
+        """From log-probabilities [N, V] (torch), and their exp when the caller has it."""
         import torch
 
-        p = logp.exp()
+        p = logp.exp() if p is None else p
         top_p, top = torch.max(p, dim=-1)
         ent = -(p * logp.clamp_min(-1e30)).sum(-1)
         return cls(ent.double().cpu().numpy(), top.cpu().numpy().astype(np.int64), top_p.double().cpu().numpy())
