@@ -23,7 +23,7 @@ from silo.datastore.faiss_utils import ivf_of
 from silo.datastore.ondisk import LazyDocuments, is_mapped
 from silo.datastore.reindex import index_recall, reindex_store
 from silo.datastore.removal import RemovalManager, RemovalRequest
-from silo.datastore.store import Datastore, DatastoreError
+from silo.datastore.store import PARALLEL_MIN_QUERIES, Datastore, DatastoreError
 
 
 @pytest.fixture
@@ -151,6 +151,7 @@ def test_lazy_documents_name_a_count_mismatch(store):
 
 
 def _search_both(ds: Datastore, q: np.ndarray, k: int):
+    assert len(q) >= PARALLEL_MIN_QUERIES  # enough queries for the threads to be used
     ds.parallel = True
     a = ds.search(q, k)
     ds.parallel = False
@@ -164,7 +165,7 @@ def test_parallel_search_equals_the_sequential_merge(store, factory):
         reindex_store(store, factory, train_sample=4000, nprobe=3, progress=False)
     ds = Datastore.open(store)
     assert len(ds.shards) >= 2
-    q = _queries(ds)
+    q = _queries(ds, n=64)
     for k in (1, 16, 100):
         a, b = _search_both(ds, q, k)
         for x, y in zip((a.distances, a.tokens, a.shard, a.ids), (b.distances, b.tokens, b.shard, b.ids)):

@@ -208,18 +208,21 @@ class BatchDecoder:
                                         exclude=excl if any(e is not None for e in excl) else None)
             else:
                 p, mixes = logp.exp(), [None] * len(seqs)
+            tokens = []
             for row, (i, s) in enumerate(zip(members, seqs)):
                 pi = p[row]
                 token = sample((pi if s.guard is None else s.guard.adjust(pi)).cpu(), s.sampling, s._gen)
+                tokens.append(token)
                 if r is not None:  # (the mixture's own p: attribution splits it among its sources)
                     sup = r.support(mixes[row], token, pi, s._logp)
-                    r.observe(mixes[row], token, s._logp, s._state)
                     s._docs = lambda m=mixes[row], r=r: r.documents(m)
                 else:
                     sup = StepSupport(token=token, p=float(pi[token]), p_parametric=float(pi[token]), p_knn=0.0,
                                       lmbda=0.0)
                 s._support = sup
                 chosen[i] = token
+            if r is not None:
+                r.observe(mixes, tokens, logp, [s._state for s in seqs])
         return [chosen[i] for i in live]
 
     def _advance(self, seq: Sequence, token: int) -> bool:

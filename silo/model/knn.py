@@ -306,16 +306,23 @@ class KNNRetriever:
                 rows[i].p_knn, rows[i].weights = p_knn[j], w[j]
         return p, rows
 
-    def observe(self, row: _RowMix, token: int, logp_lm: torch.Tensor, state) -> None:
-        """The chosen token joins the sequence's context; its gain joins the recent-gain average."""
-        if state is None:
-            return
-        if self.mixture.needs_history and row.neighbors is not None:
-            nb = row.neighbors
-            lk = knn_target_logprob(nb.distances[:, :self.k], nb.tokens[:, :self.k], np.array([token]),
-                                    self.mixture.tau_ref)
-            state.update(float(token_gain(lk, np.array([float(logp_lm[token])]))[0]))
-        state.push(token)
+    def observe(self, rows: list[_RowMix], tokens: list[int], logp_lm: torch.Tensor, states: list) -> None:
+        """The chosen tokens join their sequences' contexts and their gains the recent-gain averages (one
+        p_kNN of the chosen token for all rows of the step at once). logp_lm [B, V]: the rows' LM log-probs."""
+        if self.mixture.needs_history:
+            use = [i for i, (row, st) in enumerate(zip(rows, states)) if st is not None and row.neighbors is not None]
+            if use:
+                k = self.k
+                D = np.concatenate([rows[i].neighbors.distances[:, :k] for i in use])
+                T = np.concatenate([rows[i].neighbors.tokens[:, :k] for i in use])
+                tok = np.asarray([tokens[i] for i in use], dtype=np.int64)
+                lk = knn_target_logprob(D, T, tok, self.mixture.tau_ref)
+                lp = logp_lm[torch.as_tensor(use), torch.as_tensor(tok)].double().cpu().numpy()
+                for i, g in zip(use, token_gain(lk, lp)):
+                    states[i].update(float(g))
+        for st, token in zip(states, tokens):
+            if st is not None:
+                st.push(token)
 
     def support(self, row: _RowMix, token: int, p: torch.Tensor, logp_lm: torch.Tensor) -> StepSupport:
         sup = StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()), p_knn=0.0,

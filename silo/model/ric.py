@@ -271,7 +271,7 @@ class RICRetriever:
     def next_token(self, hidden, logp_lm, states, exclude=None):  # the model's own distribution: nothing to drop
         return logp_lm.exp(), [None] * len(logp_lm)
 
-    def observe(self, row, token: int, logp_lm, state) -> None:
+    def observe(self, rows, tokens, logp_lm, states) -> None:
         pass
 
     def support(self, row, token: int, p, logp_lm) -> StepSupport:
