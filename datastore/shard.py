@@ -30,7 +30,7 @@ from silo.core.files import crash_point, fsync_path, sha256_file, write_json_ato
 from .faiss_utils import compact_index, search_params, to_gpu
 from .format import ENTRY_DTYPE, SHARD_FILES, DatastoreError, ShardMissing, ShardRecord, now
 from .keys_store import KEYS_FILE, has_keys, write_filtered_keys
-from .ondisk import LazyDocuments, read_index_mmap
+from .ondisk import LazyDocuments, read_index, read_index_mmap
 
 
 def read_documents(shard_dir: Path) -> list[dict]:
@@ -139,7 +139,7 @@ class Shard:
         if mmap and device != "cuda":
             index = read_index_mmap(d / "index.faiss")
         else:
-            index = faiss.read_index(str(d / "index.faiss"))
+            index = read_index(d / "index.faiss")
         if device == "cuda":
             index = to_gpu(index)
         entries = np.load(d / "entries.npy", mmap_mode="r" if mmap and device != "cuda" else None)

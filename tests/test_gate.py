@@ -133,6 +133,30 @@ def test_lambda_floor_is_fitted_within_tolerance_and_used_everywhere(gated, tmp_
         lm.swap_store(original)
 
 
+def test_greedy_decoding_follows_the_more_probable_source(gated):
+    """Greedy gated generation takes the LM's choice where lambda < 1/2 and the mixture's elsewhere: text
+    the store does not hold comes out as parametric-only; a stored passage is still carried by the store."""
+    lm, _, _ = gated
+    knn, g = lm.retriever("knn", skip="off"), SamplingParams(max_new_tokens=16, temperature=0)
+    python = next(d.text for d in load_documents(VAL, ["python"]))
+    stored = next(d for s in lm.store.shards for d in s.documents if d["domain"] == "gcide")["text"][2000:2160]
+    seen_lm_source = False
+    for start in range(0, 1200, 200):
+        prompt = python[start:start + 120]
+        comp = lm.complete(prompt, g, knn)
+        lams = [s.support.lmbda for s in comp.steps if s.token >= 0]
+        if max(lams) < 0.5:
+            seen_lm_source |= max(lams) > 0  # the store was mixed in, and greedy still took the LM's choice
+            assert comp.tokens == lm.complete(prompt, g, None).tokens
+    assert seen_lm_source
+    comp = lm.complete(stored, g, knn)
+    assert any(s.support.lmbda >= 0.5 for s in comp.steps if s.token >= 0)
+    assert comp.tokens != lm.complete(stored, g, None).tokens
+    # a fixed lambda is used as given, even below 1/2
+    fixed = lm.retriever("knn", k=16, lmbda=0.3, temperature=1.0)
+    assert fixed.greedy(None, "mixture", None) == "mixture"
+
+
 def test_empty_store_answers_with_the_lm_alone(gated):
     lm, _, _ = gated
     empty = Datastore(lm.store.path, lm.store.manifest, [], lm.store.device)

@@ -143,6 +143,24 @@ def test_context_match_counts_the_unbroken_run_of_shared_tokens(tiny_store):
         assert ds.context_match(nb1, ctx[5:6], bos)[0, 0] <= 1
 
 
+def test_ivfpq_precomputed_table_is_bounded_and_search_unchanged(store):
+    """Above the size bound the IVF-PQ table is not built at read; searches give the same neighbours."""
+    from silo.datastore.ondisk import READ_FLAGS, bounded_precomputed_table
+
+    reindex_store(store, "IVF8,PQ8", train_sample=4000, nprobe=3, progress=False)
+    shard = Datastore.open(store).shards[0]
+    path = str(shard.dir / "index.faiss")
+    q = _queries(Datastore.open(store))
+    params = faiss.SearchParametersIVF(nprobe=3)
+    with_table = bounded_precomputed_table(faiss.read_index(path, READ_FLAGS))
+    without = bounded_precomputed_table(faiss.read_index(path, READ_FLAGS), max_bytes=0)
+    tables = [faiss.downcast_index(ivf_of(i)).precomputed_table.size() for i in (with_table, without)]
+    assert tables[0] > 0 and tables[1] == 0
+    assert faiss.downcast_index(ivf_of(shard.index)).precomputed_table.size() == tables[0]  # small: the store builds it
+    a, b = with_table.search(q, 16, params=params), without.search(q, 16, params=params)
+    assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0], rtol=1e-4, atol=1e-3)
+
+
 def test_lazy_documents_name_a_count_mismatch(store):
     rec = Manifest.read(store).shards[0]
     docs = LazyDocuments(store / rec.dir / "documents.jsonl", rec.documents + 1)

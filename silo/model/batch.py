@@ -211,7 +211,8 @@ class BatchDecoder:
             tokens = []
             for row, (i, s) in enumerate(zip(members, seqs)):
                 pi = p[row]
-                token = sample((pi if s.guard is None else s.guard.adjust(pi)).cpu(), s.sampling, s._gen)
+                pick = r.greedy(mixes[row], pi, s._logp) if r is not None and s.sampling.temperature == 0 else pi
+                token = sample((pick if s.guard is None else s.guard.adjust(pick)).cpu(), s.sampling, s._gen)
                 tokens.append(token)
                 if r is not None:  # (the mixture's own p: attribution splits it among its sources)
                     sup = r.support(mixes[row], token, pi, s._logp)

@@ -324,6 +324,18 @@ class KNNRetriever:
             if st is not None:
                 st.push(token)
 
+    def greedy(self, row: _RowMix, p: torch.Tensor, logp_lm: torch.Tensor) -> torch.Tensor:
+        """The distribution greedy decoding takes the argmax of: the more probable source's.
+
+        The gate's lambda is how much the evidence says the store holds this passage. Where it is below 1/2
+        the LM is the more probable source and greedy decoding takes the LM's choice; a small lambda on a
+        peaked p_kNN would otherwise win the mixture's argmax wherever the LM is unsure (a blank line of
+        Python documentation continued as a dictionary headword), and the text would follow the store from
+        there. Scoring and sampling use the whole mixture; a fixed lambda is the researcher's, used as given."""
+        if self.mixture.kind == "gated" and row.lmbda < 0.5:
+            return logp_lm.exp()
+        return p
+
     def support(self, row: _RowMix, token: int, p: torch.Tensor, logp_lm: torch.Tensor) -> StepSupport:
         sup = StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()), p_knn=0.0,
                           lmbda=row.lmbda)

@@ -274,6 +274,9 @@ class RICRetriever:
     def observe(self, rows, tokens, logp_lm, states) -> None:
         pass
 
+    def greedy(self, row, p, logp_lm):
+        return p
+
     def support(self, row, token: int, p, logp_lm) -> StepSupport:
         return StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()), p_knn=0.0,
                            lmbda=0.0)
