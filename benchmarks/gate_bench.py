@@ -97,8 +97,6 @@ def main() -> None:
 
     if args.fluency:
         fluency(lm, args)
-        if args.only_skip or args.skip == "0":
-            return
     if args.only_skip:
         all_pos = list(domain_texts(load_documents("pkg:demo/test"), args.tokens).values())
     skip = gate.skip.threshold if args.skip == "auto" and gate.skip else float(args.skip) if args.skip != "auto" else 0
