@@ -9,8 +9,9 @@ carries its own search parameters (its tombstone selector, nprobe).
 One shared pool per process; `max_workers` defaults to the CPUs. Small searches on a single shard, or on a
 store with one shard, skip the pool. Each pool thread runs FAISS single-threaded (OpenMP's thread count is
 a per-thread setting, so the caller's own searches keep theirs): the parallelism is across shards, and
-FAISS's own threads on top of one thread per shard would oversubscribe the cores (8 queries, k 1,024, two
-shards on 2 cores: 7.6 ms with both kinds of threads, 5.9 ms sequential, 3.4 ms this way).
+FAISS's own threads on top of one thread per shard oversubscribe the cores (8 queries, k 1,024, two shards
+on 2 cores: 7.6 ms with both kinds of threads, 6.9 ms with one FAISS thread per pool thread, 5.7 ms one
+shard after the other, which is why `Datastore.search` keeps small searches off the pool).
 """
 
 from __future__ import annotations
