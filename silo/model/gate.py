@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import cached_property
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,10 +130,13 @@ class SkipPredictor:
     def inputs(self, keys: np.ndarray, lm: LMState) -> np.ndarray:
         return np.concatenate([keys.astype(np.float64), lm.entropy[:, None], lm.top_p[:, None]], axis=1)
 
+    @cached_property
+    def _folded(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """The standardisation folded into the weights (key weights, LM-feature weights, bias), once."""
+        w = np.asarray(self.weights) / np.asarray(self.std)
+        return w[:-2].astype(np.float32), w[-2:], self.bias - float(np.asarray(self.mean) @ w)
+
     def predict(self, keys: np.ndarray, lm: LMState) -> np.ndarray:
-        if getattr(self, "_folded", None) is None:  # standardisation folded into the weights, once
-            w = np.asarray(self.weights) / np.asarray(self.std)
-            self._folded = (w[:-2].astype(np.float32), w[-2:], self.bias - float(np.asarray(self.mean) @ w))
         wk, wl, b = self._folded
         z = (keys.astype(np.float32, copy=False) @ wk).astype(np.float64) + lm.entropy * wl[0] + lm.top_p * wl[1] + b
         return _sigmoid(z)
