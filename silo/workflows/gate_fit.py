@@ -244,18 +244,13 @@ def fit_gate(store: Datastore, nb: Neighbors, pos: PositionBatch, ks: list[int],
         np.zeros(len(lam), int) if labels is None else np.asarray(labels))
     lam = gate.floor(lam)
     if skip:  # fitted on the floored gate: positions it leaves at 0 cost nothing to skip
-        gate.skip = fit_skip(pos, lam, lambda mask: _gated_nll(gate, nb, pos, lam, mask, match))
+        def nll_with(searched):  # lambda forced to 0 where the search was skipped, the others as they were
+            return float(-mix_logp(pos.logp_lm, lk, np.where(searched, lam, 0.0)).mean())
+
+        gate.skip = fit_skip(pos, lam, nll_with)
         report["skip"] = {"threshold": gate.skip.threshold, "curve": gate.skip.curve}
     gate.report = report
     return gate, report
-
-
-def _gated_nll(gate: Gate, nb: Neighbors, pos: PositionBatch, lam: np.ndarray, searched: np.ndarray,
-               match: np.ndarray) -> float:
-    """NLL with lambda forced to 0 where the search was skipped (the other lambdas as they were)."""
-    lk = knn_target_logprob(nb.distances[:, :gate.k], nb.tokens[:, :gate.k], pos.targets, gate.temperatures(nb),
-                            gate.bonus(match))
-    return float(-mix_logp(pos.logp_lm, lk, np.where(searched, lam, 0.0)).mean())
 
 
 SKIP_THRESHOLDS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
