@@ -7,7 +7,8 @@ more than one chunk of keys in memory. `--shards` shards of equal size plus one 
 one an owner removal takes out). For each size it prints:
 
   * kNN-LM / parametric scoring throughput (same held-out text, k=32, fixed mixture; `--gated` adds the
-    gated mixture with the demo store's gate);
+    gated mixture with the demo store's gate), and beside it the same with every shard doing its own
+    coarse search (what `Datastore.search` did before shards with one quantizer shared it);
   * recall@1/10/32 of the ANN index against exact search over the stored keys, on a sample of queries
     (keys of held-out text), exact search streamed over keys.npy;
   * bytes per entry on disk (and per file kind);
@@ -241,6 +242,10 @@ def main() -> None:
             lm.swap_store(big)
             t_knn, _ = timed(lambda: lm.score(texts, lm.retriever("knn", k=32)), repeat=2)
             row["knn_over_parametric"] = t_par / t_knn
+            big.share_coarse = False  # side by side: each shard's own coarse search (the code before sharing)
+            t_own, _ = timed(lambda: lm.score(texts, lm.retriever("knn", k=32)), repeat=2)
+            big.share_coarse = True
+            row["knn_over_parametric_coarse_per_shard"] = t_par / t_own
             if args.gated and (path / "gate.json").exists():
                 t_g, _ = timed(lambda: lm.score(texts, lm.retriever("knn")), repeat=2)
                 row["gated_over_parametric"] = t_par / t_g
@@ -278,11 +283,12 @@ def main() -> None:
         else:
             print(f"stores kept under {tmp}")
     print("\nsummary")
-    print(f"{'entries':>11} {'knn/par':>8} {'R@1':>6} {'R@10':>6} {'R@32':>6} {'B/entry':>8} {'open s':>7} "
+    print(f"{'entries':>11} {'knn/par':>8} {'(own coarse)':>12} {'R@1':>6} {'R@10':>6} {'R@32':>6} {'B/entry':>8} {'open s':>7} "
           f"{'RSS open MB':>11} {'RSS search MB':>13} {'removal s':>9}")
     for r in rows:
         o = r["open_mmap"]
-        print(f"{r['entries']:>11,} {r['knn_over_parametric']:>8.3f} {r['recall']['recall@1']:>6.3f} "
+        print(f"{r['entries']:>11,} {r['knn_over_parametric']:>8.3f} {r['knn_over_parametric_coarse_per_shard']:>12.3f} "
+              f"{r['recall']['recall@1']:>6.3f} "
               f"{r['recall']['recall@10']:>6.3f} {r['recall']['recall@32']:>6.3f} {r['bytes_per_entry']:>8.1f} "
               f"{o['open_s']:>7.3f} {o['rss_open'] / 2**20:>11.1f} {o['rss_search'] / 2**20:>13.1f} "
               f"{r['owner_removal_s']:>9.3f}")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import faiss
 import numpy as np
 
@@ -17,6 +19,23 @@ def ivf_of(index: faiss.Index):
         return faiss.extract_index_ivf(index)
     except RuntimeError:
         return None
+
+
+def coarse_identity(index: faiss.Index) -> str | None:
+    """A digest of the coarse quantizer of `index` when `index` itself is an IVF index on the CPU (None
+    otherwise). Shards with equal digests assign every query to the same lists, so one coarse search can
+    serve them all (`Datastore.search`). The digest covers the quantizer's whole serialisation (centroids,
+    and an HNSW quantizer's graph, which decides its approximate answers), not only its size."""
+    top = faiss.downcast_index(index)
+    if not isinstance(top, faiss.IndexIVF):
+        return None
+    try:
+        blob = faiss.serialize_index(top.quantizer)
+    except RuntimeError:  # a quantizer FAISS cannot write (a GPU index): never shared
+        return None
+    h = hashlib.blake2b(blob.data, digest_size=16)
+    h.update(f"{top.nlist}:{top.d}:{top.metric_type}".encode())
+    return h.hexdigest()
 
 
 def to_gpu(index: faiss.Index) -> faiss.Index:

@@ -27,7 +27,7 @@ import numpy as np
 
 from silo.core.files import crash_point, fsync_path, sha256_file, write_json_atomic
 
-from .faiss_utils import compact_index, search_params, to_gpu
+from .faiss_utils import coarse_identity, compact_index, search_params, to_gpu
 from .format import ENTRY_DTYPE, SHARD_FILES, DatastoreError, ShardMissing, ShardRecord, now
 from .keys_store import KEYS_FILE, has_keys, write_filtered_keys
 from .ondisk import LazyDocuments, read_index, read_index_mmap
@@ -127,6 +127,7 @@ class Shard:
     _keep: object = None  # keeps the selector's id buffer alive while _params is used
     sentences: np.ndarray | None = None  # the lookup index (SENTENCE_DTYPE), sorted by hash
     checksum: str | None = None  # of shard.json: which version of the shard this is (reuse across snapshots)
+    coarse: str | None = None  # digest of an IVF index's coarse quantizer (faiss_utils.coarse_identity)
 
     @classmethod
     def load(cls, store_dir: Path, rec: ShardRecord, device: str = "cpu", mmap: bool = False) -> "Shard":
@@ -150,7 +151,8 @@ class Shard:
         sentences = np.load(d / "sentences.npy", mmap_mode="r") if (d / "sentences.npy").exists() \
             else sentence_index(list(docs))
         shard = cls(name=rec.name, owner=rec.owner, dir=d, index=index, entries=entries, documents=docs,
-                    sentences=sentences, checksum=rec.checksum)
+                    sentences=sentences, checksum=rec.checksum,
+                    coarse=coarse_identity(index) if device != "cuda" else None)
         shard.live_entries = len(entries)
         return shard
 
@@ -162,7 +164,7 @@ class Shard:
         params, keep = search_params(self.index, nprobe, dead)
         live = len(self.entries) - (0 if dead is None else len(dead))
         return Shard(self.name, self.owner, self.dir, self.index, self.entries, self.documents, frozenset(removed),
-                     live, params, keep, self.sentences, self.checksum)
+                     live, params, keep, self.sentences, self.checksum, self.coarse)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._params is None:
@@ -171,6 +173,34 @@ class Shard:
             return self.index.search(queries, k, params=self._params)
         except RuntimeError:  # an index type without IDSelector support (PQ, LSH, ...): filter ourselves
             return self._search_filtered(queries, k)
+
+    @property
+    def nprobe(self) -> int | None:
+        """Lists probed per query (IVF indexes), as the shard's own search would probe them."""
+        top = faiss.downcast_index(self.index)
+        if not isinstance(top, faiss.IndexIVF):
+            return None
+        nprobe = getattr(self._params, "nprobe", None) or top.nprobe
+        return int(min(nprobe, top.nlist))
+
+    def search_preassigned(self, queries: np.ndarray, k: int, assign: np.ndarray,
+                           coarse_dis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`search` with the coarse quantization already done (`assign`, `coarse_dis`: [n, nprobe] from a
+        quantizer equal to this shard's, see `coarse`): the same results as `search`, without the coarse
+        search. An index that refuses the tombstone selector falls back to `search`."""
+        top = faiss.downcast_index(self.index)
+        n = len(queries)
+        assign = np.ascontiguousarray(assign, dtype=np.int64)
+        coarse_dis = np.ascontiguousarray(coarse_dis, dtype=np.float32)
+        D = np.empty((n, k), dtype=np.float32)
+        I = np.empty((n, k), dtype=np.int64)
+        sp = faiss.swig_ptr
+        try:  # the C++ call: FAISS's Python wrapper of it takes no search parameters (the tombstone selector)
+            top.search_preassigned_c(n, sp(queries), k, sp(assign), sp(coarse_dis), sp(D), sp(I), False,
+                                     self._params, None)
+        except RuntimeError:
+            return self.search(queries, k)
+        return D, I
 
     def _search_filtered(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top k among the live entries: over-fetch by the number of tombstoned entries (never fewer than k

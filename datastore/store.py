@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from .format import DatastoreError, FingerprintMismatch, Manifest, ShardMissing, StaleGeneration
@@ -56,6 +57,7 @@ class Datastore:
     device: str = "cpu"
     _cache: dict = field(default_factory=dict, repr=False)
     parallel: bool = True  # search the shards on threads (results identical to the sequential loop)
+    share_coarse: bool = True  # one coarse search for shards with the same IVF quantizer (same results)
 
     @classmethod
     def open(cls, path: str | Path, fingerprint: str | None = None, device: str = "cpu",
@@ -136,10 +138,15 @@ class Datastore:
             raise DatastoreError(f"queries must be [n, {self.key_dim}], got {list(q.shape)}")
         n = len(q)
         ds, ts, ss, ids = [], [], [], []
+        assigned = self._shared_coarse(q)
 
         def one(si: int, shard: Shard):
             kk = min(k, shard.live_entries)
-            return shard.search(q, kk) if kk > 0 else None
+            if kk <= 0:
+                return None
+            if si in assigned:
+                return shard.search_preassigned(q, kk, *assigned[si])
+            return shard.search(q, kk)
 
         pool = self.parallel and n >= PARALLEL_MIN_QUERIES
         for si, (shard, res) in enumerate(zip(self.shards, map_shards(one, self.shards, pool))):
@@ -160,6 +167,27 @@ class Datastore:
             order = np.argsort(D, axis=1, kind="stable")[:, :k]
             D, T, S, I = (np.take_along_axis(x, order, axis=1) for x in (D, T, S, I))
         return Neighbors(D, T, S, I)
+
+    def _shared_coarse(self, q: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """One coarse search for every group of IVF shards with the same quantizer and nprobe (a store's
+        shards are filled from one trained quantizer): {shard index: (assign, coarse distances)}.
+
+        Each shard's own search would repeat the same coarse search, and with a graph quantizer over many
+        lists that costs as much as scanning the probed lists: at 16,384 lists (HNSW32, d=256) about 37 us
+        per query and shard, against 21 us to scan 8 probed lists of an SQ8 shard. The lists probed and
+        their order are the ones each shard would find itself, so results are unchanged (tested)."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for si, shard in enumerate(self.shards):
+            if shard.coarse is not None and shard.live_entries > 0:
+                groups.setdefault((shard.coarse, shard.nprobe), []).append(si)
+        out = {}
+        for (_, nprobe), members in groups.items():
+            if len(members) < 2 or not self.share_coarse:
+                continue
+            quantizer = faiss.downcast_index(self.shards[members[0]].index).quantizer
+            dis, assign = quantizer.search(q, nprobe)
+            out.update({si: (assign, dis) for si in members})
+        return out
 
     def doc_keys(self, nb: Neighbors) -> np.ndarray:
         """One int64 per neighbour naming its document store-wide (shard index << 32 | document index);

@@ -19,7 +19,7 @@ from silo.datastore.blocks import BlockStore, build_blocks
 from silo.datastore.format import Manifest
 from silo.datastore.journal import verify_store_journal
 from silo.datastore.keys_store import KEYS_FILE, exact_search, open_keys, recall_at_k
-from silo.datastore.faiss_utils import ivf_of
+from silo.datastore.faiss_utils import coarse_identity, ivf_of
 from silo.datastore.ondisk import LazyDocuments, is_mapped
 from silo.datastore.reindex import index_recall, reindex_store
 from silo.datastore.removal import RemovalManager, RemovalRequest
@@ -198,6 +198,36 @@ def test_parallel_search_equals_the_sequential_merge(store, factory):
     assert np.array_equal(a.ids, b.ids) and np.array_equal(a.distances, b.distances)
     hidden = ds.shards[0].entries["doc"][a.ids[a.shard == 0]]
     assert (hidden != 0).all()
+
+
+@pytest.mark.parametrize("factory", ["IVF8,PQ8", "IVF16_HNSW8,SQ8"])
+def test_one_coarse_search_for_shards_with_the_same_quantizer(store, factory):
+    reindex_store(store, factory, train_sample=4000, nprobe=3, progress=False)
+    m = Manifest.read(store)
+    m.shards[0].removed_docs = [0]  # a tombstone selector on one shard must still apply
+    m.next_generation()
+    m.write(store)
+    ds = Datastore.open(store)
+    assert len(ds.shards) >= 2 and len({s.coarse for s in ds.shards}) == 1 and ds.shards[0].coarse
+    q = _queries(ds, n=64)
+    assert set(ds._shared_coarse(q)) == set(range(len(ds.shards)))
+    for parallel in (True, False):
+        ds.parallel = parallel
+        for k in (1, 32):
+            ds.share_coarse = True
+            a = ds.search(q, k)
+            ds.share_coarse = False
+            assert ds._shared_coarse(q) == {}
+            b = ds.search(q, k)
+            for x, y in zip((a.distances, a.tokens, a.shard, a.ids), (b.distances, b.tokens, b.shard, b.ids)):
+                assert np.array_equal(x, y)
+    assert (ds.shards[0].entries["doc"][a.ids[a.shard == 0]] != 0).all()
+    # a quantizer trained on other keys is another identity: such shards are never grouped
+    other = faiss.index_factory(ds.key_dim, factory)
+    other.train(q[::-1].repeat(40, axis=0) + np.float32(0.5))
+    assert coarse_identity(other) != ds.shards[0].coarse
+    assert coarse_identity(faiss.read_index(str(ds.shards[1].dir / "index.faiss"))) == ds.shards[0].coarse
+    assert coarse_identity(faiss.IndexFlatL2(ds.key_dim)) is None
 
 
 def test_exact_search_over_stored_keys_matches_faiss(tiny_store):
