@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import weakref
 
 import faiss
 import numpy as np
@@ -21,21 +23,34 @@ def ivf_of(index: faiss.Index):
         return None
 
 
+_COARSE_IDS: "weakref.WeakKeyDictionary[faiss.Index, str | None]" = weakref.WeakKeyDictionary()
+_COARSE_LOCK = threading.Lock()
+
+
 def coarse_identity(index: faiss.Index) -> str | None:
     """A digest of the coarse quantizer of `index` when `index` itself is an IVF index on the CPU (None
     otherwise). Shards with equal digests assign every query to the same lists, so one coarse search can
     serve them all (`Datastore.search`). The digest covers the quantizer's whole serialisation (centroids,
-    and an HNSW quantizer's graph, which decides its approximate answers), not only its size."""
+    and an HNSW quantizer's graph, which decides its approximate answers), not only its size. It is
+    computed once per index object (remembered while the object lives), so it always describes the index
+    a shard holds now, also after a caller swaps that index."""
+    with _COARSE_LOCK:
+        if index in _COARSE_IDS:
+            return _COARSE_IDS[index]
     top = faiss.downcast_index(index)
-    if not isinstance(top, faiss.IndexIVF):
-        return None
-    try:
-        blob = faiss.serialize_index(top.quantizer)
-    except RuntimeError:  # a quantizer FAISS cannot write (a GPU index): never shared
-        return None
-    h = hashlib.blake2b(blob.data, digest_size=16)
-    h.update(f"{top.nlist}:{top.d}:{top.metric_type}".encode())
-    return h.hexdigest()
+    digest = None
+    if isinstance(top, faiss.IndexIVF):
+        try:
+            blob = faiss.serialize_index(top.quantizer)
+        except RuntimeError:  # a quantizer FAISS cannot write: never shared
+            blob = None
+        if blob is not None:
+            h = hashlib.blake2b(blob.data, digest_size=16)
+            h.update(f"{top.nlist}:{top.d}:{top.metric_type}".encode())
+            digest = h.hexdigest()
+    with _COARSE_LOCK:
+        _COARSE_IDS[index] = digest
+    return digest
 
 
 def to_gpu(index: faiss.Index) -> faiss.Index:

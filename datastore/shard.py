@@ -127,7 +127,6 @@ class Shard:
     _keep: object = None  # keeps the selector's id buffer alive while _params is used
     sentences: np.ndarray | None = None  # the lookup index (SENTENCE_DTYPE), sorted by hash
     checksum: str | None = None  # of shard.json: which version of the shard this is (reuse across snapshots)
-    coarse: str | None = None  # digest of an IVF index's coarse quantizer (faiss_utils.coarse_identity)
 
     @classmethod
     def load(cls, store_dir: Path, rec: ShardRecord, device: str = "cpu", mmap: bool = False) -> "Shard":
@@ -150,15 +149,15 @@ class Shard:
         # stores written before the lookup index existed get it in memory, from the documents
         sentences = np.load(d / "sentences.npy", mmap_mode="r") if (d / "sentences.npy").exists() \
             else sentence_index(list(docs))
-        coarse = coarse_identity(index) if device != "cuda" else None
-        if coarse is not None:
+        top = faiss.downcast_index(index)
+        if isinstance(top, faiss.IndexIVF):  # CPU IVF (a GPU index is another class)
             # FAISS's default (0) splits queries over its threads in IndexIVF.search, around the coarse search;
             # search_preassigned (the shared coarse search, Datastore.search) then runs on one thread. Mode 3
             # splits them inside search_preassigned instead: the same per-query work and results either way
             # (a generation step's 8 queries: 699 tok/s with mode 0, 889 with mode 3, 874 per-shard coarse).
-            faiss.downcast_index(index).parallel_mode = 3
+            top.parallel_mode = 3
         shard = cls(name=rec.name, owner=rec.owner, dir=d, index=index, entries=entries, documents=docs,
-                    sentences=sentences, checksum=rec.checksum, coarse=coarse)
+                    sentences=sentences, checksum=rec.checksum)
         shard.live_entries = len(entries)
         return shard
 
@@ -170,7 +169,7 @@ class Shard:
         params, keep = search_params(self.index, nprobe, dead)
         live = len(self.entries) - (0 if dead is None else len(dead))
         return Shard(self.name, self.owner, self.dir, self.index, self.entries, self.documents, frozenset(removed),
-                     live, params, keep, self.sentences, self.checksum, self.coarse)
+                     live, params, keep, self.sentences, self.checksum)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._params is None:
@@ -179,6 +178,11 @@ class Shard:
             return self.index.search(queries, k, params=self._params)
         except RuntimeError:  # an index type without IDSelector support (PQ, LSH, ...): filter ourselves
             return self._search_filtered(queries, k)
+
+    @property
+    def coarse(self) -> str | None:
+        """Digest of this shard's IVF coarse quantizer (faiss_utils.coarse_identity), None for other indexes."""
+        return coarse_identity(self.index)
 
     @property
     def nprobe(self) -> int | None:

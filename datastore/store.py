@@ -177,13 +177,15 @@ class Datastore:
         in five shards, IVF16384_HNSW32,SQ8, nprobe 4: kNN/parametric scoring 0.572 shared, 0.468 per
         shard). The lists probed and their order are the ones each shard would find itself, so results are
         unchanged (tested)."""
-        groups: dict[tuple[str, int], list[int]] = {}
+        out = {}
+        if not self.share_coarse:
+            return out
+        groups: dict[tuple[str, int], list[int]] = {}  # per call: callers may replace `shards` or their indexes
         for si, shard in enumerate(self.shards):
             if shard.coarse is not None and shard.live_entries > 0:
                 groups.setdefault((shard.coarse, shard.nprobe), []).append(si)
-        out = {}
         for (_, nprobe), members in groups.items():
-            if len(members) < 2 or not self.share_coarse:
+            if len(members) < 2:
                 continue
             quantizer = faiss.downcast_index(self.shards[members[0]].index).quantizer
             dis, assign = quantizer.search(q, nprobe)

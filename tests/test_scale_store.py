@@ -4,6 +4,7 @@ generation, atomic, crash-safe; removal, compaction and blocks keep working on t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -228,6 +229,16 @@ def test_one_coarse_search_for_shards_with_the_same_quantizer(store, factory):
     assert coarse_identity(other) != ds.shards[0].coarse
     assert coarse_identity(faiss.read_index(str(ds.shards[1].dir / "index.faiss"))) == ds.shards[0].coarse
     assert coarse_identity(faiss.IndexFlatL2(ds.key_dim)) is None
+    # the digest follows the index a shard holds now: shards given flat indexes (as serving_index.py does for
+    # its exact row) are no longer grouped, and search still answers from them
+    flat = []
+    for s in ds.shards:
+        index = faiss.IndexFlatL2(ds.key_dim)
+        index.add(np.asarray(open_keys(s.dir), np.float32))
+        flat.append(dataclasses.replace(s, index=index).with_removed(s.removed_docs, 1))
+    ds.shards, ds.share_coarse = flat, True
+    assert all(s.coarse is None for s in ds.shards) and ds._shared_coarse(q) == {}
+    assert ds.search(q, 8).ids.shape == (len(q), 8)
 
 
 def test_exact_search_over_stored_keys_matches_faiss(tiny_store):
