@@ -3,8 +3,9 @@
 The worker keeps a batch of active generations (`silo.model.batch.BatchDecoder`) and advances all of
 them one token per step: one batched forward, one batched datastore search per shared retriever, then
 per-sequence mixing, sampling, stop handling and streaming. Between two steps it runs control jobs
-(datastore swaps), then admits queued requests while fewer than `max_batch` generate (each new one's
-prompt runs alone and joins the batch); scoring and tokenising run there too, one at a time.
+(datastore swaps), then admits queued requests while fewer than `max_batch` generate (the prompts of
+those admitted together run as one prefill and join the batch); scoring and tokenising run there too,
+one at a time.
 Finished and cancelled generations leave the batch at once. gRPC threads only validate, enqueue and
 stream results back; a bounded queue (`max_queue` waiting requests) turns overload into an immediate
 RESOURCE_EXHAUSTED instead of unbounded latency.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import sys
 import threading
 import weakref
 import time
@@ -248,11 +250,15 @@ class Engine:
             try:
                 for job in controls:
                     self._execute(job)
+                joining = []
                 for job in admitted:
                     if job.kind == "generate":
-                        self._admit(job)
+                        seq = self._admit(job)
+                        if seq is not None:
+                            joining.append(seq)
                     else:
                         self._execute(job)
+                self._join(joining)
                 if self.decoder.active:
                     self._step()
             except Exception:  # noqa: BLE001 - a step that fails ends the batch's requests, not the worker
@@ -303,13 +309,13 @@ class Engine:
             self._retrievers[key] = shared
         return shared
 
-    def _admit(self, job: Job) -> None:
-        """Validate and set up a generation, run its prompt and put it in the batch."""
+    def _admit(self, job: Job) -> Decoding | None:
+        """Validate and set up a generation (its prompt runs in `_join`); None when it was answered here."""
         req: GenRequest = job.req
         job.record.queued_s = time.monotonic() - job.created
         if job.should_stop():
             self._finish_unstarted(job)
-            return
+            return None
         lm = self.lm
         try:  # the retriever holds the snapshot this request uses throughout, attributions included
             try:
@@ -326,15 +332,36 @@ class Engine:
             guard = lm.guard(retriever, policy)
             if retriever is not None:
                 ids = retriever.prepare(lm, req.prompt, ids, sampling, allowed=guard.allowed if guard else None)
-            t0 = time.monotonic()
-            seq = self.decoder.add(Decoding(ids, sampling, retriever, guard, job.should_stop,
-                                            tag=(job, req, policy, t0, [True])))
         except Exception as exc:  # noqa: BLE001 - delivered to the caller, who maps it to a status
             self._fail(job, exc)
+            return None
+        return Decoding(ids, sampling, retriever, guard, job.should_stop,
+                        tag=(job, req, policy, time.monotonic(), [True]))
+
+    def _join(self, seqs: list[Decoding]) -> None:
+        """Run the prompts of the generations admitted together and put them in the batch (one joint prefill;
+        if that fails, each alone, so a failure is its own request's)."""
+        if not seqs:
             return
-        self._deliver(seq)
-        if seq.done:
-            self._complete(seq)
+        try:
+            self.decoder.add_many(seqs)
+            joined = seqs
+        except Exception:  # noqa: BLE001 - retried one by one below
+            if len(seqs) == 1:
+                self._fail(seqs[0].tag[0], sys.exc_info()[1])
+                return
+            log.exception("joint prefill of %d generations failed; running them one by one", len(seqs))
+            joined = []
+            for seq in seqs:
+                try:
+                    self.decoder.add(seq)
+                    joined.append(seq)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(seq.tag[0], exc)
+        for seq in joined:
+            self._deliver(seq)
+            if seq.done:
+                self._complete(seq)
 
     def _step(self) -> None:
         t0 = time.monotonic()

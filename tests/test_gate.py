@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from silo.core.corpus import Document, load_documents, write_jsonl
@@ -155,6 +156,35 @@ def test_greedy_decoding_follows_the_more_probable_source(gated):
     # a fixed lambda is used as given, even below 1/2
     fixed = lm.retriever("knn", k=16, lmbda=0.3, temperature=1.0)
     assert fixed.greedy(None, "mixture", None) == "mixture"
+
+
+def test_joint_prefill_searches_all_prompts_at_once_with_the_same_states(gated, monkeypatch):
+    """begin_many: the recent-gain warm-up of sequences joining together from one search of all their
+    prompt positions, equal to each prompt's own `begin`; and their greedy text equals each alone."""
+    from silo.model.batch import BatchDecoder
+    from silo.model.batch import Sequence as Decoding
+    from silo.model.sampling import SamplingParams
+
+    lm = gated[0]
+    knn = lm.retriever("knn")
+    assert knn.mixture.needs_history
+    prompts = ["To be, or not to be, that is the question", "def main():\n    return", "Abandon, v. t. To give up"]
+    ids = [[lm.tokenizer.eos_token_id] + lm.encode(p) for p in prompts]
+    runs = [lm.forward(torch.tensor([i], device=lm.device)) for i in ids]
+    args = ([h[0].cpu().numpy() for h, _, _ in runs], [torch.log_softmax(g[0].double(), -1) for _, g, _ in runs], ids)
+    alone = [knn.begin(h, g, i) for h, g, i in zip(*args)]
+    searches = []
+    real = lm.store.search
+    monkeypatch.setattr(lm.store, "search", lambda q, k: searches.append(len(q)) or real(q, k))
+    together = knn.begin_many(*args)
+    assert searches == [sum(len(i) - 1 for i in ids)]
+    assert together == alone and all(s.weight > 0 for s in together)
+    want = [lm.complete(p, SamplingParams(max_new_tokens=8, temperature=0), knn, attribute=False).tokens for p in prompts]
+    dec = BatchDecoder(lm)
+    seqs = dec.add_many([Decoding(i, SamplingParams(max_new_tokens=8, temperature=0), knn) for i in ids])
+    while dec.active:
+        dec.step()
+    assert [s.completion.tokens for s in seqs] == want
 
 
 def test_empty_store_answers_with_the_lm_alone(gated):

@@ -3,9 +3,10 @@
 A step is one batched forward of the sequences' last tokens (their KV caches held together, left-padded
 to one length, with an attention mask and explicit position ids), one batched datastore search per
 retriever (sequences made with the same retriever object share it), then per-sequence mixing, guard,
-sampling, stop handling and incremental detokenisation. A sequence joins with `add` (its prompt runs
-alone, unpadded, and its cache is merged into the batch) and leaves when it finishes or is cancelled
-(its rows are dropped and padding no sequence needs any more is trimmed).
+sampling, stop handling and incremental detokenisation. Sequences join with `add_many` (prompts of
+similar length run as one left-padded forward, one search per retriever for their prompt positions, and
+their caches are merged into the batch); a sequence leaves when it finishes or is cancelled (its rows
+are dropped and padding no sequence needs any more is trimmed).
 
 `SiloLM.generate` runs one sequence through this same decoder; the serving engine runs many. Each
 sequence keeps the retriever (and so the datastore snapshot) it was made with until it finishes.
@@ -51,16 +52,16 @@ class KVBatch:
     def rows(self) -> int:
         return 0 if self.mask is None else int(self.mask.shape[0])
 
-    def add(self, cache, length: int) -> None:
-        """Append one sequence (its cache from an unpadded prefill of `length` tokens) as the last row."""
+    def add(self, cache, mask: torch.Tensor) -> None:
+        """Append sequences as the last rows: their cache from one prefill (`mask` [n, T]: 1 at real positions,
+        0 at the left padding of shorter prompts; all ones for a prompt that ran alone)."""
         new = [[k, v] for k, v in _cache_layers(cache)]
-        dev = new[0][0].device
-        mask = torch.ones((1, length), dtype=torch.long, device=dev)
-        pos = torch.tensor([length], dtype=torch.long, device=dev)
+        mask = mask.to(dtype=torch.long, device=new[0][0].device)
+        pos = mask.sum(1)
         if self.layers is None:
             self.layers, self.mask, self.positions = new, mask, pos
             return
-        T = max(self.mask.shape[1], length)
+        T = max(self.mask.shape[1], mask.shape[1])
         self.layers = [[torch.cat([_left_pad(a, T), _left_pad(b, T)], dim=0) for a, b in zip(old, one)]
                        for old, one in zip(self.layers, new)]
         self.mask = torch.cat([_left_pad(self.mask, T, dim=1), _left_pad(mask, T, dim=1)], dim=0)
@@ -96,6 +97,25 @@ def _left_pad(t: torch.Tensor, T: int, dim: int = 2) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = T - n
     return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
+PREFILL_PAD_SHARE = 0.5  # at most this share of a joint prefill's positions may be padding
+
+
+def prefill_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of prompts that run as one left-padded forward: shortest first, a group closed when padding
+    would exceed PREFILL_PAD_SHARE of its positions (a long prompt does not make short ones run long)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups and lengths[i] * (len(groups[-1]) + 1) * (1 - PREFILL_PAD_SHARE) <= real + lengths[i]:
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
 
 
 @dataclass
@@ -151,21 +171,62 @@ class BatchDecoder:
 
     def add(self, seq: Sequence) -> Sequence:
         """Run the prompt and put the sequence in the batch (finished at once when it may not generate)."""
+        return self.add_many([seq])[0]
+
+    def add_many(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Run the prompts of sequences joining together and put them in the batch (`add` for each, cheaper).
+
+        Prompts of similar lengths run as one left-padded forward (`prefill_groups`), and each retriever
+        searches the prompt positions of all its new sequences at once (`begin_many`); a prompt alone runs
+        unpadded. Each sequence's own positions are taken out of the padded result."""
         lm = self.lm
-        seq._gen = seq.sampling.generator()
-        seq._detok = IncrementalDetokenizer(lm.tokenizer, seq.ids)
-        seq._max_stop = max((len(x) for x in seq.sampling.stop), default=0)
-        hidden, logits, past = lm.forward(torch.tensor([seq.ids], device=lm.device), past=lm._new_cache())
-        if seq.retriever is not None:
-            seq._state = seq.retriever.begin(hidden[0].cpu().numpy(), torch.log_softmax(logits[0].double(), dim=-1),
-                                             seq.ids)
-        seq._hidden, seq._logp = hidden[0, -1], torch.log_softmax(logits[0, -1].double(), dim=-1)
-        if seq.sampling.max_new_tokens <= 0:
-            self._finish(seq, "length")
-            return seq
-        self.kv.add(past, len(seq.ids))
-        self.seqs.append(seq)
-        return seq
+        for seq in seqs:
+            seq._gen = seq.sampling.generator()
+            seq._detok = IncrementalDetokenizer(lm.tokenizer, seq.ids)
+            seq._max_stop = max((len(x) for x in seq.sampling.stop), default=0)
+        ready = [self._prefill([seqs[i] for i in group]) for group in prefill_groups([len(s.ids) for s in seqs])]
+        for past, mask, going in ready:  # the batch changes only once every prompt has run
+            if going:
+                self.kv.add(past, mask)
+                self.seqs.extend(going)
+        return seqs
+
+    def _prefill(self, seqs: list[Sequence]) -> tuple:
+        """One forward of `seqs`' prompts: (their cache, mask, the sequences that go on to generate)."""
+        lm = self.lm
+        T = max(len(s.ids) for s in seqs)
+        pad = lm.tokenizer.eos_token_id
+        ids = torch.tensor([[pad] * (T - len(s.ids)) + list(s.ids) for s in seqs], device=lm.device)
+        mask = torch.tensor([[0] * (T - len(s.ids)) + [1] * len(s.ids) for s in seqs], device=lm.device)
+        if len(seqs) == 1:
+            hidden, logits, past = lm.forward(ids, past=lm._new_cache())
+        else:
+            hidden, logits, past = lm.forward(ids, mask, past=lm._new_cache(),
+                                              position_ids=(mask.cumsum(1) - 1).clamp_min(0))
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        by_retriever: dict[int, list[int]] = {}
+        for row, seq in enumerate(seqs):
+            seq._hidden, seq._logp = hidden[row, -1], logp[row, -1]
+            if seq.retriever is not None:
+                by_retriever.setdefault(id(seq.retriever), []).append(row)
+        for rows in by_retriever.values():
+            r = seqs[rows[0]].retriever
+            cut = [T - len(seqs[row].ids) for row in rows]  # each row's own positions start here
+            states = r.begin_many([hidden[row, c:].cpu().numpy() for row, c in zip(rows, cut)],
+                                  [logp[row, c:] for row, c in zip(rows, cut)], [seqs[row].ids for row in rows])
+            for row, state in zip(rows, states):
+                seqs[row]._state = state
+        going = []
+        for row, seq in enumerate(seqs):
+            if seq.sampling.max_new_tokens <= 0:
+                self._finish(seq, "length")
+            else:
+                going.append(row)
+        if going and len(going) < len(seqs):
+            idx = torch.tensor(going, dtype=torch.long, device=mask.device)
+            past = _make_cache([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in _cache_layers(past)])
+            mask = mask.index_select(0, idx)
+        return past, mask, [seqs[row] for row in going]
 
     def step(self) -> list[Sequence]:
         """One token for every active sequence; returns the sequences that finished in this step."""

@@ -251,22 +251,40 @@ class KNNRetriever:
         """A new sequence's state, from the prompt's forward pass (hidden [T, d] and log-probs [T, V] of its
         positions; position t predicts ids[t + 1]): its last input tokens and the recent-gain average over
         its last WARMUP tokens."""
-        state = RecentGain()
-        for t in ids[-CONTEXT:]:
-            state.push(t)
-        if not self.mixture.needs_history or len(ids) < 2:
-            return state
-        n = min(self.WARMUP, len(ids) - 1)
-        rows = slice(len(ids) - 1 - n, len(ids) - 1)
-        targets = np.asarray(ids[rows.start + 1:rows.stop + 1], dtype=np.int64)
-        nb = self.search(np.ascontiguousarray(hidden[rows]))
-        lk = knn_target_logprob(nb.distances, nb.tokens, targets, self.mixture.tau_ref)
-        lp = logp[rows].gather(1, torch.as_tensor(targets)[:, None])[:, 0].double().cpu().numpy()
-        have = nb.tokens[:, 0] >= 0 if nb.tokens.shape[1] else np.zeros(n, bool)
-        for g, ok in zip(token_gain(lk, lp), have):
-            if ok:
-                state.update(float(g))
-        return state
+        return self.begin_many([hidden], [logp], [ids])[0]
+
+    def begin_many(self, hiddens: Sequence[np.ndarray], logps: Sequence[torch.Tensor],
+                   ids_list: Sequence[Sequence[int]]) -> list:
+        """`begin` for sequences joining together: one search for the prompt positions of all of them."""
+        states, keys, targets, lps, spans = [], [], [], [], []
+        for hidden, logp, ids in zip(hiddens, logps, ids_list):
+            state = RecentGain()
+            for t in ids[-CONTEXT:]:
+                state.push(t)
+            states.append(state)
+            if not self.mixture.needs_history or len(ids) < 2:
+                continue
+            n = min(self.WARMUP, len(ids) - 1)
+            rows = slice(len(ids) - 1 - n, len(ids) - 1)
+            tg = np.asarray(ids[rows.start + 1:rows.stop + 1], dtype=np.int64)
+            keys.append(hidden[rows])
+            targets.append(tg)
+            lps.append(logp[rows].gather(1, torch.as_tensor(tg, device=logp.device)[:, None])[:, 0].double().cpu())
+            spans.append((state, n))
+        if not spans:
+            return states
+        tg = np.concatenate(targets)
+        nb = self.search(np.ascontiguousarray(np.concatenate(keys)))
+        lk = knn_target_logprob(nb.distances, nb.tokens, tg, self.mixture.tau_ref)
+        gains = token_gain(lk, torch.cat(lps).numpy())
+        have = nb.tokens[:, 0] >= 0 if nb.tokens.shape[1] else np.zeros(len(tg), bool)
+        at = 0
+        for state, n in spans:
+            for g, ok in zip(gains[at:at + n], have[at:at + n]):
+                if ok:
+                    state.update(float(g))
+            at += n
+        return states
 
     def next_token(self, hidden: np.ndarray, logp_lm: torch.Tensor, states: list,
                    exclude: Sequence[np.ndarray | None] | None = None) -> tuple[torch.Tensor, list[_RowMix]]:

@@ -268,6 +268,9 @@ class RICRetriever:
     def begin(self, hidden, logp, ids):
         return None
 
+    def begin_many(self, hiddens, logps, ids_list) -> list:
+        return [None] * len(ids_list)
+
     def next_token(self, hidden, logp_lm, states, exclude=None):  # the model's own distribution: nothing to drop
         return logp_lm.exp(), [None] * len(logp_lm)
 
