@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from silo.core.text import sentence_of_offsets, sentence_spans
 from silo.datastore.store import Datastore
 
@@ -54,6 +56,38 @@ def tokens_per_sentence(text: str, steps: Sequence[GenerationStep], spans: list[
     return counts
 
 
+def _by_document(store: Datastore | None, shards: list, entries: list, shares: list):
+    """The documents of voting neighbours, most credited first (ties: first seen first): ((shard, document),
+    summed share, the sentence index of each of its neighbours, their shares). Sums run in token order."""
+    if not shards:
+        return
+    sh = np.concatenate(shards).astype(np.int64)
+    en = np.concatenate(entries).astype(np.int64)
+    sc = np.concatenate(shares).astype(np.float64)
+    doc = np.empty(len(sh), np.int64)
+    sent = np.empty(len(sh), np.int64)
+    for si in np.unique(sh):  # one lookup per shard, not one per neighbour
+        m = sh == si
+        e = np.asarray(store.shards[int(si)].entries)[en[m]]
+        doc[m], sent[m] = e["doc"], e["sent"]
+    keys, first, inv = np.unique((sh << 32) | doc, return_index=True, return_inverse=True)
+    mass = np.zeros(len(keys))
+    np.add.at(mass, inv, sc)  # in order, as a running sum per document
+    seen = sorted(range(len(keys)), key=lambda j: first[j])
+    for j in sorted(seen, key=lambda j: -mass[j]):  # (a generator: callers read only the first few)
+        m = inv == j
+        yield (int(keys[j] >> 32), int(keys[j] & 0xFFFFFFFF)), float(mass[j]), sent[m], sc[m]
+
+
+def _first_largest(sent: np.ndarray, share: np.ndarray) -> int:
+    """The sentence with the largest summed share (ties: the one seen first)."""
+    ids, first, inv = np.unique(sent, return_index=True, return_inverse=True)
+    total = np.zeros(len(ids))
+    np.add.at(total, inv, share)
+    seen = np.argsort(first, kind="stable")
+    return int(ids[seen[int(np.argmax(total[seen]))]])
+
+
 def attribute_steps(text: str, steps: Sequence[GenerationStep], store: Datastore | None, max_sources: int = 5,
                     min_share: float = 0.01, span_min_chars: int | None = None) -> list[SentenceAttribution]:
     """Split generated text into sentences and rank the sources behind each one (see module docstring).
@@ -71,30 +105,25 @@ def attribute_steps(text: str, steps: Sequence[GenerationStep], store: Datastore
             out.append(SentenceAttribution(text[a:b], a, b, 1.0, []))
             continue
         param = 0.0
-        by_doc: dict[tuple[int, int], float] = {}
-        by_sent: dict[tuple[int, int], dict[int, float]] = {}
+        shards, entries, shares = [], [], []  # every voting neighbour of the sentence's tokens, in token order
         for i in idx:
             sup = toks[i].support
             if sup.p <= 0:
                 continue
             param += (1 - sup.lmbda) * sup.p_parametric / sup.p
-            for shard, entry, w in sup.neighbors:
-                if store is None:
-                    continue
-                e = store.shards[shard].entries[entry]
-                key = (shard, int(e["doc"]))
-                share = sup.lmbda * w / sup.p
-                by_doc[key] = by_doc.get(key, 0.0) + share
-                by_sent.setdefault(key, {})
-                by_sent[key][int(e["sent"])] = by_sent[key].get(int(e["sent"]), 0.0) + share
+            if sup.voters is not None and store is not None and len(sup.voters[0]):
+                sh, en, w = sup.voters
+                shards.append(sh)
+                entries.append(en)
+                shares.append(sup.lmbda * w / sup.p)
         n = len(idx)
         sources, keys = [], []
         listed = 0.0
-        for (shard, doc), mass in sorted(by_doc.items(), key=lambda kv: -kv[1]):
+        for (shard, doc), mass, sent, share in _by_document(store, shards, entries, shares):
             if mass / n < min_share or len(sources) >= max_sources:
                 break
             d = store.document(shard, doc)
-            best = max(by_sent[(shard, doc)].items(), key=lambda kv: kv[1])[0]
+            best = _first_largest(sent, share)
             sa, sb = d["sentences"][best] if d["sentences"] else (0, 0)
             sources.append(_source(store, shard, doc, d["text"][sa:sb], mass / n))
             keys.append((shard, doc))

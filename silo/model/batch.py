@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .detok import IncrementalDetokenizer
-from .sampling import SamplingParams, find_stop, sample
+from .sampling import SamplingParams, find_stop, sample_rows
 from .types import Completion, GenerationStep, StepSupport
 
 
@@ -269,20 +269,25 @@ class BatchDecoder:
                                         exclude=excl if any(e is not None for e in excl) else None)
             else:
                 p, mixes = logp.exp(), [None] * len(seqs)
-            tokens = []
+            pick = p
+            for row, s in enumerate(seqs):  # greedy kNN rows take the more probable source; guards adjust theirs
+                greedy = r is not None and s.sampling.temperature == 0
+                if greedy or s.guard is not None:
+                    if pick is p:
+                        pick = p.clone()
+                    one = r.greedy(mixes[row], p[row], s._logp) if greedy else p[row]
+                    pick[row] = one if s.guard is None else s.guard.adjust(one)
+            tokens = sample_rows(pick.cpu(), [s.sampling for s in seqs], [s._gen for s in seqs])
+            if r is not None:  # (the mixture's own p: attribution splits it among its sources)
+                sups = r.supports(mixes, tokens, p, logp)
+            else:
+                got = p[torch.arange(len(tokens), device=p.device), torch.as_tensor(tokens, device=p.device)].tolist()
+                sups = [StepSupport(token=t, p=x, p_parametric=x, p_knn=0.0, lmbda=0.0) for t, x in zip(tokens, got)]
             for row, (i, s) in enumerate(zip(members, seqs)):
-                pi = p[row]
-                pick = r.greedy(mixes[row], pi, s._logp) if r is not None and s.sampling.temperature == 0 else pi
-                token = sample((pick if s.guard is None else s.guard.adjust(pick)).cpu(), s.sampling, s._gen)
-                tokens.append(token)
-                if r is not None:  # (the mixture's own p: attribution splits it among its sources)
-                    sup = r.support(mixes[row], token, pi, s._logp)
+                s._support = sups[row]
+                if r is not None:
                     s._docs = lambda m=mixes[row], r=r: r.documents(m)
-                else:
-                    sup = StepSupport(token=token, p=float(pi[token]), p_parametric=float(pi[token]), p_knn=0.0,
-                                      lmbda=0.0)
-                s._support = sup
-                chosen[i] = token
+                chosen[i] = tokens[row]
             if r is not None:
                 r.observe(mixes, tokens, logp, [s._state for s in seqs])
         return [chosen[i] for i in live]

@@ -8,6 +8,7 @@ one search at the largest k.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -21,6 +22,11 @@ from silo.datastore.store import Datastore, Neighbors
 from .attribution import attribute_steps
 from .evidence import MATCH_K, RecentGain, recent_gain, token_gain
 from .types import CONTEXT, GenerationStep, LMState, PositionBatch, ScoreResult, SentenceAttribution, StepSupport
+
+
+def _gather(t: torch.Tensor, tokens: list[int]) -> list[float]:
+    """t[i, tokens[i]] for every row i, as Python floats."""
+    return t[torch.arange(len(tokens), device=t.device), torch.as_tensor(tokens, device=t.device)].tolist()
 
 
 class KNNConfig(StageConfig):
@@ -355,14 +361,23 @@ class KNNRetriever:
         return p
 
     def support(self, row: _RowMix, token: int, p: torch.Tensor, logp_lm: torch.Tensor) -> StepSupport:
-        sup = StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()), p_knn=0.0,
-                          lmbda=row.lmbda)
-        if row.p_knn is not None:
-            nb = row.neighbors
-            sup.p_knn = float(row.p_knn[token])
-            hit = np.flatnonzero(nb.tokens[0, :self.k] == token)  # the neighbours that voted for the token
-            sup.neighbors = list(zip(nb.shard[0, hit].tolist(), nb.ids[0, hit].tolist(), row.weights[hit].tolist()))
-        return sup
+        """Why `token` was chosen at one step (p [V] the mixture's, logp_lm [V] the LM's)."""
+        return self.supports([row], [token], p[None], logp_lm[None])[0]
+
+    def supports(self, rows: list[_RowMix], tokens: list[int], p: torch.Tensor, logp_lm: torch.Tensor
+                 ) -> list[StepSupport]:
+        """`support` for every row of a step at once (p, logp_lm [B, V]): one gather per tensor."""
+        pv, lv = _gather(p, tokens), _gather(logp_lm, tokens)
+        out = []
+        for row, token, pt, lt in zip(rows, tokens, pv, lv):
+            sup = StepSupport(token=token, p=pt, p_parametric=math.exp(lt), p_knn=0.0, lmbda=row.lmbda)
+            if row.p_knn is not None:
+                nb = row.neighbors
+                sup.p_knn = float(row.p_knn[token])
+                hit = np.flatnonzero(nb.tokens[0, :self.k] == token)  # the neighbours that voted for the token
+                sup.voters = (nb.shard[0, hit], nb.ids[0, hit], row.weights[hit])
+            out.append(sup)
+        return out
 
     def documents(self, row: _RowMix, limit: int = 64) -> np.ndarray:
         """Keys of the documents of a step's first `limit` neighbours (what a VerbatimGuard follows)."""

@@ -281,8 +281,12 @@ class RICRetriever:
         return p
 
     def support(self, row, token: int, p, logp_lm) -> StepSupport:
-        return StepSupport(token=token, p=float(p[token]), p_parametric=float(logp_lm[token].exp()), p_knn=0.0,
-                           lmbda=0.0)
+        return self.supports([row], [token], p[None], logp_lm[None])[0]
+
+    def supports(self, rows, tokens: list[int], p, logp_lm) -> list[StepSupport]:
+        idx = (torch.arange(len(tokens), device=p.device), torch.as_tensor(tokens, device=p.device))
+        return [StepSupport(token=t, p=pt, p_parametric=math.exp(lt), p_knn=0.0, lmbda=0.0)
+                for t, pt, lt in zip(tokens, p[idx].tolist(), logp_lm[idx].tolist())]
 
     def documents(self, row=None) -> np.ndarray:
         """Keys of the prepended blocks' documents (what a VerbatimGuard follows at every step)."""

@@ -50,22 +50,41 @@ def find_stop(text: str, stop: Sequence[str], start: int = 0) -> int | None:
 
 
 def sample(p: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """Sample from probabilities `p` (float64, sums to ~1) with temperature / top-k / top-p."""
-    if params.temperature == 0:
-        return int(torch.argmax(p))
-    logits = torch.log(p.clamp_min(1e-300)) / params.temperature
-    if params.top_k and params.top_k < len(logits):
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = torch.where(logits < kth, torch.full_like(logits, -math.inf), logits)
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[order[keep]] = True
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum()
-    # inverse CDF with one uniform draw from the sequence's generator (a seed gives the same text again)
-    cdf = torch.cumsum(probs, 0)
-    u = torch.rand(1, generator=gen, dtype=cdf.dtype) * cdf[-1]
-    return int(min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1))
+    """Sample from probabilities `p` [V] (float64, sums to ~1) with temperature / top-k / top-p."""
+    return sample_rows(p[None], [params], [gen])[0]
+
+
+def sample_rows(p: torch.Tensor, params: Sequence[SamplingParams], gens: Sequence[torch.Generator]) -> list[int]:
+    """One token per row of `p` [n, V]: row i with `params[i]`, drawing from its own generator `gens[i]`.
+
+    Rows with the same temperature, top-k and top-p are transformed together (a batch's rows mostly share
+    them); every operation works row by row, so a row gets the token it would get alone (`sample` is this
+    for one row) and a seed gives the same text again, whatever the row is batched with."""
+    n, V = p.shape
+    out = [0] * n
+    groups: dict[tuple, list[int]] = {}
+    for i, sp in enumerate(params):
+        groups.setdefault((sp.temperature, sp.top_k, sp.top_p), []).append(i)
+    for (temperature, top_k, top_p), rows in groups.items():
+        sub = p if len(rows) == n else p[rows]
+        if temperature == 0:
+            tokens = torch.argmax(sub, dim=-1).tolist()
+        else:
+            logits = torch.log(sub.clamp_min(1e-300)) / temperature
+            if top_k and top_k < V:
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = torch.where(logits < kth, torch.full_like(logits, -math.inf), logits)
+            probs = torch.softmax(logits, dim=-1)
+            if top_p < 1.0:
+                sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+                keep = torch.cumsum(sorted_p, -1) - sorted_p < top_p
+                mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep)
+                probs = torch.where(mask, probs, torch.zeros_like(probs))
+                probs = probs / probs.sum(-1, keepdim=True)
+            # inverse CDF with one uniform draw per row from its sequence's generator
+            cdf = torch.cumsum(probs, -1)
+            u = torch.cat([torch.rand(1, generator=gens[i], dtype=cdf.dtype) for i in rows]) * cdf[:, -1]
+            tokens = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_max(V - 1).tolist()
+        for i, t in zip(rows, tokens):
+            out[i] = int(t)
+    return out

@@ -117,7 +117,16 @@ class StepSupport:
     p_parametric: float
     p_knn: float
     lmbda: float
-    neighbors: list[tuple[int, int, float]] = field(default_factory=list)  # (shard, entry id, weight) with value == token
+    # the neighbours whose value is the token, as arrays: shard index, entry id, normalised weight
+    voters: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def neighbors(self) -> list[tuple[int, int, float]]:
+        """(shard, entry id, weight) of each neighbour that voted for the token."""
+        if self.voters is None:
+            return []
+        shard, entry, weight = self.voters
+        return list(zip(shard.tolist(), entry.tolist(), weight.tolist()))
 
 
 @dataclass
