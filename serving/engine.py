@@ -104,9 +104,23 @@ class Job:
         self.events.put(("delta", text))
 
     def stream(self, timeout: float | None = None) -> Iterator[tuple[str, Any]]:
-        """("delta", text) events, then ("done", result); raises the job's error (queue.Empty on timeout)."""
+        """("delta", text) events, then ("done", result); raises the job's error (queue.Empty on timeout).
+
+        Deltas that are already waiting when the reader comes back are joined into one: a reader that keeps
+        up gets every token as it comes, one that falls behind (many streams on a busy host) sends fewer,
+        longer messages instead of queueing latency. The text is the same either way."""
         while True:
             kind, value = self.events.get(timeout=timeout)
+            while kind == "delta":  # join the deltas already waiting, up to the next other event
+                try:
+                    more = self.events.get_nowait()
+                except queue.Empty:
+                    break
+                if more[0] != "delta":
+                    yield kind, value
+                    kind, value = more
+                    break
+                value += more[1]
             if kind == "error":
                 raise value
             yield kind, value

@@ -7,12 +7,12 @@ import threading
 import pytest
 import torch
 
-from silo.model.batch import BatchDecoder, KVBatch
+from silo.model.batch import BatchDecoder, KVBatch, prefill_groups
 from silo.model.batch import Sequence as Decoding
 from silo.model.detok import IncrementalDetokenizer
 from silo.model.lm import SiloLM
-from silo.model.sampling import SamplingParams
-from silo.serving.engine import Engine
+from silo.model.sampling import SamplingParams, sample, sample_rows
+from silo.serving.engine import Engine, Job
 from silo.serving.requests import GenRequest
 
 PROMPTS = ["The quick brown", "To be, or not to be", "In the beginning", "def main():\n   ", "A dictionary is"]
@@ -50,6 +50,60 @@ def test_greedy_output_is_the_same_batched_and_alone(lm):
         assert seq.completion.tokens == want[key].tokens, key
         assert seq.completion.text == want[key].text, key
         assert seq.completion.finish_reason == want[key].finish_reason
+
+
+def test_joint_prefill_gives_what_each_prompt_gives_alone(lm, monkeypatch):
+    """Prompts joining together run as one left-padded forward; each still generates what it generates
+    alone. A much longer prompt gets a forward of its own (tests/test_gate.py: one search of the prompt
+    positions of all of them, for the gated mixture)."""
+    assert prefill_groups([5, 4, 40, 6]) == [[1, 0, 3], [2]]
+    long = " ".join(["word"] * 40)
+    prompts = PROMPTS + [long]
+    want = {(p, m): _alone(lm, p, m) for p in prompts for m in ("parametric", "knn")}
+    forwards = []
+    real_forward = lm.forward
+    monkeypatch.setattr(lm, "forward", lambda ids, *a, **kw: forwards.append(tuple(ids.shape)) or real_forward(ids, *a, **kw))
+    dec = BatchDecoder(lm)
+    knn = lm.retriever("knn")
+    seqs = {(p, m): Decoding([lm.tokenizer.eos_token_id] + lm.encode(p), SamplingParams(max_new_tokens=12, temperature=0),
+                             knn if m == "knn" else None) for p in prompts for m in ("parametric", "knn")}
+    dec.add_many(list(seqs.values()))
+    assert len(forwards) == 2 and sorted(shape[0] for shape in forwards) == [2, 2 * len(PROMPTS)]
+    assert dec.active == len(seqs) and dec.kv.rows == dec.active
+    while dec.active:
+        dec.step()
+    for key, seq in seqs.items():
+        assert seq.completion.tokens == want[key].tokens, key
+        assert seq.completion.text == want[key].text, key
+
+
+def test_rows_sample_what_they_sample_alone():
+    """The batched sampler gives each row the token the one-row sampler gives it, with mixed settings."""
+    gen = torch.Generator().manual_seed(0)
+    settings = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_p=0.9, seed=2),
+                SamplingParams(temperature=0.0), SamplingParams(temperature=1.3, top_k=40, seed=4),
+                SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=0.7, top_p=0.9, seed=6)]
+    for trial in range(40):
+        p = torch.softmax(torch.randn(len(settings), 512, generator=gen, dtype=torch.float64) * (1 + trial % 4), -1)
+        batched = sample_rows(p, settings, [sp.generator() for sp in settings])
+        alone = [sample(p[i], sp, sp.generator()) for i, sp in enumerate(settings)]
+        assert batched == alone
+        assert batched[2] == int(torch.argmax(p[2]))
+
+
+def test_waiting_deltas_are_joined_for_a_reader_that_fell_behind():
+    job = Job("generate", None)
+    for piece in ["In", " the", " beginning"]:
+        job.emit(piece)
+    job.events.put(("done", "result"))
+    assert list(job.stream(timeout=1)) == [("delta", "In the beginning"), ("done", "result")]
+    job = Job("generate", None)
+    job.emit("a")
+    job.events.put(("error", ValueError("boom")))
+    got = job.stream(timeout=1)
+    assert next(got) == ("delta", "a")  # a delta before an error still arrives
+    with pytest.raises(ValueError):
+        next(got)
 
 
 def test_padding_is_trimmed_when_the_longest_sequence_leaves(lm):
@@ -118,6 +172,30 @@ def test_engine_batches_concurrent_requests_with_the_same_output(lm):
             if r.mode == "knn":
                 assert res.attributions and res.store_generation == lm.store.generation
     finally:
+        engine.stop()
+
+
+def test_engine_runs_the_prompts_of_requests_admitted_together_at_once(lm):
+    engine = Engine(lm, max_queue=16, max_batch=8)
+    sizes = []
+    real = engine.decoder.add_many
+    engine.decoder.add_many = lambda seqs: sizes.append(len(seqs)) or real(seqs)
+    gate = threading.Event()
+    try:
+        blocker = threading.Thread(target=engine.control, args=(gate.wait,))
+        blocker.start()  # the worker waits in a control job while four requests queue up
+        while not engine._busy:
+            threading.Event().wait(0.01)
+        reqs = [GenRequest(prompt=p, max_tokens=6, temperature=0.0, mode=m) for p, m in
+                [(PROMPTS[0], "knn"), (PROMPTS[1], "knn"), (PROMPTS[2], "parametric"), (PROMPTS[3], "knn")]]
+        jobs = [engine.generate(r) for r in reqs]
+        gate.set()
+        blocker.join(30)
+        texts = [job.result(timeout=120).text for job in jobs]
+        assert sizes[0] == 4
+        assert texts == [_alone(lm, r.prompt, r.mode, n=6).text for r in reqs]
+    finally:
+        gate.set()
         engine.stop()
 
 
