@@ -9,7 +9,8 @@ Each door and mode runs every level in turn against the same server; the summary
 serving engine is judged by: kNN (with attributions) over parametric tokens/s at 1 stream, and each
 mode's tokens/s at 8 streams over 1 stream (continuous batching).
 
-With --model the script starts its own server on 127.0.0.1 (gRPC and HTTP on free ports, one engine).
+With --model the script starts its own server on 127.0.0.1 (gRPC and HTTP on free ports, one engine), in
+a child process: the client threads share no interpreter lock with it (--same-process to put it here).
 `--doors` picks the front doors to load, one after the other: grpc (silo.v1 CompleteStream) and http (the
 OpenAI-compatible /v1/completions with stream=true, through the official openai client). Prints, per door
 and concurrency level, requests/s, generated tokens/s, p50/p95 latency, p50/p95 time to first token and
@@ -159,6 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-attributions", dest="attributions", action="store_false",
                     help="do not ask for per-sentence attributions (asked for by default)")
     ap.add_argument("--max-batch", type=int, default=8, help="continuous-batching width of the started server")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run the started server in this process (by default it gets a process of its own, so the "
+                         "client threads do not compete with it for the interpreter)")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m] or [""]
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -169,17 +173,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"concurrency must be 1..{MAX_STREAMS} and duration 0..{MAX_SECONDS} s")
     server = None
     if args.model:
-        import torch
-
-        from silo.serving.config import ServeConfig
-        from silo.serving.server import SiloServer
-
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        server = SiloServer(ServeConfig(model=args.model, store=args.store, host="127.0.0.1", port=0,
-                                        http_port=0 if "http" in doors else None, max_batch=args.max_batch,
-                                        max_queue=args.max_queue, max_tokens_limit=max(512, args.max_tokens)))
-        server.start()
-        target, url = server.target, server.http.url if server.http else None
+        cfg = dict(model=args.model, store=args.store, host="127.0.0.1", port=0,
+                   http_port=0 if "http" in doors else None, max_batch=args.max_batch, max_queue=args.max_queue,
+                   max_tokens_limit=max(512, args.max_tokens))
+        server, target, url = start_server(cfg, args.same_process)
     elif args.target or args.http_url:
         target = loopback_only(args.target) if args.target else None
         url = args.http_url.rstrip("/") if args.http_url else None
@@ -217,6 +214,61 @@ def main(argv=None) -> int:
         if server is not None:
             server.stop()
     return 0
+
+
+def _serve_child(cfg: dict, conn, stop) -> None:
+    """The started server, in a process of its own: (target, http url) or an error through `conn`."""
+    from silo.serving.config import ServeConfig
+    from silo.serving.server import SiloServer
+
+    try:
+        server = SiloServer(ServeConfig(**cfg)).start()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which exits with it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ok", (server.target, server.http.url if server.http else None)))
+    stop.wait()
+    server.stop()
+
+
+class ChildServer:
+    """A server in a child process: the load's client threads must not share its interpreter (its GIL),
+    as they would not in a deployment."""
+
+    def __init__(self, cfg: dict):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        here, there = ctx.Pipe()
+        self.stop_event = ctx.Event()
+        self.proc = ctx.Process(target=_serve_child, args=(cfg, there, self.stop_event), daemon=True)
+        self.proc.start()
+        if not here.poll(600):
+            self.stop()
+            raise SystemExit("the server did not start within 600 s")
+        status, value = here.recv()
+        if status != "ok":
+            self.stop()
+            raise SystemExit(f"the server failed to start: {value}")
+        self.target, self.url = value
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.proc.join(60)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def start_server(cfg: dict, same_process: bool = False):
+    """(server, gRPC target, HTTP url) of a server started for the load, in a child process by default."""
+    if not same_process:
+        child = ChildServer(cfg)
+        return child, child.target, child.url
+    from silo.serving.config import ServeConfig
+    from silo.serving.server import SiloServer
+
+    server = SiloServer(ServeConfig(**cfg)).start()
+    return server, server.target, server.http.url if server.http else None
 
 
 if __name__ == "__main__":
