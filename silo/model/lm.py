@@ -16,6 +16,7 @@ that holds the datastore snapshot it was made from, so a generation in flight ke
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from typing import Callable, Iterator, Sequence
@@ -66,6 +67,26 @@ def _skip_threshold(skip: str | float, gate: Gate) -> float:
     if not 0.0 <= value <= 1.0:
         raise SiloInputError(f"skip must be auto, off or a number in [0, 1] (got {skip!r})", "skip")
     return value
+
+
+def _cache_kwarg(model) -> str:
+    """The name a model's forward takes its KV cache under: `cache` in newer transformers (which drop
+    `past_key_values`, deprecated since 5.x), `past_key_values` before."""
+    name = getattr(model, "_silo_cache_kwarg", None)
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+        model._silo_cache_kwarg = name
+    return name
+
+
+def _cache_of(out):
+    """The KV cache of a model output, under either name."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 class Generation:
@@ -244,17 +265,16 @@ class SiloLM:
         """(hidden [B,T,d] float32, logits [B,T,V] float32, past) for a batch (`position_ids` for left-padded
         rows: each row's own positions)."""
         extra = {} if position_ids is None else {"position_ids": position_ids}
+        extra[_cache_kwarg(self.model)] = past
         if self._fast:
-            out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, past_key_values=past,
-                                           use_cache=past is not None, **extra)
+            out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=past is not None, **extra)
             hidden = out.last_hidden_state
             logits = self.model.get_output_embeddings()(hidden)
-            return hidden.float(), logits.float(), getattr(out, "past_key_values", None)
+            return hidden.float(), logits.float(), _cache_of(out)
         with self._hook_lock, OutputInputCapture(self.model) as cap:
-            out = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=past is not None,
-                             **extra)
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=past is not None, **extra)
             hidden = cap.value
-        return hidden.float(), out.logits.float(), getattr(out, "past_key_values", None)
+        return hidden.float(), out.logits.float(), _cache_of(out)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
