@@ -22,115 +22,27 @@ queued is removed from the queue at once.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import sys
 import threading
-import weakref
 import time
+import weakref
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from silo.model.batch import BatchDecoder
 from silo.model.batch import Sequence as Decoding
 from silo.model.lm import SiloLM
 from silo.model.output_policy import NO_POLICY, OutputPolicy, license_notices
 from silo.model.sampling import SamplingParams
-from silo.model.types import Notice, ScoreResult, SentenceAttribution, SiloInputError
+from silo.model.types import ScoreResult, SiloInputError
 
+from .jobs import EngineBusy, EngineClosed, GenResult, Job, JobRecord
 from .metrics import Metrics
 from .requests import GenRequest, InvalidRequest, ScoreRequest
 
 log = logging.getLogger("silo.serving.engine")
-_ids = itertools.count(1)
-
-
-class EngineBusy(RuntimeError):
-    """The queue is full (RESOURCE_EXHAUSTED)."""
-
-
-class EngineClosed(RuntimeError):
-    """The engine is draining or stopped and accepts no new work (UNAVAILABLE)."""
-
-
-@dataclass
-class GenResult:
-    text: str
-    finish_reason: str  # stop | length | cancelled
-    prompt_tokens: int
-    completion_tokens: int
-    mode: str
-    store_generation: int | None
-    # per-sentence sources, computed for every retrieval-mode generation (notices and the ledger need them);
-    # sent to the client only when it asked (`return_attributions`)
-    attributions: list[SentenceAttribution] = field(default_factory=list)
-    return_attributions: bool = False
-    notices: list[Notice] = field(default_factory=list)
-    guard_events: list = field(default_factory=list)  # silo.model.guard.GuardEvent
-
-
-@dataclass
-class JobRecord:
-    """What the engine did with one job (kept for the last few hundred jobs; tests and debugging read it)."""
-
-    id: str
-    kind: str
-    finish_reason: str | None = None  # generations only
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    queued_s: float = 0.0
-    run_s: float = 0.0
-    error: str | None = None
-
-
-class Job:
-    def __init__(self, kind: str, fn: Callable[["Job"], Any] | None, deadline: float | None = None):
-        self.id = f"{kind[:1]}{next(_ids):06d}"
-        self.kind = kind
-        self.fn = fn
-        self.deadline = deadline  # time.monotonic() value, or None
-        self.created = time.monotonic()
-        self.cancelled = threading.Event()
-        self.events: queue.Queue = queue.Queue()  # ("delta", str) ... then ("done", value) or ("error", exc)
-        self.record = JobRecord(self.id, kind)
-        self.req: GenRequest | None = None  # a generation's request: admitted into the batch, not run as `fn`
-
-    def should_stop(self) -> bool:
-        return self.cancelled.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
-
-    def emit(self, text: str) -> None:
-        self.events.put(("delta", text))
-
-    def stream(self, timeout: float | None = None) -> Iterator[tuple[str, Any]]:
-        """("delta", text) events, then ("done", result); raises the job's error (queue.Empty on timeout).
-
-        Deltas that are already waiting when the reader comes back are joined into one: a reader that keeps
-        up gets every token as it comes, one that falls behind (many streams on a busy host) sends fewer,
-        longer messages instead of queueing latency. The text is the same either way."""
-        while True:
-            kind, value = self.events.get(timeout=timeout)
-            while kind == "delta":  # join the deltas already waiting, up to the next other event
-                try:
-                    more = self.events.get_nowait()
-                except queue.Empty:
-                    break
-                if more[0] != "delta":
-                    yield kind, value
-                    kind, value = more
-                    break
-                value += more[1]
-            if kind == "error":
-                raise value
-            yield kind, value
-            if kind == "done":
-                return
-
-    def result(self, timeout: float | None = None) -> Any:
-        for kind, value in self.stream(timeout):
-            if kind == "done":
-                return value
 
 
 class Engine:
