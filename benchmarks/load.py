@@ -216,17 +216,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def _serve_child(cfg: dict, conn, stop) -> None:
-    """The started server, in a process of its own: (target, http url) or an error through `conn`."""
+def _start(cfg: dict):
+    """(server, gRPC target, HTTP url) of a server started here with the settings `cfg`."""
     from silo.serving.config import ServeConfig
     from silo.serving.server import SiloServer
 
+    server = SiloServer(ServeConfig(**cfg)).start()
+    return server, server.target, server.http.url if server.http else None
+
+
+def _serve_child(cfg: dict, conn, stop) -> None:
+    """The started server, in a process of its own: (target, http url) or an error through `conn`."""
     try:
-        server = SiloServer(ServeConfig(**cfg)).start()
+        server, target, url = _start(cfg)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which exits with it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ok", (server.target, server.http.url if server.http else None)))
+    conn.send(("ok", (target, url)))
     stop.wait()
     server.stop()
 
@@ -261,14 +267,10 @@ class ChildServer:
 
 def start_server(cfg: dict, same_process: bool = False):
     """(server, gRPC target, HTTP url) of a server started for the load, in a child process by default."""
-    if not same_process:
-        child = ChildServer(cfg)
-        return child, child.target, child.url
-    from silo.serving.config import ServeConfig
-    from silo.serving.server import SiloServer
-
-    server = SiloServer(ServeConfig(**cfg)).start()
-    return server, server.target, server.http.url if server.http else None
+    if same_process:
+        return _start(cfg)
+    child = ChildServer(cfg)
+    return child, child.target, child.url
 
 
 if __name__ == "__main__":

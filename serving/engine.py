@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import sys
 import threading
 import time
 import weakref
@@ -272,9 +271,9 @@ class Engine:
         try:
             self.decoder.add_many(seqs)
             joined = seqs
-        except Exception:  # noqa: BLE001 - retried one by one below
+        except Exception as exc:  # noqa: BLE001 - retried one by one below
             if len(seqs) == 1:
-                self._fail(seqs[0].tag[0], sys.exc_info()[1])
+                self._fail(seqs[0].tag[0], exc)
                 return
             log.exception("joint prefill of %d generations failed; running them one by one", len(seqs))
             joined = []

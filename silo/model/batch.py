@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .detok import IncrementalDetokenizer
-from .sampling import SamplingParams, find_stop, sample_rows
+from .sampling import SamplingParams, find_stop, row_values, sample_rows
 from .types import Completion, GenerationStep, StepSupport
 
 
@@ -203,17 +203,18 @@ class BatchDecoder:
         else:
             hidden, logits, past = lm.forward(ids, mask, past=lm._new_cache(),
                                               position_ids=(mask.cumsum(1) - 1).clamp_min(0))
-        logp = torch.log_softmax(logits.double(), dim=-1)
+        last = torch.log_softmax(logits[:, -1].double(), dim=-1)
         by_retriever: dict[int, list[int]] = {}
         for row, seq in enumerate(seqs):
-            seq._hidden, seq._logp = hidden[row, -1], logp[row, -1]
+            seq._hidden, seq._logp = hidden[row, -1], last[row]
             if seq.retriever is not None:
                 by_retriever.setdefault(id(seq.retriever), []).append(row)
-        for rows in by_retriever.values():
+        for rows in by_retriever.values():  # the whole prompt's log-probs only for sequences with a retriever
             r = seqs[rows[0]].retriever
             cut = [T - len(seqs[row].ids) for row in rows]  # each row's own positions start here
             states = r.begin_many([hidden[row, c:].cpu().numpy() for row, c in zip(rows, cut)],
-                                  [logp[row, c:] for row, c in zip(rows, cut)], [seqs[row].ids for row in rows])
+                                  [torch.log_softmax(logits[row, c:].double(), dim=-1) for row, c in zip(rows, cut)],
+                                  [seqs[row].ids for row in rows])
             for row, state in zip(rows, states):
                 seqs[row]._state = state
         going = []
@@ -281,7 +282,7 @@ class BatchDecoder:
             if r is not None:  # (the mixture's own p: attribution splits it among its sources)
                 sups = r.supports(mixes, tokens, p, logp)
             else:
-                got = p[torch.arange(len(tokens), device=p.device), torch.as_tensor(tokens, device=p.device)].tolist()
+                got = row_values(p, tokens)
                 sups = [StepSupport(token=t, p=x, p_parametric=x, p_knn=0.0, lmbda=0.0) for t, x in zip(tokens, got)]
             for row, (i, s) in enumerate(zip(members, seqs)):
                 s._support = sups[row]

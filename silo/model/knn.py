@@ -21,12 +21,8 @@ from silo.datastore.store import Datastore, Neighbors
 
 from .attribution import attribute_steps
 from .evidence import MATCH_K, RecentGain, recent_gain, token_gain
+from .sampling import row_values
 from .types import CONTEXT, GenerationStep, LMState, PositionBatch, ScoreResult, SentenceAttribution, StepSupport
-
-
-def _gather(t: torch.Tensor, tokens: list[int]) -> list[float]:
-    """t[i, tokens[i]] for every row i, as Python floats."""
-    return t[torch.arange(len(tokens), device=t.device), torch.as_tensor(tokens, device=t.device)].tolist()
 
 
 class KNNConfig(StageConfig):
@@ -360,14 +356,11 @@ class KNNRetriever:
             return logp_lm.exp()
         return p
 
-    def support(self, row: _RowMix, token: int, p: torch.Tensor, logp_lm: torch.Tensor) -> StepSupport:
-        """Why `token` was chosen at one step (p [V] the mixture's, logp_lm [V] the LM's)."""
-        return self.supports([row], [token], p[None], logp_lm[None])[0]
-
     def supports(self, rows: list[_RowMix], tokens: list[int], p: torch.Tensor, logp_lm: torch.Tensor
                  ) -> list[StepSupport]:
-        """`support` for every row of a step at once (p, logp_lm [B, V]): one gather per tensor."""
-        pv, lv = _gather(p, tokens), _gather(logp_lm, tokens)
+        """Why each row's token was chosen at one step (p [B, V] the mixture's, logp_lm [B, V] the LM's):
+        its probabilities and the neighbours that voted for it; one gather per tensor for the whole step."""
+        pv, lv = row_values(p, tokens), row_values(logp_lm, tokens)
         out = []
         for row, token, pt, lt in zip(rows, tokens, pv, lv):
             sup = StepSupport(token=token, p=pt, p_parametric=math.exp(lt), p_knn=0.0, lmbda=row.lmbda)

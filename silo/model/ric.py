@@ -36,6 +36,7 @@ from silo.datastore.blocks import BlockHit, BlockStore
 from silo.datastore.keys import window_plan
 
 from .attribution import attribute_blocks, rank_shares
+from .sampling import row_values
 from .types import GenerationStep, ScoreResult, SentenceAttribution, SiloInputError, StepSupport
 
 
@@ -280,13 +281,9 @@ class RICRetriever:
     def greedy(self, row, p, logp_lm):
         return p
 
-    def support(self, row, token: int, p, logp_lm) -> StepSupport:
-        return self.supports([row], [token], p[None], logp_lm[None])[0]
-
     def supports(self, rows, tokens: list[int], p, logp_lm) -> list[StepSupport]:
-        idx = (torch.arange(len(tokens), device=p.device), torch.as_tensor(tokens, device=p.device))
         return [StepSupport(token=t, p=pt, p_parametric=math.exp(lt), p_knn=0.0, lmbda=0.0)
-                for t, pt, lt in zip(tokens, p[idx].tolist(), logp_lm[idx].tolist())]
+                for t, pt, lt in zip(tokens, row_values(p, tokens), row_values(logp_lm, tokens))]
 
     def documents(self, row=None) -> np.ndarray:
         """Keys of the prepended blocks' documents (what a VerbatimGuard follows at every step)."""

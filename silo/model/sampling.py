@@ -49,6 +49,11 @@ def find_stop(text: str, stop: Sequence[str], start: int = 0) -> int | None:
     return min(hits) if hits else None
 
 
+def row_values(t: torch.Tensor, tokens: Sequence[int]) -> list[float]:
+    """t[i, tokens[i]] for every row i of t [n, V], as Python floats (one gather)."""
+    return t[torch.arange(len(tokens), device=t.device), torch.as_tensor(tokens, device=t.device)].tolist()
+
+
 def sample(p: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
     """Sample from probabilities `p` [V] (float64, sums to ~1) with temperature / top-k / top-p."""
     return sample_rows(p[None], [params], [gen])[0]
