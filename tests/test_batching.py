@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +235,20 @@ def test_batched_generation_on_a_device(tiny_model, tiny_store, device):
     for m, seq in seqs.items():
         assert seq.completion.tokens == alone[m].tokens
     assert lm.attribute(seqs["knn"].completion, knn)
+
+
+def test_batch_bench_reports_each_level_and_the_split_of_a_step(tiny_model, tiny_store, capsys):
+    path = Path(__file__).parents[1] / "benchmarks" / "batch_bench.py"
+    spec = importlib.util.spec_from_file_location("batch_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", str(tiny_model), "--store", str(tiny_store), "--reps", "1", "--tokens", "4",
+                       "--duration", "0.5", "--max-batch", "4"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["decoder"], ["engine"])]
+    assert sorted((r[0], r[1], int(r[2])) for r in rows) == sorted(
+        (level, mode, n) for level in ("decoder", "engine") for mode in ("parametric", "knn") for n in (1, 4))
+    assert all(float(r[3]) > 0 for r in rows)  # tokens/s
+    knn = [r for r in rows if r[:3] == ["decoder", "knn", "4"]][0]
+    assert float(knn[5]) > 0 and float(knn[6]) > 0  # a kNN step searches and runs the model
+    assert "knn: tokens/s at 4 over 1 -- decoder" in out and "at 1 stream:" in out
