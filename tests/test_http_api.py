@@ -155,7 +155,7 @@ def test_backpressure_is_429(served, oa):
 
 def test_unary_client_that_gives_up_cancels_its_generation(served, oa):
     before = set(map(id, served.engine.records))
-    impatient = oa.with_options(timeout=0.3)
+    impatient = oa.with_options(timeout=0.3, max_retries=0)  # one request, one generation
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(model="model", prompt=PROMPT, **{**LONG, "seed": 5})
     rec = wait_record(served.engine, lambda r: r.kind == "generate" and r.finish_reason == "cancelled"

@@ -60,6 +60,11 @@ def browser():
     driver.quit()
 
 
+def left_page(b) -> bool:
+    """The page that `press` marked is gone and its successor has loaded."""
+    return bool(b.execute_script("return window.__siloOldPage === undefined && document.readyState === 'complete'"))
+
+
 def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
     from selenium.common.exceptions import (
         NoSuchElementException,
@@ -67,7 +72,6 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
         WebDriverException,
     )
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.expected_conditions import staleness_of
     from selenium.webdriver.support.ui import WebDriverWait
 
     server, store = served
@@ -85,19 +89,22 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
     def text(css):
         return b.find_element(By.CSS_SELECTOR, css).text
 
-    def press(element_id):  # click a button or link and wait until the next page replaced this one
-        old = b.find_element(By.TAG_NAME, "html")
+    def press(element_id):  # click a button or link and wait until the next page has loaded in its place
+        # a marker on the current page's window: the next page starts with a fresh window without it. Waiting
+        # on an element of the old page instead asks chromium about a node that may be mid-teardown, which
+        # some chromium releases answer with "Node with given id does not belong to the document"
+        b.execute_script("window.__siloOldPage = true")
         for attempt in range(3):
             try:
                 b.find_element(By.ID, element_id).click()
                 break
             except WebDriverException:  # chromium may report the click's node as gone while the page swaps
-                if staleness_of(old)(b):
+                if left_page(b):
                     break  # the click went through: the next page is already here
                 if attempt == 2:
                     raise
                 time.sleep(0.5)
-        WebDriverWait(b, 60).until(staleness_of(old))
+        WebDriverWait(b, 60, ignored_exceptions=(WebDriverException,)).until(left_page)
 
     def fill(field, value):
         el = b.find_element(By.ID, field)
