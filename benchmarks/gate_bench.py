@@ -68,9 +68,9 @@ def main() -> None:
     if gate is None:
         raise SystemExit(f"{args.store} has no gate: run `silo datastore fit-gate --config configs/demo.yaml`")
     served = lm.retriever("knn", skip="off")
-    old = lm.retriever("knn", k=16, lmbda=0.8, temperature=0.5)
+    old = lm.retriever("knn", k=16, lmbda=0.8, tau=0.5)
     after = lm.retriever("knn", skip="off", store=without_owners(lm.store, {args.remove}))
-    print(f"gate: k={gate.k} tau={gate.temperature:.3g} (scale {gate.tau_ref:.3g}, slope {gate.tau_slope:.3g}) "
+    print(f"gate: k={gate.k} tau={gate.tau:.3g} (scale {gate.tau_ref:.3g}, slope {gate.tau_slope:.3g}) "
           f"match bonus {gate.match_bonus:.3g}; skip threshold {gate.skip.threshold if gate.skip else 0:g}")
     print(f"\n| domain | tokens | parametric | served (gated) | served/param | fixed λ tuned (k/λ/τ) | keeps | "
           f"old serving (16/0.8/0.5) | after opt-out of {args.remove} | after/param | after/before |")
@@ -89,8 +89,8 @@ def main() -> None:
                 va = lm.collect(val[dom]).truncate(args.tokens)
                 nb = lm.store.search(va.keys, max(1024, gate.k))
                 fit, _ = fit_fixed(nb, va, [16, 64, 256, 1024], distance_scale(nb))
-                pf = ppl(lm.retriever("knn", k=fit.k, lmbda=fit.lmbda, temperature=fit.temperature).mix_targets(pos))
-                fixed = f"{pf:.2f} ({fit.k}/{fit.lmbda:.2f}/{fit.temperature:.3g})"
+                pf = ppl(lm.retriever("knn", k=fit.k, lmbda=fit.lmbda, tau=fit.tau).mix_targets(pos))
+                fixed = f"{pf:.2f} ({fit.k}/{fit.lmbda:.2f}/{fit.tau:.3g})"
                 keeps = f"{(math.log(p0) - math.log(pg)) / (math.log(p0) - math.log(pf)):.0%}" if pf < p0 else "n/a"
             print(f"| {dom} | {len(pos.targets)} | {p0:.2f} | {pg:.2f} | {pg / p0:.3f} | {fixed} | {keeps} | {po:.2f} | "
                   f"{pa:.2f} | {pa / p0:.3f} | {pa / pg:.3f} |", flush=True)

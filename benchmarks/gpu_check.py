@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     lm = SiloLM.load(str(out / "model"), str(out / "store"), device=device)
     print(f"model dtype {next(lm.model.parameters()).dtype}", flush=True)
-    knn = lm.retriever("knn", k=16, lmbda=0.25, temperature=1.0)  # no gate fitted here: a fixed mixture
+    knn = lm.retriever("knn", k=16, lmbda=0.25, tau=1.0)  # no gate fitted here: a fixed mixture
     sp = SamplingParams(max_new_tokens=args.tokens, temperature=0)
     lm.complete(PROMPTS[0], SamplingParams(max_new_tokens=4, temperature=0), knn)  # warm-up
     single = {}

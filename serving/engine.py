@@ -230,7 +230,7 @@ class Engine:
         key = (id(lm.store), req.k, req.lmbda, req.tau)
         shared = self._retrievers.get(key)
         if shared is None or shared.store is not lm.store:
-            shared = lm.retriever("knn", k=req.k, lmbda=req.lmbda, temperature=req.tau)
+            shared = lm.retriever("knn", k=req.k, lmbda=req.lmbda, tau=req.tau)
             self._retrievers[key] = shared
         return shared
 
@@ -359,7 +359,7 @@ class Engine:
         n = len(self.lm.encode(req.text))
         if n > self.max_score_tokens:
             raise InvalidRequest("text", f"{n} tokens; Score accepts at most {self.max_score_tokens}")
-        retriever = self.lm.retriever(req.mode, k=req.k, lmbda=req.lmbda, temperature=req.tau)
+        retriever = self.lm.retriever(req.mode, k=req.k, lmbda=req.lmbda, tau=req.tau)
         return self.lm.score(req.text, retriever)[0]
 
     def _tokenize(self, text: str) -> tuple[list[int], list[str]]:

@@ -43,7 +43,7 @@ def store_message(store: Datastore | None, show_path: bool = True) -> pb.StoreIn
 def knn_defaults(lm: SiloLM) -> pb.KnnDefaults:
     """What a kNN request without overrides gets: the store's gate, or the fixed settings."""
     knn = lm.knn
-    msg = pb.KnnDefaults(k=knn.k, lmbda=knn.lmbda, tau=knn.temperature, mixture="fixed")
+    msg = pb.KnnDefaults(k=knn.k, lmbda=knn.lmbda, tau=knn.tau, mixture="fixed")
     retriever = lm.retriever("knn") if lm.store is not None else None
     if retriever is not None and retriever.mixture.kind == "gated":
         msg.mixture, msg.k, msg.skip_threshold = "gated", retriever.k, retriever.skip_threshold

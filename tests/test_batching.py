@@ -208,7 +208,7 @@ DEVICES = ["cpu"] + [pytest.param("cuda", marks=pytest.mark.gpu)] * torch.cuda.i
 def test_mixture_runs_on_the_model_device(tiny_model, tiny_store, device):
     """The kNN distribution is moved to the LM's log-probs' device and dtype before mixing."""
     lm = SiloLM.load(str(tiny_model), str(tiny_store), device=device)
-    knn = lm.retriever("knn", k=8, lmbda=0.5, temperature=1.0)
+    knn = lm.retriever("knn", k=8, lmbda=0.5, tau=1.0)
     ids = [lm.tokenizer.eos_token_id] + lm.encode(PROMPTS[1])
     hidden, logits, _ = lm.forward(torch.tensor([ids], device=lm.device))
     logp = torch.log_softmax(logits[0].double(), -1)

@@ -44,7 +44,7 @@ def test_gate_is_fitted_saved_and_served(gated, tiny_model):
     lm, gate, report = gated
     saved = Gate.load(lm.store)
     assert saved is not None and saved.k == gate.k in (4, 16, 64) and saved.fingerprint == lm.fingerprint
-    assert saved.generation == lm.store.generation and saved.temperature > 0
+    assert saved.generation == lm.store.generation and saved.tau > 0
     assert set(report["domains"]) == {"shakespeare", "gcide", "python"}
     r = lm.retriever("knn")  # the LM's default settings ask for the gate
     assert r.mixture.kind == "gated" and r.k == gate.k
@@ -54,6 +54,24 @@ def test_gate_is_fitted_saved_and_served(gated, tiny_model):
     for dom, row in report["domains"].items():
         assert row["gated"] <= row["parametric"] * 1.02, (dom, row)
     assert report["domains"]["gcide"]["gated"] < report["domains"]["gcide"]["parametric"]
+
+
+def test_a_gate_and_configs_written_before_tau_was_named_tau_still_read(gated, tmp_path):
+    """gate.json v2 and YAML sections called p_kNN's bandwidth `temperature`; they read as `tau`."""
+    import json
+
+    from silo.model.knn import KNNConfig
+    from silo.workflows.tuning import GridConfig
+
+    lm, gate, _ = gated
+    old = gate.to_json()
+    old["temperature"] = old.pop("tau")
+    old["format"] = "silo.gate.v2"
+    (tmp_path / "gate.json").write_text(json.dumps(old))
+    again = Gate.load(tmp_path)
+    assert again.tau == gate.tau and again.format == "silo.gate.v2" and again.to_json()["format"] == "silo.gate.v3"
+    assert KNNConfig.model_validate({"temperature": 0.5}).tau == 0.5 == KNNConfig.model_validate({"tau": 0.5}).tau
+    assert GridConfig.model_validate({"temperature": [0.3], "temperature_scale": "absolute"}).tau == [0.3]
 
 
 def test_gate_follows_the_text_not_the_settings(gated):
@@ -154,7 +172,7 @@ def test_greedy_decoding_follows_the_more_probable_source(gated):
     assert any(s.support.lmbda >= 0.5 for s in comp.steps if s.token >= 0)
     assert comp.tokens != lm.complete(stored, g, None).tokens
     # a fixed lambda is used as given, even below 1/2
-    fixed = lm.retriever("knn", k=16, lmbda=0.3, temperature=1.0)
+    fixed = lm.retriever("knn", k=16, lmbda=0.3, tau=1.0)
     assert fixed.greedy(None, "mixture", None) == "mixture"
 
 
@@ -215,7 +233,7 @@ def test_decontamination_finds_a_planted_overlap(tiny_store, tmp_path, tiny_mode
     cfg = {"eval": {"model": str(tiny_model), "store": str(tiny_store), "val": [str(tmp_path / "heldout.jsonl")],
                     "test": [str(tmp_path / "heldout.jsonl")], "max_tokens": 300, "window": 128, "stride": 64,
                     "output_dir": str(tmp_path / "eval"), "gate": "off",
-                    "grid": {"k": [4, 16], "lmbda": [0.0, 0.5], "temperature": [1.0]}}}
+                    "grid": {"k": [4, 16], "lmbda": [0.0, 0.5], "tau": [1.0]}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     from silo.cli import main
 
@@ -235,7 +253,7 @@ def test_boundary_choices_are_reported(tiny_model, tiny_store, tmp_path):
     cfg = EvalConfig(model=str(tiny_model), store=str(tiny_store), val=[str(tmp_path / "stored.jsonl")],
                      test=[str(tmp_path / "stored.jsonl")], keep_overlap=True, max_tokens=400, window=128, stride=64,
                      gate="off", output_dir=str(tmp_path / "eval"),
-                     grid={"k": [1, 2], "lmbda": [0.0, 0.5], "temperature": [1.0]})
+                     grid={"k": [1, 2], "lmbda": [0.0, 0.5], "tau": [1.0]})
     out = evaluate(cfg, progress=False)
     warnings = [w for r in out.domains for w in r.warnings]
     assert any("k 2 is the largest value tried" in w for w in warnings), warnings

@@ -161,7 +161,7 @@ def test_attribution_uses_the_generating_snapshot(store, tiny_model):
 
     lm = SiloLM.load(str(tiny_model), str(store), window=128, stride=64)
     gdoc = next(d for s in lm.store.shards if s.owner == "gcide" for d in s.documents)
-    knn = lm.retriever("knn", k=16, lmbda=0.9, temperature=0.05)
+    knn = lm.retriever("knn", k=16, lmbda=0.9, tau=0.05)
     generation = lm.generate(gdoc["text"][:150], SamplingParams(max_new_tokens=16, temperature=0), knn)
     for _ in generation:
         pass

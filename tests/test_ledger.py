@@ -254,7 +254,7 @@ def test_credits_of_counts_share_times_tokens(lm):
     from silo.model.sampling import SamplingParams
 
     comp = lm.complete("Bath, n.", SamplingParams(max_new_tokens=20, temperature=0), lm.retriever("knn", **{
-        "k": 8, "lmbda": 0.5, "temperature": 1.0}))
+        "k": 8, "lmbda": 0.5, "tau": 1.0}))
     credits = credits_of(comp.attributions)
     assert credits and sum(credits.values()) <= len(comp.tokens) + 1e-9
     manual = sum(s.share * a.tokens for a in comp.attributions for s in a.sources)

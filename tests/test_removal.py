@@ -45,7 +45,7 @@ def make_lm(model_and_tok, store_path):
     from silo.model.lm import SiloLM
 
     model, tok = model_and_tok
-    lm = SiloLM(model, tok, knn=KNNConfig(k=16, lmbda=0.5, temperature=0.01), window=128, stride=64)
+    lm = SiloLM(model, tok, knn=KNNConfig(k=16, lmbda=0.5, tau=0.01), window=128, stride=64)
     lm.swap_store(Datastore.open(store_path, fingerprint=lm.fingerprint))
     return lm
 

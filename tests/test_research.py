@@ -28,7 +28,7 @@ def research_setup(tmp_path_factory, tiny_model, tiny_store):
         "eval": {"model": str(tiny_model), "store": str(store), "reference_model": str(tiny_model),
                  "val": ["pkg:demo/val"], "test": ["pkg:demo/test"], "domains": ["shakespeare", "gcide"],
                  "max_tokens": 120, "output_dir": str(root / "eval"),
-                 "grid": {"k": [4, 8], "lmbda": [0.0, 0.3, 0.6], "temperature": [1.0]},
+                 "grid": {"k": [4, 8], "lmbda": [0.0, 0.3, 0.6], "tau": [1.0]},
                  "ric": {"retrievers": ["bm25", "dense"]}},
         "research": {"output_dir": str(root / "report"), "sweep": {"ric_blocks": [1, 2], "ric_ensemble": [False, True]},
                      "scaling": {"fractions": FRACTIONS, "ric_retrievers": ["bm25"]},

@@ -29,7 +29,7 @@ def stored_doc(lm, owner_domain="shakespeare"):
 def test_knn_lowers_perplexity_of_stored_text(lm):
     doc = stored_doc(lm)
     passage = doc["text"][2000:3500]
-    res = lm.score([passage], lm.retriever("knn", k=16, lmbda=0.5, temperature=1.0))[0]
+    res = lm.score([passage], lm.retriever("knn", k=16, lmbda=0.5, tau=1.0))[0]
     assert res.num_tokens > 100
     assert res.perplexity < 0.5 * res.perplexity_parametric
     # parametric mode: identical to the parametric column of the same pass
@@ -80,7 +80,7 @@ def test_attribution_names_the_quoted_document(lm):
     cut = doc["text"].find("\n", 100) + 1
     prompt = doc["text"][:cut]
     comp = lm.complete(prompt, SamplingParams(max_new_tokens=30, temperature=0),
-                       lm.retriever("knn", k=16, lmbda=0.9, temperature=0.05))
+                       lm.retriever("knn", k=16, lmbda=0.9, tau=0.05))
     assert comp.text[:4] == doc["text"][cut:cut + 4]
     assert comp.attributions
     by_doc = {}
@@ -115,9 +115,9 @@ def test_eval_table_and_generate_cli(tmp_path, tiny_model, tiny_store, corpus_di
         "eval": {"model": str(tiny_model), "store": str(tiny_store), "reference_model": str(tiny_model),
                  "val": [str(val)], "test": [str(val)], "max_tokens": 600, "window": 128, "stride": 64,
                  "output_dir": str(tmp_path / "eval"), "keep_overlap": True,  # scoring text the store holds
-                 "grid": {"k": [4, 16], "lmbda": [0.0, 0.5, 0.9], "temperature": [0.3, 1.0]}},
+                 "grid": {"k": [4, 16], "lmbda": [0.0, 0.5, 0.9], "tau": [0.3, 1.0]}},
         "lm": {"model": str(tiny_model), "store": str(tiny_store)},
-        "knn": {"k": 16, "lmbda": 0.8, "temperature": 1.0},
+        "knn": {"k": 16, "lmbda": 0.8, "tau": 1.0},
     }
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))

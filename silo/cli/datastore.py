@@ -67,7 +67,7 @@ def cmd_fit_gate(args) -> int:
         over["keep_overlap"] = True
     cfg = load_section(args.config, "gate", GateConfig, over)
     gate, report = fit_store_gate(cfg)
-    print(json.dumps({"k": gate.k, "temperature": gate.temperature, "tau_ref": gate.tau_ref,
+    print(json.dumps({"k": gate.k, "tau": gate.tau, "tau_ref": gate.tau_ref,
                       "tau_slope": gate.tau_slope, "match_bonus": gate.match_bonus, "min_lambda": gate.min_lambda,
                       "skip_threshold": gate.skip.threshold if gate.skip else None,
                       "validation": report["domains"], "warnings": report["warnings"]}, indent=1))
@@ -113,7 +113,7 @@ def cmd_remove(args) -> int:
     model = args.model or Manifest.read(args.store).model.path
     if not model:
         raise SystemExit("error: the store manifest names no model path; give --model (or --no-verify)")
-    over = {k: v for k, v in (("k", args.k), ("lmbda", args.lmbda), ("temperature", args.tau)) if v is not None}
+    over = {k: v for k, v in (("k", args.k), ("lmbda", args.lmbda), ("tau", args.tau)) if v is not None}
     knn = validate(KNNConfig, over, prefix="knn", source="command line")
     lm = SiloLM.load(model, args.store, knn=knn)
     receipt = remove_and_verify(lm, req, progress=True)
@@ -242,7 +242,7 @@ def register(sub) -> None:
     r.add_argument("--no-verify", action="store_true", help="skip the LM verification (no model needed)")
     r.add_argument("--k", type=int, help="neighbours for verification (default: knn default)")
     r.add_argument("--lmbda", type=float, help="kNN weight for verification")
-    r.add_argument("--tau", type=float, help="kNN temperature for verification")
+    r.add_argument("--tau", type=float, help="kNN tau for verification")
     r.set_defaults(func=cmd_remove)
 
     rl = ds.add_parser("removals", help="list removal requests and their status")

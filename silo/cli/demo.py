@@ -219,7 +219,7 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
                 s = tuned.get(dom) or {}
                 text = test[dom][:6000]
                 return client.score(text), client.score(text, k=s.get("k"), lmbda=s.get("lmbda"),
-                                                        tau=s.get("temperature"))
+                                                        tau=s.get("tau"))
 
             ppl_before = {dom: score(dom) for dom in test}
             with SiloClient(server.target, token=owner_token, timeout=900) as data_owner:

@@ -38,7 +38,7 @@ def load_lm_from_args(args):
             knn = load_section(args.config, "knn", KNNConfig)
     if not model:
         raise SystemExit("error: give --model (or --config with an 'lm' section naming the model)")
-    over = {k: v for k, v in (("k", args.k), ("lmbda", args.lmbda), ("temperature", args.tau)) if v is not None}
+    over = {k: v for k, v in (("k", args.k), ("lmbda", args.lmbda), ("tau", args.tau)) if v is not None}
     if over:
         over["mixture"] = "fixed"  # explicit kNN settings ask for the constant lambda
     knn = validate(KNNConfig, {**knn.model_dump(), **over}, prefix="knn", source="command line")
@@ -132,7 +132,7 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--k", type=int, help="neighbours (with --lmbda/--tau: the fixed mixture; default: the gate)")
     g.add_argument("--lmbda", type=float, help="weight of the kNN term: asks for the fixed mixture")
-    g.add_argument("--tau", type=float, help="kNN temperature on L2 distances: asks for the fixed mixture")
+    g.add_argument("--tau", type=float, help="kNN tau (bandwidth on squared L2 distances): asks for the fixed mixture")
     g.add_argument("--max-verbatim-chars", type=verbatim_cap, metavar="N",
                    help="cap on a verbatim span of any one store document (only lowers output_policy's caps)")
     g.add_argument("--exclude-owner", action="append", help="never surface this owner's documents (repeatable)")

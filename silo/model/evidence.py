@@ -16,7 +16,7 @@ GAIN_CLIP = 10.0
 
 
 def token_gain(logp_knn_ref: np.ndarray, logp_lm: np.ndarray) -> np.ndarray:
-    """log p_kNN(y) - log p_LM(y) per position (kNN at the reference temperature), clipped to +-GAIN_CLIP."""
+    """log p_kNN(y) - log p_LM(y) per position (kNN at the reference tau), clipped to +-GAIN_CLIP."""
     with np.errstate(invalid="ignore"):
         return np.clip(np.nan_to_num(logp_knn_ref - logp_lm, nan=-GAIN_CLIP, neginf=-GAIN_CLIP), -GAIN_CLIP, GAIN_CLIP)
 

@@ -63,8 +63,9 @@ from .evidence import MATCH_K, RecentGain, recent_gain, token_gain  # noqa: F401
 from .knn import FixedMixture, neighbor_log_weights  # noqa: F401  (FixedMixture: re-exported)
 from .types import CONTEXT, LMState, SiloInputError
 
-GATE_FORMAT = "silo.gate.v2"  # v2 adds min_lambda (a v1 gate reads as min_lambda 0)
-READ_FORMATS = ("silo.gate.v1", GATE_FORMAT)
+# v2 added min_lambda (a v1 gate reads as min_lambda 0); v3 names p_kNN's bandwidth `tau` (v1/v2: `temperature`)
+GATE_FORMAT = "silo.gate.v3"
+READ_FORMATS = ("silo.gate.v1", "silo.gate.v2", GATE_FORMAT)
 FEATURES = ("log_d1", "log_d_mean", "agree_top1", "agree_lm", "doc_share", "lm_entropy", "lm_top_p", "recent_gain",
             "history", "match_top1", "match_max")
 def knn_features(nb: Neighbors, doc_keys: np.ndarray, lm: LMState, k: int, tau_ref: float,
@@ -147,9 +148,9 @@ class Gate:
     """A fitted per-token lambda (see the module docstring)."""
 
     k: int
-    temperature: float  # tau of p_kNN at a nearest distance of tau_ref ...
+    tau: float  # tau of p_kNN at a nearest distance of tau_ref ...
     tau_ref: float  # the store's distance scale: unit of the distance features and tau of their weights
-    tau_slope: float  # ... and tau = temperature * (d1 / tau_ref) ** tau_slope elsewhere (a variable bandwidth)
+    tau_slope: float  # ... and tau * (d1 / tau_ref) ** tau_slope elsewhere (a variable bandwidth)
     match_bonus: float  # added to a neighbour's logit per matching context token
     mean: list[float]
     std: list[float]
@@ -164,10 +165,10 @@ class Gate:
     format: str = GATE_FORMAT  # the format it was read from (a v1 gate is older than the floor)
     kind: str = "gated"
 
-    def temperatures(self, nb: Neighbors) -> np.ndarray:
+    def taus(self, nb: Neighbors) -> np.ndarray:
         """tau per row: a bandwidth that follows the nearest distance (sharp on a near-verbatim match)."""
         d1 = nb.distances[:, 0].astype(np.float64) if nb.distances.shape[1] else np.full(len(nb.distances), np.inf)
-        return self.temperature * np.exp(self.tau_slope * tau_log_ratio(d1, self.tau_ref))
+        return self.tau * np.exp(self.tau_slope * tau_log_ratio(d1, self.tau_ref))
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         x = (features - np.asarray(self.mean)) / np.asarray(self.std)
@@ -191,7 +192,7 @@ class Gate:
         return np.where(lam >= self.min_lambda, lam, 0.0) if self.min_lambda > 0 else lam
 
     def describe(self) -> dict:
-        return {"mixture": "gated", "k": self.k, "temperature": self.temperature, "tau_ref": self.tau_ref,
+        return {"mixture": "gated", "k": self.k, "tau": self.tau, "tau_ref": self.tau_ref,
                 "tau_slope": self.tau_slope, "match_bonus": self.match_bonus, "min_lambda": self.min_lambda,
                 "weights": dict(zip(FEATURES, self.weights)), "bias": self.bias, "generation": self.generation,
                 "fitted": self.fitted, "skip_threshold": self.skip.threshold if self.skip else None}
@@ -224,6 +225,8 @@ class Gate:
                                  f"{store.fingerprint[:23]}...; fit it again with `silo datastore fit-gate`", "gate")
         skip = data.pop("skip", None)
         data.pop("features", None)
+        if "temperature" in data:  # v1, v2
+            data["tau"] = data.pop("temperature")
         gate = cls(**data)
         gate.skip = SkipPredictor(**skip) if skip else None
         return gate

@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from silo.core.config import StageConfig
 from silo.datastore.store import Datastore, Neighbors
@@ -31,7 +31,8 @@ class KNNConfig(StageConfig):
     mixture: Literal["gated", "fixed"] = "gated"
     k: int = Field(32, gt=0)
     lmbda: float = Field(0.3, ge=0.0, le=1.0)  # weight of the kNN distribution (fixed mixture)
-    temperature: float = Field(1.0, gt=0.0)  # tau, on squared L2 distances (fixed mixture)
+    # tau, the bandwidth of p_kNN on squared L2 distances (fixed mixture); `temperature` is its old name
+    tau: float = Field(1.0, gt=0.0, validation_alias=AliasChoices("tau", "temperature"))
     # retrieval skipping (gated mixture): "auto" = the threshold fitted with the gate, "off", or a number
     # in [0, 1]: skip the search where the LM-state predictor expects a lambda below it
     skip: Literal["auto", "off"] | float = "auto"
@@ -93,9 +94,14 @@ class FixedMixture:
 
     k: int
     lmbda: float
-    temperature: float
+    tau: float
     kind: str = "fixed"
     needs_history = False
+
+    @property
+    def tau_ref(self) -> float:
+        """The distance scale of its features: a fixed mixture has no features, so its own tau."""
+        return self.tau
 
     def bonus(self, match: np.ndarray | None) -> None:
         return None
@@ -105,11 +111,11 @@ class FixedMixture:
         have = nb.tokens[:, 0] >= 0 if nb.tokens.shape[1] else np.zeros(len(nb.tokens), bool)
         return np.where(have, self.lmbda, 0.0)
 
-    def temperatures(self, nb: Neighbors) -> float:
-        return self.temperature
+    def taus(self, nb: Neighbors) -> float:
+        return self.tau
 
     def describe(self) -> dict:
-        return {"mixture": "fixed", "k": self.k, "lmbda": self.lmbda, "temperature": self.temperature}
+        return {"mixture": "fixed", "k": self.k, "lmbda": self.lmbda, "tau": self.tau}
 
 
 def drop_documents(nb: Neighbors, store: Datastore, exclude: Sequence[np.ndarray | None]) -> Neighbors:
@@ -225,10 +231,10 @@ class KNNRetriever:
         if isinstance(mix, FixedMixture) and not skipping:
             if nb.tokens.shape[1] == 0:
                 return pos.logp_lm.astype(np.float64)
-            lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, mix.temperature)
+            lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, mix.tau)
             return interpolate(pos.logp_lm, lk, mix.lmbda)  # the paper's arithmetic, bit for bit
         match = self.match(nb, pos.context) if pos.context is not None or not mix.needs_history else None
-        lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, mix.temperatures(nb),
+        lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, mix.taus(nb),
                                 mix.bonus(match))
         lam = self.lambdas(nb, pos.lm, searched, self.recent(nb, pos, searched), match)
         return mix_logp(pos.logp_lm, lk, lam)
@@ -304,7 +310,7 @@ class KNNRetriever:
             recent = np.array([s.value() for s in states])
             match = self.match(nb, np.stack([s.context_array() for s in states]))
         lam = self.lambdas(nb, lm_state, searched, recent, match)
-        tau = np.broadcast_to(np.asarray(mix.temperatures(nb), dtype=np.float64), (len(hidden),))
+        tau = np.broadcast_to(np.asarray(mix.taus(nb), dtype=np.float64), (len(hidden),))
         bonus = mix.bonus(match)
         k = self.k
         have = searched & (nb.tokens[:, 0] >= 0) if nb.tokens.shape[1] else np.zeros(len(hidden), bool)

@@ -200,12 +200,12 @@ class SiloLM:
         return self._gate[1]
 
     def retriever(self, mode: str | None = "knn", k: int | None = None, lmbda: float | None = None,
-                  temperature: float | None = None, ric: RICConfig | dict | None = None, mixture: str | None = None,
+                  tau: float | None = None, ric: RICConfig | dict | None = None, mixture: str | None = None,
                   skip: str | float | None = None, store: Datastore | None = None):
         """The retriever for `mode` over the attached snapshot (or `store`, another snapshot of the same
         model's store): None for parametric, `RICRetriever`, or a `KNNRetriever`. Its mixture is the store's
         fitted gate when the LM's kNN settings say "gated" (the default) and the store has one; giving k,
-        lmbda or temperature asks for the fixed mixture with those values (the others from the LM's
+        lmbda or tau asks for the fixed mixture with those values (the others from the LM's
         settings). `skip` overrides the settings' retrieval skipping."""
         mode = mode or "parametric"
         if mode not in MODES:
@@ -227,7 +227,7 @@ class SiloLM:
         s = self.knn
         if mixture not in (None, "gated", "fixed"):
             raise SiloInputError(f"mixture must be gated or fixed (got {mixture!r})", "mixture")
-        explicit = any(x is not None for x in (k, lmbda, temperature))
+        explicit = any(x is not None for x in (k, lmbda, tau))
         if (mixture or s.mixture) == "gated" and not explicit:
             if gate is not None:
                 threshold = _skip_threshold(s.skip if skip is None else skip, gate)
@@ -237,13 +237,13 @@ class SiloLM:
                 raise SiloInputError(f"{store.path}: no gate fitted for this store; fit one with "
                                      "`silo datastore fit-gate` or use the fixed mixture", "mixture")
             _warn_once(f"{store.path}: no gate fitted for this store (silo datastore fit-gate); using the "
-                       f"fixed mixture k={s.k} lambda={s.lmbda} tau={s.temperature}")
+                       f"fixed mixture k={s.k} lambda={s.lmbda} tau={s.tau}")
         try:
             settings = KNNConfig(k=k if k is not None else s.k, lmbda=lmbda if lmbda is not None else s.lmbda,
-                                 temperature=temperature if temperature is not None else s.temperature)
+                                 tau=tau if tau is not None else s.tau)
         except Exception as exc:
             raise SiloInputError(f"invalid kNN setting: {exc}", "knn") from None
-        return KNNRetriever(store, FixedMixture(settings.k, settings.lmbda, settings.temperature),
+        return KNNRetriever(store, FixedMixture(settings.k, settings.lmbda, settings.tau),
                             self.vocab_size, bos=self.tokenizer.eos_token_id)
 
     def guard(self, retriever, policy: OutputPolicy | None) -> VerbatimGuard | None:

@@ -58,7 +58,7 @@ def lambda_curves(knn_sweeps: dict[str, Sweep]) -> dict:
             if r["lmbda"] not in by or r["val_ppl"] < by[r["lmbda"]]["val_ppl"]:
                 by[r["lmbda"]] = r
         out[dom] = [{"lmbda": lam, "val_ppl": by[lam]["val_ppl"], "k": by[lam]["k"],
-                     "temperature": by[lam]["temperature"]} for lam in sorted(by)]
+                     "tau": by[lam]["tau"]} for lam in sorted(by)]
     return out
 
 
@@ -101,7 +101,7 @@ def sweep(ev: EvalConfig, rc: ResearchConfig, lm: SiloLM | None = None, cache: d
     best = {}
     for dom, sw in knn_sweeps.items():
         b = sw.best
-        best[dom] = {"knn": {k: b[k] for k in ("k", "lmbda", "temperature", "val_ppl")}}
+        best[dom] = {"knn": {k: b[k] for k in ("k", "lmbda", "tau", "val_ppl")}}
         if dom in ric:
             rb = {}
             for r in ric[dom]:
@@ -173,7 +173,7 @@ def owner_effect(ev: EvalConfig, rc: ResearchConfig, lm: SiloLM, cache: dict | N
             continue
         texts = [t for ts in domain_texts(docs, cap).values() for t in ts]
         domain = max({d.domain for d in docs}, key=lambda x: sum(len(d.text) for d in docs if d.domain == x))
-        s = settings.get(domain) or {"k": ev.knn.k, "lmbda": ev.knn.lmbda, "temperature": ev.knn.temperature}
+        s = settings.get(domain) or {"k": ev.knn.k, "lmbda": ev.knn.lmbda, "tau": ev.knn.tau}
         pos = cached_collect(lm, texts, cap, cache, ("optout", owner))
         snap = without_owners(store, {owner})
         row = {"owner": owner, "domain": domain, "tokens": int(len(pos.targets)), "parametric": ppl(pos.logp_lm),
@@ -185,7 +185,7 @@ def owner_effect(ev: EvalConfig, rc: ResearchConfig, lm: SiloLM, cache: dict | N
                 continue
             nb = st.search(pos.keys, s["k"])
             row[f"knn_{tag}"] = ppl(KnnCache(pos.logp_lm, pos.targets, nb.distances, nb.tokens)
-                                    .logp(s["k"], s["lmbda"], s["temperature"]))
+                                    .logp(s["k"], s["lmbda"], s["tau"]))
         if retriever is not None:
             cfg = ev.ric.for_retriever(retriever)
             row["ric_retriever"] = retriever

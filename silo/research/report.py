@@ -72,7 +72,7 @@ def report(ev: EvalConfig, rc: ResearchConfig, progress: bool = True) -> dict:
     (out / "results_full.json").write_text(json.dumps(res.to_json(), indent=1))
     best_rows = []
     for dom, b in sw["best"].items():
-        row = {"domain": dom, "k": b["knn"]["k"], "λ": b["knn"]["lmbda"], "τ": b["knn"]["temperature"],
+        row = {"domain": dom, "k": b["knn"]["k"], "λ": b["knn"]["lmbda"], "τ": b["knn"]["tau"],
                "val kNN-LM": b["knn"]["val_ppl"]}
         for name, rb in b.get("ric", {}).items():
             row[f"RIC ({name}) blocks"] = f"{rb['n_blocks']}{' ens' if rb['ensemble'] else ''}"

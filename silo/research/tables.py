@@ -63,6 +63,6 @@ def main_rows(res: EvalResult, variants: dict | None = None) -> list[dict]:
             r[f"gap closed RIC-LM ({name})"] = _pct(g)
         if d.knn_settings:
             s = d.knn_settings
-            r["kNN k/λ/τ"] = f"{s['k']}/{s['lmbda']:.2f}/{s['temperature']:.3g}"
+            r["kNN k/λ/τ"] = f"{s['k']}/{s['lmbda']:.2f}/{s['tau']:.3g}"
         rows.append(r)
     return rows

@@ -91,7 +91,7 @@ class DomainResult:
     val_parametric: float | None = None
     val_knn: float | None = None
     knn: float | None = None
-    knn_settings: dict | None = None  # k, lmbda, temperature
+    knn_settings: dict | None = None  # k, lmbda, tau
     gap_closed: float | None = None
     ric: dict[str, float] = field(default_factory=dict)  # retriever -> perplexity
     ric_parametric: float | None = None  # the RIC windows without a block
@@ -227,13 +227,13 @@ def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, r
                 sweeps[dom] = tune(vcache, cfg.grid)  # the grid: lambda-sensitivity curves of the research report
                 nb = vcache.neighbors()
                 fit, _ = fit_fixed(nb, va, cfg.grid.k, distance_scale(nb))
-                settings = {"k": fit.k, "lmbda": fit.lmbda, "temperature": fit.temperature}
+                settings = {"k": fit.k, "lmbda": fit.lmbda, "tau": fit.tau}
                 row.val_parametric = ppl(va.logp_lm)
-                row.val_knn = ppl(vcache.logp(fit.k, fit.lmbda, fit.temperature))
+                row.val_knn = ppl(vcache.logp(fit.k, fit.lmbda, fit.tau))
                 row.warnings += [f"{dom} (fixed lambda): {w}" for w in fit.warnings]
             else:
-                settings = {"k": cfg.knn.k, "lmbda": cfg.knn.lmbda, "temperature": cfg.knn.temperature}
-            row.knn = ppl(test_cache.logp(settings["k"], settings["lmbda"], settings["temperature"]))
+                settings = {"k": cfg.knn.k, "lmbda": cfg.knn.lmbda, "tau": cfg.knn.tau}
+            row.knn = ppl(test_cache.logp(settings["k"], settings["lmbda"], settings["tau"]))
             row.knn_settings = settings
             if row.reference is not None and row.parametric - row.reference > 0:
                 row.gap_closed = (row.parametric - row.knn) / (row.parametric - row.reference)
@@ -306,7 +306,7 @@ def _gated_row(row: DomainResult, lm: SiloLM, gate, te: PositionBatch, test_cach
         match = skipping.match(keep, te.context)
         lam = skipping.lambdas(keep, te.lm, searched, skipping.recent(keep, te, searched), match)
         lk = knn_target_logprob(keep.distances[:, :gate.k], keep.tokens[:, :gate.k], te.targets,
-                                gate.temperatures(keep), gate.bonus(match))
+                                gate.taus(keep), gate.bonus(match))
         row.knn_gated_skip = ppl(mix_logp(te.logp_lm, lk, lam))
         row.skipped = float(1 - searched.mean())
 
@@ -341,7 +341,7 @@ def markdown_table(out: EvalResult) -> str:
         cells = [r.domain, str(r.tokens), f"{r.parametric:.2f}"]
         if has_knn:
             s = r.knn_settings or {}
-            cells += [num(r.knn), str(s.get("k", "")), f"{s['lmbda']:.2f}" if s else "", f"{s['temperature']:.3g}" if s else ""]
+            cells += [num(r.knn), str(s.get("k", "")), f"{s['lmbda']:.2f}" if s else "", f"{s['tau']:.3g}" if s else ""]
         if has_gate:
             cells += [num(r.knn_gated), num(r.gated_lambda)]
             if has_skip:

@@ -38,7 +38,7 @@ class Fit:
     """The result of one maximum-likelihood fit."""
 
     k: int
-    temperature: float
+    tau: float
     weights: np.ndarray
     bias: float
     nll: float  # mean negative log-likelihood on the positions it was fitted on
@@ -116,7 +116,7 @@ def fit_mixture(nb: Neighbors, targets: np.ndarray, logp_lm: np.ndarray, X: np.n
     with torch.no_grad():
         nll = float(mixture_nll(D, valid_t, hit, lp, have_t, Xt, w, b, log_tau(), bonus()))
         tau = float(torch.exp((lo + hi) / 2 + (hi - lo) / 2 * torch.tanh(raw)))
-    fit = Fit(k=k, temperature=tau, weights=w.detach().numpy().copy(), bias=float(b.detach()), nll=nll,
+    fit = Fit(k=k, tau=tau, weights=w.detach().numpy().copy(), bias=float(b.detach()), nll=nll,
               tau_slope=float(slope.detach()), match_bonus=float(gamma.detach()))
     if abs(float(torch.tanh(raw.detach()))) > 0.99:
         fit.warnings.append(f"tau {tau:.4g} is at the edge of its search range (tau_ref {tau_ref:.4g} x e^+-"
@@ -184,7 +184,7 @@ def _nll_fixed(nb, targets, logp_lm, have, f: Fit) -> float:
                              _t(valid & (tok == targets[:, None]), torch.bool), _t(logp_lm), _t(have, torch.bool),
                              _t(np.zeros((len(targets), 0))), torch.zeros(0, dtype=torch.float64),
                              torch.tensor(f.bias, dtype=torch.float64),
-                             torch.tensor(math.log(f.temperature), dtype=torch.float64)))
+                             torch.tensor(math.log(f.tau), dtype=torch.float64)))
 
 
 def fit_gate(store: Datastore, nb: Neighbors, pos: PositionBatch, ks: list[int], skip: bool = True,
@@ -223,13 +223,13 @@ def fit_gate(store: Datastore, nb: Neighbors, pos: PositionBatch, ks: list[int],
         return float(mixture_nll(_t(np.where(valid, nb.distances[B, :f.k], 0.0)), _t(valid, torch.bool),
                                  _t(valid & (tok == pos.targets[B, None]), torch.bool), _t(pos.logp_lm[B]),
                                  _t(have[B], torch.bool), _t(X[B]), _t(f.weights), torch.tensor(f.bias, dtype=torch.float64),
-                                 _t(math.log(f.temperature) + f.tau_slope * tau_log_ratio(nb.distances[B, 0], tau_ref)),
+                                 _t(math.log(f.tau) + f.tau_slope * tau_log_ratio(nb.distances[B, 0], tau_ref)),
                                  f.match_bonus * _t(match[B, :f.k])))
 
     best, rows, warns = choose_k(ks, lambda k: fit_on(A, k), held)
     fit = fit_on(slice(None), best)
     X, have, mean, std = standardised(best)
-    gate = Gate(k=best, temperature=fit.temperature, tau_ref=tau_ref, tau_slope=fit.tau_slope,
+    gate = Gate(k=best, tau=fit.tau, tau_ref=tau_ref, tau_slope=fit.tau_slope,
                 match_bonus=fit.match_bonus, mean=mean.tolist(), std=std.tolist(),
                 weights=fit.weights.tolist(), bias=fit.bias, fingerprint=store.fingerprint,
                 generation=store.generation, fitted=now())
@@ -237,7 +237,7 @@ def fit_gate(store: Datastore, nb: Neighbors, pos: PositionBatch, ks: list[int],
     report = {"k_search": rows, "warnings": warns + fit.warnings, "positions": int(len(pos.targets)),
               "nll_parametric": float(-pos.logp_lm.mean()), "nll_gated": fit.nll,
               "lambda_mean": float(lam.mean()), "lambda_quantiles": {q: float(np.quantile(lam, q)) for q in (0.1, 0.5, 0.9)}}
-    lk = knn_target_logprob(nb.distances[:, :gate.k], nb.tokens[:, :gate.k], pos.targets, gate.temperatures(nb),
+    lk = knn_target_logprob(nb.distances[:, :gate.k], nb.tokens[:, :gate.k], pos.targets, gate.taus(nb),
                             gate.bonus(match))
     gate.min_lambda, report["min_lambda"] = fit_floor(
         lam, lambda floored: mix_logp(pos.logp_lm, lk, floored),
@@ -384,5 +384,5 @@ def fit_store_gate(cfg: GateConfig, lm=None, progress: bool = True, save: bool =
         say(f"gate: warning: {w}")
     if save:
         path = gate.save(lm.store.path)
-        say(f"gate: k={gate.k}, tau={gate.temperature:.4g} (distance scale {gate.tau_ref:.4g}); saved to {path}")
+        say(f"gate: k={gate.k}, tau={gate.tau:.4g} (distance scale {gate.tau_ref:.4g}); saved to {path}")
     return gate, report

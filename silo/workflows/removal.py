@@ -219,7 +219,7 @@ def verify_removal(lm: SiloLM, before: Datastore, removed: list[dict], owner: st
     if probes:
         verbatim["passed"] = verbatim["after"]["rouge_l"] <= verbatim["parametric"]["rouge_l"] + VERBATIM_TOLERANCE
         # Only meaningful if the store made the model reproduce the text before; with kNN settings that
-        # do not (e.g. a temperature far above the key distances) the check says nothing.
+        # do not (e.g. a tau far above the key distances) the check says nothing.
         verbatim["informative"] = verbatim["before"]["rouge_l"] > verbatim["parametric"]["rouge_l"] + VERBATIM_TOLERANCE
     else:
         verbatim["passed"], verbatim["informative"] = True, False

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from silo.core.config import StageConfig
 from silo.core.corpus import Document
@@ -20,9 +20,10 @@ class GridConfig(StageConfig):
     k: list[int] = [16, 64, 256, 1024]  # the fixed row's k is chosen among these
     lmbda: list[float] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     # tau as multiples of the median top-1 squared distance on the validation keys ("relative"), or
-    # absolute values when temperature_scale is "absolute".
-    temperature: list[float] = [0.1, 0.3, 1.0, 3.0]
-    temperature_scale: str = Field("relative", pattern="^(relative|absolute)$")
+    # absolute values when tau_scale is "absolute" (`temperature`, `temperature_scale`: their old names).
+    tau: list[float] = Field([0.1, 0.3, 1.0, 3.0], validation_alias=AliasChoices("tau", "temperature"))
+    tau_scale: str = Field("relative", pattern="^(relative|absolute)$",
+                           validation_alias=AliasChoices("tau_scale", "temperature_scale"))
 
 
 def ppl(logp: np.ndarray) -> float:
@@ -53,7 +54,7 @@ class KnnCache:
         return interpolate(self.logp_lm, lk, lmbda)
 
     def distance_scale(self) -> float:
-        """Median top-1 squared distance: the unit of a relative temperature grid."""
+        """Median top-1 squared distance: the unit of a relative tau grid."""
         top = self.distances[:, 0] if self.distances.shape[1] else np.zeros(0)
         top = top[np.isfinite(top)]
         return float(np.median(top)) if len(top) else 1.0
@@ -64,7 +65,7 @@ class Sweep:
     """A validation sweep: every grid point's perplexity, and the best one."""
 
     distance_scale: float
-    rows: list[dict] = field(default_factory=list)  # {k, lmbda, temperature, val_ppl}
+    rows: list[dict] = field(default_factory=list)  # {k, lmbda, tau, val_ppl}
 
     @property
     def best(self) -> dict:
@@ -73,7 +74,7 @@ class Sweep:
     @property
     def settings(self) -> dict:
         b = self.best
-        return {"k": b["k"], "lmbda": b["lmbda"], "temperature": b["temperature"]}
+        return {"k": b["k"], "lmbda": b["lmbda"], "tau": b["tau"]}
 
     def to_json(self) -> dict:
         return {"distance_scale": self.distance_scale, "rows": self.rows}
@@ -84,11 +85,11 @@ def tune(cache: KnnCache, grid: GridConfig) -> Sweep:
     scale = cache.distance_scale() or 1.0
     sweep = Sweep(distance_scale=scale)
     for k in grid.k:
-        for t in grid.temperature:
-            tau = t * scale if grid.temperature_scale == "relative" else t
+        for t in grid.tau:
+            tau = t * scale if grid.tau_scale == "relative" else t
             lk = knn_target_logprob(cache.distances[:, :k], cache.tokens[:, :k], cache.targets, tau)
             for lam in grid.lmbda:
-                sweep.rows.append({"k": k, "lmbda": lam, "temperature": tau,
+                sweep.rows.append({"k": k, "lmbda": lam, "tau": tau,
                                    "val_ppl": ppl(interpolate(cache.logp_lm, lk, lam))})
     return sweep
 
