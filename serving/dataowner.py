@@ -24,8 +24,6 @@ every owner's), and an applied owner removal stops that owner's credit from then
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import threading
@@ -39,67 +37,13 @@ from silo.datastore.removal import (
 )
 from silo.workflows.removal import PendingRemoval, RemovalWorkflow
 
+from .auth import Caller, resolve_caller
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
 from .rpc import RpcFailure, _handled
 
 log = logging.getLogger("silo.serving.dataowner")
 Code = grpc.StatusCode
-
-
-def token_matches(given: str, configured: str) -> bool:
-    """Constant-time check of a presented token against a configured value (plain or sha256:<hex>)."""
-    if configured.startswith("sha256:"):
-        digest = hashlib.sha256(given.encode()).hexdigest()
-        return hmac.compare_digest(digest, configured[len("sha256:"):].lower())
-    return hmac.compare_digest(given.encode(), configured.encode())
-
-
-class UnknownToken(RpcFailure):
-    """A well-formed bearer token that is neither the admin token nor an owner token (PERMISSION_DENIED
-    on gRPC, as ever; 401 on the HTTP door, where an unknown API key is an authentication failure)."""
-
-    def __init__(self):
-        super().__init__(Code.PERMISSION_DENIED, "token not recognised (neither the admin token nor an owner token)")
-
-
-def resolve_caller(server, authorization: str | None, optional: bool = False) -> tuple[str, str | None] | None:
-    """The caller behind an `authorization` value (both doors): ("admin", None) or ("owner", name); None when
-    no token was given and `optional`."""
-    if not authorization:
-        if optional:
-            return None
-        raise RpcFailure(Code.UNAUTHENTICATED, "missing call metadata 'authorization: Bearer <token>' "
-                                               "(the admin token or the data owner's token)")
-    scheme, _, value = authorization.partition(" ")
-    value = value.strip()
-    if scheme.lower() != "bearer" or not value:
-        raise RpcFailure(Code.UNAUTHENTICATED, "authorization must be 'Bearer <token>'")
-    admin = server.admin_token
-    if admin is not None and hmac.compare_digest(value.encode(), admin.encode()):
-        return ("admin", None)
-    for owner, configured in server.cfg.resolved_owner_tokens().items():
-        if token_matches(value, configured):
-            return ("owner", owner)
-    raise UnknownToken()
-
-
-def check_generation_access(server, authorization: str | None) -> str | None:
-    """Generation on either door: open while `serve.api_tokens` is empty (the token, if any, is ignored);
-    else a client, owner or admin token is needed. Returns the caller's name, when known."""
-    tokens = server.cfg.api_tokens
-    if not tokens:
-        return None
-    given = (authorization or "").partition(" ")[2].strip()
-    for name, configured in tokens.items():
-        if given and configured and token_matches(given, configured):
-            return name
-    try:
-        caller = resolve_caller(server, authorization)
-    except UnknownToken:
-        raise RpcFailure(Code.UNAUTHENTICATED, "token not recognised (generation needs a client token of "
-                                               "serve.api_tokens, an owner token or the admin token)") from None
-    return caller[1] or caller[0]
 
 
 class DataOwnerService(pb_grpc.DataOwnerServicer):
@@ -113,8 +57,8 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         return self.server.store_lock  # shared with Admin's swaps and reloads
 
     # ----------------------------------------------------------------------------------- auth
-    def _caller(self, context, optional: bool = False) -> tuple[str, str | None] | None:
-        """("admin", None) or ("owner", name); None when no token was given and `optional`."""
+    def _caller(self, context, optional: bool = False) -> Caller | None:
+        """The admin or an owner; None when no token was given and `optional`."""
         return resolve_caller(self.server, dict(context.invocation_metadata()).get("authorization"), optional)
 
     def _manager(self) -> RemovalManager:
@@ -128,13 +72,13 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
     def _check_owner_may(self, caller, targets: RemovalTargets, removed: list[dict]) -> None:
         """An owner token may only remove its own content: the documents the request removes and the
         shards it drops (a shard whose documents are all tombstoned still has an owner)."""
-        if caller[0] == "admin":
+        if caller.role == "admin":
             return
         owners = {d["owner"] for d in removed} | {x.owner for x in targets.drop_shards if x.owner}
-        if owners - {caller[1]}:
+        if owners - {caller.name}:
             raise RpcFailure(Code.PERMISSION_DENIED,
-                             f"an owner token for '{caller[1]}' may only remove that owner's content; "
-                             f"this request touches content of {', '.join(sorted(owners - {caller[1]}))}")
+                             f"an owner token for '{caller.name}' may only remove that owner's content; "
+                             f"this request touches content of {', '.join(sorted(owners - {caller.name}))}")
 
     # ----------------------------------------------------------------------------------- conversion
     def _status_message(self, mgr: RemovalManager, state: RemovalState, generation: int | None = None) -> pb.RemovalStatus:
@@ -160,8 +104,8 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
             state = mgr.status(request_id)
         except RemovalError as exc:
             raise RpcFailure(Code.NOT_FOUND, str(exc)) from None
-        if caller[0] == "owner" and caller[1] not in state.owners():
-            raise RpcFailure(Code.PERMISSION_DENIED, f"request {request_id} is not about content of '{caller[1]}'")
+        if caller.role == "owner" and caller.name not in state.owners():
+            raise RpcFailure(Code.PERMISSION_DENIED, f"request {request_id} is not about content of '{caller.name}'")
         return state
 
     # ----------------------------------------------------------------------------------- RPCs
@@ -180,11 +124,11 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
                                  request_id=request.request_id)
         except RemovalError as exc:
             raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
-        info.update(request_id=req.request_id, kind=req.kind, caller=caller[1] or caller[0])
+        info.update(request_id=req.request_id, kind=req.kind, caller=caller.name or caller.role)
         workflow = self._workflow(engine)
         with self._lock:
             try:
-                pending = workflow.prepare(req, owner=caller[1] if caller[0] == "owner" else None)
+                pending = workflow.prepare(req, owner=caller.name if caller.role == "owner" else None)
             except RemovalForbidden as exc:
                 raise RpcFailure(Code.PERMISSION_DENIED, str(exc)) from None
             except RemovalError as exc:
@@ -203,27 +147,21 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         info["status"] = state.status
         return self._status_message(mgr, state)
 
-    @staticmethod
-    def _workflow(engine) -> RemovalWorkflow:
-        return RemovalWorkflow(engine.lm, on_model=lambda fn: engine.control(fn, timeout=600))
+    def _workflow(self, engine) -> RemovalWorkflow:
+        return RemovalWorkflow(engine.lm, on_model=lambda fn: engine.control(fn, timeout=600), store_lock=self._lock)
 
     def _finish(self, workflow: RemovalWorkflow, pending: PendingRemoval, verify: bool) -> None:
-        """Compact (bytes leave the disk), switch the model to the compacted generation, verify; a failure
-        is persisted in the request's state (GetRemoval reports it, also after a restart)."""
+        """Compact (bytes leave the disk; the model switches to the compacted generation) and verify, on a
+        background thread; `RemovalWorkflow.finish` persists a failure in the request's state (GetRemoval
+        reports it, also after a restart)."""
         request_id = pending.request.request_id
         try:
-            with self._lock:
-                workflow.compact(pending)
-            if verify:
-                workflow.verify(pending)
-            workflow.manager.record_error(request_id, None)
-            log.info("removal finished", extra={"fields": {"event": "removal", "request_id": request_id,
-                                                            "verified": verify}})
+            workflow.finish(pending, verify=verify)
         except Exception as exc:  # noqa: BLE001 - reported through GetRemoval, never kills the server
-            try:
-                workflow.manager.record_error(request_id, f"{type(exc).__name__}: {exc}")
-            finally:
-                log.error("removal %s failed after it was applied", request_id, exc_info=exc)
+            log.error("removal %s failed after it was applied", request_id, exc_info=exc)
+            return
+        log.info("removal finished", extra={"fields": {"event": "removal", "request_id": request_id,
+                                                        "verified": verify}})
 
     def resume_unfinished(self) -> list[str]:
         """At start: finish removals a previous process left unfinished (apply, compact, receipt), then
@@ -244,7 +182,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
                     log.error("could not finish removal %s at start", rid, exc_info=exc)
         if done:
             with self._lock:
-                self._workflow(engine)._switch()
+                self._workflow(engine).switch()
         if done:
             log.info("resumed unfinished removals", extra={"fields": {"event": "removal_resume", "requests": done}})
         return done
@@ -285,7 +223,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         generation = int(Manifest.read(mgr.path).generation)  # once, not once per request listed
         for state in mgr.list():
             owners = state.owners()
-            if caller[0] == "owner" and caller[1] not in owners:
+            if caller.role == "owner" and caller.name not in owners:
                 continue
             if owner and owner not in owners:
                 continue
@@ -307,15 +245,15 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         if ledger is None:
             raise RpcFailure(Code.FAILED_PRECONDITION, "this server keeps no contribution ledger (serve.ledger)")
         owner = request.owner or None
-        if caller[0] == "owner":
-            if owner and owner != caller[1]:
-                raise RpcFailure(Code.PERMISSION_DENIED, f"an owner token for '{caller[1]}' reads only that "
+        if caller.role == "owner":
+            if owner and owner != caller.name:
+                raise RpcFailure(Code.PERMISSION_DENIED, f"an owner token for '{caller.name}' reads only that "
                                                          f"owner's ledger line, not '{owner}'")
-            owner = caller[1]
-        out = pb.LedgerResponse(responses=ledger.responses() if caller[0] == "admin" else 0)
+            owner = caller.name
+        out = pb.LedgerResponse(responses=ledger.responses() if caller.role == "admin" else 0)
         for t in ledger.totals(owner):
             out.owners.append(pb.OwnerCredit(**vars(t)))
-        info.update(caller=caller[1] or caller[0], owners=len(out.owners))
+        info.update(caller=caller.name or caller.role, owners=len(out.owners))
         return out
 
     @_handled("Lookup")

@@ -13,7 +13,7 @@ import grpc
 
 from silo.model.types import SiloInputError
 
-from ..dataowner import UnknownToken
+from ..auth import UnknownToken
 from ..rpc import _status_for
 
 Code = grpc.StatusCode

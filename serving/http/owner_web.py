@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..dataowner import resolve_caller
+from ..auth import resolve_caller
 from ..gen import silo_pb2 as pb
 from .convert import as_dict
 from .errors import HttpError, bad, http_error
@@ -179,7 +179,7 @@ def build_owner_router(door) -> APIRouter:
         look = as_dict(res)
         q = max(1, look["query_sentences"])
         look["percent"] = round(100 * look["matched_sentences"] / q) if look["query_sentences"] else None
-        look["role"] = caller[0] if caller else "public"
+        look["role"] = caller.role if caller else "public"
         return await _home(request, caller, lookup=look, form=form)
 
     @router.post("/owner/removals")

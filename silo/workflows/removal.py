@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -64,14 +65,16 @@ class RemovalWorkflow:
     """remove -> live -> compact -> live -> verify -> receipt, for an LM serving a store.
 
     `on_model(fn)` runs `fn` where the model may be touched: the server passes its engine's control hook
-    (between two requests); the CLI runs it in place."""
+    (between two requests); the CLI runs it in place. `store_lock` (a context manager) is held while the
+    store's files change in `compact` (the server's lock, shared with its swaps and reloads)."""
 
     def __init__(self, lm: SiloLM, on_model: Callable[[Callable[[], Any]], Any] | None = None,
-                 progress: bool = False):
+                 progress: bool = False, store_lock: AbstractContextManager | None = None):
         if lm.store is None:
             raise SiloInputError("lm has no datastore attached; load it with a store to remove from", "store")
         self.lm = lm
         self.on_model = on_model or (lambda fn: fn())
+        self.store_lock = store_lock or nullcontext()
         self.manager = RemovalManager(lm.store.path)
         self._say = (lambda msg: print(f"optout: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
 
@@ -84,7 +87,7 @@ class RemovalWorkflow:
         targets = self.manager.resolve(req, before.manifest, owner=owner)
         return PendingRemoval(req, targets, before, removed_documents(before, targets))
 
-    def _switch(self) -> None:
+    def switch(self) -> None:
         """Make the LM serve the store's current generation: opened here, swapped where the model lives."""
         new = self.lm.newer_store()
         if new is not None:
@@ -98,7 +101,7 @@ class RemovalWorkflow:
                   f"({len(pending.removed)} document(s)) from generation {pending.before.generation}")
         t0 = time.time()
         pending.state = self.manager.submit(req)
-        self._switch()
+        self.switch()
         self.apply_seconds = time.time() - t0
         self._say(f"{req.request_id}: applied in {self.apply_seconds:.2f}s (generation {self.lm.store.generation}); "
                   "compacting")
@@ -106,8 +109,9 @@ class RemovalWorkflow:
 
     def compact(self, pending: PendingRemoval) -> dict:
         """Rewrite the affected shards without the removed text; the LM switches to that generation."""
-        receipt = self.manager.compact(pending.request.request_id)
-        self._switch()
+        with self.store_lock:
+            receipt = self.manager.compact(pending.request.request_id)
+            self.switch()
         self._say(f"{pending.request.request_id}: compacted (generation {self.lm.store.generation})")
         return receipt
 
