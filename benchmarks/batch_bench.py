@@ -37,7 +37,7 @@ def timed(fn, box: dict, name: str):
 
 
 def decoder_level(lm, retriever, rows: int, reps: int, tokens: int) -> dict:
-    from silo.model.batch import BatchDecoder, Sequence
+    from silo.model.batch import BatchDecoder, Decoding
     from silo.model.sampling import SamplingParams
 
     ids = lm.prompt_ids("In the beginning")
@@ -49,7 +49,7 @@ def decoder_level(lm, retriever, rows: int, reps: int, tokens: int) -> dict:
         for rep in range(reps):
             dec = BatchDecoder(lm)
             searched = spent.get("search", 0.0)
-            dec.add_many([Sequence(ids=list(ids), retriever=retriever,
+            dec.add_many([Decoding(ids=list(ids), retriever=retriever,
                                    sampling=SamplingParams(max_new_tokens=tokens, temperature=1.0, seed=rep * 100 + i))
                           for i in range(rows)])
             spent["search"] = searched  # the prompts' warm-up search is not a step's
@@ -69,15 +69,17 @@ def decoder_level(lm, retriever, rows: int, reps: int, tokens: int) -> dict:
 
 
 def engine_level(engine, mode: str, streams: int, duration: float, tokens: int) -> float:
-    from silo.serving.requests import GenRequest
+    from silo.model.request import GenerationRequest, OutputControls, RetrievalParams
+    from silo.model.sampling import SamplingParams
 
     made, lock, stop = [0], threading.Lock(), time.monotonic() + duration
 
     def loop(i: int) -> None:
         n = 0
         while time.monotonic() < stop:
-            job = engine.generate(GenRequest(prompt="In the beginning", max_tokens=tokens, temperature=1.0,
-                                             seed=i * 100000 + n, mode=mode, attributions=True))
+            job = engine.generate(GenerationRequest(
+                prompt="In the beginning", sampling=SamplingParams(max_new_tokens=tokens, seed=i * 100000 + n),
+                retrieval=RetrievalParams(mode=mode), output=OutputControls(attributions=True)))
             res = job.result(timeout=120)
             with lock:
                 made[0] += res.completion_tokens

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from silo.model.lm import SiloLM
     from silo.model.sampling import SamplingParams
     from silo.serving.engine import Engine
-    from silo.serving.requests import GenRequest
+    from silo.model.request import GenerationRequest, OutputControls, RetrievalParams
     from silo.training.train import TrainConfig, train
 
     device = resolve_device(args.device)
@@ -76,10 +76,9 @@ def main(argv=None) -> int:
     try:
         for mode in ("parametric", "knn"):
             t0 = time.time()
-            jobs = [engine.generate(GenRequest(prompt=p, max_tokens=args.tokens, temperature=0.0, mode=mode,
-                                               attributions=True, k=16 if mode == "knn" else None,
-                                               lmbda=0.25 if mode == "knn" else None,
-                                               tau=1.0 if mode == "knn" else None)) for p in PROMPTS]
+            fixed = dict(k=16, lmbda=0.25, tau=1.0) if mode == "knn" else {}
+            jobs = [engine.generate(GenerationRequest(prompt=p, sampling=sp, retrieval=RetrievalParams(mode, **fixed),
+                                                      output=OutputControls(attributions=True))) for p in PROMPTS]
             n = sum(j.result(timeout=600).completion_tokens for j in jobs)
             batched[mode] = n / (time.time() - t0)
     finally:

@@ -10,10 +10,13 @@ Finished and cancelled generations leave the batch at once. gRPC threads only va
 stream results back; a bounded queue (`max_queue` waiting requests) turns overload into an immediate
 RESOURCE_EXHAUSTED instead of unbounded latency.
 
+The engine is a thin client of the model: a generation is `SiloLM.start(request)` on admission (prompt,
+retriever, output policy, guard), a `BatchDecoder` step per token, and `SiloLM.finish` (attribution and
+notices) when it leaves the batch; the engine schedules, batches, streams and counts, nothing more.
 Every generation holds the retriever, and so the datastore snapshot, it was admitted with until it
 finishes, attributions included; a swap between two steps applies to requests admitted after it.
-kNN generations with the same settings on the same snapshot share one retriever object, so their
-neighbours come from one search per step.
+kNN generations with the same settings on the same snapshot share one retriever object
+(`SiloLM.retriever_for`), so their neighbours come from one search per step.
 
 Cancellation: each job has a cancel flag (set when the client cancels or the RPC ends) and an optional
 deadline, polled before every step, so a generation stops within one step. A job cancelled while still
@@ -26,22 +29,39 @@ import logging
 import queue
 import threading
 import time
-import weakref
 from collections import deque
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
-from silo.model.batch import BatchDecoder
-from silo.model.batch import Sequence as Decoding
+from silo.model.batch import BatchDecoder, Decoding
 from silo.model.lm import SiloLM
-from silo.model.output_policy import NO_POLICY, OutputPolicy, license_notices
-from silo.model.sampling import SamplingParams
+from silo.model.output_policy import NO_POLICY, OutputPolicy
+from silo.model.request import GenerationRequest
 from silo.model.types import ScoreResult, SiloInputError
 
 from .jobs import EngineBusy, EngineClosed, GenResult, Job, JobRecord
 from .metrics import Metrics
-from .requests import GenRequest, InvalidRequest, ScoreRequest
+from .requests import InvalidRequest, ScoreRequest
 
 log = logging.getLogger("silo.serving.engine")
+
+
+@dataclass
+class RequestState:
+    """What the engine keeps of one generation in the batch (the `tag` of its Decoding)."""
+
+    job: Job
+    admitted: float  # time.monotonic() when it joined: its run time counts from here
+    awaiting_first_token: bool = True  # for the time-to-first-token metric
+
+
+@dataclass
+class ScoreOutput:
+    """A Score job's answer: the scores, and each token's text (decoded on the worker, where the tokenizer
+    runs: HF fast tokenizers are not safe to call from several threads at once)."""
+
+    result: ScoreResult
+    token_texts: list[str]
 
 
 class Engine:
@@ -57,12 +77,10 @@ class Engine:
         self.max_queue = max_queue
         self.max_batch = max(1, int(max_batch))
         self.decoder = BatchDecoder(lm)
-        # settings -> the kNN retriever the active generations with those settings share; weak, so a snapshot
-        # no generation uses any more is not kept alive here (an opt-out's old text must not linger)
-        self._retrievers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.max_score_tokens = max_score_tokens
         self.metrics = metrics or Metrics()
         self.records: deque[JobRecord] = deque(maxlen=512)
+        self._records_cv = threading.Condition()
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
         self._control: deque[Job] = deque()
@@ -98,9 +116,9 @@ class Engine:
             self.metrics.queue_depth.set(len(self._queue))
         self._finish_unstarted(job)
 
-    def generate(self, req: GenRequest, deadline: float | None = None) -> Job:
+    def generate(self, request: GenerationRequest, deadline: float | None = None) -> Job:
         job = Job("generate", None, deadline)
-        job.req = req
+        job.request = request
         return self._submit(job)
 
     def score(self, req: ScoreRequest, deadline: float | None = None) -> Job:
@@ -118,6 +136,27 @@ class Engine:
         except queue.Empty:
             job.cancelled.set()
             raise TimeoutError(f"the worker did not reach the control job within {timeout:.0f}s") from None
+
+    def wait_record(self, pred: Callable[[JobRecord], bool], timeout: float = 30.0,
+                    seen: Iterable[JobRecord] = ()) -> JobRecord:
+        """The newest record of a finished job that matches `pred` and is not one of `seen`, as soon as
+        there is one (TimeoutError after `timeout` s)."""
+        old = {id(r) for r in seen}
+        with self._records_cv:
+            found: list[JobRecord] = []
+
+            def match() -> bool:
+                found[:] = [r for r in self.records if pred(r) and id(r) not in old]
+                return bool(found)
+
+            if not self._records_cv.wait_for(match, timeout):
+                raise TimeoutError(f"no matching job record within {timeout:.0f}s")
+            return found[-1]
+
+    def _keep(self, record: JobRecord) -> None:
+        with self._records_cv:
+            self.records.append(record)
+            self._records_cv.notify_all()
 
     # ------------------------------------------------------------------------------- lifecycle
     @property
@@ -155,7 +194,7 @@ class Engine:
 
     def _cancel_running(self) -> None:
         for seq in list(self.decoder.seqs):
-            seq.tag[0].cancelled.set()
+            seq.tag.job.cancelled.set()
 
     # ------------------------------------------------------------------------------- worker
     def _run(self) -> None:
@@ -217,51 +256,23 @@ class Engine:
             job.events.put(("done", GenResult("", "cancelled", 0, 0, "", None)))
         else:
             job.events.put(("error", TimeoutError("cancelled before it ran")))
-        self.records.append(job.record)
+        self._keep(job.record)
 
     # ------------------------------------------------------------------------------- model work
-    def _retriever(self, req: GenRequest):
-        """The retriever for a request: kNN ones with the same settings on the same snapshot are shared (one
-        search per step for all their sequences); RIC and parametric ones are per request."""
-        lm = self.lm
-        if req.mode != "knn":
-            ric = {k: v for k, v in (("retriever", req.ric_retriever), ("n_blocks", req.ric_blocks)) if v}
-            return lm.retriever(req.mode, ric=ric or None)
-        key = (id(lm.store), req.k, req.lmbda, req.tau)
-        shared = self._retrievers.get(key)
-        if shared is None or shared.store is not lm.store:
-            shared = lm.retriever("knn", k=req.k, lmbda=req.lmbda, tau=req.tau)
-            self._retrievers[key] = shared
-        return shared
-
     def _admit(self, job: Job) -> Decoding | None:
-        """Validate and set up a generation (its prompt runs in `_join`); None when it was answered here."""
-        req: GenRequest = job.req
+        """Set up a generation (its prompt runs in `_join`); None when it was answered here. The retriever
+        holds the snapshot this request uses throughout, attributions included."""
         job.record.queued_s = time.monotonic() - job.created
         if job.should_stop():
             self._finish_unstarted(job)
             return None
-        lm = self.lm
-        try:  # the retriever holds the snapshot this request uses throughout, attributions included
-            try:
-                retriever = self._retriever(req)
-                ids = lm.prompt_ids(req.prompt, field="prompt")
-                sampling = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature,
-                                          top_p=req.top_p, top_k=req.top_k, stop=tuple(req.stop), seed=req.seed)
-                policy = self.policy.restricted(req.max_verbatim_chars, req.exclude_owners, req.exclude_tiers,
-                                                req.require_notices, prefix="params.")
-            except SiloInputError as exc:
-                if exc.field == "prompt":  # a chat request names its messages, not a prompt
-                    raise InvalidRequest(req.prompt_field, str(exc).split(": ", 1)[1]) from None
-                raise
-            guard = lm.guard(retriever, policy)
-            if retriever is not None:
-                ids = retriever.prepare(lm, req.prompt, ids, sampling, allowed=guard.allowed if guard else None)
+        try:
+            seq = self.lm.start(job.request, policy=self.policy, should_stop=job.should_stop)
         except Exception as exc:  # noqa: BLE001 - delivered to the caller, who maps it to a status
             self._fail(job, exc)
             return None
-        return Decoding(ids, sampling, retriever, guard, job.should_stop,
-                        tag=(job, req, policy, time.monotonic(), [True]))
+        seq.tag = RequestState(job, time.monotonic())
+        return seq
 
     def _join(self, seqs: list[Decoding]) -> None:
         """Run the prompts of the generations admitted together and put them in the batch (one joint prefill;
@@ -273,7 +284,7 @@ class Engine:
             joined = seqs
         except Exception as exc:  # noqa: BLE001 - retried one by one below
             if len(seqs) == 1:
-                self._fail(seqs[0].tag[0], exc)
+                self._fail(seqs[0].tag.job, exc)
                 return
             log.exception("joint prefill of %d generations failed; running them one by one", len(seqs))
             joined = []
@@ -282,7 +293,7 @@ class Engine:
                     self.decoder.add(seq)
                     joined.append(seq)
                 except Exception as exc:  # noqa: BLE001
-                    self._fail(seq.tag[0], exc)
+                    self._fail(seq.tag.job, exc)
         for seq in joined:
             self._deliver(seq)
             if seq.done:
@@ -299,51 +310,51 @@ class Engine:
             self._complete(seq)
 
     def _deliver(self, seq: Decoding) -> None:
-        job, first = seq.tag[0], seq.tag[4]
+        state: RequestState = seq.tag
         for step in seq.take():
             if step.text:
-                if first[0]:
-                    self.metrics.ttft.observe(time.monotonic() - job.created)
-                    first[0] = False
-                job.emit(step.text)
+                if state.awaiting_first_token:
+                    self.metrics.ttft.observe(time.monotonic() - state.job.created)
+                    state.awaiting_first_token = False
+                state.job.emit(step.text)
 
     def _complete(self, seq: Decoding) -> None:
         """A generation left the batch: attribute it, answer, count it."""
-        job, req, policy, t0, _ = seq.tag
+        state: RequestState = seq.tag
+        job = state.job
         try:
-            comp, retriever, lm = seq.completion, seq.retriever, self.lm
+            comp = self.lm.finish(seq)
             n = len(comp.tokens)
             self.metrics.tokens.inc(n)
             self.metrics.finish.labels(comp.finish_reason).inc()
-            atts = lm.attribute(comp, retriever, policy) if retriever is not None or req.attributions else []
             job.record.finish_reason = comp.finish_reason
             job.record.prompt_tokens, job.record.completion_tokens = comp.prompt_tokens, n
             result = GenResult(text=comp.text, finish_reason=comp.finish_reason, prompt_tokens=comp.prompt_tokens,
-                               completion_tokens=n, mode=req.mode, store_generation=comp.store_generation,
-                               attributions=atts, return_attributions=req.attributions,
-                               notices=license_notices(atts, policy), guard_events=comp.guard_events)
+                               completion_tokens=n, mode=comp.mode, store_generation=comp.store_generation,
+                               attributions=comp.attributions, return_attributions=job.request.output.attributions,
+                               notices=comp.notices, guard_events=comp.guard_events)
             self._report(job, result)
         except Exception as exc:  # noqa: BLE001
             self._fail(job, exc)
             return
-        self._answer(job, result, t0)
+        self._answer(job, result, state.admitted)
 
     def _answer(self, job: Job, value, start: float) -> None:
         job.record.run_s = time.monotonic() - start
-        self.records.append(job.record)
+        self._keep(job.record)
         job.events.put(("done", value))
 
     def _fail(self, job: Job, exc: Exception) -> None:
         if not isinstance(exc, SiloInputError):  # (InvalidRequest is one: the caller named the field)
             log.error("job %s (%s) failed", job.id, job.kind, exc_info=exc)
         job.record.error = f"{type(exc).__name__}: {exc}"
-        self.records.append(job.record)
+        self._keep(job.record)
         job.events.put(("error", exc))
 
     def _fail_batch(self) -> None:
         seqs, self.decoder = list(self.decoder.seqs), BatchDecoder(self.lm)
         for seq in seqs:
-            self._fail(seq.tag[0], RuntimeError("the generation step failed; see the server log"))
+            self._fail(seq.tag.job, RuntimeError("the generation step failed; see the server log"))
 
     def _report(self, job: Job, result: GenResult) -> None:
         """Hand a finished generation to `on_result` (the contribution ledger), on the worker."""
@@ -355,12 +366,12 @@ class Engine:
             log.exception("recording job %s in the ledger failed", job.id)
             self.metrics.ledger_errors.inc()
 
-    def _score(self, req: ScoreRequest) -> ScoreResult:
+    def _score(self, req: ScoreRequest) -> ScoreOutput:
         n = len(self.lm.encode(req.text))
         if n > self.max_score_tokens:
             raise InvalidRequest("text", f"{n} tokens; Score accepts at most {self.max_score_tokens}")
-        retriever = self.lm.retriever(req.mode, k=req.k, lmbda=req.lmbda, tau=req.tau)
-        return self.lm.score(req.text, retriever)[0]
+        res = self.lm.score(req.text, self.lm.retriever_for(req.retrieval))[0]
+        return ScoreOutput(res, [self.lm.tokenizer.decode([t]) for t in res.tokens])
 
     def _tokenize(self, text: str) -> tuple[list[int], list[str]]:
         ids = self.lm.encode(text)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 from silo.model.types import Notice, SentenceAttribution
 
-from .requests import GenRequest
+from silo.model.request import GenerationRequest
 
 _ids = itertools.count(1)
 
@@ -65,7 +65,7 @@ class Job:
         self.cancelled = threading.Event()
         self.events: queue.Queue = queue.Queue()  # ("delta", str) ... then ("done", value) or ("error", exc)
         self.record = JobRecord(self.id, kind)
-        self.req: GenRequest | None = None  # a generation's request: admitted into the batch, not run as `fn`
+        self.request: GenerationRequest | None = None  # a generation's: admitted into the batch, not run as `fn`
 
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)

@@ -42,17 +42,9 @@ def store_message(store: Datastore | None, show_path: bool = True) -> pb.StoreIn
 
 def knn_defaults(lm: SiloLM) -> pb.KnnDefaults:
     """What a kNN request without overrides gets: the store's gate, or the fixed settings."""
-    knn = lm.knn
-    msg = pb.KnnDefaults(k=knn.k, lmbda=knn.lmbda, tau=knn.tau, mixture="fixed")
-    retriever = lm.retriever("knn") if lm.store is not None else None
-    if retriever is not None and retriever.mixture.kind == "gated":
-        msg.mixture, msg.k, msg.skip_threshold = "gated", retriever.k, retriever.skip_threshold
-    return msg
+    return pb.KnnDefaults(**lm.served_knn())
 
 
-def _finite(x: float) -> float:
+def finite(x: float) -> float:
     return x if math.isfinite(x) else -1e30  # -inf log-probs (kNN mass 0 with lambda 1) as a large negative
-
-
-# ----------------------------------------------------------------------------------------- services
 

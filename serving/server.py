@@ -12,7 +12,6 @@ runs inside `_handled`, which counts, times and logs the call and turns exceptio
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -22,29 +21,21 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from silo.datastore.blocks import has_blocks
-from silo.datastore.store import Datastore
 
-from silo.core.models import chat_template_of
+from silo.datastore.store import Datastore
 from silo.model.lm import SiloLM
 
+from .auth import check_generation_access, is_admin, require_admin
 from .config import ServeConfig
-from .dataowner import DataOwnerService, check_generation_access
+from .dataowner import DataOwnerService
 from .engine import Engine, GenResult
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
 from .ledger import Ledger, credits_of
-from .messages import _finite, completion_message, knn_defaults, store_message
+from .messages import completion_message, finite, knn_defaults, store_message
 from .metrics import Metrics
-from .requests import (
-    SERVED_MODES,
-    Limits,
-    check_messages,
-    complete_request,
-    generation_request,
-    score_request,
-)
-from .rpc import RpcFailure, _handled, _status_for  # noqa: F401  (re-exported)
+from .requests import Limits, chat_request, complete_request, score_request
+from .rpc import RpcFailure, _handled
 
 log = logging.getLogger("silo.serving")
 SERVICES = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Generation", "Admin", "DataOwner")]
@@ -62,15 +53,20 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def _run(self, req, context, info):
         """Enqueue a generation tied to this call: its deadline, and cancellation when the call ends."""
-        check_generation_access(self.server, dict(context.invocation_metadata()).get("authorization"))
         engine = self._engine()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         job = engine.generate(req, deadline)
         if not context.add_callback(lambda: engine.cancel(job)):
             engine.cancel(job)  # the call already ended
-        info.update(request_id=job.id, mode=req.mode, max_tokens=req.max_tokens)
+        info.update(request_id=job.id, mode=req.retrieval.mode, max_tokens=req.sampling.max_new_tokens)
         return job
+
+    def _request(self, convert, request, context):
+        """The call's GenerationRequest, once its caller may generate (`convert`: the wire's converter)."""
+        check_generation_access(self.server, authorization(context))
+        self._engine()
+        return convert(request, self.server.limits())
 
     def _done(self, res: GenResult, job, info) -> pb.CompleteResponse:
         info.update(finish_reason=res.finish_reason, prompt_tokens=res.prompt_tokens,
@@ -88,49 +84,39 @@ class GenerationService(pb_grpc.GenerationServicer):
             else:
                 yield pb.CompleteChunk(done=self._done(value, job, info))
 
-    def _chat_request(self, request):
-        messages = check_messages(request.messages, self.server.limits())
-        tok = self._engine().lm.tokenizer
-        try:
-            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             chat_template=chat_template_of(tok))
-        except Exception as exc:  # a template may refuse some orders of roles (raise_exception in Jinja)
-            raise RpcFailure(Code.INVALID_ARGUMENT, f"messages: the chat template refused them: {exc}") from None
-        return generation_request(prompt, request.params, self.server.limits(), prompt_field="messages")
-
     @_handled("Complete")
     def Complete(self, request, context, info):
-        req = complete_request(request, self.server.limits())
-        job = self._run(req, context, info)
+        job = self._run(self._request(complete_request, request, context), context, info)
         return self._done(job.result(), job, info)
 
     @_handled("CompleteStream", streaming=True)
     def CompleteStream(self, request, context, info):
-        yield from self._stream(complete_request(request, self.server.limits()), context, info)
+        yield from self._stream(self._request(complete_request, request, context), context, info)
 
     @_handled("Chat")
     def Chat(self, request, context, info):
-        job = self._run(self._chat_request(request), context, info)
+        job = self._run(self._request(chat_request, request, context), context, info)
         return self._done(job.result(), job, info)
 
     @_handled("ChatStream", streaming=True)
     def ChatStream(self, request, context, info):
-        yield from self._stream(self._chat_request(request), context, info)
+        yield from self._stream(self._request(chat_request, request, context), context, info)
 
     @_handled("Score")
     def Score(self, request, context, info):
-        check_generation_access(self.server, dict(context.invocation_metadata()).get("authorization"))
+        check_generation_access(self.server, authorization(context))
         req = score_request(request, self.server.limits())
         remaining = context.time_remaining()
         job = self._engine().score(req, time.monotonic() + remaining if remaining is not None else None)
-        res = job.result()
+        out = job.result()
+        res = out.result
         info.update(request_id=job.id, mode=req.mode, tokens=res.num_tokens)
-        texts = [self._engine().lm.tokenizer.decode([t]) for t in res.tokens]
         msg = pb.ScoreResponse(perplexity=res.perplexity, perplexity_parametric=res.perplexity_parametric,
-                               mode=req.mode,
-                               tokens=[pb.TokenScore(id=t, text=x, logprob_parametric=_finite(float(lp)),
-                                                     logprob=_finite(float(lq)))
-                                       for t, x, lp, lq in zip(res.tokens, texts, res.logp_parametric, res.logp)])
+                               mode=res.mode,
+                               tokens=[pb.TokenScore(id=t, text=x, logprob_parametric=finite(float(lp)),
+                                                     logprob=finite(float(lq)))
+                                       for t, x, lp, lq in zip(res.tokens, out.token_texts, res.logp_parametric,
+                                                               res.logp)])
         if res.store_generation is not None:
             msg.store_generation = res.store_generation
         return msg
@@ -147,13 +133,11 @@ class GenerationService(pb_grpc.GenerationServicer):
     def ModelInfo(self, request, context, info):
         lm = self._engine().lm
         cfg = self.server.cfg
-        limits = self.server.limits()
-        admin = self.server.is_admin(context)  # server paths are the operator's business only
+        admin = is_admin(self.server, authorization(context))  # server paths are the operator's business only
         msg = pb.ModelInfoResponse(
             model_name=Path(cfg.model).name, model_path=cfg.model if admin else "", fingerprint=lm.fingerprint,
             context_length=lm.context_length, vocab_size=lm.vocab_size, training_policy=self.server.policy,
-            knn=knn_defaults(lm),
-            modes=[m for m in SERVED_MODES if (m != "knn" or limits.has_store) and (m != "ric" or limits.has_blocks)],
+            knn=knn_defaults(lm), modes=lm.modes(),
             max_tokens_default=cfg.max_tokens, max_tokens_limit=cfg.max_tokens_limit)
         if lm.store is not None:
             msg.store.CopyFrom(store_message(lm.store, show_path=admin))
@@ -169,16 +153,7 @@ class AdminService(pb_grpc.AdminServicer):
         return self.server.store_lock  # one store change at a time, removals included
 
     def _authorize(self, context) -> Engine:
-        token = self.server.admin_token
-        if token is None:
-            raise RpcFailure(Code.PERMISSION_DENIED, "the admin API is disabled: configure serve.admin_token "
-                                                     "or serve.admin_token_env")
-        given = dict(context.invocation_metadata()).get("authorization")
-        if not given:
-            raise RpcFailure(Code.UNAUTHENTICATED, "missing call metadata 'authorization: Bearer <token>'")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise RpcFailure(Code.PERMISSION_DENIED, "wrong admin token")
+        require_admin(self.server, authorization(context))
         if self.server.engine is None:
             raise RpcFailure(Code.UNAVAILABLE, "the model is still loading; retry shortly")
         return self.server.engine
@@ -244,6 +219,7 @@ class SiloServer:
         self.http = None  # the HTTP door (serving/http), when serve.http_port is set
         self.load_error: BaseException | None = None
         self._ready = threading.Event()
+        self.draining = threading.Event()  # set once drain() refuses new calls
         self.health = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
         # enough threads for every queued request plus the running one plus admin/health/info calls;
@@ -263,20 +239,12 @@ class SiloServer:
         for name in ("", *SERVICES):
             self.health.set(name, status)
 
-    def is_admin(self, context) -> bool:
-        """Did the call present the admin token?"""
-        token = self.admin_token
-        given = dict(context.invocation_metadata()).get("authorization") or ""
-        scheme, _, value = given.partition(" ")
-        return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
-
     def limits(self) -> Limits:
         lm = self.engine.lm
         return Limits(max_tokens_default=self.cfg.max_tokens, max_tokens_limit=self.cfg.max_tokens_limit,
                       max_stop_sequences=self.cfg.max_stop_sequences, vocab_size=lm.vocab_size,
                       max_prompt_chars=self.cfg.max_prompt_chars, max_messages=self.cfg.max_messages,
-                      has_store=lm.store is not None,
-                      has_blocks=lm.store is not None and any(has_blocks(sh.dir) for sh in lm.store.shards))
+                      modes=tuple(lm.modes()))
 
     @property
     def target(self) -> str:
@@ -303,7 +271,7 @@ class SiloServer:
             from .http import HttpDoor  # the OpenAI-compatible API and the owner page, on this server's engine
 
             try:
-                self.http = HttpDoor(self, GenerationService(self)._chat_request).start()
+                self.http = HttpDoor(self).start()
             except BaseException:
                 self.grpc.stop(0)  # one config, both doors: never leave half of it serving
                 raise
@@ -383,6 +351,7 @@ class SiloServer:
         if self.http is not None:
             self.http.close_intake()  # new HTTP requests get 503; those in flight finish below
         stopped = self.grpc.stop(grace)  # new RPCs are refused now; in-flight ones get `grace` seconds
+        self.draining.set()
         # removals being compacted/verified finish first (they need the engine); one still running after
         # the grace period is cut off with the process and resumed by the next start (crash-safe)
         self.dataowner.wait_background(grace)
@@ -401,6 +370,11 @@ class SiloServer:
 
     def stop(self) -> None:
         self.drain(0.0)
+
+
+def authorization(context) -> str | None:
+    """The call's `authorization` metadata."""
+    return dict(context.invocation_metadata()).get("authorization")
 
 
 def _is_loopback(host: str) -> bool:

@@ -18,20 +18,18 @@ retrievers) -> silo.workflows, silo.research -> silo.serving -> silo.cli.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 __version__ = "0.1.0"
 
-# In a source checkout the layers live in sibling folders (training/, datastore/, serving/) that the
-# installed package maps under `silo.` (setuptools package-dir). When this folder is imported straight
-# from the checkout (e.g. `python -m pytest` from the repository root, which puts the root first on
-# sys.path), let `silo.training` & co. resolve to those folders too instead of failing.
-_root = Path(__file__).resolve().parent.parent
-if not (Path(__file__).resolve().parent / "training").is_dir() and (_root / "training" / "__init__.py").is_file():
-    __path__.append(str(_root))  # noqa: F821 - the package's own __path__
+# The layers training/, datastore/ and serving/ of a source checkout are sibling folders that the install
+# maps under `silo.` (setuptools package-dir; an editable install maps them to the checkout). Run code
+# through the installed package (`.venv/bin/silo`, `.venv/bin/pytest`), not with the checkout's root first
+# on sys.path.
 
 _EXPORTS = {
     "SiloLM": "silo.model.lm", "Generation": "silo.model.lm",
+    "GenerationRequest": "silo.model.request", "RetrievalParams": "silo.model.request",
+    "OutputControls": "silo.model.request",
     "KNNConfig": "silo.model.knn", "KNNRetriever": "silo.model.knn",
     "RICConfig": "silo.model.ric", "RICRetriever": "silo.model.ric",
     "SamplingParams": "silo.model.sampling",

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from silo.model.batch import BatchDecoder, KVBatch, prefill_groups
-from silo.model.batch import Sequence as Decoding
+from silo.model.batch import BatchDecoder, Decoding, KVBatch, prefill_groups
 from silo.model.detok import IncrementalDetokenizer
 from silo.model.lm import SiloLM
+from silo.model.request import GenerationRequest, RetrievalParams
 from silo.model.sampling import SamplingParams, sample, sample_rows
 from silo.serving.engine import Engine, Job
-from silo.serving.requests import GenRequest
 
 PROMPTS = ["The quick brown", "To be, or not to be", "In the beginning", "def main():\n   ", "A dictionary is"]
 
@@ -28,6 +27,11 @@ def lm(tiny_model, tiny_store):
 def _alone(lm, prompt, mode, n=12, **kw):
     return lm.complete(prompt, SamplingParams(max_new_tokens=n, temperature=0, **kw), lm.retriever(mode),
                        attribute=False)
+
+
+def greedy(prompt, n, mode) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=n, temperature=0.0),
+                             retrieval=RetrievalParams(mode=mode))
 
 
 def test_greedy_output_is_the_same_batched_and_alone(lm):
@@ -152,8 +156,7 @@ def test_engine_batches_concurrent_requests_with_the_same_output(lm):
     """Through the serving engine: 6 concurrent greedy requests, streamed, equal their unbatched results."""
     engine = Engine(lm, max_queue=16, max_batch=4)
     try:
-        reqs = [GenRequest(prompt=p, max_tokens=10, temperature=0.0, mode=m)
-                for p in PROMPTS[:3] for m in ("parametric", "knn")]
+        reqs = [greedy(p, 10, m) for p in PROMPTS[:3] for m in ("parametric", "knn")]
         jobs = [engine.generate(r) for r in reqs]
         out = []
         for job in jobs:
@@ -168,10 +171,10 @@ def test_engine_batches_concurrent_requests_with_the_same_output(lm):
         steps = engine.metrics.steps._value.get()
         assert steps < sum(r.completion_tokens for _, r in out)  # several sequences per step
         for r, (streamed, res) in zip(reqs, out):
-            alone = _alone(lm, r.prompt, r.mode, n=10)
+            alone = _alone(lm, r.prompt, r.retrieval.mode, n=10)
             assert streamed == res.text == alone.text
             assert res.completion_tokens == len(alone.tokens)
-            if r.mode == "knn":
+            if r.retrieval.mode == "knn":
                 assert res.attributions and res.store_generation == lm.store.generation
     finally:
         engine.stop()
@@ -188,14 +191,14 @@ def test_engine_runs_the_prompts_of_requests_admitted_together_at_once(lm):
         blocker.start()  # the worker waits in a control job while four requests queue up
         while not engine._busy:
             threading.Event().wait(0.01)
-        reqs = [GenRequest(prompt=p, max_tokens=6, temperature=0.0, mode=m) for p, m in
+        reqs = [greedy(p, 6, m) for p, m in
                 [(PROMPTS[0], "knn"), (PROMPTS[1], "knn"), (PROMPTS[2], "parametric"), (PROMPTS[3], "knn")]]
         jobs = [engine.generate(r) for r in reqs]
         gate.set()
         blocker.join(30)
         texts = [job.result(timeout=120).text for job in jobs]
         assert sizes[0] == 4
-        assert texts == [_alone(lm, r.prompt, r.mode, n=6).text for r in reqs]
+        assert texts == [_alone(lm, r.prompt, r.retrieval.mode, n=6).text for r in reqs]
     finally:
         gate.set()
         engine.stop()

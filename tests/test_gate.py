@@ -179,8 +179,7 @@ def test_greedy_decoding_follows_the_more_probable_source(gated):
 def test_joint_prefill_searches_all_prompts_at_once_with_the_same_states(gated, monkeypatch):
     """begin_many: the recent-gain warm-up of sequences joining together from one search of all their
     prompt positions, equal to each prompt's own `begin`; and their greedy text equals each alone."""
-    from silo.model.batch import BatchDecoder
-    from silo.model.batch import Sequence as Decoding
+    from silo.model.batch import BatchDecoder, Decoding
     from silo.model.sampling import SamplingParams
 
     lm = gated[0]

@@ -11,6 +11,7 @@ import torch
 from silo.core.config import ConfigError, validate
 from silo.model.lm import SiloLM
 from silo.model.output_policy import OutputPolicy
+from silo.model.request import OutputControls
 from silo.model.sampling import SamplingParams
 from silo.model.types import SiloInputError
 from silo.model.verbatim import SuffixMatch, longest_suffix_in, matching_spans
@@ -80,11 +81,15 @@ def test_policy_rules_combine_to_the_strictest():
     assert not r.rule("bob", "LicenseRef-PublicDomain").allow and not r.rule("carol", "MIT").allow
     assert r.rule("carol", "LicenseRef-PublicDomain").notice and r.rule("carol", "LicenseRef-PublicDomain").allow
     assert r.restricted(max_verbatim_chars=900).rule("carol", "CC-BY-2.5").cap == 50
+    # a request's controls are checked where they are made, naming the field
     with pytest.raises(SiloInputError) as err:
-        p.restricted(max_verbatim_chars=3, prefix="params.")
-    assert err.value.field == "params.max_verbatim_chars"
-    with pytest.raises(SiloInputError, match="exclude_tiers: unknown tier"):
-        p.restricted(exclude_tiers=["free-ish"])
+        OutputControls(max_verbatim_chars=3)
+    assert err.value.field == "max_verbatim_chars" and err.value.renamed("params.max_verbatim_chars").field == \
+        "params.max_verbatim_chars"
+    with pytest.raises(SiloInputError, match=r"exclude_tiers\[0\]: unknown tier"):
+        OutputControls(exclude_tiers=["free-ish"])
+    assert OutputControls(max_verbatim_chars=50, exclude_owners=["bob"], exclude_tiers=["sw"], require_notices=True
+                          ).policy(p).rule("carol", "CC-BY-2.5").cap == 50
 
 
 def test_policy_config_errors_name_the_field():
@@ -209,15 +214,15 @@ def test_ric_guard_follows_the_prepended_block(ric_lm):
     prompt = quote(doc, 3000)
     ric = lm.retriever("ric")
     guard = lm.guard(ric, capped())
-    ids = ric.prepare(lm, prompt, lm.prompt_ids(prompt), GREEDY, allowed=guard.allowed)
-    assert ric.used and len(ids) > len(lm.prompt_ids(prompt))
-    hit = ric.used[0][0]
+    ids, state = ric.prepare(lm, lm.prompt_ids(prompt), GREEDY, allowed=guard.allowed)
+    assert state.blocks and len(ids) > len(lm.prompt_ids(prompt))
+    hit = state.blocks[0][0]
     key = (hit.shard << 32) | hit.doc
-    assert key in set(ric.documents().tolist())
+    assert key in set(ric.documents(state).tolist())
     # the block's document is followed from the first step: a completion repeating its text is measured,
     # and once past the cap no token may continue it
     block_doc = lm.store.document(hit.shard, hit.doc)
-    guard.observe(block_doc["text"][:50], ric.documents())
+    guard.observe(block_doc["text"][:50], ric.documents(state))
     assert guard.longest[key] == 50 and key in guard.exclude().tolist()
     p = guard.adjust(torch.full((lm.vocab_size,), 1.0 / lm.vocab_size, dtype=torch.float64))
     assert guard.events and guard.events[-1].document_id == block_doc["id"]
@@ -228,9 +233,8 @@ def test_ric_guard_follows_the_prepended_block(ric_lm):
     assert comp.attributions and all(sp.document_id for a in comp.attributions for sp in a.spans)
     # a disallowed owner's blocks are never prepended
     policy = OutputPolicy.model_validate({"owners": {hit.owner: {"allow": False}}})
-    ric2 = lm.retriever("ric")
-    ric2.prepare(lm, prompt, lm.prompt_ids(prompt), GREEDY, allowed=lm.guard(ric2, policy).allowed)
-    assert all(h.owner != hit.owner for h, _ in ric2.used)
+    _, state2 = ric.prepare(lm, lm.prompt_ids(prompt), GREEDY, allowed=lm.guard(ric, policy).allowed)
+    assert state2.blocks and all(h.owner != hit.owner for h, _ in state2.blocks)
 
 
 def test_generate_cli_prints_spans_notices_and_guard_events(tmp_path, tiny_model, tiny_store, copying, capsys):

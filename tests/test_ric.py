@@ -139,6 +139,53 @@ def test_ric_generation_is_attributed_to_the_blocks(ric_lm):
         ric_lm.score("some text here", ric_lm.retriever("ric", ric={"window": ric_lm.context_length}))
 
 
+def test_ric_and_knn_requests_share_one_engine_and_each_gets_what_it_gets_alone(ric_lm):
+    """Per-sequence state: RIC requests with the same settings share one retriever object (as kNN ones
+    do), yet each keeps the blocks its own prompt retrieved; batched with kNN and parametric requests in
+    one engine, every result (text, tokens, attributions) equals the same request run alone."""
+    import threading
+
+    from silo.model.request import GenerationRequest, OutputControls, RetrievalParams
+    from silo.serving.engine import Engine
+
+    docs = [ric_lm.store.shards[i].documents[0] for i in range(len(ric_lm.store.shards))]
+    prompts = [d["text"][3000:3060] for d in docs] + [docs[0]["text"][5000:5060]]
+    reqs = [GenerationRequest(prompt=p, sampling=SamplingParams(max_new_tokens=10, temperature=t, seed=7 + i),
+                              retrieval=RetrievalParams(mode=m), output=OutputControls(attributions=True))
+            for i, p in enumerate(prompts) for m in ("ric", "knn", "parametric") for t in (0.0, 0.9)]
+    alone = [ric_lm.run(r) for r in reqs]
+    ric = [ric_lm.retriever_for(r.retrieval) for r in reqs if r.retrieval.mode == "ric"]
+    assert all(x is ric[0] for x in ric)  # one shared RIC retriever
+    blocks = {tuple(s.document_id for a in c.attributions for s in a.sources)
+              for r, c in zip(reqs, alone) if r.retrieval.mode == "ric"}
+    assert len(blocks) >= 2  # different prompts got blocks of different documents
+    engine = Engine(ric_lm, max_queue=64, max_batch=len(reqs))
+    gate, sizes = threading.Event(), []
+    real = engine.decoder.add_many
+    engine.decoder.add_many = lambda seqs: sizes.append(len(seqs)) or real(seqs)
+    try:
+        blocker = threading.Thread(target=engine.control, args=(gate.wait,))
+        blocker.start()  # the worker waits while every request queues, so they are admitted together
+        while not engine._busy:
+            threading.Event().wait(0.01)
+        jobs = [engine.generate(r) for r in reqs]
+        gate.set()
+        blocker.join(30)
+        results = [job.result(timeout=300) for job in jobs]
+    finally:
+        gate.set()
+        engine.stop()
+    assert sizes[0] == len(reqs)  # all in one batch
+    for r, res, want in zip(reqs, results, alone):
+        assert (res.text, res.completion_tokens, res.mode) == (want.text, len(want.tokens), want.mode), r
+        assert [a.sentence for a in res.attributions] == [a.sentence for a in want.attributions], r
+        for got, exp in zip(res.attributions, want.attributions):
+            assert [s.document_id for s in got.sources] == [s.document_id for s in exp.sources], r
+            assert got.sources or r.retrieval.mode == "parametric"
+            # the same shares, up to the float32 rounding of a left-padded batched forward (~1e-5 seen)
+            assert [x.share for x in got.sources] == pytest.approx([y.share for y in exp.sources], rel=1e-3), r
+
+
 def test_ric_mode_needs_a_store(tiny_model):
     from silo.model.lm import SiloLM
     from silo.model.types import SiloInputError

@@ -9,6 +9,7 @@ import yaml
 
 from silo.cli import main
 from silo.model.lm import SiloLM
+from silo.model.request import GenerationRequest, RetrievalParams
 from silo.model.sampling import SamplingParams
 from silo.model.types import SiloInputError
 
@@ -51,11 +52,14 @@ def test_seeded_generation_is_reproducible(lm):
     b = lm.complete("ROMEO. ", SamplingParams(**kw), "knn")
     assert a.text == b.text and a.tokens == b.tokens
     c = lm.complete("ROMEO. ", SamplingParams(**{**kw, "seed": 7}), "knn")
-    assert len(c.tokens) > 0
+    assert len(c.tokens) == 20 and c.tokens != a.tokens  # another seed, another sample (deterministic here)
     # streamed deltas add up to the final text
     generation = lm.generate("ROMEO. ", SamplingParams(**kw), "knn")
-    streamed = "".join(s.text for s in generation)
-    assert streamed == generation.completion.text == a.text
+    steps = list(generation)
+    assert "".join(s.text for s in steps) == generation.completion.text == a.text
+    assert [s.token for s in steps if s.token >= 0] == a.tokens
+    # iterating a finished generation again yields nothing and keeps its completion
+    assert list(generation) == [] and generation.completion.tokens == a.tokens
 
 
 def test_stop_sequences_and_finish_reasons(lm):
@@ -99,12 +103,19 @@ def test_attribution_names_the_quoted_document(lm):
 
 
 def test_invalid_requests_name_the_argument(lm):
-    with pytest.raises(SiloInputError, match="mode must be one of"):
-        lm.score(["x"], "bogus")
-    with pytest.raises(SiloInputError, match="top_p"):
-        lm.complete("x", SamplingParams(top_p=0))
-    with pytest.raises(SiloInputError, match="context"):
-        lm.complete("word " * 400)
+    cases = [(lambda: lm.score(["x"], "bogus"), "mode", "unknown mode 'bogus'"),
+             (lambda: lm.complete("x", SamplingParams(top_p=0)), "top_p", "must be in (0, 1]"),
+             (lambda: lm.complete("x", SamplingParams(temperature=101)), "temperature", "must be in [0, 100]"),
+             (lambda: lm.complete("x", SamplingParams(stop=("",))), "stop[0]", "1 to 64 characters"),
+             (lambda: lm.complete("word " * 400), "prompt", "the model's context is 128 tokens"),
+             (lambda: lm.complete(""), "prompt", "must not be empty"),
+             (lambda: RetrievalParams(k=0), "k", "must be in [1, 2048]"),
+             (lambda: GenerationRequest(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role",
+              "unknown role 'robot'")]
+    for call, field, words in cases:
+        with pytest.raises(SiloInputError) as err:
+            call()
+        assert err.value.field == field and words in str(err.value) and str(err.value).startswith(field + ": ")
     with pytest.raises(SiloInputError, match="lmbda"):
         lm.score(["x"], lm.retriever("knn", lmbda=2.0))
 

@@ -22,7 +22,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -39,10 +38,8 @@ log = logging.getLogger("silo.serving.http")
 
 
 class HttpDoor:
-    def __init__(self, server, chat_request: Callable):
-        """`chat_request(pb.ChatRequest) -> GenRequest`: the gRPC door's own chat validation and template."""
+    def __init__(self, server):
         self.server = server
-        self.chat_request = chat_request
         self.port: int | None = None
         self._closed = False
         self._uvicorn: uvicorn.Server | None = None
@@ -104,7 +101,7 @@ class HttpDoor:
             if self.server.engine is None:
                 return JSONResponse({"status": "loading"}, status_code=503)
             return {"status": "serving", "fingerprint": self.server.engine.lm.fingerprint,
-                    "queue_depth": queue_depth(self.server.engine)}
+                    "queue_depth": self.server.engine.queue_depth}
 
         @app.get("/")
         async def root():
@@ -192,11 +189,6 @@ class _Errors:
                 m.errors.labels(method, str(state["status"])).inc()
             client = scope.get("client")
             log_request(method, str(state["status"]), started, peer=client[0] if client else "")
-
-
-def queue_depth(engine) -> int:
-    depth = engine.queue_depth
-    return int(depth() if callable(depth) else depth)
 
 
 _COUNTED = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/owner", "/owner/lookup",

@@ -24,10 +24,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..dataowner import check_generation_access
+from ..auth import check_generation_access
 from ..gen import silo_pb2 as pb
 from ..messages import completion_message
-from ..requests import complete_request
+from ..requests import chat_request, complete_request
 from .convert import as_dict
 from .errors import HttpError, bad
 
@@ -241,8 +241,7 @@ def build_router(door) -> APIRouter:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
                 raise bad(f"messages[{i}]", "must be an object with a string role and content")
             msgs.append(pb.ChatMessage(role=m["role"], content=content))
-        chat = pb.ChatRequest(messages=msgs, params=gen_params(body, chat=True))
-        req = await run_in_threadpool(door.chat_request, chat)  # the gRPC door's own validation and template
+        req = chat_request(pb.ChatRequest(messages=msgs, params=gen_params(body, chat=True)), server.limits())
         return await run(request, req, True, stream, include_usage, eng)
 
     @router.get("/v1/models")

@@ -34,10 +34,6 @@ def _append(text: str, start: int, end: int, spans: list[tuple[int, int]]) -> No
         spans.append((start, end))
 
 
-def split_sentences(text: str) -> list[str]:
-    return [text[a:b] for a, b in sentence_spans(text)]
-
-
 def sentence_of_offsets(spans: list[tuple[int, int]], offsets: list[int]) -> list[int]:
     """Index of the sentence each character offset falls in (an offset between sentences goes to the next).
 

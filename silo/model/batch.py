@@ -2,25 +2,30 @@
 
 A step is one batched forward of the sequences' last tokens (their KV caches held together, left-padded
 to one length, with an attention mask and explicit position ids), one batched datastore search per
-retriever (sequences made with the same retriever object share it), then per-sequence mixing, guard,
-sampling, stop handling and incremental detokenisation. Sequences join with `add_many` (prompts of
+token mixer (sequences made with the same kNN retriever object share it; RIC-LM and parametric rows use
+the model's own distribution), then per-sequence mixing, guard, sampling, stop handling and incremental
+detokenisation. Sequences join with `add_many` (prompts of
 similar length run as one left-padded forward, one search per retriever for their prompt positions, and
 their caches are merged into the batch); a sequence leaves when it finishes or is cancelled (its rows
 are dropped and padding no sequence needs any more is trimmed).
 
-`SiloLM.generate` runs one sequence through this same decoder; the serving engine runs many. Each
-sequence keeps the retriever (and so the datastore snapshot) it was made with until it finishes.
+`SiloLM.start` makes a `Decoding` from a request; `SiloLM.generate` runs one through this decoder, the
+serving engine runs many. Each sequence keeps the retriever (and so the datastore snapshot) it was made
+with until it finishes, and its own share of the retriever's state (`SequenceRetrieval`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .detok import IncrementalDetokenizer
+from .guard import VerbatimGuard
+from .output_policy import NO_POLICY, OutputPolicy
+from .protocols import Retriever, SequenceRetrieval
 from .sampling import SamplingParams, find_stop, row_values, sample_rows
 from .types import Completion, GenerationStep, StepSupport
 
@@ -118,23 +123,26 @@ def prefill_groups(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-@dataclass
-class Sequence:
-    """One generation in a batch: its settings, what it has produced, and the steps not yet taken out."""
+@dataclass(eq=False)
+class Decoding:
+    """One generation in a batch: its settings, what it has produced, and the steps not yet taken out.
+    Made by `SiloLM.start` (or directly, from prompt ids); `SiloLM.finish` attributes it once done."""
 
-    ids: list[int]  # the prompt (after the retriever's `prepare`)
+    ids: list[int]  # the prompt the model reads (after the retriever's `prepare`)
     sampling: SamplingParams
-    retriever: object = None
-    guard: object = None
+    retriever: Retriever | None = None
+    guard: VerbatimGuard | None = None
     should_stop: Callable[[], bool] | None = None
-    tag: object = None  # the caller's (the engine keeps its job here)
+    retrieval: SequenceRetrieval = field(default_factory=SequenceRetrieval)  # this sequence's retriever state
+    policy: OutputPolicy = field(default_factory=lambda: NO_POLICY)  # the output policy it is generated under (notices, span evidence)
+    attribute: bool = True  # `SiloLM.finish` attributes its sentences to their sources
+    tag: Any = None  # the caller's record of the request (the serving engine keeps its RequestState here)
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
     released: int = 0
     steps: list[GenerationStep] = field(default_factory=list)
     pending: list[GenerationStep] = field(default_factory=list)
     completion: Completion | None = None
-    _state: object = None  # the retriever's
     _hidden: torch.Tensor | None = None  # [d] input of the output layer at the last position
     _logp: torch.Tensor | None = None  # [V] float64 log-probs of the next token
     _gen: torch.Generator | None = None
@@ -142,6 +150,11 @@ class Sequence:
     _max_stop: int = 0
     _support: StepSupport | None = None  # the chosen token's, until it is taken in
     _docs: Callable[[], np.ndarray] | None = None  # the documents that carried the step (for the guard)
+
+    @property
+    def mixer(self):
+        """The retriever's per-step mixer (kNN-LM), or None: the model's own distribution."""
+        return self.retriever.mixer if self.retriever is not None else None
 
     @property
     def done(self) -> bool:
@@ -162,18 +175,18 @@ class BatchDecoder:
 
     def __init__(self, lm):
         self.lm = lm
-        self.seqs: list[Sequence] = []
+        self.seqs: list[Decoding] = []
         self.kv = KVBatch()
 
     @property
     def active(self) -> int:
         return len(self.seqs)
 
-    def add(self, seq: Sequence) -> Sequence:
+    def add(self, seq: Decoding) -> Decoding:
         """Run the prompt and put the sequence in the batch (finished at once when it may not generate)."""
         return self.add_many([seq])[0]
 
-    def add_many(self, seqs: list[Sequence]) -> list[Sequence]:
+    def add_many(self, seqs: list[Decoding]) -> list[Decoding]:
         """Run the prompts of sequences joining together and put them in the batch (`add` for each, cheaper).
 
         Prompts of similar lengths run as one left-padded forward (`prefill_groups`), and each retriever
@@ -191,8 +204,8 @@ class BatchDecoder:
                 self.seqs.extend(going)
         return seqs
 
-    def _prefill(self, seqs: list[Sequence]) -> tuple:
-        """One forward of `seqs`' prompts: (their cache, mask, the sequences that go on to generate)."""
+    def _prefill(self, seqs: list[Decoding]) -> tuple:
+        """One forward of `seqs`' prompts: (their cache, mask, the sequences; each generates >= 1 token)."""
         lm = self.lm
         T = max(len(s.ids) for s in seqs)
         pad = lm.tokenizer.eos_token_id
@@ -204,32 +217,22 @@ class BatchDecoder:
             hidden, logits, past = lm.forward(ids, mask, past=lm._new_cache(),
                                               position_ids=(mask.cumsum(1) - 1).clamp_min(0))
         last = torch.log_softmax(logits[:, -1].double(), dim=-1)
-        by_retriever: dict[int, list[int]] = {}
+        by_mixer: dict[int, list[int]] = {}
         for row, seq in enumerate(seqs):
             seq._hidden, seq._logp = hidden[row, -1], last[row]
-            if seq.retriever is not None:
-                by_retriever.setdefault(id(seq.retriever), []).append(row)
-        for rows in by_retriever.values():  # the whole prompt's log-probs only for sequences with a retriever
-            r = seqs[rows[0]].retriever
+            if seq.mixer is not None:
+                by_mixer.setdefault(id(seq.mixer), []).append(row)
+        for rows in by_mixer.values():  # the whole prompt's log-probs only for sequences with a mixer
+            mixer = seqs[rows[0]].mixer
             cut = [T - len(seqs[row].ids) for row in rows]  # each row's own positions start here
-            states = r.begin_many([hidden[row, c:].cpu().numpy() for row, c in zip(rows, cut)],
-                                  [torch.log_softmax(logits[row, c:].double(), dim=-1) for row, c in zip(rows, cut)],
-                                  [seqs[row].ids for row in rows])
+            states = mixer.begin_many([hidden[row, c:].cpu().numpy() for row, c in zip(rows, cut)],
+                                      [torch.log_softmax(logits[row, c:].double(), dim=-1) for row, c in zip(rows, cut)],
+                                      [seqs[row].ids for row in rows])
             for row, state in zip(rows, states):
-                seqs[row]._state = state
-        going = []
-        for row, seq in enumerate(seqs):
-            if seq.sampling.max_new_tokens <= 0:
-                self._finish(seq, "length")
-            else:
-                going.append(row)
-        if going and len(going) < len(seqs):
-            idx = torch.tensor(going, dtype=torch.long, device=mask.device)
-            past = _make_cache([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in _cache_layers(past)])
-            mask = mask.index_select(0, idx)
-        return past, mask, [seqs[row] for row in going]
+                seqs[row].retrieval.step_state = state
+        return past, mask, seqs
 
-    def step(self) -> list[Sequence]:
+    def step(self) -> list[Decoding]:
         """One token for every active sequence; returns the sequences that finished in this step."""
         if not self.seqs:
             return []
@@ -254,46 +257,50 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------------------ one step
     def _choose(self, live: list[int]) -> list[int]:
-        """Mix (one search per retriever for all its sequences), guard and sample the next tokens."""
+        """Mix (one search per mixer for all its sequences), guard and sample the next tokens."""
         groups: dict[int, list[int]] = {}
         for i in live:
-            groups.setdefault(id(self.seqs[i].retriever), []).append(i)
+            groups.setdefault(id(self.seqs[i].mixer), []).append(i)
         chosen: dict[int, int] = {}
         for members in groups.values():
             seqs = [self.seqs[i] for i in members]
-            r = seqs[0].retriever
-            logp = torch.stack([s._logp for s in seqs])
-            if r is not None:
-                hidden = torch.stack([s._hidden for s in seqs]).float().cpu().numpy()
-                excl = [s.guard.exclude() if s.guard is not None else None for s in seqs]
-                p, mixes = r.next_token(hidden, logp, [s._state for s in seqs],
-                                        exclude=excl if any(e is not None for e in excl) else None)
-            else:
-                p, mixes = logp.exp(), [None] * len(seqs)
-            pick = p
-            for row, s in enumerate(seqs):  # greedy kNN rows take the more probable source; guards adjust theirs
-                greedy = r is not None and s.sampling.temperature == 0
-                if greedy or s.guard is not None:
-                    if pick is p:
-                        pick = p.clone()
-                    one = r.greedy(mixes[row], p[row], s._logp) if greedy else p[row]
-                    pick[row] = one if s.guard is None else s.guard.adjust(one)
-            tokens = sample_rows(pick.cpu(), [s.sampling for s in seqs], [s._gen for s in seqs])
-            if r is not None:  # (the mixture's own p: attribution splits it among its sources)
-                sups = r.supports(mixes, tokens, p, logp)
-            else:
-                got = row_values(p, tokens)
-                sups = [StepSupport(token=t, p=x, p_parametric=x, p_knn=0.0, lmbda=0.0) for t, x in zip(tokens, got)]
-            for row, (i, s) in enumerate(zip(members, seqs)):
-                s._support = sups[row]
-                if r is not None:
-                    s._docs = lambda m=mixes[row], r=r: r.documents(m)
-                chosen[i] = tokens[row]
-            if r is not None:
-                r.observe(mixes, tokens, logp, [s._state for s in seqs])
+            for i, token in zip(members, self._choose_group(seqs)):
+                chosen[i] = token
         return [chosen[i] for i in live]
 
-    def _advance(self, seq: Sequence, token: int) -> bool:
+    def _choose_group(self, seqs: list[Decoding]) -> list[int]:
+        """The next token of each of `seqs`, which share one mixer (or have none)."""
+        mixer = seqs[0].mixer
+        logp = torch.stack([s._logp for s in seqs])
+        states = [s.retrieval.step_state for s in seqs]
+        if mixer is not None:
+            hidden = torch.stack([s._hidden for s in seqs]).float().cpu().numpy()
+            excl = [s.guard.exclude() if s.guard is not None else None for s in seqs]
+            p, mixes = mixer.next_token(hidden, logp, states, exclude=excl if any(e is not None for e in excl) else None)
+        else:
+            p, mixes = logp.exp(), [None] * len(seqs)
+        pick = p
+        for row, s in enumerate(seqs):  # greedy kNN rows take the more probable source; guards adjust theirs
+            greedy = mixer is not None and s.sampling.temperature == 0
+            if greedy or s.guard is not None:
+                if pick is p:
+                    pick = p.clone()
+                one = mixer.greedy(mixes[row], p[row], s._logp) if greedy else p[row]
+                pick[row] = one if s.guard is None else s.guard.adjust(one)
+        tokens = sample_rows(pick.cpu(), [s.sampling for s in seqs], [s._gen for s in seqs])
+        if mixer is not None:  # (the mixture's own p: attribution splits it among its sources)
+            sups = mixer.supports(mixes, tokens, p, logp)
+            mixer.observe(mixes, tokens, logp, states)
+        else:
+            got = row_values(p, tokens)
+            sups = [StepSupport(token=t, p=x, p_parametric=x, p_knn=0.0, lmbda=0.0) for t, x in zip(tokens, got)]
+        for row, s in enumerate(seqs):
+            s._support = sups[row]
+            if s.guard is not None:
+                s._docs = lambda s=s, m=mixes[row]: s.retriever.documents(s.retrieval, m)
+        return tokens
+
+    def _advance(self, seq: Decoding, token: int) -> bool:
         """Take the chosen token into the sequence; True when the sequence is finished."""
         lm = self.lm
         if token == lm.tokenizer.eos_token_id:
@@ -320,7 +327,7 @@ class BatchDecoder:
             return True
         return False
 
-    def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> None:
+    def _finish(self, seq: Decoding, reason: str, flush: bool = True) -> None:
         if flush:
             seq.text += seq._detok.flush()
         if seq.released < len(seq.text):

@@ -21,6 +21,7 @@ from silo.datastore.store import Datastore, Neighbors
 
 from .attribution import attribute_steps
 from .evidence import MATCH_K, RecentGain, recent_gain, token_gain
+from .protocols import Mixture, SequenceRetrieval
 from .sampling import row_values
 from .types import CONTEXT, GenerationStep, LMState, PositionBatch, ScoreResult, SentenceAttribution, StepSupport
 
@@ -156,7 +157,7 @@ class KNNRetriever:
 
     mode = "knn"
 
-    def __init__(self, store: Datastore, mixture, vocab_size: int, skip=None, skip_threshold: float = 0.0,
+    def __init__(self, store: Datastore, mixture: Mixture, vocab_size: int, skip=None, skip_threshold: float = 0.0,
                  bos: int = 0):
         self.store = store
         self.mixture = mixture
@@ -252,8 +253,15 @@ class KNNRetriever:
     # ------------------------------------------------------------------------------ generation
     WARMUP = 64  # prompt positions whose gain starts a generation's recent-gain average
 
-    def prepare(self, lm, prompt: str, prompt_ids: list[int], sampling, allowed=None) -> list[int]:
-        return prompt_ids
+    @property
+    def mixer(self) -> "KNNRetriever":
+        """kNN-LM mixes p_kNN into every step: the retriever is its own TokenMixer."""
+        return self
+
+    def prepare(self, lm, prompt_ids: list[int], sampling, allowed=None) -> tuple[list[int], SequenceRetrieval]:
+        """The prompt as it is (kNN-LM changes the distribution, not the input); the sequence's step state
+        comes from `begin_many` once the prompt has run."""
+        return prompt_ids, SequenceRetrieval()
 
     def begin(self, hidden: np.ndarray, logp: torch.Tensor, ids: Sequence[int]):
         """A new sequence's state, from the prompt's forward pass (hidden [T, d] and log-probs [T, V] of its
@@ -378,13 +386,14 @@ class KNNRetriever:
             out.append(sup)
         return out
 
-    def documents(self, row: _RowMix, limit: int = 64) -> np.ndarray:
+    def documents(self, state: SequenceRetrieval, row: _RowMix | None = None, limit: int = 64) -> np.ndarray:
         """Keys of the documents of a step's first `limit` neighbours (what a VerbatimGuard follows)."""
-        if row.neighbors is None:
+        if row is None or row.neighbors is None:
             return np.zeros(0, np.int64)
         keys = self.store.doc_keys(row.neighbors.truncate(limit))
         return np.unique(keys[keys >= 0])
 
-    def attribute(self, text: str, steps: Sequence[GenerationStep], span_min_chars: int | None = None
-                  ) -> list[SentenceAttribution]:
+    def attribute(self, text: str, steps: Sequence[GenerationStep], state: SequenceRetrieval | None = None,
+                  span_min_chars: int | None = None) -> list[SentenceAttribution]:
+        """Per sentence: the sources whose neighbours voted for its tokens (the steps' supports)."""
         return attribute_steps(text, steps, self.store, span_min_chars=span_min_chars)

@@ -12,6 +12,11 @@ that holds the datastore snapshot it was made from, so a generation in flight ke
     knn = lm.retriever("knn", k=16, lmbda=0.5)
     ppl = lm.score(["some text"], knn)[0].perplexity
     comp = lm.complete("To be, or not", SamplingParams(max_new_tokens=32, temperature=0), knn)
+
+Every generation takes one path: `start(GenerationRequest) -> Decoding` (prompt ids, retriever, output
+policy, guard, the retriever's `prepare`), a `BatchDecoder` that advances it (alone in `generate` and
+`complete`, with many others in the serving engine), and `finish(decoding) -> Completion` (attribution and
+licence notices).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import weakref
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -26,25 +32,26 @@ import torch
 
 from silo.core.fingerprint import model_fingerprint
 from silo.core.models import load_lm
-from silo.datastore.blocks import BlockStore
+from silo.datastore.blocks import BlockStore, has_blocks
 from silo.datastore.keys import OutputInputCapture, decoder_matches_head_input, window_plan
 from silo.datastore.store import Datastore, DatastoreError
 
+from silo.core.models import chat_template_of
+
 from .attribution import attribute_steps
-from .batch import BatchDecoder
-from .batch import Sequence as Decoding
+from .batch import BatchDecoder, Decoding
 from .gate import Gate
 from .guard import TokenTexts, VerbatimGuard
 from .knn import FixedMixture, KNNConfig, KNNRetriever
 from .output_policy import NO_POLICY, OutputPolicy, license_notices
+from .protocols import Retriever, SequenceRetrieval
+from .request import AUTO, MODES, ChatMessage, GenerationRequest, RetrievalParams
 from .ric import RICConfig, RICRetriever
 from .sampling import SamplingParams
-from .types import (
-    CONTEXT, Completion, GenerationStep, LMState, PositionBatch, ScoreResult, SiloInputError, context_of,
-)
+from .types import CONTEXT, Completion, GenerationStep, LMState, PositionBatch, ScoreResult, SiloInputError, context_of
 
-MODES = ("parametric", "knn", "ric")  # ric: retrieval in context, silo/model/ric.py
 log = logging.getLogger("silo.model")
+_DEFAULT = object()  # `start`: no retriever object given, build one from the request's retrieval settings
 _WARNED: set[str] = set()
 
 
@@ -95,14 +102,27 @@ class Generation:
         gen = lm.generate(prompt, params, retriever)
         for step in gen: print(step.text, end="")
         gen.completion.finish_reason
-    """
 
-    def __init__(self, steps):
-        self._steps = steps
-        self.completion: Completion | None = None
+    Its prompt runs when the iteration starts; iterating again after the end yields nothing more."""
+
+    def __init__(self, lm: "SiloLM", decoding: Decoding):
+        self.decoding = decoding
+        self._lm = lm
+        self._decoder: BatchDecoder | None = None
+
+    @property
+    def completion(self) -> Completion | None:
+        return self.decoding.completion
 
     def __iter__(self) -> Iterator[GenerationStep]:
-        self.completion = yield from self._steps
+        seq = self.decoding
+        if self._decoder is None and not seq.done:
+            self._decoder = BatchDecoder(self._lm)
+            self._decoder.add(seq)
+        yield from seq.take()
+        while not seq.done:
+            self._decoder.step()
+            yield from seq.take()
 
 
 class SiloLM:
@@ -124,9 +144,14 @@ class SiloLM:
         self.fingerprint = model_fingerprint(model, tokenizer)
         self._fast = decoder_matches_head_input(model)
         self._hook_lock = threading.Lock()
+        # the caches below are filled by whichever thread asks first (the engine's worker, a server's RPC
+        # thread reading the kNN defaults): one lock, so two threads never build one twice
+        self._cache_lock = threading.RLock()
+        self._retrievers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._store: Datastore | None = None
         self._blocks: tuple | None = None  # (store snapshot, dense model, BlockStore) for mode ric
         self._gate: tuple | None = None  # (store snapshot, Gate or None)
+        self._has_blocks: tuple | None = None  # (store snapshot, bool)
         self._token_texts: TokenTexts | None = None
         if store is not None:
             self.swap_store(store)
@@ -156,9 +181,12 @@ class SiloLM:
                 f"{self.fingerprint[:23]}...; rebuild the store for this model")
         if store is not None:
             store.check_not_older(self._store)  # a stale snapshot must never come back after a removal
-        old, self._store = self._store, store
-        self._blocks = None  # the RIC block and gate caches belonged to the old snapshot
-        self._gate = None
+        with self._cache_lock:
+            old, self._store = self._store, store
+            self._blocks = None  # the RIC block, gate and retriever caches belonged to the old snapshot
+            self._gate = None
+            self._has_blocks = None
+            self._retrievers = weakref.WeakValueDictionary()
         return old
 
     def newer_store(self) -> Datastore | None:
@@ -179,25 +207,28 @@ class SiloLM:
 
     def blocks(self, dense_model: str | None = None) -> BlockStore:
         """The RIC block store of the attached snapshot (cached until the snapshot changes)."""
-        store = self._store
-        if store is None:
-            raise SiloInputError("mode 'ric' needs a datastore with blocks; attach a store (store path) first", "mode")
-        cached = self._blocks
-        if cached is not None and cached[0] is store and cached[1] == dense_model:
-            return cached[2]
-        bs = BlockStore(store, dense_model)
-        self._blocks = (store, dense_model, bs)
-        return bs
+        with self._cache_lock:
+            store = self._store
+            if store is None:
+                raise SiloInputError("mode 'ric' needs a datastore with blocks; attach a store (store path) first",
+                                     "mode")
+            cached = self._blocks
+            if cached is not None and cached[0] is store and cached[1] == dense_model:
+                return cached[2]
+            bs = BlockStore(store, dense_model)
+            self._blocks = (store, dense_model, bs)
+            return bs
 
     # ----------------------------------------------------------------------------------- retrievers
     def gate(self) -> Gate | None:
         """The gate fitted for the attached snapshot's store (gate.json), cached until the snapshot changes."""
-        store = self._store
-        if store is None:
-            return None
-        if self._gate is None or self._gate[0] is not store:
-            self._gate = (store, Gate.load(store))
-        return self._gate[1]
+        with self._cache_lock:
+            store = self._store
+            if store is None:
+                return None
+            if self._gate is None or self._gate[0] is not store:
+                self._gate = (store, Gate.load(store))
+            return self._gate[1]
 
     def retriever(self, mode: str | None = "knn", k: int | None = None, lmbda: float | None = None,
                   tau: float | None = None, ric: RICConfig | dict | None = None, mixture: str | None = None,
@@ -209,7 +240,7 @@ class SiloLM:
         settings). `skip` overrides the settings' retrieval skipping."""
         mode = mode or "parametric"
         if mode not in MODES:
-            raise SiloInputError(f"mode must be one of {', '.join(MODES)} (got {mode!r})", "mode")
+            raise SiloInputError.of("mode", f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if mode == "parametric":
             return None
         if store is not None and store is not self._store:
@@ -219,14 +250,13 @@ class SiloLM:
         else:
             store, gate = self._store, self.gate()
         if store is None:
-            raise SiloInputError(f"mode '{mode}' needs a datastore; attach one (store path) or use mode 'parametric'",
-                                 "mode")
+            raise SiloInputError.of("mode", self._mode_problem(mode))
         if mode == "ric":
             cfg = ric if isinstance(ric, RICConfig) else None
             return RICRetriever(self.blocks(cfg.dense_model if cfg else (ric or {}).get("dense_model")), ric)
         s = self.knn
         if mixture not in (None, "gated", "fixed"):
-            raise SiloInputError(f"mixture must be gated or fixed (got {mixture!r})", "mixture")
+            raise SiloInputError.of("mixture", f"must be gated or fixed (got {mixture!r})")
         explicit = any(x is not None for x in (k, lmbda, tau))
         if (mixture or s.mixture) == "gated" and not explicit:
             if gate is not None:
@@ -251,12 +281,75 @@ class SiloLM:
         nothing to guard (parametric mode, or no cap and no disallowed document in the policy)."""
         if retriever is None or policy is None or not policy.guarded:
             return None
-        if self._token_texts is None:
-            self._token_texts = TokenTexts.of(self.tokenizer, self.vocab_size)
+        with self._cache_lock:
+            if self._token_texts is None:
+                self._token_texts = TokenTexts.of(self.tokenizer, self.vocab_size)
         return VerbatimGuard(retriever.store, policy, self._token_texts)
 
     def _resolve(self, retriever):
         return self.retriever(retriever) if isinstance(retriever, str) or retriever is None else retriever
+
+    def has_blocks(self) -> bool:
+        """Does the attached snapshot carry RIC-LM blocks (asked once per snapshot)?"""
+        with self._cache_lock:
+            store = self._store
+            if store is None:
+                return False
+            if self._has_blocks is None or self._has_blocks[0] is not store:
+                self._has_blocks = (store, any(has_blocks(sh.dir) for sh in store.shards))
+            return self._has_blocks[1]
+
+    def modes(self) -> list[str]:
+        """The modes this model can serve with its attached snapshot."""
+        return [m for m in MODES if self._mode_problem(m) is None]
+
+    def _mode_problem(self, mode: str) -> str | None:
+        if mode != "parametric" and self._store is None:
+            return f"mode '{mode}' needs a datastore and none is attached; use 'parametric'"
+        if mode == "ric" and not self.has_blocks():
+            return ("mode 'ric' needs a datastore with RIC-LM blocks and the attached store has none (silo "
+                    "datastore build-blocks); use 'knn' or 'parametric'")
+        return None
+
+    def resolve_mode(self, mode: str) -> str:
+        """The mode a request's `mode` means here (auto: knn with a store, else parametric); refuses a mode
+        the attached snapshot cannot serve, naming the field `mode`."""
+        if mode == AUTO:
+            return "knn" if self._store is not None else "parametric"
+        if mode not in MODES:
+            raise SiloInputError.of("mode", f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        problem = self._mode_problem(mode)
+        if problem is not None:
+            raise SiloInputError.of("mode", problem)
+        return mode
+
+    def retriever_for(self, params: RetrievalParams) -> Retriever | None:
+        """The retriever for a request's retrieval settings over the attached snapshot, shared by every
+        request with the same settings while one of them holds it (kNN sequences of one retriever share one
+        search per step; per-sequence state lives in each sequence, so sharing is safe for every mode)."""
+        mode = self.resolve_mode(params.mode)
+        if mode == "parametric":
+            return None
+        key = (mode, params.k, params.lmbda, params.tau, params.mixture, params.skip, params.ric_retriever,
+               params.ric_blocks)
+        with self._cache_lock:
+            store = self._store
+            shared = self._retrievers.get(key)
+            if shared is None or shared.store is not store:
+                shared = self.retriever(mode, k=params.k, lmbda=params.lmbda, tau=params.tau, ric=params.ric,
+                                        mixture=params.mixture, skip=params.skip)
+                self._retrievers[key] = shared
+            return shared
+
+    def served_knn(self) -> dict:
+        """What a kNN request without overrides gets: the store's gate (`mixture` gated, its k and skip
+        threshold) or the LM's fixed settings. Reads the cached gate; builds no retriever."""
+        s = self.knn
+        out = {"mixture": "fixed", "k": s.k, "lmbda": s.lmbda, "tau": s.tau, "skip_threshold": 0.0}
+        gate = self.gate() if s.mixture == "gated" else None
+        if gate is not None:
+            out.update(mixture="gated", k=gate.k, skip_threshold=_skip_threshold(s.skip, gate))
+        return out
 
     # ----------------------------------------------------------------------------------- forward
     @torch.inference_mode()
@@ -287,8 +380,28 @@ class SiloLM:
 
     def check_prompt(self, ids: Sequence[int], field: str = "prompt") -> None:
         if len(ids) >= self.context_length:
-            raise SiloInputError(f"{field}: {len(ids)} tokens (with BOS); the model's context is {self.context_length} "
-                                 "tokens and at least one must be left to generate", field)
+            raise SiloInputError.of(field, f"{len(ids)} tokens (with BOS); the model's context is "
+                                           f"{self.context_length} tokens and at least one must be left to generate")
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """The chat rendered by the tokenizer's chat template (SILO's default where it ships none), ready for
+        the assistant's turn; a template that refuses the messages (some orders of roles) names `messages`."""
+        try:
+            return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                                      tokenize=False, add_generation_prompt=True,
+                                                      chat_template=chat_template_of(self.tokenizer))
+        except Exception as exc:  # noqa: BLE001 - Jinja's raise_exception and friends
+            raise SiloInputError.of("messages", f"the chat template refused them: {exc}") from None
+
+    def request_ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids (BOS first) of a request, checked against the context."""
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+        else:
+            text = request.prompt if request.messages is None else self.chat_prompt(request.messages)
+            ids = [self.tokenizer.eos_token_id] + self.encode(text)
+        self.check_prompt(ids, request.prompt_field)
+        return ids
 
     def collect(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> PositionBatch:
         """Run the LM over texts in sliding windows; every token is scored once (first token after BOS).
@@ -352,6 +465,45 @@ class SiloLM:
                 for sel in (pos.text_index == ti for ti in range(len(texts)))]
 
     # ----------------------------------------------------------------------------------- generation
+    def start(self, request: GenerationRequest, retriever=_DEFAULT, policy: OutputPolicy | None = None,
+              should_stop: Callable[[], bool] | None = None, attribute: bool | None = None) -> Decoding:
+        """Set up one generation (its prompt runs when a `BatchDecoder` adds it): the prompt's ids, the
+        retriever (the request's retrieval settings, or `retriever`: an object, a mode name or None for
+        parametric), the output policy (`policy`, the operator's, tightened by the request's controls), the
+        verbatim guard, and the retriever's `prepare`. `should_stop` is polled before each step
+        (cancellation, deadlines). `attribute` (default: for retrieval modes, or when the request asks for
+        attributions) says whether `finish` attributes the completion."""
+        retriever = self.retriever_for(request.retrieval) if retriever is _DEFAULT else self._resolve(retriever)
+        ids = self.request_ids(request)
+        policy = request.output.policy(policy or NO_POLICY)
+        guard = self.guard(retriever, policy)
+        state = SequenceRetrieval()
+        if retriever is not None:
+            ids, state = retriever.prepare(self, ids, request.sampling, allowed=guard.allowed if guard else None)
+        if attribute is None:
+            attribute = retriever is not None or request.output.attributions
+        return Decoding(ids, request.sampling, retriever, guard, should_stop, retrieval=state, policy=policy,
+                        attribute=attribute)
+
+    def finish(self, decoding: Decoding) -> Completion:
+        """A finished generation's completion, with each sentence attributed to its sources (verbatim spans
+        included) and the licence notices its policy requires, when the decoding was started to attribute."""
+        comp = decoding.completion
+        if comp is None:
+            raise RuntimeError("finish: the generation has not finished yet")
+        if decoding.attribute:
+            comp.attributions = self.attribute(comp, decoding.retriever, decoding.policy, decoding.retrieval)
+            comp.notices = license_notices(comp.attributions, decoding.policy)
+        return comp
+
+    def run(self, request: GenerationRequest, retriever=_DEFAULT, policy: OutputPolicy | None = None,
+            should_stop: Callable[[], bool] | None = None, attribute: bool | None = None) -> Completion:
+        """A request generated to the end on its own and finished (`start`, then `finish`)."""
+        generation = Generation(self, self.start(request, retriever, policy, should_stop, attribute))
+        for _ in generation:
+            pass
+        return self.finish(generation.decoding)
+
     def generate(self, prompt: str, sampling: SamplingParams | None = None, retriever=None,
                  should_stop: Callable[[], bool] | None = None, prompt_ids: list[int] | None = None,
                  policy: OutputPolicy | None = None) -> Generation:
@@ -359,24 +511,27 @@ class SiloLM:
         step. `should_stop` is polled before each step (cancellation, deadlines). `policy` (output controls)
         caps verbatim spans and keeps disallowed documents out, through a VerbatimGuard. Iterate the
         returned `Generation`; its `completion` (text, tokens, finish_reason, ...) is set at the end."""
-        sampling = sampling or SamplingParams()
-        retriever = self._resolve(retriever)
-        ids = prompt_ids if prompt_ids is not None else [self.tokenizer.eos_token_id] + self.encode(prompt)
-        self.check_prompt(ids)
-        guard = self.guard(retriever, policy)
-        if retriever is not None:
-            ids = retriever.prepare(self, prompt, ids, sampling, allowed=guard.allowed if guard else None)
-        return Generation(self._steps(ids, sampling, retriever, should_stop, guard))
+        request = GenerationRequest(prompt=None if prompt_ids is not None else prompt, prompt_ids=prompt_ids,
+                                    sampling=sampling or SamplingParams())
+        return Generation(self, self.start(request, retriever, policy, should_stop))
 
-    def _steps(self, ids: list[int], sampling: SamplingParams, retriever, should_stop, guard=None):
-        """One sequence through the batch decoder (the serving engine runs many through it at once)."""
-        decoder = BatchDecoder(self)
-        seq = decoder.add(Decoding(ids, sampling, retriever, guard, should_stop))
-        yield from seq.take()
-        while not seq.done:
-            decoder.step()
-            yield from seq.take()
-        return seq.completion
+    def complete(self, prompt: str, sampling: SamplingParams | None = None, retriever=None, attribute: bool = True,
+                 should_stop: Callable[[], bool] | None = None, prompt_ids: list[int] | None = None,
+                 policy: OutputPolicy | None = None) -> Completion:
+        """Generate to the end and attribute each sentence to its sources, with verbatim spans and the
+        licence notices `policy` requires (unless `attribute` is False)."""
+        request = GenerationRequest(prompt=None if prompt_ids is not None else prompt, prompt_ids=prompt_ids,
+                                    sampling=sampling or SamplingParams())
+        return self.run(request, retriever, policy, should_stop, attribute)
+
+    def attribute(self, comp: Completion, retriever=None, policy: OutputPolicy | None = None,
+                  retrieval: SequenceRetrieval | None = None) -> list:
+        """Per-sentence sources (and verbatim spans) of a completion made with `retriever` (None:
+        parametric, share 1); `retrieval`: the sequence's own retriever state (RIC-LM's prepended blocks)."""
+        if retriever is None:
+            return attribute_steps(comp.text, comp.steps, None)
+        return retriever.attribute(comp.text, comp.steps, retrieval or SequenceRetrieval(),
+                                   span_min_chars=(policy or NO_POLICY).span_min_chars)
 
     def _new_cache(self):
         from transformers import DynamicCache
@@ -385,25 +540,3 @@ class SiloLM:
             return DynamicCache(config=self.model.config)
         except TypeError:
             return DynamicCache()
-
-    def complete(self, prompt: str, sampling: SamplingParams | None = None, retriever=None, attribute: bool = True,
-                 should_stop: Callable[[], bool] | None = None, prompt_ids: list[int] | None = None,
-                 policy: OutputPolicy | None = None) -> Completion:
-        """Generate to the end and attribute each sentence to its sources, with verbatim spans and the
-        licence notices `policy` requires (unless `attribute` is False)."""
-        retriever = self._resolve(retriever)
-        generation = self.generate(prompt, sampling, retriever, should_stop, prompt_ids, policy)
-        for _ in generation:
-            pass
-        comp = generation.completion
-        if attribute:
-            comp.attributions = self.attribute(comp, retriever, policy)
-            comp.notices = license_notices(comp.attributions, policy or NO_POLICY)
-        return comp
-
-    def attribute(self, comp: Completion, retriever=None, policy: OutputPolicy | None = None) -> list:
-        """Per-sentence sources (and verbatim spans) of a completion made with `retriever` (None:
-        parametric, share 1)."""
-        if retriever is None:
-            return attribute_steps(comp.text, comp.steps, None)
-        return retriever.attribute(comp.text, comp.steps, span_min_chars=(policy or NO_POLICY).span_min_chars)

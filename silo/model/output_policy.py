@@ -32,7 +32,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from silo.core.config import StageConfig
 from silo.core.licenses import TIERS, tier_of
 
-from .types import Notice, SentenceAttribution, SiloInputError
+from .types import Notice, SentenceAttribution
 
 MIN_CAP = 8  # a cap shorter than a few words would forbid the commonest phrases of a language
 NOTICE_TIERS = ("by", "copyleft", "nc")  # whose licences ask for a notice with the text, by default
@@ -100,18 +100,10 @@ class OutputPolicy(StageConfig):
         return any(r.max_verbatim_chars is not None or not r.allow for r in rules)
 
     def restricted(self, max_verbatim_chars: int | None = None, exclude_owners: Iterable[str] = (),
-                   exclude_tiers: Iterable[str] = (), notices: bool = False,
-                   prefix: str = "") -> "OutputPolicy":
+                   exclude_tiers: Iterable[str] = (), notices: bool = False) -> "OutputPolicy":
         """This policy tightened by a request (never loosened: rules only ever combine to the strictest).
-        Errors name the request field (`prefix` + name)."""
-        if max_verbatim_chars is not None and max_verbatim_chars < MIN_CAP:
-            raise SiloInputError(f"{prefix}max_verbatim_chars: must be >= {MIN_CAP} (got {max_verbatim_chars})",
-                                 f"{prefix}max_verbatim_chars")
+        The request's values were validated where they were made (silo.model.request.OutputControls)."""
         exclude_tiers, exclude_owners = list(exclude_tiers), list(exclude_owners)
-        bad = [t for t in exclude_tiers if t not in TIERS]
-        if bad:
-            raise SiloInputError(f"{prefix}exclude_tiers: unknown tier(s) {bad}; tiers are {', '.join(TIERS)}",
-                                 f"{prefix}exclude_tiers")
         if max_verbatim_chars is None and not exclude_tiers and not exclude_owners and not notices:
             return self
         data = self.model_dump()

@@ -36,8 +36,8 @@ from silo.datastore.blocks import BlockHit, BlockStore
 from silo.datastore.keys import window_plan
 
 from .attribution import attribute_blocks, rank_shares
-from .sampling import row_values
-from .types import GenerationStep, ScoreResult, SentenceAttribution, SiloInputError, StepSupport
+from .protocols import SequenceRetrieval
+from .types import GenerationStep, ScoreResult, SentenceAttribution, SiloInputError
 
 
 class RICConfig(StageConfig):
@@ -214,15 +214,17 @@ def ric_collect(lm, texts: Sequence[str], ric: RICConfig | dict | None = None,
 
 class RICRetriever:
     """RIC-LM over one datastore snapshot's blocks: retrieve with the text before the scored window (or
-    the prompt) and prepend the best block(s); the model's own distribution is used as it is."""
+    the prompt) and prepend the best block(s); the model's own distribution is used as it is (no per-step
+    mixer). The blocks a generation's prompt got are that sequence's (`SequenceRetrieval.blocks`), so one
+    retriever serves any number of concurrent generations."""
 
     mode = "ric"
+    mixer = None  # the model's own distribution at every step, over the prompt with blocks prepended
 
     def __init__(self, blocks: BlockStore, cfg: RICConfig | dict | None = None):
         self.blocks = blocks
         self.cfg = as_ric_config(cfg)
         self.store = blocks.store
-        self.used: list[tuple[BlockHit, float]] = []  # blocks prepended by the last `prepare`
 
     @property
     def store_generation(self) -> int:
@@ -238,10 +240,10 @@ class RICRetriever:
                                    logp=rb.logp[sel], mode=self.mode, store_generation=self.store_generation))
         return out
 
-    def prepare(self, lm, prompt: str, prompt_ids: list[int], sampling, allowed=None) -> list[int]:
+    def prepare(self, lm, prompt_ids: list[int], sampling, allowed=None) -> tuple[list[int], SequenceRetrieval]:
         """Retrieve with the prompt and prepend the top block(s), truncated from the left to leave room for
-        the prompt and `sampling.max_new_tokens`; `self.used` records them for attribution. `allowed(shard,
-        doc)` (a VerbatimGuard's) says which documents' blocks may be prepended at all."""
+        the prompt and `sampling.max_new_tokens`; the sequence's state records them for attribution and the
+        guard. `allowed(shard, doc)` (a VerbatimGuard's) says which documents' blocks may be prepended."""
         cfg = self.cfg
         if cfg.ensemble:
             raise SiloInputError("ric.ensemble applies to scoring only; generate with ensemble false", "ric.ensemble")
@@ -263,32 +265,14 @@ class RICRetriever:
         pre = pre[-budget:] if budget > 0 else []
         if not pre:
             used = []
-        self.used = list(zip(used, rank_shares(len(used))))
-        return [lm.tokenizer.eos_token_id] + pre + p_ids
+        state = SequenceRetrieval(blocks=list(zip(used, rank_shares(len(used)))))
+        return [lm.tokenizer.eos_token_id] + pre + p_ids, state
 
-    def begin(self, hidden, logp, ids):
-        return None
-
-    def begin_many(self, hiddens, logps, ids_list) -> list:
-        return [None] * len(ids_list)
-
-    def next_token(self, hidden, logp_lm, states, exclude=None):  # the model's own distribution: nothing to drop
-        return logp_lm.exp(), [None] * len(logp_lm)
-
-    def observe(self, rows, tokens, logp_lm, states) -> None:
-        pass
-
-    def greedy(self, row, p, logp_lm):
-        return p
-
-    def supports(self, rows, tokens: list[int], p, logp_lm) -> list[StepSupport]:
-        return [StepSupport(token=t, p=pt, p_parametric=math.exp(lt), p_knn=0.0, lmbda=0.0)
-                for t, pt, lt in zip(tokens, row_values(p, tokens), row_values(logp_lm, tokens))]
-
-    def documents(self, row=None) -> np.ndarray:
+    def documents(self, state: SequenceRetrieval, row=None) -> np.ndarray:
         """Keys of the prepended blocks' documents (what a VerbatimGuard follows at every step)."""
-        return np.array(sorted({(h.shard << 32) | h.doc for h, _ in self.used}), dtype=np.int64)
+        return np.array(sorted({(h.shard << 32) | h.doc for h, _ in state.blocks}), dtype=np.int64)
 
-    def attribute(self, text: str, steps: Sequence[GenerationStep], span_min_chars: int | None = None
-                  ) -> list[SentenceAttribution]:
-        return attribute_blocks(text, self.used, steps, self.store, span_min_chars)
+    def attribute(self, text: str, steps: Sequence[GenerationStep], state: SequenceRetrieval | None = None,
+                  span_min_chars: int | None = None) -> list[SentenceAttribution]:
+        """Every sentence credited to the sequence's prepended blocks' documents, split by rank."""
+        return attribute_blocks(text, state.blocks if state is not None else [], steps, self.store, span_min_chars)

@@ -11,10 +11,15 @@ import torch
 from .types import SiloInputError
 
 
+MAX_TEMPERATURE = 100.0
+MAX_STOP_CHARS = 64
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token. temperature 0 is greedy; top_k 0 is off; `stop` strings end the
-    completion (the matched text is not returned); the same seed and request give the same text."""
+    completion (the matched text is not returned); the same seed and request give the same text.
+    Every rule about these settings is here: an invalid value raises `SiloInputError` naming the field."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -24,22 +29,25 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", tuple(x for x in (self.stop or ()) if x))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
         if self.max_new_tokens < 1:
-            raise SiloInputError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})", "max_new_tokens")
-        if self.temperature < 0:
-            raise SiloInputError(f"temperature must be >= 0 (got {self.temperature})", "temperature")
-        if not 0 < self.top_p <= 1:
-            raise SiloInputError(f"top_p must be in (0, 1] (got {self.top_p})", "top_p")
+            raise SiloInputError.of("max_new_tokens", f"must be >= 1 (got {self.max_new_tokens})")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= MAX_TEMPERATURE):
+            raise SiloInputError.of("temperature", f"must be in [0, {MAX_TEMPERATURE:g}]; 0 is greedy "
+                                                   f"(got {self.temperature})")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise SiloInputError.of("top_p", f"must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
-            raise SiloInputError(f"top_k must be >= 0 (got {self.top_k})", "top_k")
+            raise SiloInputError.of("top_k", f"must be >= 0; 0 is off (got {self.top_k})")
+        for i, s in enumerate(self.stop):
+            if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+                raise SiloInputError.of(f"stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters (got {s!r})")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise SiloInputError.of("seed", f"must be in [0, 2^63) (got {self.seed})")
 
     def generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
         return torch.Generator().manual_seed(seed)
-
-
-GREEDY = SamplingParams(temperature=0.0)
 
 
 def find_stop(text: str, stop: Sequence[str], start: int = 0) -> int | None:

@@ -20,11 +20,24 @@ def context_of(ids, i: int) -> np.ndarray:
 
 
 class SiloInputError(ValueError):
-    """A request to SiloLM is invalid; the message names the argument (`field`, when known)."""
+    """A request to SiloLM is invalid; the message names the argument (`field`, when known).
 
-    def __init__(self, message: str, field: str | None = None):
+    Made with `of(field, reason)` the message is "field: reason" and both parts stay apart, so a door that
+    spells the field differently (gRPC's `params.max_tokens` for `max_new_tokens`) renames it without
+    parsing the message (`renamed`)."""
+
+    def __init__(self, message: str, field: str | None = None, reason: str | None = None):
         super().__init__(message)
         self.field = field
+        self.reason = reason
+
+    @classmethod
+    def of(cls, field: str, reason: str) -> "SiloInputError":
+        return cls(f"{field}: {reason}", field, reason)
+
+    def renamed(self, field: str) -> "SiloInputError":
+        """The same error, naming the field `field`."""
+        return SiloInputError.of(field, self.reason if self.reason is not None else str(self))
 
 
 @dataclass
