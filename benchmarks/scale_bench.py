@@ -20,7 +20,7 @@ one an owner removal takes out). For each size it prints:
 
 and once, on the demo corpus, datastore build throughput (keys/s) against the pure forward pass (tokens/s).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/scale_bench.py [--sizes 1000000 10000000]
+    .venv/bin/python benchmarks/scale_bench.py [--sizes 1000000 10000000]
         [--factory IVF16384_HNSW32,SQ8] [--nprobe 4] [--tmp /tmp] [--keep]
 
 Needs the demo's model and store (bash scripts/demo.sh). The 10M store takes about 8.1 GB of disk (keys

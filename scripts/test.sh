@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/python -m pytest -q tests "$@"
+exec .venv/bin/pytest -q tests "$@"  # the installed package (the editable install maps the layers)

@@ -1,7 +1,7 @@
 """Generate the Python gRPC code for serving/protos into serving/gen (no manual steps).
 
-    python -m silo.serving.codegen            # rewrite serving/gen/
-    python -m silo.serving.codegen --check    # exit 1 if serving/gen/ is stale or the runtime too old
+    python -P -m silo.serving.codegen            # rewrite serving/gen/ (-P: not the checkout root first)
+    python -P -m silo.serving.codegen --check    # exit 1 if serving/gen/ is stale or the runtime too old
 
 Staleness is judged by what the files define (descriptors, RPC methods, stub fields), not by their text:
 a newer grpcio-tools stamps its own version into the files, which is no reason to regenerate (the lock

@@ -79,3 +79,22 @@ def write_docs(path: Path, docs: list[dict]) -> Path:
         for d in docs:
             fh.write(json.dumps(d) + "\n")
     return path
+
+
+def lock_waiters(path: Path) -> int:
+    """How many flock() calls are blocked on `path` right now (Linux /proc/locks: a waiter's line has
+    '->' before the lock type and the file's device:inode)."""
+    inode = os.stat(path).st_ino
+    with open("/proc/locks", encoding="ascii") as fh:
+        return sum(1 for line in fh if " -> " in line and line.split()[-3].endswith(f":{inode}"))
+
+
+def wait_for_lock_waiter(path: Path, timeout: float = 60.0) -> None:
+    """Return once some thread or process is blocked waiting for the flock on `path`."""
+    import time
+
+    end = time.monotonic() + timeout
+    while lock_waiters(path) == 0:
+        if time.monotonic() > end:
+            raise AssertionError(f"nothing waited for the lock on {path} within {timeout:.0f}s")
+        time.sleep(0.01)

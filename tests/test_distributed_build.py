@@ -47,7 +47,7 @@ def dist_store(tmp_path_factory, tiny_model, corpus_dir, tiny_store):
     cfg = {"datastore": {"model": str(tiny_model), "corpus": [str(corpus_dir / "datastore.jsonl")],
                          "output_dir": str(d / "store"), "window": 128, "stride": 96, "batch_size": 16}}
     (d / "c.yaml").write_text(json.dumps(cfg))  # JSON is YAML
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # accelerate's --cpu launcher starts several processes only through MPI; its torchrun-based launcher
     # (--multi_gpu) runs CPU processes with gloo on a machine without GPUs
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

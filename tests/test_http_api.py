@@ -15,7 +15,6 @@ import pytest
 from silo.model.lm import SiloLM
 from silo.serving.client import SiloClient
 from silo.serving.config import ServeConfig
-from silo.serving.http import queue_depth
 from silo.serving.server import SiloServer
 
 openai = pytest.importorskip("openai", reason="the HTTP API tests drive the server with the official openai client")
@@ -141,7 +140,7 @@ def test_backpressure_is_429(served, oa):
     queued = threading.Thread(target=lambda: oa.completions.create(model="model", prompt=PROMPT, max_tokens=4))
     queued.start()
     deadline = time.monotonic() + 10
-    while queue_depth(served.engine) < 1 and time.monotonic() < deadline:
+    while served.engine.queue_depth < 1 and time.monotonic() < deadline:
         time.sleep(0.005)
     with pytest.raises(openai.RateLimitError) as ei:
         oa.completions.create(model="model", prompt=PROMPT, max_tokens=4)
@@ -149,29 +148,18 @@ def test_backpressure_is_429(served, oa):
     first.close()  # the client goes away: its generation is cancelled, the queued one runs
     queued.join(30)
     assert not queued.is_alive()
-    rec = wait_record(served.engine, lambda r: r.kind == "generate" and r.finish_reason == "cancelled")
+    rec = served.engine.wait_record(lambda r: r.kind == "generate" and r.finish_reason == "cancelled")
     assert 1 <= rec.completion_tokens < LONG["max_tokens"]
 
 
 def test_unary_client_that_gives_up_cancels_its_generation(served, oa):
-    before = set(map(id, served.engine.records))
+    before = list(served.engine.records)
     impatient = oa.with_options(timeout=0.3, max_retries=0)  # one request, one generation
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(model="model", prompt=PROMPT, **{**LONG, "seed": 5})
-    rec = wait_record(served.engine, lambda r: r.kind == "generate" and r.finish_reason == "cancelled"
-                      and r.completion_tokens < LONG["max_tokens"], seen=before)
+    rec = served.engine.wait_record(lambda r: r.kind == "generate" and r.finish_reason == "cancelled"
+                                    and r.completion_tokens < LONG["max_tokens"], seen=before)
     assert rec.completion_tokens >= 1
-
-
-def wait_record(engine, pred, timeout=10.0, seen=frozenset()):
-    """The engine's record of a finished job matching `pred` (not one of `seen`)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        hits = [r for r in list(engine.records) if pred(r) and id(r) not in seen]
-        if hits:
-            return hits[-1]
-        time.sleep(0.02)
-    raise AssertionError("no matching engine record")
 
 
 def test_owner_routes_follow_the_grpc_roles(served):

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 
 import numpy as np
 import pytest
 
+from conftest import wait_for_lock_waiter
+
 from silo.core.config import validate
 from silo.datastore.blocks import build_blocks
 from silo.datastore.build import DatastoreConfig, build_datastore
-from silo.datastore.format import Manifest, StaleGeneration, store_lock
+from silo.datastore.format import LOCK_FILE, Manifest, StaleGeneration, store_lock
 from silo.datastore.journal import verify_store_journal
 from silo.datastore.lookup import lookup
 from silo.datastore.removal import RemovalManager
@@ -150,8 +151,8 @@ def test_block_build_waits_for_the_store_lock(store, tiny_model):
     with store_lock(store):
         t = threading.Thread(target=lambda: (build_blocks(store, tok, 32, 32, ["bm25"], progress=False), done.set()))
         t.start()
-        time.sleep(1.0)
-        assert not done.is_set()  # a removal or compaction in progress holds the store: blocks wait
+        wait_for_lock_waiter(store / LOCK_FILE)  # the build is blocked on the store's lock ...
+        assert not done.is_set()  # ... while a removal or compaction in progress holds the store
     t.join(120)
     assert done.is_set()
 

@@ -118,3 +118,14 @@ def test_source_files_stay_readable():
     long = [f"{p.relative_to(ROOT)}: {n}" for p in modules().values()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 450]
     assert not long, "files over 450 lines:\n" + "\n".join(long)
+
+
+def test_the_checkout_root_is_not_part_of_the_package():
+    """`silo` is the installed package: the layers resolve through the install's mapping, and nothing else
+    of the checkout (tests/, benchmarks/, the root itself) can be imported as part of it."""
+    import importlib.util
+
+    for name in ("silo.training", "silo.datastore", "silo.serving"):
+        assert importlib.util.find_spec(name) is not None, name
+    for name in ("silo.tests", "silo.benchmarks", "silo.silo", "silo.scripts"):
+        assert importlib.util.find_spec(name) is None, name

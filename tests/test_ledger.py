@@ -174,7 +174,7 @@ def test_output_controls_and_ledger_over_concurrent_requests(tmp_path, tiny_mode
 def _start(cfg_path: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "silo.serving.cli", "serve", "--config", str(cfg_path)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env=dict(os.environ))
     line = proc.stdout.readline()
     m = re.search(r"listening on (\S+?):(\d+)", line)
     assert m, f"unexpected first line from silo serve: {line!r}"
@@ -242,7 +242,7 @@ def test_ledger_survives_a_killed_server_process_and_stops_credit_on_opt_out(tmp
     # the report reads the same totals from the file
     out = subprocess.run([sys.executable, "-c", "import sys; from silo.cli import main; sys.exit(main(sys.argv[1:]))",
                           "ledger", "report", "--ledger", str(ledger_path)], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         text=True)
     assert out.returncode == 0, out.stderr
     rows = {r["owner"]: r for r in csv.DictReader(io.StringIO(out.stdout))}
     for owner, (n, t, s) in expected_credit(first + [second, third]).items():
