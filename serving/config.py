@@ -51,6 +51,9 @@ class ServeConfig(StageConfig):
     tls_cert: str | None = None  # PEM paths; both or neither
     tls_key: str | None = None
     grace_seconds: float = Field(10.0, ge=0.0)  # SIGTERM: time in-flight requests get to finish
+    # poll the store's manifest this often and serve a newer generation another process published on the
+    # same folder (shared storage: a removal through another server); None or 0 = off
+    watch_seconds: float | None = Field(2.0, ge=0.0)
     torch_threads: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from silo.datastore.format import Manifest
 from silo.datastore.store import Datastore
 from silo.model.lm import SiloLM
 
@@ -178,27 +179,22 @@ class AdminService(pb_grpc.AdminServicer):
                                  device=cur.device if cur is not None else "cpu")
             new.check_not_older(engine.lm.store)
             prev = engine.control(lambda: engine.lm.swap_store(new))
+        self.server.swapped(prev, new, "swap")
         return self._changed(prev, new, info)
 
     @_handled("ReloadDatastore")
     def ReloadDatastore(self, request, context, info):
         engine = self._authorize(context)
-        with self._lock:
-            cur = engine.lm.store
-            if cur is None:
-                raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached; use SwapDatastore")
-            new = engine.lm.newer_store()  # opened off the worker; swapped in between two requests below
-            if new is None:
-                return pb.DatastoreChange(changed=False, previous=store_message(cur), current=store_message(cur))
-            prev = engine.control(lambda: engine.lm.swap_store(new))
-        return self._changed(prev, new, info)
+        cur = engine.lm.store
+        if cur is None:
+            raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached; use SwapDatastore")
+        change = self.server.reload_store()
+        if change is None:
+            return pb.DatastoreChange(changed=False, previous=store_message(cur), current=store_message(cur))
+        return self._changed(*change, info)
 
     def _changed(self, prev, new, info) -> pb.DatastoreChange:
-        self.server.metrics.store_generation.set(new.generation)
         info.update(store=str(new.path), generation=new.generation)
-        log.info("datastore swapped", extra={"fields": {"event": "store_swap", "store": str(new.path),
-                                                         "generation": new.generation,
-                                                         "previous": str(prev.path) if prev else None}})
         return pb.DatastoreChange(changed=True, previous=store_message(prev), current=store_message(new))
 
 
@@ -220,6 +216,7 @@ class SiloServer:
         self.load_error: BaseException | None = None
         self._ready = threading.Event()
         self.draining = threading.Event()  # set once drain() refuses new calls
+        self._stop_watch = threading.Event()
         self.health = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
         # enough threads for every queued request plus the running one plus admin/health/info calls;
@@ -238,6 +235,45 @@ class SiloServer:
     def _set_health(self, status) -> None:
         for name in ("", *SERVICES):
             self.health.set(name, status)
+
+    def reload_store(self, reason: str = "reload"):
+        """Serve the attached store's current generation on disk, if it is newer: (previous, new) snapshots,
+        or None when nothing changed. Opened off the worker (sharing unchanged shards), swapped in between
+        two requests, under the store lock (removals and swaps in this process go one at a time)."""
+        engine = self.engine
+        if engine is None or engine.lm.store is None:
+            return None
+        with self.store_lock:
+            new = engine.lm.newer_store()
+            if new is None:
+                return None
+            prev = engine.control(lambda: engine.lm.swap_store(new))
+        self.swapped(prev, new, reason)
+        return prev, new
+
+    def swapped(self, prev, new, reason: str) -> None:
+        """Account for a snapshot swap: the generation gauge and a log line."""
+        self.metrics.store_generation.set(new.generation)
+        log.info("datastore swapped", extra={"fields": {"event": "store_swap", "reason": reason, "store": str(new.path),
+                                                         "generation": new.generation,
+                                                         "previous": str(prev.path) if prev else None,
+                                                         "previous_generation": prev.generation if prev else None}})
+
+    def _watch_store(self) -> None:
+        """Poll the store's manifest every `serve.watch_seconds` and serve a newer generation another process
+        published on the same folder (a removal through another server over shared storage). A newer
+        generation is served within watch_seconds plus the time to open the shards that changed."""
+        every = self.cfg.watch_seconds
+        while not self._stop_watch.wait(every):
+            engine = self.engine
+            store = engine.lm.store if engine is not None else None
+            if store is None:
+                continue
+            try:
+                if Manifest.read(store.path).generation > store.generation:
+                    self.reload_store("watch")
+            except Exception:  # noqa: BLE001 - keep watching; the next poll retries
+                log.exception("watching %s for newer generations failed", store.path)
 
     def limits(self) -> Limits:
         lm = self.engine.lm
@@ -315,6 +351,8 @@ class SiloServer:
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
             if resumed:
                 log.info("finished removals left unfinished", extra={"fields": {"event": "resumed", "requests": resumed}})
+            if lm.store is not None and self.cfg.watch_seconds:
+                threading.Thread(target=self._watch_store, name="silo-store-watch", daemon=True).start()
             log.info("ready", extra={"fields": {"event": "ready", "load_s": round(time.monotonic() - t0, 2),
                                                  "model": self.cfg.model, "store": self.cfg.store}})
         except BaseException as exc:
@@ -346,6 +384,7 @@ class SiloServer:
         Returns True if everything in flight finished within the grace period.
         """
         grace = self.cfg.grace_seconds if grace is None else grace
+        self._stop_watch.set()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         t0 = time.monotonic()
         if self.http is not None:
