@@ -272,6 +272,8 @@ class Engine:
             self._fail(job, exc)
             return None
         seq.tag = RequestState(job, time.monotonic())
+        store = seq.retriever.store if seq.retriever is not None else self.lm.store
+        job.record.store_generation = store.generation if store is not None else None
         return seq
 
     def _join(self, seqs: list[Decoding]) -> None:

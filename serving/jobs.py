@@ -53,6 +53,7 @@ class JobRecord:
     queued_s: float = 0.0
     run_s: float = 0.0
     error: str | None = None
+    store_generation: int | None = None  # the datastore snapshot a generation was admitted on
 
 
 class Job:

@@ -57,15 +57,22 @@ def http(server, method, path, body=None, token=None):
 
 def test_health_and_models(served, oa):
     assert http(served, "GET", "/health") == (200, {"status": "serving", "fingerprint": served.engine.lm.fingerprint,
-                                                    "queue_depth": 0})
+                                                    "queue_depth": 0, "store_generation": 1})
     models = oa.models.list().data
     assert [m.id for m in models] == ["model"]  # the model folder's name
     assert models[0].model_extra["silo"]["store_generation"] == 1
 
 
 def test_completion_matches_grpc_and_carries_silo_extension(served, oa):
-    r = oa.completions.create(model="model", prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"lmbda": 0.8})
+    raw = oa.completions.with_raw_response.create(model="model", prompt=PROMPT, max_tokens=24, temperature=0,
+                                                  extra_body={"lmbda": 0.8})
+    r = raw.parse()
     choice = r.choices[0]
+    # every response names the store generation it was served from; a generation's is the one it was admitted on
+    assert raw.headers["x-silo-store-generation"] == "1" == str(choice.model_extra["silo"]["store_generation"])
+    for path in ("/health", "/v1/models", "/owner"):
+        with urllib.request.urlopen(served.http.url + path, timeout=60) as page:
+            assert page.headers["x-silo-store-generation"] == "1", path
     assert choice.text and choice.finish_reason in ("length", "stop") and r.usage.completion_tokens > 0
     ext = choice.model_extra["silo"]
     assert ext["mode"] == "knn" and ext["store_generation"] == 1 and ext["attributions"]

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..metrics import log_request
 from .errors import HttpError, http_error
-from .openai_api import build_router
+from .openai_api import GENERATION_HEADER, build_router
 from .owner_web import build_owner_router
 
 log = logging.getLogger("silo.serving.http")
@@ -90,7 +90,7 @@ class HttpDoor:
             param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
             return error_response(request, HttpError(400, f"{param}: {first.get('msg', 'invalid')}", param))
 
-        app.add_middleware(_Errors, metrics=metrics, error_response=error_response)
+        app.add_middleware(_Errors, metrics=metrics, error_response=error_response, server=self.server)
 
         @app.get("/health")
         async def health():
@@ -100,8 +100,9 @@ class HttpDoor:
                 return JSONResponse({"status": "failed", "error": str(self.server.load_error)}, status_code=503)
             if self.server.engine is None:
                 return JSONResponse({"status": "loading"}, status_code=503)
-            return {"status": "serving", "fingerprint": self.server.engine.lm.fingerprint,
-                    "queue_depth": self.server.engine.queue_depth}
+            lm = self.server.engine.lm
+            return {"status": "serving", "fingerprint": lm.fingerprint, "queue_depth": self.server.engine.queue_depth,
+                    "store_generation": lm.store.generation if lm.store is not None else None}
 
         @app.get("/")
         async def root():
@@ -157,8 +158,19 @@ class _Errors:
     """Outermost: any exception a route raises becomes its status and error body (OpenAI's shape; on /owner a
     page), before the response starts; also counts, times and logs every request like the gRPC door."""
 
-    def __init__(self, app, metrics, error_response):
-        self.app, self.metrics, self.error_response = app, metrics, error_response
+    def __init__(self, app, metrics, error_response, server):
+        self.app, self.metrics, self.error_response, self.server = app, metrics, error_response, server
+
+    def _mark_generation(self, message) -> None:
+        """Every response names the store generation it was served from: a generation's own (set by its
+        route), else the one served when the response starts."""
+        headers = message.setdefault("headers", [])
+        if any(k.lower() == GENERATION_HEADER.encode() for k, _ in headers):
+            return
+        engine = self.server.engine
+        store = engine.lm.store if engine is not None else None
+        if store is not None:
+            headers.append((GENERATION_HEADER.encode(), str(store.generation).encode()))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -170,6 +182,7 @@ class _Errors:
         async def sending(message):
             if message["type"] == "http.response.start":
                 state.update(status=message["status"], sent=True)
+                self._mark_generation(message)
             await send(message)
 
         m = self.metrics

@@ -108,6 +108,15 @@ def silo_extension(res, request_id: str) -> dict:
             "mode": res.mode, "store_generation": res.store_generation, "request_id": request_id}
 
 
+GENERATION_HEADER = "x-silo-store-generation"
+
+
+def generation_header(job) -> dict:
+    """The store generation a generation was admitted on (known before its first token is sent)."""
+    gen = job.record.store_generation
+    return {GENERATION_HEADER: str(gen)} if gen is not None else {}
+
+
 def _usage(res) -> dict:
     return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
             "total_tokens": res.prompt_tokens + res.completion_tokens}
@@ -176,7 +185,7 @@ def build_router(door) -> APIRouter:
             else:
                 choice.update(text=res.text, logprobs=None)
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_id(server),
-                                 "choices": [choice], "usage": _usage(res)})
+                                 "choices": [choice], "usage": _usage(res)}, headers=generation_header(job))
 
         def chunk(choice: dict | None, **extra) -> bytes:
             return _sse({"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
@@ -210,7 +219,8 @@ def build_router(door) -> APIRouter:
                 eng.cancel(job)  # the client went away (or the job ended: then a no-op)
 
         return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          **generation_header(job)})
 
     @router.post("/v1/completions")
     async def completions(request: Request):
