@@ -9,7 +9,8 @@ pins grpcio-tools anyway, so a fresh install regenerates the committed text byte
 
 protoc writes `from silo.v1 import silo_pb2` into the _grpc module (the proto's package path). That
 would resolve against *our* `silo` package, so the import is rewritten to be package-relative
-(`from . import silo_pb2`). The generated files are committed so that installing SILO needs no protoc.
+(`from . import silo_pb2`), and the message classes are registered under the module's real name (not
+`silo.v1.silo_pb2`), so that they pickle. The generated files are committed so that installing SILO needs no protoc.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def generate(dest: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
         for src, name in OUTPUTS:
             text = (Path(tmp) / src).read_text(encoding="utf-8")
             text = re.sub(r"^from silo\.v1 import ", "from . import ", text, flags=re.M)
+            # the message classes' __module__: the module's real name, so that they pickle (Ray sends gRPC
+            # requests to replicas pickled) instead of the proto package's 'silo.v1.silo_pb2', which no
+            # import finds
+            text = text.replace("BuildTopDescriptorsAndMessages(DESCRIPTOR, 'silo.v1.silo_pb2', _globals)",
+                                "BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)")
             out = dest / name
             out.write_text(text, encoding="utf-8")
             written.append(out)

@@ -9,10 +9,11 @@ Authorisation (documented in the proto too):
     the admin everything. Lookups match whole sentences by hash (datastore/lookup.py), never text, and at
     most ``serve.max_lookups`` run at once (RESOURCE_EXHAUSTED beyond).
 
-A removal is recorded and applied on disk by the RPC thread (under the server's store lock, which Admin
-swaps and reloads share, so a stale snapshot can never be swapped back in), the new generation is opened
-there too and swapped in on the engine's worker between two requests: it is live for every request that
-starts after SubmitRemoval returns, and a request in flight finishes on the snapshot it started with.
+A removal goes to the server's store writer (serving/writer.py; in a Ray cluster, the store controller):
+recorded and applied on disk under the store lock, which swaps and reloads share (a stale snapshot can
+never be swapped back in), the new generation opened and swapped in on the engine's worker between two
+requests: it is live for every request that starts after SubmitRemoval returns, and a request in flight
+finishes on the snapshot it started with.
 Compaction then runs on a background thread and the model-based verification on the worker; GetRemoval
 follows received -> applied -> compacted -> verified, or failed with the persisted reason. A server
 started on a store with unfinished removals finishes them first; draining waits for them (a process
@@ -32,10 +33,7 @@ import grpc
 
 from silo.datastore.format import Manifest
 from silo.datastore.lookup import lookup
-from silo.datastore.removal import (
-    RemovalError, RemovalForbidden, RemovalManager, RemovalRequest, RemovalState, RemovalTargets,
-)
-from silo.workflows.removal import PendingRemoval, RemovalWorkflow
+from silo.datastore.removal import RemovalError, RemovalManager, RemovalRequest, RemovalState
 
 from .auth import Caller, resolve_caller
 from .gen import silo_pb2 as pb
@@ -49,12 +47,7 @@ Code = grpc.StatusCode
 class DataOwnerService(pb_grpc.DataOwnerServicer):
     def __init__(self, server):
         self.server = server
-        self._threads: dict[str, threading.Thread] = {}
         self._lookups = threading.BoundedSemaphore(server.cfg.max_lookups)
-
-    @property
-    def _lock(self) -> threading.Lock:
-        return self.server.store_lock  # shared with Admin's swaps and reloads
 
     # ----------------------------------------------------------------------------------- auth
     def _caller(self, context, optional: bool = False) -> Caller | None:
@@ -68,17 +61,6 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         if engine.lm.store is None:
             raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached to this server")
         return RemovalManager(engine.lm.store.path)
-
-    def _check_owner_may(self, caller, targets: RemovalTargets, removed: list[dict]) -> None:
-        """An owner token may only remove its own content: the documents the request removes and the
-        shards it drops (a shard whose documents are all tombstoned still has an owner)."""
-        if caller.role == "admin":
-            return
-        owners = {d["owner"] for d in removed} | {x.owner for x in targets.drop_shards if x.owner}
-        if owners - {caller.name}:
-            raise RpcFailure(Code.PERMISSION_DENIED,
-                             f"an owner token for '{caller.name}' may only remove that owner's content; "
-                             f"this request touches content of {', '.join(sorted(owners - {caller.name}))}")
 
     # ----------------------------------------------------------------------------------- conversion
     def _status_message(self, mgr: RemovalManager, state: RemovalState, generation: int | None = None) -> pb.RemovalStatus:
@@ -116,8 +98,9 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         return self.submit(self._caller(context), request, info)
 
     def submit(self, caller, request, info: dict) -> pb.RemovalStatus:
+        """Hand a removal to the server's store writer (this process's, or a cluster's controller): valid and
+        permitted, it is live for every request that starts after this returns."""
         mgr = self._manager()
-        engine = self.server.engine
         try:
             req = RemovalRequest(owner=request.owner or None, document_ids=list(request.document_ids),
                                  shards=list(request.shards), requester=request.requester, reason=request.reason,
@@ -125,72 +108,18 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         except RemovalError as exc:
             raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
         info.update(request_id=req.request_id, kind=req.kind, caller=caller.name or caller.role)
-        workflow = self._workflow(engine)
-        with self._lock:
-            try:
-                pending = workflow.prepare(req, owner=caller.name if caller.role == "owner" else None)
-            except RemovalForbidden as exc:
-                raise RpcFailure(Code.PERMISSION_DENIED, str(exc)) from None
-            except RemovalError as exc:
-                raise RpcFailure(Code.INVALID_ARGUMENT, str(exc)) from None
-            self._check_owner_may(caller, pending.targets, pending.removed)
-            state = workflow.apply(pending)  # live for every request after this returns
-            if req.kind == "owner" and self.server.ledger is not None:
-                self.server.ledger.mark_removed(req.owner, req.request_id)
-        t = threading.Thread(target=self._finish, name=f"removal-{req.request_id}", daemon=True,
-                             args=(workflow, pending, not request.skip_verification))
-        self._threads[req.request_id] = t
-        t.start()
-        if request.wait:
-            t.join()
-            state = mgr.status(req.request_id)
+        state = self.server.writer.submit_removal(caller, req, verify=not request.skip_verification,
+                                                  wait=request.wait)
         info["status"] = state.status
         return self._status_message(mgr, state)
 
-    def _workflow(self, engine) -> RemovalWorkflow:
-        return RemovalWorkflow(engine.lm, on_model=lambda fn: engine.control(fn, timeout=600), store_lock=self._lock)
-
-    def _finish(self, workflow: RemovalWorkflow, pending: PendingRemoval, verify: bool) -> None:
-        """Compact (bytes leave the disk; the model switches to the compacted generation) and verify, on a
-        background thread; `RemovalWorkflow.finish` persists a failure in the request's state (GetRemoval
-        reports it, also after a restart)."""
-        request_id = pending.request.request_id
-        try:
-            workflow.finish(pending, verify=verify)
-        except Exception as exc:  # noqa: BLE001 - reported through GetRemoval, never kills the server
-            log.error("removal %s failed after it was applied", request_id, exc_info=exc)
-            return
-        log.info("removal finished", extra={"fields": {"event": "removal", "request_id": request_id,
-                                                        "verified": verify}})
-
     def resume_unfinished(self) -> list[str]:
-        """At start: finish removals a previous process left unfinished (apply, compact, receipt), then
-        serve the resulting generation. Returns their request ids."""
-        engine = self.server.engine
-        if engine is None or engine.lm.store is None:
-            return []
-        mgr = RemovalManager(engine.lm.store.path)
-        done = []
-        for rid in mgr.unfinished():
-            with self._lock:
-                try:
-                    mgr.resume(rid)
-                    mgr.record_error(rid, None)
-                    done.append(rid)
-                except Exception as exc:  # noqa: BLE001 - recorded; the server serves what is applied
-                    mgr.record_error(rid, f"{type(exc).__name__}: {exc}")
-                    log.error("could not finish removal %s at start", rid, exc_info=exc)
-        if done:
-            with self._lock:
-                self._workflow(engine).switch()
-        if done:
-            log.info("resumed unfinished removals", extra={"fields": {"event": "removal_resume", "requests": done}})
-        return done
+        """At start: finish removals a previous process left unfinished (see LocalWriter)."""
+        return self.server.writer.resume_unfinished()
 
     def wait_background(self, timeout: float | None = None) -> None:
         """Wait for background compaction/verification threads (tests, draining)."""
-        for t in list(self._threads.values()):
-            t.join(timeout)
+        self.server.writer.wait_background(timeout)
 
     @_handled("GetRemoval")
     def GetRemoval(self, request, context, info):

@@ -17,13 +17,13 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import Any, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from silo.datastore.format import Manifest
-from silo.datastore.store import Datastore
 from silo.model.lm import SiloLM
 
 from .auth import check_generation_access, is_admin, require_admin
@@ -33,6 +33,7 @@ from .engine import Engine, GenResult
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
 from .ledger import Ledger, credits_of
+from .writer import LocalWriter
 from .messages import completion_message, finite, knn_defaults, store_message
 from .metrics import Metrics
 from .requests import Limits, chat_request, complete_request, score_request
@@ -149,10 +150,6 @@ class AdminService(pb_grpc.AdminServicer):
     def __init__(self, server: SiloServer):
         self.server = server
 
-    @property
-    def _lock(self) -> threading.Lock:
-        return self.server.store_lock  # one store change at a time, removals included
-
     def _authorize(self, context) -> Engine:
         require_admin(self.server, authorization(context))
         if self.server.engine is None:
@@ -168,18 +165,12 @@ class AdminService(pb_grpc.AdminServicer):
 
     @_handled("SwapDatastore")
     def SwapDatastore(self, request, context, info):
-        engine = self._authorize(context)
+        self._authorize(context)
         if not request.path:
             raise RpcFailure(Code.INVALID_ARGUMENT, "path: must not be empty")
-        with self._lock:
-            # open and validate off the worker (slow I/O), then swap between two requests on the worker;
-            # swap_store refuses an older generation of the store in use (FAILED_PRECONDITION)
-            cur = engine.lm.store
-            new = Datastore.open(request.path, fingerprint=engine.lm.fingerprint,
-                                 device=cur.device if cur is not None else "cpu")
-            new.check_not_older(engine.lm.store)
-            prev = engine.control(lambda: engine.lm.swap_store(new))
-        self.server.swapped(prev, new, "swap")
+        # opened and validated off the worker, swapped between two requests on it; an older generation of
+        # the store in use is refused (FAILED_PRECONDITION)
+        prev, new = self.server.writer.swap(request.path)
         return self._changed(prev, new, info)
 
     @_handled("ReloadDatastore")
@@ -188,7 +179,7 @@ class AdminService(pb_grpc.AdminServicer):
         cur = engine.lm.store
         if cur is None:
             raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached; use SwapDatastore")
-        change = self.server.reload_store()
+        change = self.server.writer.reload()
         if change is None:
             return pb.DatastoreChange(changed=False, previous=store_message(cur), current=store_message(cur))
         return self._changed(*change, info)
@@ -208,6 +199,7 @@ class SiloServer:
         self.store_lock = threading.Lock()  # store changes (swap, reload, removal) one at a time
         self.ledger: Ledger | None = None  # the contribution ledger (serve.ledger), opened in _load
         self.engine: Engine | None = None
+        self.writer = None  # who changes the store (serving/writer.py); made in _load, once the engine exists
         self.admin_token = cfg.resolved_admin_token()
         self.policy = ""
         self.port: int | None = None
@@ -236,21 +228,6 @@ class SiloServer:
         for name in ("", *SERVICES):
             self.health.set(name, status)
 
-    def reload_store(self, reason: str = "reload"):
-        """Serve the attached store's current generation on disk, if it is newer: (previous, new) snapshots,
-        or None when nothing changed. Opened off the worker (sharing unchanged shards), swapped in between
-        two requests, under the store lock (removals and swaps in this process go one at a time)."""
-        engine = self.engine
-        if engine is None or engine.lm.store is None:
-            return None
-        with self.store_lock:
-            new = engine.lm.newer_store()
-            if new is None:
-                return None
-            prev = engine.control(lambda: engine.lm.swap_store(new))
-        self.swapped(prev, new, reason)
-        return prev, new
-
     def swapped(self, prev, new, reason: str) -> None:
         """Account for a snapshot swap: the generation gauge and a log line."""
         self.metrics.store_generation.set(new.generation)
@@ -271,7 +248,7 @@ class SiloServer:
                 continue
             try:
                 if Manifest.read(store.path).generation > store.generation:
-                    self.reload_store("watch")
+                    self.writer.reload("watch")
             except Exception:  # noqa: BLE001 - keep watching; the next poll retries
                 log.exception("watching %s for newer generations failed", store.path)
 
@@ -330,36 +307,43 @@ class SiloServer:
 
     def _load(self) -> None:
         try:
-            t0 = time.monotonic()
-            lm = self._lm or SiloLM.load(self.cfg.model, self.cfg.store, knn=self.cfg.resolved_knn(),
-                                         device=self.cfg.device, dtype=self.cfg.dtype)
-            prov = Path(self.cfg.model) / "provenance.json"
-            if prov.is_file():
-                import json
-
-                self.policy = json.loads(prov.read_text(encoding="utf-8")).get("policy", {}).get("name", "")
-            if self.cfg.ledger:
-                self.ledger = Ledger(self.cfg.ledger)
-                if lm.store is not None:
-                    self.dataowner.sync_ledger(lm.store.path)
-            self.engine = Engine(lm, max_queue=self.cfg.max_queue, max_batch=self.cfg.max_batch, metrics=self.metrics,
-                                 max_score_tokens=self.cfg.max_score_tokens,
-                                 policy=self.cfg.resolved_output_policy(), on_result=self.record_credit)
-            resumed = self.dataowner.resume_unfinished()  # removals a previous process left unfinished
-            if lm.store is not None:
-                self.metrics.store_generation.set(lm.store.generation)
-            self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            if resumed:
-                log.info("finished removals left unfinished", extra={"fields": {"event": "resumed", "requests": resumed}})
-            if lm.store is not None and self.cfg.watch_seconds:
-                threading.Thread(target=self._watch_store, name="silo-store-watch", daemon=True).start()
-            log.info("ready", extra={"fields": {"event": "ready", "load_s": round(time.monotonic() - t0, 2),
-                                                 "model": self.cfg.model, "store": self.cfg.store}})
+            self.load()
         except BaseException as exc:
             self.load_error = exc
             log.error("loading failed", exc_info=exc)
         finally:
             self._ready.set()
+
+    def load(self, writer: Callable[["SiloServer"], Any] | None = None) -> None:
+        """Load the model (unless one was given), open the ledger, start the engine and the store's writer,
+        finish removals a previous process left unfinished, then report SERVING. `writer(server)` makes
+        another writer than this process's own (a cluster replica hands every change to the controller,
+        which also keeps the ledger)."""
+        t0 = time.monotonic()
+        lm = self._lm or SiloLM.load(self.cfg.model, self.cfg.store, knn=self.cfg.resolved_knn(),
+                                     device=self.cfg.device, dtype=self.cfg.dtype)
+        self.policy = training_policy(self.cfg.model)
+        if self.cfg.ledger and writer is None:
+            self.ledger = Ledger(self.cfg.ledger)
+            if lm.store is not None:
+                self.dataowner.sync_ledger(lm.store.path)
+        self.engine = Engine(lm, max_queue=self.cfg.max_queue, max_batch=self.cfg.max_batch, metrics=self.metrics,
+                             max_score_tokens=self.cfg.max_score_tokens,
+                             policy=self.cfg.resolved_output_policy(), on_result=self.record_credit)
+        engine = self.engine
+        self.writer = writer(self) if writer is not None else LocalWriter(
+            lm, on_model=lambda fn: engine.control(fn, timeout=600), store_lock=self.store_lock, ledger=self.ledger,
+            on_swap=self.swapped)
+        resumed = self.writer.resume_unfinished()  # removals a previous process left unfinished
+        if lm.store is not None:
+            self.metrics.store_generation.set(lm.store.generation)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if resumed:
+            log.info("finished removals left unfinished", extra={"fields": {"event": "resumed", "requests": resumed}})
+        if lm.store is not None and self.cfg.watch_seconds:
+            threading.Thread(target=self._watch_store, name="silo-store-watch", daemon=True).start()
+        log.info("ready", extra={"fields": {"event": "ready", "load_s": round(time.monotonic() - t0, 2),
+                                             "model": self.cfg.model, "store": self.cfg.store}})
 
     def record_credit(self, request_id: str, res: GenResult) -> None:
         """The engine's hook for each finished generation: credit its owners in the ledger and metrics."""
@@ -409,6 +393,16 @@ class SiloServer:
 
     def stop(self) -> None:
         self.drain(0.0)
+
+
+def training_policy(model: str) -> str:
+    """The licence policy the model's weights were trained under (its provenance.json), or ""."""
+    import json
+
+    prov = Path(model) / "provenance.json"
+    if not prov.is_file():
+        return ""
+    return json.loads(prov.read_text(encoding="utf-8")).get("policy", {}).get("name", "")
 
 
 def authorization(context) -> str | None:

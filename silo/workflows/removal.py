@@ -66,15 +66,18 @@ class RemovalWorkflow:
 
     `on_model(fn)` runs `fn` where the model may be touched: the server passes its engine's control hook
     (between two requests); the CLI runs it in place. `store_lock` (a context manager) is held while the
-    store's files change in `compact` (the server's lock, shared with its swaps and reloads)."""
+    store's files change in `compact` (the server's lock, shared with its swaps and reloads). `on_switch`
+    (optional) is told every store snapshot the LM switched to (a cluster rolls it out to its replicas)."""
 
     def __init__(self, lm: SiloLM, on_model: Callable[[Callable[[], Any]], Any] | None = None,
-                 progress: bool = False, store_lock: AbstractContextManager | None = None):
+                 progress: bool = False, store_lock: AbstractContextManager | None = None,
+                 on_switch: Callable[[Datastore], None] | None = None):
         if lm.store is None:
             raise SiloInputError("lm has no datastore attached; load it with a store to remove from", "store")
         self.lm = lm
         self.on_model = on_model or (lambda fn: fn())
         self.store_lock = store_lock or nullcontext()
+        self.on_switch = on_switch
         self.manager = RemovalManager(lm.store.path)
         self._say = (lambda msg: print(f"optout: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
 
@@ -92,6 +95,8 @@ class RemovalWorkflow:
         new = self.lm.newer_store()
         if new is not None:
             self.on_model(lambda: self.lm.swap_store(new))
+            if self.on_switch is not None:
+                self.on_switch(new)
 
     def apply(self, pending: PendingRemoval) -> RemovalState:
         """Record and apply the request (file work under the store's lock, not where the model runs); the
