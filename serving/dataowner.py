@@ -44,6 +44,12 @@ log = logging.getLogger("silo.serving.dataowner")
 Code = grpc.StatusCode
 
 
+def removed_owners(store_path) -> list[tuple[str, str]]:
+    """(owner, request id) of every applied owner removal recorded in the store."""
+    return [(st.request.owner, st.request.request_id) for st in RemovalManager(store_path).list()
+            if st.request.kind == "owner" and st.request.owner and st.status in ("applied", "compacted", "verified")]
+
+
 class DataOwnerService(pb_grpc.DataOwnerServicer):
     def __init__(self, server):
         self.server = server
@@ -66,7 +72,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
     def _status_message(self, mgr: RemovalManager, state: RemovalState, generation: int | None = None) -> pb.RemovalStatus:
         """`generation`: the store's current generation, when the caller has read it already."""
         r = state.request
-        status = state.status
+        status = state.served_status
         error = state.error or ""
         if error and status != "verified":
             status = "failed"
@@ -110,7 +116,7 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         info.update(request_id=req.request_id, kind=req.kind, caller=caller.name or caller.role)
         state = self.server.writer.submit_removal(caller, req, verify=not request.skip_verification,
                                                   wait=request.wait)
-        info["status"] = state.status
+        info["status"] = state.served_status
         return self._status_message(mgr, state)
 
     def resume_unfinished(self) -> list[str]:
@@ -121,6 +127,10 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         """Wait for background compaction/verification threads (tests, draining)."""
         self.server.writer.wait_background(timeout)
 
+    def finishing(self, request_id: str) -> bool:
+        """Is the request's compaction or verification still running?"""
+        return self.server.writer.finishing(request_id)
+
     @_handled("GetRemoval")
     def GetRemoval(self, request, context, info):
         return self.get(self._caller(context), request.request_id)
@@ -129,10 +139,15 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
         mgr = self._manager()
         return self._status_message(mgr, self._load_state(mgr, caller, request_id))
 
+    def state(self, caller, request_id: str) -> RemovalState:
+        """The saved state of a request the caller may see (the owners' page shows its timestamps)."""
+        return self._load_state(self._manager(), caller, request_id)
+
     @_handled("GetReceipt")
     def GetReceipt(self, request, context, info):
         state, receipt = self.receipt(self._caller(context), request.request_id)
-        return pb.Receipt(request_id=request.request_id, status=state.status, json=json.dumps(receipt, indent=1))
+        return pb.Receipt(request_id=request.request_id, status=state.served_status,
+                          json=json.dumps(receipt, indent=1))
 
     def receipt(self, caller, request_id: str) -> tuple[RemovalState, dict]:
         mgr = self._manager()
@@ -162,10 +177,8 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
     def sync_ledger(self, store_path) -> None:
         """Mark in the ledger every owner removed from the store (removal records, e.g. removals made with
         `silo datastore remove` while no server ran), so they get no new credit."""
-        for state in RemovalManager(store_path).list():
-            r = state.request
-            if r.kind == "owner" and r.owner and state.status in ("applied", "compacted", "verified"):
-                self.server.ledger.mark_removed(r.owner, r.request_id)
+        for owner, request_id in removed_owners(store_path):
+            self.server.ledger.mark_removed(owner, request_id)
 
     @_handled("GetLedger")
     def GetLedger(self, request, context, info):

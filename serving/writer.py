@@ -48,22 +48,25 @@ class LocalWriter:
     """The store's only writer in this process (see the module docstring). `lm` is the model whose store
     changes; `on_model(fn)` runs fn where the model may be touched (a server's engine worker, between two
     requests); `store_lock` serialises every change; `ledger` (optional) stops an owner's credit once an
-    owner removal is applied; `on_swap(prev, new, reason)` accounts for a swap (metrics, log)."""
+    owner removal is applied; `on_swap(prev, new, reason)` accounts for a swap (metrics, log);
+    `replica_check` verifies a removal on a cluster's replicas (see RemovalWorkflow)."""
 
     def __init__(self, lm: SiloLM, on_model: Callable[[Callable[[], Any]], Any], store_lock: threading.Lock,
                  ledger=None, on_switch: Callable[[Datastore], None] | None = None,
-                 on_swap: Callable[[Datastore | None, Datastore, str], None] | None = None):
+                 on_swap: Callable[[Datastore | None, Datastore, str], None] | None = None,
+                 replica_check: Callable[[PendingRemoval], dict] | None = None):
         self.lm = lm
         self.on_model = on_model
         self.store_lock = store_lock
         self.ledger = ledger
         self.on_switch = on_switch
         self.on_swap = on_swap
+        self.replica_check = replica_check
         self._threads: dict[str, threading.Thread] = {}
 
     def workflow(self) -> RemovalWorkflow:
         return RemovalWorkflow(self.lm, on_model=self.on_model, store_lock=self.store_lock,
-                               on_switch=self.on_switch)
+                               on_switch=self.on_switch, replica_check=self.replica_check)
 
     # ------------------------------------------------------------------------------ removals
     def submit_removal(self, caller: Caller, req: RemovalRequest, verify: bool = True, wait: bool = False
@@ -122,7 +125,7 @@ class LocalWriter:
                     log.error("could not finish removal %s at start", rid, exc_info=exc)
         if done:
             with self.store_lock:
-                self.workflow().switch()
+                self.workflow().switch(*done)
             log.info("resumed unfinished removals", extra={"fields": {"event": "removal_resume", "requests": done}})
         return done
 
@@ -130,6 +133,11 @@ class LocalWriter:
         """Wait for background compaction/verification threads (tests, draining)."""
         for t in list(self._threads.values()):
             t.join(timeout)
+
+    def finishing(self, request_id: str) -> bool:
+        """Is the request's compaction or verification still running here?"""
+        thread = self._threads.get(request_id)
+        return thread is not None and thread.is_alive()
 
     # ------------------------------------------------------------------------------ swaps
     def swap(self, path: str) -> tuple[Datastore | None, Datastore]:

@@ -198,7 +198,7 @@ def build_owner_router(door) -> APIRouter:
     async def page_status(request: Request, request_id: str):
         caller = page_caller(request, required=True)
         status = as_dict(await run_in_threadpool(actions.get, caller, request_id))
-        stamps = await run_in_threadpool(lambda: actions._manager().status(request_id).timestamps)
+        stamps = (await run_in_threadpool(actions.state, caller, request_id)).timestamps
         final = status["status"] in ("verified", "failed") or (status["status"] == "compacted"
                                                                  and "verified" not in stamps and _unverified(actions, request_id))
         return render("removal.html", removal=status, stamps=stamps, final=final, signed_in=caller)
@@ -214,12 +214,11 @@ def build_owner_router(door) -> APIRouter:
     async def page_receipt_html(request: Request, request_id: str):
         caller = page_caller(request, required=True)
         state, receipt = await run_in_threadpool(actions.receipt, caller, request_id)
-        return HTMLResponse(receipt_html(request_id, state.status, receipt))
+        return HTMLResponse(receipt_html(request_id, state.served_status, receipt))
 
     return router
 
 
 def _unverified(actions, request_id: str) -> bool:
     """A removal submitted without verification stops at compacted."""
-    thread = actions._threads.get(request_id)
-    return thread is None or not thread.is_alive()
+    return not actions.finishing(request_id)
