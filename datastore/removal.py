@@ -195,16 +195,18 @@ class RemovalManager:
                               generation=int(manifest.generation))
 
     # ------------------------------------------------------------------------------ submit / apply
-    def submit(self, request: RemovalRequest | dict) -> RemovalState:
+    def submit(self, request: RemovalRequest | dict, rollout_required: bool = False) -> RemovalState:
         """Record the request (journal ``removal_received``) and apply it; returns the state (status
-        ``applied``). Nothing is changed when validation fails."""
+        ``applied``). Nothing is changed when validation fails. `rollout_required`: the store is served by
+        a cluster whose steps count only once rolled out to every replica (`record_rollout`)."""
         req = RemovalRequest.coerce(request)
         with self._lock():
             if self._state_path(req.request_id).exists():
                 raise RemovalError(f"request_id: {req.request_id!r} already exists in {self.path}", "request_id")
             targets = self.resolve(req)
             state = RemovalState(request=req, status="received", timestamps={"received": now()}, targets=targets,
-                                 generation_before=targets.generation, store=str(self.path))
+                                 generation_before=targets.generation, store=str(self.path),
+                                 rollout_required=rollout_required)
             self._save(state)
             self._journal_received(state)
             crash_point("after_journal_received")
@@ -380,6 +382,14 @@ class RemovalManager:
                 state.error = error
                 self._save(state)
 
+    def record_rollout(self, request_id: str, rollout: dict) -> None:
+        """Keep the record of a generation this request produced being rolled out to a cluster's replicas
+        (which replica acknowledged it when, which left rotation)."""
+        with self._lock():
+            state = self._load(request_id)
+            state.rollouts.append(rollout)
+            self._save(state)
+
     def record_verification(self, request_id: str, verification: dict) -> dict:
         """Attach LM verification results to the receipt (status ``verified``); journal
         ``removal_verified``. Returns the receipt."""
@@ -424,6 +434,7 @@ class RemovalManager:
                             "compacted": state.generation_compacted, "current": int(manifest.generation)},
             "timestamps": dict(state.timestamps, receipt=now()),
             "verification": state.verification,
+            **({"rollouts": state.rollouts} if state.rollout_required else {}),
             "journal": [{"seq": r["seq"], "event": r["event"], "hash": r["hash"]} for r in mine],
         }
         self.receipts_dir.mkdir(exist_ok=True)

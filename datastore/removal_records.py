@@ -24,6 +24,9 @@ class RemovalError(DatastoreError):
         super().__init__(message)
         self.field = field
 
+    def __reduce__(self):  # pickles with its field (between processes)
+        return type(self), (str(self), self.field)
+
 
 class RemovalForbidden(RemovalError):
     """The caller may not remove what the request names (another owner's content)."""
@@ -176,10 +179,28 @@ class RemovalState:
     verification: dict | None = None
     error: str | None = None  # why the work after "applied" failed (persisted; cleared when it succeeds)
     updated: str = ""
+    # a cluster's store: a step counts only once its generation reached every replica (`rollouts`: one
+    # record per generation rolled out, with each replica's acknowledgement)
+    rollout_required: bool = False
+    rollouts: list = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def served_status(self) -> str:
+        """The status as every server sees it. Where a rollout is required (a cluster's store), `applied`
+        and `compacted` count only once their generation has been rolled out to every replica; until
+        then the previous step is reported."""
+        if not self.rollout_required or self.status == "received":
+            return self.status
+        rolled = max((int(r["generation"]) for r in self.rollouts), default=-1)
+        if rolled < (self.generation_applied or 0):
+            return "received"
+        if self.status in ("compacted", "verified") and rolled < (self.generation_compacted or 0):
+            return "applied"
+        return self.status
 
     def owners(self) -> set[str]:
         """Owners the request is about: shard owners, the owners of its documents (a domain-sharded shard has

@@ -36,6 +36,9 @@ class UnknownToken(RpcFailure):
     def __init__(self):
         super().__init__(Code.PERMISSION_DENIED, "token not recognised (neither the admin token nor an owner token)")
 
+    def __reduce__(self):
+        return type(self), ()
+
 
 def token_matches(given: str, configured: str) -> bool:
     """Constant-time check of a presented token against a configured value (plain or sha256:<hex>)."""

@@ -67,11 +67,13 @@ class ScoreOutput:
 class Engine:
     def __init__(self, lm: SiloLM, max_queue: int = 16, metrics: Metrics | None = None,
                  max_score_tokens: int = 4096, policy: OutputPolicy | None = None,
-                 on_result: Callable[[str, GenResult], Any] | None = None, max_batch: int = 8):
+                 on_result: Callable[[str, GenResult], Any] | None = None, max_batch: int = 8, id_prefix: str = ""):
         """`policy`: the operator's output controls; `on_result(request_id, result)` is called on the worker
         with every finished generation before its result is delivered (the server records it in the
-        contribution ledger); a failure there is logged and does not fail the request."""
+        contribution ledger); a failure there is logged and does not fail the request. `id_prefix` starts every
+        job id (a cluster replica's name, so request ids are unique across replicas)."""
         self.lm = lm
+        self.id_prefix = id_prefix
         self.policy = policy or NO_POLICY
         self.on_result = on_result
         self.max_queue = max_queue
@@ -117,16 +119,16 @@ class Engine:
         self._finish_unstarted(job)
 
     def generate(self, request: GenerationRequest, deadline: float | None = None) -> Job:
-        job = Job("generate", None, deadline)
+        job = Job("generate", None, deadline, self.id_prefix)
         job.request = request
         return self._submit(job)
 
     def score(self, req: ScoreRequest, deadline: float | None = None) -> Job:
-        return self._submit(Job("score", lambda job: self._score(req), deadline))
+        return self._submit(Job("score", lambda job: self._score(req), deadline, self.id_prefix))
 
     def tokenize(self, text: str) -> Job:
         # on the worker too: HF fast tokenizers are not safe to call from several threads at once
-        return self._submit(Job("tokenize", lambda job: self._tokenize(text)))
+        return self._submit(Job("tokenize", lambda job: self._tokenize(text), prefix=self.id_prefix))
 
     def control(self, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
         """Run `fn` on the worker between requests (ahead of queued ones) and return its result."""

@@ -57,8 +57,9 @@ class JobRecord:
 
 
 class Job:
-    def __init__(self, kind: str, fn: Callable[["Job"], Any] | None, deadline: float | None = None):
-        self.id = f"{kind[:1]}{next(_ids):06d}"
+    def __init__(self, kind: str, fn: Callable[["Job"], Any] | None, deadline: float | None = None,
+                 prefix: str = ""):
+        self.id = f"{prefix}{kind[:1]}{next(_ids):06d}"  # prefix: the replica's name in a cluster
         self.kind = kind
         self.fn = fn
         self.deadline = deadline  # time.monotonic() value, or None

@@ -25,6 +25,9 @@ class InvalidRequest(SiloInputError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}", field, message)
 
+    def __reduce__(self):
+        return type(self), (self.field, self.reason)
+
 
 def _wire_field(field: str | None, prefix: str) -> str:
     """A refused field of the model's request objects as the wire names it."""

@@ -25,6 +25,9 @@ class RpcFailure(Exception):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self):  # travels between processes (a cluster's replicas and its store controller)
+        return type(self), (self.code, str(self))
+
 
 def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RpcFailure):

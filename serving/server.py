@@ -192,8 +192,10 @@ class AdminService(pb_grpc.AdminServicer):
 # ----------------------------------------------------------------------------------------- server
 
 class SiloServer:
-    def __init__(self, cfg: ServeConfig, lm: SiloLM | None = None):
+    def __init__(self, cfg: ServeConfig, lm: SiloLM | None = None, replica: str = ""):
+        """`replica`: this server's name among a cluster's replicas (it starts every request id)."""
         self.cfg = cfg
+        self.replica = replica
         self._lm = lm  # an already loaded SiloLM (tests, embedding); else loaded from cfg in start()
         self.metrics = Metrics()
         self.store_lock = threading.Lock()  # store changes (swap, reload, removal) one at a time
@@ -329,7 +331,8 @@ class SiloServer:
                 self.dataowner.sync_ledger(lm.store.path)
         self.engine = Engine(lm, max_queue=self.cfg.max_queue, max_batch=self.cfg.max_batch, metrics=self.metrics,
                              max_score_tokens=self.cfg.max_score_tokens,
-                             policy=self.cfg.resolved_output_policy(), on_result=self.record_credit)
+                             policy=self.cfg.resolved_output_policy(), on_result=self.record_credit,
+                             id_prefix=f"{self.replica}-" if self.replica else "")
         engine = self.engine
         self.writer = writer(self) if writer is not None else LocalWriter(
             lm, on_model=lambda fn: engine.control(fn, timeout=600), store_lock=self.store_lock, ledger=self.ledger,

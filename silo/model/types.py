@@ -31,6 +31,9 @@ class SiloInputError(ValueError):
         self.field = field
         self.reason = reason
 
+    def __reduce__(self):  # pickles with its field (between processes)
+        return type(self), (str(self), self.field, self.reason)
+
     @classmethod
     def of(cls, field: str, reason: str) -> "SiloInputError":
         return cls(f"{field}: {reason}", field, reason)

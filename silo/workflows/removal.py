@@ -67,17 +67,21 @@ class RemovalWorkflow:
     `on_model(fn)` runs `fn` where the model may be touched: the server passes its engine's control hook
     (between two requests); the CLI runs it in place. `store_lock` (a context manager) is held while the
     store's files change in `compact` (the server's lock, shared with its swaps and reloads). `on_switch`
-    (optional) is told every store snapshot the LM switched to (a cluster rolls it out to its replicas)."""
+    (optional) is told every store snapshot the LM switched to (a cluster rolls it out to its replicas);
+    `replica_check(pending)` (optional) verifies the removal where else it is served: its result (with a
+    `passed` flag) goes into the verification as `replicas`."""
 
     def __init__(self, lm: SiloLM, on_model: Callable[[Callable[[], Any]], Any] | None = None,
                  progress: bool = False, store_lock: AbstractContextManager | None = None,
-                 on_switch: Callable[[Datastore], None] | None = None):
+                 on_switch: Callable[[Datastore], None] | None = None,
+                 replica_check: Callable[[PendingRemoval], dict] | None = None):
         if lm.store is None:
             raise SiloInputError("lm has no datastore attached; load it with a store to remove from", "store")
         self.lm = lm
         self.on_model = on_model or (lambda fn: fn())
         self.store_lock = store_lock or nullcontext()
         self.on_switch = on_switch
+        self.replica_check = replica_check
         self.manager = RemovalManager(lm.store.path)
         self._say = (lambda msg: print(f"optout: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
 
@@ -90,13 +94,16 @@ class RemovalWorkflow:
         targets = self.manager.resolve(req, before.manifest, owner=owner)
         return PendingRemoval(req, targets, before, removed_documents(before, targets))
 
-    def switch(self) -> None:
-        """Make the LM serve the store's current generation: opened here, swapped where the model lives."""
+    def switch(self, *request_ids: str) -> None:
+        """Make the LM serve the store's current generation: opened here, swapped where the model lives;
+        where it is rolled out further (`on_switch`), the record goes with the requests that produced it."""
         new = self.lm.newer_store()
         if new is not None:
             self.on_model(lambda: self.lm.swap_store(new))
             if self.on_switch is not None:
-                self.on_switch(new)
+                record = self.on_switch(new)
+                for request_id in request_ids if record is not None else ():
+                    self.manager.record_rollout(request_id, record)
 
     def apply(self, pending: PendingRemoval) -> RemovalState:
         """Record and apply the request (file work under the store's lock, not where the model runs); the
@@ -105,8 +112,9 @@ class RemovalWorkflow:
         self._say(f"{req.request_id}: removing {pending.targets.entries:,} entries "
                   f"({len(pending.removed)} document(s)) from generation {pending.before.generation}")
         t0 = time.time()
-        pending.state = self.manager.submit(req)
-        self.switch()
+        pending.state = self.manager.submit(req, rollout_required=self.on_switch is not None)
+        self.switch(req.request_id)
+        pending.state = self.manager.status(req.request_id)
         self.apply_seconds = time.time() - t0
         self._say(f"{req.request_id}: applied in {self.apply_seconds:.2f}s (generation {self.lm.store.generation}); "
                   "compacting")
@@ -116,7 +124,7 @@ class RemovalWorkflow:
         """Rewrite the affected shards without the removed text; the LM switches to that generation."""
         with self.store_lock:
             receipt = self.manager.compact(pending.request.request_id)
-            self.switch()
+            self.switch(pending.request.request_id)
         self._say(f"{pending.request.request_id}: compacted (generation {self.lm.store.generation})")
         return receipt
 
@@ -125,6 +133,10 @@ class RemovalWorkflow:
         t1 = time.time()
         verification = self.on_model(lambda: verify_removal(self.lm, pending.before, pending.removed,
                                                             owner=pending.owner, **options))
+        if self.replica_check is not None:
+            replicas = self.replica_check(pending)
+            verification["replicas"] = replicas
+            verification["passed"] = bool(verification["passed"] and replicas.get("passed"))
         verification["seconds"] = round(time.time() - t1, 2)
         if hasattr(self, "apply_seconds"):
             verification["apply_seconds"] = round(self.apply_seconds, 3)
@@ -236,6 +248,21 @@ def verify_removal(lm: SiloLM, before: Datastore, removed: list[dict], owner: st
     out["verbatim"] = verbatim
     out["passed"] = bool(probe["passed"] and verbatim["passed"])
     return out
+
+
+def probe_served_store(lm: SiloLM, removed: list[dict], owner: str | None = None, max_probes: int = 8,
+                       probe_chars: int = 2000) -> dict:
+    """The retrieval probe of `verify_removal` on the snapshot `lm` serves now (a cluster asks this of every
+    replica): keys from a sample of the removed documents' text (dicts with id, owner, text), searched in
+    the store; `hits` counts neighbours from removed documents (or, for an owner request, the owner)."""
+    docs = _sample(removed, max_probes)
+    store = lm.store
+    if store is None or not docs:
+        return {"generation": store.generation if store is not None else None, "hits": 0, "queries": 0}
+    knn = lm.retriever("knn", skip="off")
+    pos: PositionBatch = lm.collect([d["text"][:probe_chars] for d in docs])
+    hits = _neighbour_hits(store, knn.search(pos.keys), {(d["owner"], d["id"]) for d in removed}, owner)
+    return {"generation": store.generation, "queries": int(len(pos.targets)), **hits}
 
 
 def _prefix_probes(lm: SiloLM, docs: list[dict], n: int, P: int, C: int) -> list[tuple[list[int], list[int]]]:
