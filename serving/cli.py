@@ -24,7 +24,30 @@ def cmd_serve(args) -> int:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
+    if args.ray is not None:
+        return serve_cluster(args, cfg)
     return serve_forever(cfg)
+
+
+def serve_cluster(args, cfg) -> int:
+    """`silo serve --ray [ADDRESS]`: replicas on a Ray cluster (serving/cluster), until SIGTERM/SIGINT."""
+    from silo.core.config import read_yaml, validate
+
+    from .cluster.config import ClusterConfig
+    from .cluster.deploy import serve_on_ray
+
+    section = read_yaml(args.config).get("cluster") or {}
+    cluster = validate(ClusterConfig, {**section, **({"replicas": args.replicas} if args.replicas else {})},
+                       prefix="cluster", source=args.config)
+    handle = serve_on_ray(cfg, cluster, args.ray)
+    print(f"silo serve --ray: {len(handle.replicas())} replica(s); gRPC (silo.v1) on {handle.grpc_target}, "
+          f"HTTP on {handle.http_url}/v1 (owner page {handle.http_url}/owner)", flush=True)
+    try:
+        handle.wait()
+    finally:
+        print("silo serve --ray: stopping", flush=True)
+        handle.stop()
+    return 0
 
 
 def _client(args):
@@ -209,6 +232,10 @@ def register(subparsers) -> None:
     s.add_argument("--host", help="override serve.host")
     s.add_argument("--device", help="override serve.device, the model's: auto | cpu | cuda | cuda:N")
     s.add_argument("--max-batch", type=int, help="override serve.max_batch (generations advanced together)")
+    s.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="serve replicas on a Ray cluster (auto: the cluster this node belongs to, after `ray start`; "
+                        "or the head's ADDRESS): the config's `cluster` section says how many")
+    s.add_argument("--replicas", type=int, help="with --ray: override cluster.replicas")
     s.add_argument("--log-level", default="INFO")
     s.set_defaults(func=cmd_serve)
 

@@ -243,6 +243,19 @@ class SiloReplica:
             self.server.engine.control, lambda: probe_served_store(lm, removed, owner), 600))
         return {"replica": self.replica, **res}
 
+    async def generate_here(self, prompt: str, max_tokens: int = 24) -> dict:
+        """A greedy kNN completion of `prompt` on this replica (an operator's check of what each replica
+        serves): its text, generation and the owners its sentences are attributed to."""
+        from silo.model.request import GenerationRequest, OutputControls, RetrievalParams
+        from silo.model.sampling import SamplingParams
+
+        req = GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=max_tokens, temperature=0.0),
+                                retrieval=RetrievalParams(mode="knn"), output=OutputControls(attributions=True))
+        job = self.server.engine.generate(req)
+        res = await asyncio.wrap_future(self.pool.submit(job.result, 600))
+        return {"replica": self.replica, "text": res.text, "generation": res.store_generation,
+                "owners": sorted({s.owner for a in res.attributions for s in a.sources})}
+
     def info(self) -> dict:
         store = self.server.engine.lm.store
         return {"replica": self.replica, "first_generation": self.first_generation,
