@@ -6,18 +6,11 @@ called applied (tests further below, with a real local Ray cluster)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -72,63 +65,14 @@ def test_plain_servers_over_one_folder_pick_up_each_others_removals(tiny_model, 
 
 # ----------------------------------------------------------------------------------------- on Ray
 
-def _ray_node(args: list[str], env: dict) -> subprocess.Popen:
-    """A Ray node in its own process group (`ray start --block`): stopping the group stops this node's
-    processes and no other cluster on the machine (`ray stop` would stop every one)."""
-    ray_bin = Path(sys.executable).parent / "ray"
-    return subprocess.Popen([str(ray_bin), "start", "--block", "--num-cpus", "1", "--disable-usage-stats", *args],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for p in reversed(procs):
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def ray_address():
     """A real local Ray cluster: a head node and a second node, 1 CPU each (a replica per node)."""
     pytest.importorskip("ray")
-    from silo.serving.cluster.config import PROXY_ENV
+    from silo.serving.cluster.local import LocalRayCluster
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = tempfile.mkdtemp(prefix="silo-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **PROXY_ENV}
-    procs = [_ray_node(["--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", tmp], env)]
-    address = f"127.0.0.1:{port}"
-    try:
-        _wait_nodes(address, 1, env)
-        procs.append(_ray_node(["--address", address], env))
-        _wait_nodes(address, 2, env)
+    with LocalRayCluster(nodes=2, cpus=1) as address:
         yield address
-    finally:
-        import ray
-
-        ray.shutdown()
-        _stop(procs)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _wait_nodes(address: str, n: int, env: dict, timeout: float = 180.0) -> None:
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-             "print(sum(1 for x in ray.nodes() if x['Alive']))")
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout.strip()) >= n:
-            return
-        time.sleep(1)
-    raise AssertionError(f"the local Ray cluster at {address} did not reach {n} node(s)")
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +80,11 @@ def cluster(ray_address, tiny_model, tiny_store, tmp_path_factory):
     from silo.serving.cluster.config import ClusterConfig
     from silo.serving.cluster.deploy import serve_on_ray
 
+    from silo.serving.cluster.local import free_port
+
     store = tmp_path_factory.mktemp("cluster") / "store"
     shutil.copytree(tiny_store, store)
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = [free_port(), free_port()]
     cfg = ServeConfig(model=str(tiny_model), store=str(store), port=ports[0], http_port=ports[1], admin_token=ADMIN,
                       owner_tokens={OWNER: OWNER_TOKEN, "gcide": GCIDE_TOKEN}, device="cpu", watch_seconds=1.0)
     handle = serve_on_ray(cfg, ClusterConfig(replicas=2, rollout_timeout_s=90, namespace=f"silo-test-{ports[0]}",

@@ -43,6 +43,16 @@ STREAMING = {"CompleteStream": "gen", "ChatStream": "gen"}
 _END = object()
 
 
+def _use_threads(n: int) -> None:
+    """Compute threads for this replica's model and searches: its share of the node, not all the node's
+    cores (replicas side by side on one node would fight over them)."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
 def remote(ref):
     """ray.get, raising what the controller raised (RpcFailure, ...) rather than Ray's wrapper of it."""
     try:
@@ -170,6 +180,7 @@ class SiloReplica:
         self.cluster = ClusterConfig.model_validate(cluster_cfg)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.controller = ray.get_actor(self.cluster.controller, namespace=self.cluster.namespace)
+        _use_threads(cfg.torch_threads or max(1, int(self.cluster.replica_cpus)))
         # the store's current generation on disk is the controller's: it publishes before it rolls out
         lm = SiloLM.load(cfg.model, cfg.store, knn=cfg.resolved_knn(), device=cfg.device, dtype=cfg.dtype)
         self.first_generation = lm.store.generation if lm.store is not None else None
