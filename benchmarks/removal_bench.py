@@ -28,7 +28,8 @@ import faiss
 import numpy as np
 
 from silo.datastore.journal import append_journal
-from silo.datastore.removal import RemovalManager, RemovalRequest
+from silo.datastore.removal import RemovalManager
+from silo.datastore.removal_records import RemovalRequest
 from silo.datastore.format import ENTRY_DTYPE, IndexRef, Manifest, ModelRef, ShardRecord
 from silo.datastore.shard import write_shard
 

@@ -59,7 +59,8 @@ from silo.datastore.journal import append_journal  # noqa: E402
 from silo.datastore.keys import KeyExtractor  # noqa: E402
 from silo.datastore.keys_store import open_keys, write_keys  # noqa: E402
 from silo.datastore.reindex import index_recall  # noqa: E402
-from silo.datastore.removal import RemovalManager, RemovalRequest  # noqa: E402
+from silo.datastore.removal import RemovalManager  # noqa: E402
+from silo.datastore.removal_records import RemovalRequest  # noqa: E402
 from silo.datastore.shard import write_documents, write_entries, write_index, write_shard_info  # noqa: E402
 from silo.datastore.store import Datastore  # noqa: E402
 from silo.model.lm import SiloLM  # noqa: E402

@@ -36,9 +36,9 @@ from silo.core.files import crash_point, fsync_path, sha256_file, write_json_ato
 from .blocks import compact_blocks, has_blocks
 from .format import Manifest, now, store_lock
 from .journal import append_journal, read_journal
-from .removal_records import (  # noqa: F401  (re-exported: the records are part of this module's API)
-    _ID_RE, KINDS, STATUSES, RemovalError, RemovalForbidden, RemovalRequest, RemovalState, RemovalTargets,
-    ShardTarget, _listing,
+from .removal_records import (
+    REQUEST_ID_RE, RemovalError, RemovalForbidden, RemovalRequest, RemovalState, RemovalTargets, ShardTarget,
+    listing,
 )
 from .shard import compact_shard, read_documents
 
@@ -77,7 +77,7 @@ class RemovalManager:
         return store_lock(self.path)
 
     def _state_path(self, request_id: str) -> Path:
-        if not isinstance(request_id, str) or not _ID_RE.match(request_id):
+        if not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id):
             raise RemovalError(f"request_id: not a valid request id ({request_id!r})", "request_id")
         return self.removals_dir / f"{request_id}.json"
 
@@ -86,7 +86,7 @@ class RemovalManager:
         if not p.exists():
             known = [x.stem for x in self.removals_dir.glob("*.json")] if self.removals_dir.exists() else []
             raise RemovalError(f"request_id: no removal request {request_id!r} in {self.path} "
-                               f"(known: {_listing(known)})", "request_id")
+                               f"(known: {listing(known)})", "request_id")
         return RemovalState.from_json(json.loads(p.read_text(encoding="utf-8")))
 
     def _save(self, state: RemovalState) -> None:
@@ -140,8 +140,8 @@ class RemovalManager:
             if foreign:
                 raise RemovalForbidden(f"shards: an owner token for {owner!r} may only remove that owner's shards", "shards")
             if unknown:
-                raise RemovalError(f"shards: unknown shard(s) {_listing(unknown)}; the store has "
-                                   f"{_listing(visible)}", "shards")
+                raise RemovalError(f"shards: unknown shard(s) {listing(unknown)}; the store has "
+                                   f"{listing(visible)}", "shards")
             drop = [ShardTarget.of(names[s]) for s in dict.fromkeys(req.shards)]
         elif req.kind == "owner":
             if owner is not None and req.owner != owner:
@@ -161,7 +161,7 @@ class RemovalManager:
             if not drop and not docs:
                 listed = owners if owner is None else set()
                 raise RemovalError(f"owner: no content of owner {req.owner!r} in the store"
-                                   + (f"; owners present: {_listing(listed)}" if owner is None else ""), "owner")
+                                   + (f"; owners present: {listing(listed)}" if owner is None else ""), "owner")
         else:
             wanted = set(req.document_ids)
             found: set[str] = set()
@@ -182,14 +182,14 @@ class RemovalManager:
                     docs.append(doc_target(rec, hits))
             unknown = [x for x in req.document_ids if x not in found]
             if unknown and owner is None:
-                raise RemovalError(f"document_ids: not in the store: {_listing(unknown)}; documents present: "
-                                   f"{_listing(visible_ids)}", "document_ids")
+                raise RemovalError(f"document_ids: not in the store: {listing(unknown)}; documents present: "
+                                   f"{listing(visible_ids)}", "document_ids")
             if unknown:
                 # an owner is told only about its own documents: an id of another owner's document and an id
                 # that exists nowhere read the same, so the answer reveals nothing about other owners
-                raise RemovalForbidden(f"document_ids: not among the documents of {owner!r}: {_listing(unknown)} "
+                raise RemovalForbidden(f"document_ids: not among the documents of {owner!r}: {listing(unknown)} "
                                        f"(an owner token may only remove its own documents); its documents: "
-                                       f"{_listing(visible_ids)}", "document_ids")
+                                       f"{listing(visible_ids)}", "document_ids")
         entries = sum(t.entries for t in drop) + sum(t.removed_entries for t in docs)
         return RemovalTargets(drop_shards=drop, drop_documents=docs, entries=entries,
                               generation=int(manifest.generation))

@@ -14,7 +14,7 @@ from .format import DatastoreError, ShardRecord, now
 
 KINDS = ("owner", "documents", "shards")
 STATUSES = ("received", "applied", "compacted", "verified")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")  # request ids become file names
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")  # request ids become file names
 
 
 class RemovalError(DatastoreError):
@@ -29,7 +29,7 @@ class RemovalForbidden(RemovalError):
     """The caller may not remove what the request names (another owner's content)."""
 
 
-def _listing(items, limit: int = 20) -> str:
+def listing(items, limit: int = 20) -> str:
     items = sorted(set(items))
     shown = ", ".join(items[:limit])
     return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "") if items else "(none)"
@@ -70,7 +70,7 @@ class RemovalRequest:
         """Check the request on its own (the store check is `RemovalManager.resolve`)."""
         if self.kind not in KINDS:
             raise RemovalError(f"kind must be one of {', '.join(KINDS)} (got {self.kind!r})", "kind")
-        if not isinstance(self.request_id, str) or not _ID_RE.match(self.request_id):
+        if not isinstance(self.request_id, str) or not REQUEST_ID_RE.match(self.request_id):
             raise RemovalError("request_id must be 1-80 letters, digits, '.', '_' or '-' and start with a "
                                f"letter or digit (got {self.request_id!r})", "request_id")
         want = {"owner": "owner", "documents": "document_ids", "shards": "shards"}[self.kind]

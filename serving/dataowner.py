@@ -34,8 +34,9 @@ import grpc
 
 from silo.datastore.format import Manifest
 from silo.datastore.lookup import lookup
-from silo.datastore.removal import (
-    RemovalError, RemovalForbidden, RemovalManager, RemovalRequest, RemovalState, RemovalTargets,
+from silo.datastore.removal import RemovalManager
+from silo.datastore.removal_records import (
+    RemovalError, RemovalForbidden, RemovalRequest, RemovalState, RemovalTargets,
 )
 from silo.workflows.removal import PendingRemoval, RemovalWorkflow
 

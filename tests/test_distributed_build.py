@@ -19,7 +19,8 @@ from silo.datastore.format import Manifest
 from silo.datastore.journal import verify_store_journal
 from silo.datastore.keys_store import open_keys
 from silo.datastore.reindex import reindex_store
-from silo.datastore.removal import RemovalManager, RemovalRequest
+from silo.datastore.removal import RemovalManager
+from silo.datastore.removal_records import RemovalRequest
 from silo.datastore.store import Datastore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,8 @@ from silo.datastore.faiss_utils import compact_index
 from silo.datastore.format import Manifest
 from silo.datastore.journal import verify_store_journal
 from silo.datastore.lookup import lookup
-from silo.datastore.removal import CRASH_POINTS, RemovalError, RemovalManager, RemovalRequest
+from silo.datastore.removal import CRASH_POINTS, RemovalManager
+from silo.datastore.removal_records import RemovalError, RemovalRequest
 from silo.datastore.store import Datastore
 from silo.model.knn import KNNConfig
 from silo.model.sampling import SamplingParams

@@ -23,7 +23,8 @@ from silo.datastore.keys_store import KEYS_FILE, exact_search, open_keys, recall
 from silo.datastore.faiss_utils import coarse_identity, ivf_of
 from silo.datastore.ondisk import LazyDocuments, is_mapped
 from silo.datastore.reindex import index_recall, reindex_store
-from silo.datastore.removal import RemovalManager, RemovalRequest
+from silo.datastore.removal import RemovalManager
+from silo.datastore.removal_records import RemovalRequest
 from silo.datastore.store import PARALLEL_MIN_QUERIES, Datastore, DatastoreError
 
 

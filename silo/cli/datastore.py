@@ -96,7 +96,8 @@ def cmd_build_blocks(args) -> int:
 
 def cmd_remove(args) -> int:
     from silo.datastore.format import Manifest
-    from silo.datastore.removal import RemovalManager, RemovalRequest
+    from silo.datastore.removal import RemovalManager
+    from silo.datastore.removal_records import RemovalRequest
 
     req = RemovalRequest(owner=args.owner, document_ids=args.document or [], shards=args.shard or [],
                          requester=args.requester, reason=args.reason, request_id=args.request_id or "")

@@ -55,5 +55,5 @@ def without_owners(store: Datastore, owners: set[str]) -> Datastore:
                      shards=[s for s in store.shards if s.owner not in owners])
 
 
-def _live_documents(store: Datastore) -> int:
+def live_document_count(store: Datastore) -> int:
     return sum(len(s.documents) - len(s.removed_docs) for s in store.shards)

@@ -34,7 +34,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from silo.datastore.removal import RemovalManager, RemovalRequest, RemovalState, RemovalTargets
+from silo.datastore.removal import RemovalManager
+from silo.datastore.removal_records import RemovalRequest, RemovalState, RemovalTargets
 from silo.datastore.store import Datastore
 from silo.model.lm import SiloLM
 from silo.model.sampling import SamplingParams
