@@ -95,7 +95,7 @@ def _write_tiled_shard(sdir: Path, name: str, owner: str, n: int, keys, entries,
     doc_recs = []
     for d in range(ndocs):
         t, i = divmod(d, len(docs))
-        doc_recs.append({**docs[i], "index": d, "id": f"{owner}/{docs[i]['id']}#{t}", "owner": owner})
+        doc_recs.append(dataclasses.replace(docs[i], index=d, id=f"{owner}/{docs[i].id}#{t}", owner=owner))
 
     def chunks():
         for a in range(0, n, CHUNK):

@@ -15,7 +15,6 @@ waiting for compaction and verification), and an admin that reloads and swaps th
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import tempfile
@@ -26,7 +25,9 @@ from pathlib import Path
 
 import grpc
 
+from silo.datastore.format import StoredDocument
 from silo.datastore.journal import verify_store_journal
+from silo.datastore.shard import read_documents
 from silo.serving.client import SiloClient
 from silo.serving.config import ServeConfig
 from silo.serving.server import SiloServer
@@ -34,8 +35,8 @@ from silo.serving.server import SiloServer
 ADMIN, OWNER = "soak-admin", "soak-owner"
 
 
-def distinctive(doc: dict, others: list[str]) -> str | None:
-    text = doc["text"]
+def distinctive(doc: StoredDocument, others: list[str]) -> str | None:
+    text = doc.text
     for start in range(len(text) // 3, len(text) - 60, 97):
         piece = text[start:start + 60]
         if "\n" not in piece and piece.isprintable() and sum(piece in o for o in others) == 1:
@@ -55,11 +56,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="silo-soak-"))
     store = tmp / "store"
     shutil.copytree(args.store, store)
-    docs = []
-    for sdir in (store / "shards").iterdir():
-        docs += [json.loads(line) for line in (sdir / "documents.jsonl").read_text().splitlines() if line.strip()]
-    texts = [d["text"] for d in docs]
-    victims = [(d["id"], distinctive(d, texts)) for d in docs if d["owner"] == args.owner]
+    docs = [d for sdir in (store / "shards").iterdir() for d in read_documents(sdir)]
+    texts = [d.text for d in docs]
+    victims = [(d.id, distinctive(d, texts)) for d in docs if d.owner == args.owner]
     victims = [(i, p) for i, p in victims if p]
     random.Random(0).shuffle(victims)
     cfg = ServeConfig(model=args.model, store=str(store), port=0, admin_token=ADMIN, owner_tokens={args.owner: OWNER},

@@ -206,6 +206,159 @@ class RemovalState:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class RemovedShard:
+    """A shard a receipt's request dropped whole."""
+
+    name: str
+    owner: str
+    entries: int
+    documents: int
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "owner": self.owner, "entries": self.entries, "documents": self.documents}
+
+
+@dataclass(frozen=True)
+class RemovedDocuments:
+    """Documents a receipt's request tombstoned (then compacted out) in one shard."""
+
+    shard: str
+    document_ids: tuple[str, ...]
+    entries: int
+
+    def to_json(self) -> dict:
+        return {"shard": self.shard, "document_ids": list(self.document_ids), "entries": self.entries}
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What a removal took out of the store: whole shards, documents within shards, entries in all."""
+
+    shards: tuple[RemovedShard, ...]
+    documents: tuple[RemovedDocuments, ...]
+    entries: int
+
+    @classmethod
+    def of(cls, targets: RemovalTargets) -> "Removed":
+        return cls(shards=tuple(RemovedShard(x.name, x.owner, x.entries, x.documents) for x in targets.drop_shards),
+                   documents=tuple(RemovedDocuments(x.name, tuple(x.document_ids), x.removed_entries)
+                                   for x in targets.drop_documents),
+                   entries=targets.entries)
+
+    def to_json(self) -> dict:
+        return {"shards": [x.to_json() for x in self.shards], "documents": [x.to_json() for x in self.documents],
+                "entries": self.entries}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Removed":
+        return cls(shards=tuple(RemovedShard(**x) for x in data["shards"]),
+                   documents=tuple(RemovedDocuments(x["shard"], tuple(x["document_ids"]), x["entries"])
+                                   for x in data["documents"]),
+                   entries=data["entries"])
+
+
+@dataclass(frozen=True)
+class ShardVersion:
+    """A shard as one manifest generation lists it: a receipt's "before" (`present` None) and "after"
+    (`present` True, or False with nothing else when the shard is gone)."""
+
+    name: str
+    dir: str | None = None
+    entries: int | None = None
+    checksum: str | None = None  # sha256 of the shard's shard.json
+    present: bool | None = None
+
+    @classmethod
+    def of(cls, rec: ShardRecord | ShardTarget, present: bool | None = None) -> "ShardVersion":
+        return cls(rec.name, rec.dir, rec.entries, rec.checksum, present)
+
+    @classmethod
+    def gone(cls, name: str) -> "ShardVersion":
+        return cls(name, present=False)
+
+    def to_json(self) -> dict:
+        if self.present is False:
+            return {"name": self.name, "present": False}
+        out = {"name": self.name, "dir": self.dir, "entries": self.entries, "checksum": self.checksum}
+        if self.present is not None:
+            out["present"] = self.present
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShardVersion":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Generations:
+    """The store generations a removal went through."""
+
+    before: int
+    applied: int | None
+    compacted: int | None
+    current: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class JournalLink:
+    """A journal record of the request, by sequence number, event and hash (the chain proves the rest)."""
+
+    seq: int
+    event: str
+    hash: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """receipts/<request id>.json: what was asked, what was removed (ids, counts, shard checksums before
+    and after), generations, timestamps, the verification report and the request's journal records. It
+    holds no removed text. `verification` is the report `silo.workflows.removal` made with the model, kept
+    as the JSON object it wrote (None until verified). `to_json`/`from_json` are the file and wire form
+    (the gRPC GetReceipt sends it as JSON text)."""
+
+    request_id: str
+    request: RemovalRequest
+    status: str
+    store: str
+    removed: Removed
+    shards_before: tuple[ShardVersion, ...]
+    shards_after: tuple[ShardVersion, ...]
+    generations: Generations
+    timestamps: dict
+    verification: dict | None
+    journal: tuple[JournalLink, ...]
+
+    @property
+    def passed(self) -> bool | None:
+        """The verification's verdict; None when the removal was not verified."""
+        return None if self.verification is None else bool(self.verification.get("passed"))
+
+    def to_json(self) -> dict:
+        return {"request_id": self.request_id, "request": self.request.to_dict(), "status": self.status,
+                "store": self.store, "removed": self.removed.to_json(),
+                "shards_before": [x.to_json() for x in self.shards_before],
+                "shards_after": [x.to_json() for x in self.shards_after],
+                "generations": self.generations.to_json(), "timestamps": dict(self.timestamps),
+                "verification": self.verification, "journal": [x.to_json() for x in self.journal]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Receipt":
+        return cls(request_id=data["request_id"], request=RemovalRequest.from_dict(data["request"]),
+                   status=data["status"], store=data["store"], removed=Removed.from_json(data["removed"]),
+                   shards_before=tuple(ShardVersion.from_json(x) for x in data["shards_before"]),
+                   shards_after=tuple(ShardVersion.from_json(x) for x in data["shards_after"]),
+                   generations=Generations(**data["generations"]), timestamps=dict(data["timestamps"]),
+                   verification=data.get("verification"),
+                   journal=tuple(JournalLink(**x) for x in data["journal"]))
+
+
 @dataclass
 class Exclusions:
     """What earlier removals bind every later build of a store to leave out."""

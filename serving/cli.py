@@ -139,7 +139,7 @@ def cmd_remove(args) -> int:
                              skip_verification=args.no_verify)
         out = {"status": to_dict(r)}
         if args.wait and r.status in ("compacted", "verified"):
-            out["receipt"] = c.get_receipt(r.request_id)
+            out["receipt"] = c.get_receipt(r.request_id).to_json()
     print(json.dumps(out, indent=1))
     return 0 if r.status != "failed" else 1
 
@@ -149,7 +149,7 @@ def cmd_removal(args) -> int:
 
     with _client(args) as c:
         if args.receipt:
-            out = c.get_receipt(args.request_id)
+            out = c.get_receipt(args.request_id).to_json()
         elif args.request_id:
             out = to_dict(c.get_removal(args.request_id))
         else:

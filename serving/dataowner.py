@@ -32,11 +32,11 @@ import threading
 
 import grpc
 
-from silo.datastore.format import Manifest
+from silo.datastore.format import Manifest, StoredDocument
 from silo.datastore.lookup import lookup
 from silo.datastore.removal import RemovalManager
 from silo.datastore.removal_records import (
-    RemovalError, RemovalForbidden, RemovalRequest, RemovalState, RemovalTargets,
+    Receipt, RemovalError, RemovalForbidden, RemovalRequest, RemovalState, RemovalTargets,
 )
 from silo.workflows.removal import PendingRemoval, RemovalWorkflow
 
@@ -126,12 +126,12 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
             raise RpcFailure(Code.FAILED_PRECONDITION, "no datastore is attached to this server")
         return RemovalManager(engine.lm.store.path)
 
-    def _check_owner_may(self, caller, targets: RemovalTargets, removed: list[dict]) -> None:
+    def _check_owner_may(self, caller, targets: RemovalTargets, removed: list[StoredDocument]) -> None:
         """An owner token may only remove its own content: the documents the request removes and the
         shards it drops (a shard whose documents are all tombstoned still has an owner)."""
         if caller[0] == "admin":
             return
-        owners = {d["owner"] for d in removed} | {x.owner for x in targets.drop_shards if x.owner}
+        owners = {d.owner for d in removed} | {x.owner for x in targets.drop_shards if x.owner}
         if owners - {caller[1]}:
             raise RpcFailure(Code.PERMISSION_DENIED,
                              f"an owner token for '{caller[1]}' may only remove that owner's content; "
@@ -266,9 +266,9 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
     @_handled("GetReceipt")
     def GetReceipt(self, request, context, info):
         state, receipt = self.receipt(self._caller(context), request.request_id)
-        return pb.Receipt(request_id=request.request_id, status=state.status, json=json.dumps(receipt, indent=1))
+        return pb.Receipt(request_id=request.request_id, status=state.status, json=json.dumps(receipt.to_json(), indent=1))
 
-    def receipt(self, caller, request_id: str) -> tuple[RemovalState, dict]:
+    def receipt(self, caller, request_id: str) -> tuple[RemovalState, Receipt]:
         mgr = self._manager()
         state = self._load_state(mgr, caller, request_id)
         try:

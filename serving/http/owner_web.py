@@ -20,6 +20,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from silo.datastore.removal_records import Receipt
+
 from ..dataowner import resolve_caller
 from ..gen import silo_pb2 as pb
 from .convert import as_dict
@@ -73,9 +75,10 @@ def lookup_request(body: dict) -> pb.LookupRequest:
     return pb.LookupRequest(text=text, document_id=doc)
 
 
-def receipt_html(request_id: str, status: str, receipt: dict) -> str:
-    return _env.get_template("receipt.html").render(request_id=request_id, status=status, receipt=receipt,
-                                                    raw=json.dumps(receipt, indent=1, ensure_ascii=False))
+def receipt_html(request_id: str, status: str, receipt: Receipt) -> str:
+    data = receipt.to_json()
+    return _env.get_template("receipt.html").render(request_id=request_id, status=status, receipt=data,
+                                                    raw=json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def build_owner_router(door) -> APIRouter:
@@ -127,7 +130,7 @@ def build_owner_router(door) -> APIRouter:
     @router.get("/v1/owner/removals/{request_id}/receipt")
     async def api_receipt(request: Request, request_id: str):
         caller = owners_caller(request.headers.get("authorization"))
-        return (await run_in_threadpool(actions.receipt, caller, request_id))[1]
+        return (await run_in_threadpool(actions.receipt, caller, request_id))[1].to_json()
 
     # ----------------------------------------------------------------------------------- page
     async def _home(request: Request, caller, status: int = 200, **extra):
@@ -207,7 +210,7 @@ def build_owner_router(door) -> APIRouter:
     async def page_receipt_json(request: Request, request_id: str):
         caller = page_caller(request, required=True)
         _, receipt = await run_in_threadpool(actions.receipt, caller, request_id)
-        return Response(json.dumps(receipt, indent=1, ensure_ascii=False), media_type="application/json",
+        return Response(json.dumps(receipt.to_json(), indent=1, ensure_ascii=False), media_type="application/json",
                         headers={"Content-Disposition": f'attachment; filename="{html.escape(request_id)}.json"'})
 
     @router.get("/owner/removals/{request_id}/receipt.html")

@@ -26,7 +26,7 @@ def cmd_build(args) -> int:
     cfg = load_section(args.config, "datastore", DatastoreConfig, overrides)
     store = build_datastore(cfg, config_source=args.config)
     if store is not None:  # None on the other ranks of an `accelerate launch` build: the main one prints
-        print(json.dumps(store.summary(), indent=1))
+        print(json.dumps(store.summary().to_json(), indent=1))
     return 0
 
 
@@ -35,7 +35,7 @@ def cmd_info(args) -> int:
     from silo.model.gate import Gate
 
     store = Datastore.open(args.store)
-    out = store.summary()
+    out = store.summary().to_json()
     gate = Gate.load(store)
     if gate is None:
         out["gate"] = "none: the gated mixture falls back to the fixed one; fit it with `silo datastore fit-gate`"
@@ -54,7 +54,7 @@ def cmd_reindex(args) -> int:
     from silo.workflows.reindex import reindex_with_report
 
     _print(reindex_with_report(args.store, args.factory, args.train_sample, args.nprobe, val=args.val,
-                               model=args.model, k=args.k, max_tokens=args.max_tokens, queries=args.queries))
+                               model=args.model, k=args.k, max_tokens=args.max_tokens, queries=args.queries).to_json())
     return 0
 
 
@@ -104,7 +104,7 @@ def cmd_remove(args) -> int:
     if args.no_verify:
         mgr = RemovalManager(args.store)
         mgr.submit(req)
-        _print(mgr.compact(req.request_id))
+        _print(mgr.compact(req.request_id).to_json())
         return 0
     from silo.core.config import validate
     from silo.model.knn import KNNConfig
@@ -118,9 +118,8 @@ def cmd_remove(args) -> int:
     knn = validate(KNNConfig, over, prefix="knn", source="command line")
     lm = SiloLM.load(model, args.store, knn=knn)
     receipt = remove_and_verify(lm, req, progress=True)
-    _print(receipt)
-    v = receipt.get("verification") or {}
-    return 0 if v.get("passed", True) else 1
+    _print(receipt.to_json())
+    return 0 if receipt.passed in (None, True) else 1
 
 
 def cmd_removals(args) -> int:
@@ -146,7 +145,7 @@ def cmd_removals(args) -> int:
 def cmd_receipt(args) -> int:
     from silo.datastore.removal import RemovalManager
 
-    _print(RemovalManager(args.store).receipt(args.request_id))
+    _print(RemovalManager(args.store).receipt(args.request_id).to_json())
     return 0
 
 
@@ -172,7 +171,7 @@ def cmd_resume(args) -> int:
 
     receipts = RemovalManager(args.store).resume_all()
     for r in receipts:
-        print(f"{r['request_id']}: {r['status']} (generation {r['generations']['current']})")
+        print(f"{r.request_id}: {r.status} (generation {r.generations.current})")
     print(f"{len(receipts)} request(s) resumed")
     return 0
 

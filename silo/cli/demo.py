@@ -226,9 +226,9 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
                 status = data_owner.submit_removal(owner=owner, requester=f"{owner} (rights holder)",
                                                    reason="opt-out from the datastore", wait=True)
                 receipt = data_owner.get_receipt(status.request_id)
-            v = receipt.get("verification") or {}
-            print(f"request {status.request_id}: status {status.status}; removed {receipt['removed']['entries']:,} "
-                  f"entries; generation {receipt['generations']['before']} -> {receipt['generations']['current']}")
+            v = receipt.verification or {}
+            print(f"request {status.request_id}: status {status.status}; removed {receipt.removed.entries:,} "
+                  f"entries; generation {receipt.generations.before} -> {receipt.generations.current}")
             if v:
                 vb = v.get("verbatim") or {}
                 print(f"verification passed: {v.get('passed')}; probe hits before/after: "
