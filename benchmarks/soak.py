@@ -64,77 +64,90 @@ def main() -> int:
     cfg = ServeConfig(model=args.model, store=str(store), port=0, admin_token=ADMIN, owner_tokens={args.owner: OWNER},
                       max_queue=args.max_queue, max_tokens_limit=64)
     server = SiloServer(cfg).start()
-    stop_at = time.monotonic() + 60 * args.minutes
-    lock = threading.Lock()
-    codes: Counter = Counter()
-    outputs: list[tuple[float, str]] = []  # (time the response ended, all text it carried)
-    removed: list[tuple[float, str, str]] = []  # (time the removal returned, doc id, passage)
-    statuses: list[str] = []
-    swaps = Counter()
-
-    def generator(i: int) -> None:
-        prompts = [t[len(t) // 2: len(t) // 2 + 160] for t in texts[i::max(1, args.streams)]][:50] or ["To be"]
-        with SiloClient(server.target, timeout=300) as c:
-            n = 0
-            while time.monotonic() < stop_at:
-                p = prompts[n % len(prompts)]
-                n += 1
-                try:
-                    r = c.complete(p, max_tokens=32, temperature=0.8, seed=n, return_attributions=True)
-                    carried = r.text + "\n".join(s.sentence for a in r.attributions for s in a.sources)
-                    with lock:
-                        codes["OK"] += 1
-                        outputs.append((time.monotonic(), carried))
-                except grpc.RpcError as exc:
-                    with lock:
-                        codes[exc.code().name] += 1
-
-    def remover() -> None:
-        with SiloClient(server.target, token=OWNER, timeout=900) as c:
-            for doc_id, passage in victims:
-                if time.monotonic() > stop_at - 30:
-                    break
-                st = c.submit_removal(document_ids=[doc_id], requester="soak", reason="soak test", wait=True)
-                with lock:
-                    removed.append((time.monotonic(), doc_id, passage))
-                    statuses.append(st.status)
-                time.sleep(5)
-
-    def admin() -> None:
-        with SiloClient(server.target, token=ADMIN, timeout=300) as c:
-            while time.monotonic() < stop_at:
-                try:
-                    c.reload_datastore()
-                    swaps["reload"] += 1
-                    c.swap_datastore(str(store))
-                    swaps["swap"] += 1
-                except grpc.RpcError as exc:
-                    swaps[f"refused {exc.code().name}"] += 1
-                time.sleep(7)
-
-    threads = [threading.Thread(target=generator, args=(i,)) for i in range(args.streams)]
-    threads += [threading.Thread(target=remover), threading.Thread(target=admin)]
+    soak = Soak(server.target, store, texts, victims, time.monotonic() + 60 * args.minutes)
+    threads = [threading.Thread(target=soak.generator, args=(i, args.streams)) for i in range(args.streams)]
+    threads += [threading.Thread(target=soak.remover), threading.Thread(target=soak.admin)]
     t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     server.drain(60)
-    leaks = []
-    for t_removed, doc_id, passage in removed:
-        leaks += [f"file {p}" for p in store.rglob("*") if p.is_file() and passage.encode() in p.read_bytes()]
-        leaks += [f"response after removing {doc_id}" for t, txt in outputs if t > t_removed and passage in txt]
-    ok_chain, msg, n_records = verify_store_journal(store)
-    lost = {k: v for k, v in codes.items() if k not in ("OK", "RESOURCE_EXHAUSTED")}
-    print(f"soak: {time.monotonic() - t0:.0f}s, {args.streams} streams; requests {dict(codes)}; "
-          f"removals {len(removed)} ({Counter(statuses)}); admin {dict(swaps)}")
-    print(f"journal: {msg}")
-    print(f"leaks of removed text: {len(leaks)}{' ' + '; '.join(leaks[:5]) if leaks else ''}")
-    print(f"requests lost (other than RESOURCE_EXHAUSTED): {lost or 0}")
-    good = ok_chain and not leaks and not lost and all(s in ("verified", "compacted") for s in statuses)
-    print("PASS" if good else "FAIL")
+    good = soak.report(time.monotonic() - t0, args.streams)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0 if good else 1
+
+
+class Soak:
+    """What the client threads share until `stop_at`: response codes, the text each response carried, the
+    removals made, and the admin's swaps."""
+
+    def __init__(self, target: str, store: Path, texts: list[str], victims: list[tuple[str, str]], stop_at: float):
+        self.target, self.store, self.texts, self.victims, self.stop_at = target, store, texts, victims, stop_at
+        self.lock = threading.Lock()
+        self.codes: Counter = Counter()
+        self.outputs: list[tuple[float, str]] = []  # (time the response ended, all text it carried)
+        self.removed: list[tuple[float, str, str]] = []  # (time the removal returned, doc id, passage)
+        self.statuses: list[str] = []
+        self.swaps: Counter = Counter()
+
+    def generator(self, i: int, streams: int) -> None:
+        prompts = [t[len(t) // 2: len(t) // 2 + 160] for t in self.texts[i::max(1, streams)]][:50] or ["To be"]
+        with SiloClient(self.target, timeout=300) as c:
+            n = 0
+            while time.monotonic() < self.stop_at:
+                p = prompts[n % len(prompts)]
+                n += 1
+                try:
+                    r = c.complete(p, max_tokens=32, temperature=0.8, seed=n, return_attributions=True)
+                    carried = r.text + "\n".join(s.sentence for a in r.attributions for s in a.sources)
+                    with self.lock:
+                        self.codes["OK"] += 1
+                        self.outputs.append((time.monotonic(), carried))
+                except grpc.RpcError as exc:
+                    with self.lock:
+                        self.codes[exc.code().name] += 1
+
+    def remover(self) -> None:
+        with SiloClient(self.target, token=OWNER, timeout=900) as c:
+            for doc_id, passage in self.victims:
+                if time.monotonic() > self.stop_at - 30:
+                    break
+                st = c.submit_removal(document_ids=[doc_id], requester="soak", reason="soak test", wait=True)
+                with self.lock:
+                    self.removed.append((time.monotonic(), doc_id, passage))
+                    self.statuses.append(st.status)
+                time.sleep(5)
+
+    def admin(self) -> None:
+        with SiloClient(self.target, token=ADMIN, timeout=300) as c:
+            while time.monotonic() < self.stop_at:
+                try:
+                    c.reload_datastore()
+                    self.swaps["reload"] += 1
+                    c.swap_datastore(str(self.store))
+                    self.swaps["swap"] += 1
+                except grpc.RpcError as exc:
+                    self.swaps[f"refused {exc.code().name}"] += 1
+                time.sleep(7)
+
+    def report(self, seconds: float, streams: int) -> bool:
+        """Print the checks (journal chain, leaks of removed text in files and later responses, lost
+        requests); True when all pass."""
+        leaks = []
+        for t_removed, doc_id, passage in self.removed:
+            leaks += [f"file {p}" for p in self.store.rglob("*") if p.is_file() and passage.encode() in p.read_bytes()]
+            leaks += [f"response after removing {doc_id}" for t, txt in self.outputs if t > t_removed and passage in txt]
+        ok_chain, msg, n_records = verify_store_journal(self.store)
+        lost = {k: v for k, v in self.codes.items() if k not in ("OK", "RESOURCE_EXHAUSTED")}
+        print(f"soak: {seconds:.0f}s, {streams} streams; requests {dict(self.codes)}; "
+              f"removals {len(self.removed)} ({Counter(self.statuses)}); admin {dict(self.swaps)}")
+        print(f"journal: {msg}")
+        print(f"leaks of removed text: {len(leaks)}{' ' + '; '.join(leaks[:5]) if leaks else ''}")
+        print(f"requests lost (other than RESOURCE_EXHAUSTED): {lost or 0}")
+        good = ok_chain and not leaks and not lost and all(s in ("verified", "compacted") for s in self.statuses)
+        print("PASS" if good else "FAIL")
+        return good
 
 
 if __name__ == "__main__":

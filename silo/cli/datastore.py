@@ -179,6 +179,12 @@ def cmd_resume(args) -> int:
 def register(sub) -> None:
     d = sub.add_parser("datastore", help="build, inspect and remove from kNN datastores")
     ds = d.add_subparsers(dest="datastore_command", required=True, metavar="ACTION")
+    _register_build(ds)
+    _register_removal(ds)
+
+
+def _register_build(ds) -> None:
+    """build, info, reindex, fit-gate, build-blocks: making and inspecting a store."""
     db = ds.add_parser("build", help="encode a corpus with the model into a sharded FAISS store")
     db.add_argument("--config", required=True, help="YAML file with a datastore section")
     db.add_argument("--overwrite", action="store_true", help="replace an existing store (atomically)")
@@ -229,6 +235,9 @@ def register(sub) -> None:
     b.add_argument("--dense-model", help="local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)")
     b.set_defaults(func=cmd_build_blocks)
 
+
+def _register_removal(ds) -> None:
+    """remove, removals, receipt, lookup, verify-journal, resume: opt-out and its records."""
     r = ds.add_parser("remove", help="remove an owner's, documents' or shards' content (recorded, receipted)")
     r.add_argument("--store", required=True, help="datastore folder")
     what = r.add_mutually_exclusive_group(required=True)
