@@ -101,24 +101,21 @@ class StoredDocument:
     by stores or tools that left optional fields out read with their defaults.
     """
 
+    # fields in the order a row's keys are written (the order the build has always used)
     index: int
     id: str
     owner: str
-    text: str
-    license: str = ""
-    tier: str = ""
+    license: str = ""  # the SPDX expression the corpus gave
+    tier: str = ""  # its licence tier when the store was built
     title: str = ""
     source: str = ""
     url: str = ""
     domain: str = ""
-    sha256: str = ""
-    tokens: int = 0
+    sha256: str = ""  # of the text (a rebuild leaves out copies of removed documents by it)
+    tokens: int = 0  # entries the document contributed
     sentences: tuple[tuple[int, int], ...] = ()
+    text: str = ""  # required in a row (from_json), last so a row reads metadata first
     extra: dict = field(default_factory=dict, hash=False)
-
-    # the order a row's keys are written in (the order the build has always used)
-    _ORDER = ("index", "id", "owner", "license", "tier", "title", "source", "url", "domain", "sha256", "tokens",
-              "sentences", "text")
 
     @classmethod
     def from_json(cls, data: dict) -> "StoredDocument":
@@ -136,15 +133,14 @@ class StoredDocument:
         return cls(**known, extra=extra)
 
     def to_json(self) -> dict:
-        out = {k: getattr(self, k) for k in self._ORDER}
+        out = _flat(self)
         out["sentences"] = [[a, b] for a, b in self.sentences]
-        out.update(self.extra)
         return out
 
     def __getitem__(self, key: str):
         """Transitional, for code not yet moved to attributes (silo/workflows/decontam.py reads
         ``d["text"]``): remove once nothing subscripts a stored document."""
-        if key not in self._ORDER:
+        if key == "extra" or key not in self.__dataclass_fields__:
             raise KeyError(key)
         return getattr(self, key)
 
