@@ -114,7 +114,7 @@ class StoredDocument:
     sha256: str = ""  # of the text (a rebuild leaves out copies of removed documents by it)
     tokens: int = 0  # entries the document contributed
     sentences: tuple[tuple[int, int], ...] = ()
-    text: str = ""  # required in a row (from_json), last so a row reads metadata first
+    text: str = ""  # required in a row (from_json checks it); last, as in the file
     extra: dict = field(default_factory=dict, hash=False)
 
     @classmethod
