@@ -68,10 +68,23 @@ def main() -> None:
     if gate is None:
         raise SystemExit(f"{args.store} has no gate: run `silo datastore fit-gate --config configs/demo.yaml`")
     served = lm.retriever("knn", skip="off")
-    old = lm.retriever("knn", k=16, lmbda=0.8, tau=0.5)
-    after = lm.retriever("knn", skip="off", store=without_owners(lm.store, {args.remove}))
     print(f"gate: k={gate.k} tau={gate.tau:.3g} (scale {gate.tau_ref:.3g}, slope {gate.tau_slope:.3g}) "
           f"match bonus {gate.match_bonus:.3g}; skip threshold {gate.skip.threshold if gate.skip else 0:g}")
+    all_pos = perplexity_table(lm, gate, served, args)
+    if args.fluency:
+        fluency(lm, args)
+    if args.only_skip:
+        all_pos = list(domain_texts(load_documents("pkg:demo/test"), args.tokens).values())
+    skip = gate.skip.threshold if args.skip == "auto" and gate.skip else float(args.skip) if args.skip != "auto" else 0
+    if gate.skip is not None and skip > 0:
+        measure_skipping(lm, served, skip, [t for ts in all_pos[:4] for t in ts])
+
+
+def perplexity_table(lm: SiloLM, gate, served, args) -> list[list[str]]:
+    """Per domain: parametric, served (gated), the fixed mixture tuned on validation, the old serving
+    settings, and the served mixture after the simulated opt-out. Returns the scored texts per domain."""
+    old = lm.retriever("knn", k=16, lmbda=0.8, tau=0.5)
+    after = lm.retriever("knn", skip="off", store=without_owners(lm.store, {args.remove}))
     print(f"\n| domain | tokens | parametric | served (gated) | served/param | fixed λ tuned (k/λ/τ) | keeps | "
           f"old serving (16/0.8/0.5) | after opt-out of {args.remove} | after/param | after/before |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -84,51 +97,54 @@ def main() -> None:
             all_pos.append(texts)
             p0, pg, po, pa = ppl(pos.logp_lm), ppl(served.mix_targets(pos)), ppl(old.mix_targets(pos)), \
                 ppl(after.mix_targets(pos))
-            fixed, keeps = "", ""
-            if tuned and dom in val:
-                va = lm.collect(val[dom]).truncate(args.tokens)
-                nb = lm.store.search(va.keys, max(1024, gate.k))
-                fit, _ = fit_fixed(nb, va, [16, 64, 256, 1024], distance_scale(nb))
-                pf = ppl(lm.retriever("knn", k=fit.k, lmbda=fit.lmbda, tau=fit.tau).mix_targets(pos))
-                fixed = f"{pf:.2f} ({fit.k}/{fit.lmbda:.2f}/{fit.tau:.3g})"
-                keeps = f"{(math.log(p0) - math.log(pg)) / (math.log(p0) - math.log(pf)):.0%}" if pf < p0 else "n/a"
+            fixed, keeps = tuned_fixed(lm, gate, val[dom], pos, p0, pg, args.tokens) if tuned and dom in val else ("", "")
             print(f"| {dom} | {len(pos.targets)} | {p0:.2f} | {pg:.2f} | {pg / p0:.3f} | {fixed} | {keeps} | {po:.2f} | "
                   f"{pa:.2f} | {pa / p0:.3f} | {pa / pg:.3f} |", flush=True)
+    return all_pos
 
-    if args.fluency:
-        fluency(lm, args)
-    if args.only_skip:
-        all_pos = list(domain_texts(load_documents("pkg:demo/test"), args.tokens).values())
-    skip = gate.skip.threshold if args.skip == "auto" and gate.skip else float(args.skip) if args.skip != "auto" else 0
-    if gate.skip is not None and skip > 0:
-        skipping = lm.retriever("knn", skip=skip)
-        texts = [t for ts in all_pos[:4] for t in ts]
-        t_all, r_all = timed(lambda: lm.score(texts, served))
-        t_skip, r_skip = timed(lambda: lm.score(texts, lm.retriever("knn", skip=skip)))
-        t_par, _ = timed(lambda: lm.score(texts, None))
-        p_all = ppl(np.concatenate([r.logp for r in r_all]))
-        p_skip = ppl(np.concatenate([r.logp for r in r_skip]))
-        lm.score(texts, skipping)
-        share = skipping.skipped / max(1, skipping.skipped + skipping.searched)
-        print(f"\nretrieval skipping (threshold {skip:g}): {share:.0%} of searches skipped; "
-              f"perplexity {p_all:.2f} -> {p_skip:.2f} ({p_skip / p_all - 1:+.2%}); scoring time "
-              f"{t_all:.1f}s -> {t_skip:.1f}s (speed-up {t_all / t_skip:.2f}x; parametric {t_par:.1f}s)")
-        prompts = [texts[i][:200] for i in range(0, len(texts), max(1, len(texts) // 4))][:4]
-        g = SamplingParams(max_new_tokens=48, temperature=0)
 
-        t_off = t_on = 0.0
-        same = n_tok = 0
-        for prompt in prompts:  # interleaved, so both see the same machine load
-            t = time.perf_counter()
-            a = lm.complete(prompt, g, lm.retriever("knn", skip="off"), attribute=False)
-            t_off += time.perf_counter() - t
-            t = time.perf_counter()
-            b = lm.complete(prompt, g, lm.retriever("knn", skip=skip), attribute=False)
-            t_on += time.perf_counter() - t
-            same += a.text == b.text
-            n_tok += len(a.tokens)
-        print(f"generation ({len(prompts)} prompts, {n_tok} tokens, greedy, interleaved): {t_off:.1f}s -> {t_on:.1f}s "
-              f"(speed-up {t_off / t_on:.2f}x); {same}/{len(prompts)} completions identical")
+def tuned_fixed(lm: SiloLM, gate, val_texts: list[str], pos, p0: float, pg: float, tokens: int) -> tuple[str, str]:
+    """The fixed mixture fitted on the domain's validation text: its perplexity and settings, and the share
+    of its gain over the parametric model that the gate keeps."""
+    va = lm.collect(val_texts).truncate(tokens)
+    nb = lm.store.search(va.keys, max(1024, gate.k))
+    fit, _ = fit_fixed(nb, va, [16, 64, 256, 1024], distance_scale(nb))
+    pf = ppl(lm.retriever("knn", k=fit.k, lmbda=fit.lmbda, tau=fit.tau).mix_targets(pos))
+    fixed = f"{pf:.2f} ({fit.k}/{fit.lmbda:.2f}/{fit.tau:.3g})"
+    keeps = f"{(math.log(p0) - math.log(pg)) / (math.log(p0) - math.log(pf)):.0%}" if pf < p0 else "n/a"
+    return fixed, keeps
+
+
+def measure_skipping(lm: SiloLM, served, skip: float, texts: list[str]) -> None:
+    """Retrieval skipping at `skip`: searches skipped, perplexity and time of scoring, then of greedy
+    generation (interleaved with the non-skipping mixture)."""
+    skipping = lm.retriever("knn", skip=skip)
+    t_all, r_all = timed(lambda: lm.score(texts, served))
+    t_skip, r_skip = timed(lambda: lm.score(texts, lm.retriever("knn", skip=skip)))
+    t_par, _ = timed(lambda: lm.score(texts, None))
+    p_all = ppl(np.concatenate([r.logp for r in r_all]))
+    p_skip = ppl(np.concatenate([r.logp for r in r_skip]))
+    lm.score(texts, skipping)
+    share = skipping.skipped / max(1, skipping.skipped + skipping.searched)
+    print(f"\nretrieval skipping (threshold {skip:g}): {share:.0%} of searches skipped; "
+          f"perplexity {p_all:.2f} -> {p_skip:.2f} ({p_skip / p_all - 1:+.2%}); scoring time "
+          f"{t_all:.1f}s -> {t_skip:.1f}s (speed-up {t_all / t_skip:.2f}x; parametric {t_par:.1f}s)")
+    prompts = [texts[i][:200] for i in range(0, len(texts), max(1, len(texts) // 4))][:4]
+    g = SamplingParams(max_new_tokens=48, temperature=0)
+
+    t_off = t_on = 0.0
+    same = n_tok = 0
+    for prompt in prompts:  # interleaved, so both see the same machine load
+        t = time.perf_counter()
+        a = lm.complete(prompt, g, lm.retriever("knn", skip="off"), attribute=False)
+        t_off += time.perf_counter() - t
+        t = time.perf_counter()
+        b = lm.complete(prompt, g, lm.retriever("knn", skip=skip), attribute=False)
+        t_on += time.perf_counter() - t
+        same += a.text == b.text
+        n_tok += len(a.tokens)
+    print(f"generation ({len(prompts)} prompts, {n_tok} tokens, greedy, interleaved): {t_off:.1f}s -> {t_on:.1f}s "
+          f"(speed-up {t_off / t_on:.2f}x); {same}/{len(prompts)} completions identical")
 
 
 def cut_prompts(texts: list[str], n: int, min_chars: int = 60, max_chars: int = 160) -> list[str]:

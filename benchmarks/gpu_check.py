@@ -34,19 +34,31 @@ def main(argv=None) -> int:
 
     import torch
 
-    from silo.core.config import load_section
     from silo.core.models import resolve_device
-    from silo.datastore.build import DatastoreConfig, build_datastore
     from silo.model.lm import SiloLM
-    from silo.model.sampling import SamplingParams
-    from silo.serving.engine import Engine
-    from silo.model.request import GenerationRequest, OutputControls, RetrievalParams
-    from silo.training.train import TrainConfig, train
 
     device = resolve_device(args.device)
     out = Path(args.out)
     print(f"device {device} ({torch.cuda.get_device_name(0) if device.startswith('cuda') else 'cpu'}), "
           f"torch {torch.__version__}", flush=True)
+    train_and_build(args, device, out)
+    lm = SiloLM.load(str(out / "model"), str(out / "store"), device=device)
+    print(f"model dtype {next(lm.model.parameters()).dtype}", flush=True)
+    single = one_stream(lm, args.tokens)
+    batched = eight_batched(lm, args.tokens)
+    print(f"{'mode':>10} {'1 stream tok/s':>15} {'8 batched tok/s':>16} {'ratio':>6}")
+    for mode in ("parametric", "knn"):
+        print(f"{mode:>10} {single[mode]:>15.1f} {batched[mode]:>16.1f} {batched[mode] / single[mode]:>6.2f}")
+    print(f"kNN + attributions / parametric at 1 stream: {single['knn'] / single['parametric']:.2f}")
+    return 0
+
+
+def train_and_build(args, device: str, out: Path) -> None:
+    """The demo's model (trained on `device`) and its datastore (the model encoding on `device`) under `out`."""
+    from silo.core.config import load_section
+    from silo.datastore.build import DatastoreConfig, build_datastore
+    from silo.training.train import TrainConfig, train
+
     over = {"output_dir": str(out / "model")} | ({"max_steps": args.max_steps} if args.max_steps else {})
     tcfg = load_section(args.config, "train", TrainConfig, over)
     t0 = time.time()
@@ -60,10 +72,13 @@ def main(argv=None) -> int:
     build_datastore(dcfg, progress=False)
     print(f"datastore build (model on {device}): {time.time() - t0:.1f} s", flush=True)
 
-    lm = SiloLM.load(str(out / "model"), str(out / "store"), device=device)
-    print(f"model dtype {next(lm.model.parameters()).dtype}", flush=True)
+
+def one_stream(lm, tokens: int) -> dict[str, float]:
+    """Tokens/s of greedy generation one request at a time, parametric and kNN-LM (with attributions)."""
+    from silo.model.sampling import SamplingParams
+
     knn = lm.retriever("knn", k=16, lmbda=0.25, tau=1.0)  # no gate fitted here: a fixed mixture
-    sp = SamplingParams(max_new_tokens=args.tokens, temperature=0)
+    sp = SamplingParams(max_new_tokens=tokens, temperature=0)
     lm.complete(PROMPTS[0], SamplingParams(max_new_tokens=4, temperature=0), knn)  # warm-up
     single = {}
     for mode, r in (("parametric", None), ("knn", knn)):
@@ -71,11 +86,21 @@ def main(argv=None) -> int:
         for p in PROMPTS[:4]:
             n += len(lm.complete(p, sp, r, attribute=r is not None).tokens)
         single[mode] = n / (time.time() - t0)
+    return single
+
+
+def eight_batched(lm, tokens: int) -> dict[str, float]:
+    """Tokens/s of the 8 prompts at once through the serving engine's continuous batching."""
+    from silo.model.request import GenerationRequest, OutputControls, RetrievalParams
+    from silo.model.sampling import SamplingParams
+    from silo.serving.engine import Engine
+
     batched = {}
     engine = Engine(lm, max_queue=64, max_batch=8)
     try:
         for mode in ("parametric", "knn"):
             t0 = time.time()
+            sp = SamplingParams(max_new_tokens=tokens, temperature=0.0)
             fixed = dict(k=16, lmbda=0.25, tau=1.0) if mode == "knn" else {}
             jobs = [engine.generate(GenerationRequest(prompt=p, sampling=sp, retrieval=RetrievalParams(mode, **fixed),
                                                       output=OutputControls(attributions=True))) for p in PROMPTS]
@@ -83,11 +108,7 @@ def main(argv=None) -> int:
             batched[mode] = n / (time.time() - t0)
     finally:
         engine.stop()
-    print(f"{'mode':>10} {'1 stream tok/s':>15} {'8 batched tok/s':>16} {'ratio':>6}")
-    for mode in ("parametric", "knn"):
-        print(f"{mode:>10} {single[mode]:>15.1f} {batched[mode]:>16.1f} {batched[mode] / single[mode]:>6.2f}")
-    print(f"kNN + attributions / parametric at 1 stream: {single['knn'] / single['parametric']:.2f}")
-    return 0
+    return batched
 
 
 if __name__ == "__main__":

@@ -134,11 +134,11 @@ def main() -> int:
     knn = load_section(args.config, "knn", KNNConfig) if "knn" in data else KNNConfig()
     lm = SiloLM.load(args.model or lm_sec["model"], args.store or lm_sec["store"], knn=knn)
     prompt, doc_id = demo_prompt(args.config)
-    doc = next(d for sh in lm.store.shards for d in sh.documents if d["id"] == doc_id)
-    tier = tier_of(doc["license"])
+    doc = next(d for sh in lm.store.shards for d in sh.documents if d.id == doc_id)
+    tier = tier_of(doc.license)
     policy = OutputPolicy.model_validate({"tiers": {tier: {"max_verbatim_chars": args.cap}}})
-    docs = [(d["id"], d["text"]) for sh in lm.store.shards for d in sh.live_documents()]
-    print(f"prompt ({doc_id}, licence {doc['license']} -> tier {tier}): {prompt!r}")
+    docs = [(d.id, d.text) for sh in lm.store.shards for d in sh.live_documents()]
+    print(f"prompt ({doc_id}, licence {doc.license} -> tier {tier}): {prompt!r}")
     print(f"store: {lm.store.path}, {len(docs)} documents, {sum(len(t) for _, t in docs):,} characters; "
           f"mixture {lm.retriever('knn').mixture.kind} k={lm.retriever('knn').k}", flush=True)
 

@@ -26,7 +26,7 @@ import torch
 
 from silo.datastore.keys import KeyExtractor
 from silo.core.corpus import load_documents
-from silo.datastore.format import ENTRY_DTYPE, IndexRef, ShardRecord
+from silo.datastore.format import ENTRY_DTYPE, IndexRef, ShardRecord, StoredDocument
 from silo.datastore.shard import write_shard
 from silo.datastore.store import Datastore
 from silo.model.lm import SiloLM
@@ -70,8 +70,7 @@ def tiled_store(src: Datastore, dest: Path, n_entries: int, factory: str) -> Dat
     ent = np.concatenate(rows).astype(ENTRY_DTYPE)
     ent["doc"] = 0
     ent["sent"] = 0
-    doc = {"index": 0, "id": "tiled", "owner": "bench", "license": "", "title": "", "sentences": [[0, 5]],
-           "text": "tiled"}
+    doc = StoredDocument(index=0, id="tiled", owner="bench", text="tiled", sentences=((0, 5),))
     checksum = write_shard(sdir, index, ent, [doc], {"name": "tiled", "owner": "bench", "index_factory": factory})
     manifest = dataclasses.replace(src.manifest, generation=1, index=IndexRef(factory=factory, nprobe=16),
                                    shards=[ShardRecord("tiled", "bench", "shards/tiled", int(len(ent)), 1, checksum)])

@@ -171,6 +171,23 @@ def main(argv=None) -> int:
         raise SystemExit(f"--doors: grpc and/or http (got {args.doors!r})")
     if any(not 1 <= n <= MAX_STREAMS for n in levels) or not 0 < args.duration <= MAX_SECONDS:
         raise SystemExit(f"concurrency must be 1..{MAX_STREAMS} and duration 0..{MAX_SECONDS} s")
+    server, target, url = _server_of(args, doors)
+    print(f"grpc {target or '-'}, http {url or '-'}, {args.duration:.0f} s per level, max_tokens {args.max_tokens}, "
+          f"prompt {args.prompt!r}")
+    print(f"{'door':>5} {'mode':>10} {'streams':>7} {'ok':>5} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} "
+          f"{'ttft50':>7} {'ttft95':>7}  errors")
+    try:
+        tps = _run_levels(args, doors, modes, levels, target, url)
+        _print_ratios(tps, doors, modes, args.attributions)
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+def _server_of(args, doors: list[str]):
+    """(server started here or None, gRPC target, HTTP url): a server started with --model, or the running
+    one the flags name (loopback only)."""
     server = None
     if args.model:
         cfg = dict(model=args.model, store=args.store, host="127.0.0.1", port=0,
@@ -186,34 +203,35 @@ def main(argv=None) -> int:
         raise SystemExit("give --target / --http-url, or --model")
     if "grpc" in doors and not target or "http" in doors and not url:
         raise SystemExit("--doors grpc needs --target (or --model); --doors http needs --http-url (or --model)")
-    print(f"grpc {target or '-'}, http {url or '-'}, {args.duration:.0f} s per level, max_tokens {args.max_tokens}, "
-          f"prompt {args.prompt!r}")
-    print(f"{'door':>5} {'mode':>10} {'streams':>7} {'ok':>5} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} "
-          f"{'ttft50':>7} {'ttft95':>7}  errors")
+    return server, target, url
+
+
+def _run_levels(args, doors: list[str], modes: list[str], levels: list[int], target, url) -> dict:
+    """Every door x mode x concurrency level, a table row each; returns {(door, mode, streams): tokens/s}."""
     tps = {}
-    try:
-        for door in doors:
-            for mode in modes:
-                args.mode = mode
-                for n in levels:
-                    r = run_level(target, n, args.duration, args) if door == "grpc" else \
-                        run_level_http(url, n, args.duration, args)
-                    tps[(door, mode, n)] = r["tps"]
-                    print(f"{door:>5} {mode or 'default':>10} {r['streams']:>7} {r['ok']:>5} {r['rps']:>7.2f} "
-                          f"{r['tps']:>7.1f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['ttft50']:>7.2f} {r['ttft95']:>7.2f}  "
-                          f"{r['errors'] or '-'}", flush=True)
-        for door in doors:
-            if (door, "knn", 1) in tps and (door, "parametric", 1) in tps:
-                print(f"{door}: kNN{' + attributions' if args.attributions else ''} / parametric tokens/s at 1 stream: "
-                      f"{tps[(door, 'knn', 1)] / max(tps[(door, 'parametric', 1)], 1e-9):.2f}")
-            for mode in modes:
-                if (door, mode, 1) in tps and (door, mode, 8) in tps:
-                    print(f"{door}: {mode or 'default'} tokens/s at 8 streams / 1 stream: "
-                          f"{tps[(door, mode, 8)] / max(tps[(door, mode, 1)], 1e-9):.2f}")
-    finally:
-        if server is not None:
-            server.stop()
-    return 0
+    for door in doors:
+        for mode in modes:
+            args.mode = mode
+            for n in levels:
+                r = run_level(target, n, args.duration, args) if door == "grpc" else \
+                    run_level_http(url, n, args.duration, args)
+                tps[(door, mode, n)] = r["tps"]
+                print(f"{door:>5} {mode or 'default':>10} {r['streams']:>7} {r['ok']:>5} {r['rps']:>7.2f} "
+                      f"{r['tps']:>7.1f} {r['p50']:>7.2f} {r['p95']:>7.2f} {r['ttft50']:>7.2f} {r['ttft95']:>7.2f}  "
+                      f"{r['errors'] or '-'}", flush=True)
+    return tps
+
+
+def _print_ratios(tps: dict, doors: list[str], modes: list[str], attributions: bool) -> None:
+    """kNN over parametric at 1 stream, and 8 streams over 1, per door."""
+    for door in doors:
+        if (door, "knn", 1) in tps and (door, "parametric", 1) in tps:
+            print(f"{door}: kNN{' + attributions' if attributions else ''} / parametric tokens/s at 1 stream: "
+                  f"{tps[(door, 'knn', 1)] / max(tps[(door, 'parametric', 1)], 1e-9):.2f}")
+        for mode in modes:
+            if (door, mode, 1) in tps and (door, mode, 8) in tps:
+                print(f"{door}: {mode or 'default'} tokens/s at 8 streams / 1 stream: "
+                      f"{tps[(door, mode, 8)] / max(tps[(door, mode, 1)], 1e-9):.2f}")
 
 
 def _start(cfg: dict):

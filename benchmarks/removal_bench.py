@@ -28,8 +28,9 @@ import faiss
 import numpy as np
 
 from silo.datastore.journal import append_journal
-from silo.datastore.removal import RemovalManager, RemovalRequest
-from silo.datastore.format import ENTRY_DTYPE, IndexRef, Manifest, ModelRef, ShardRecord
+from silo.datastore.removal import RemovalManager
+from silo.datastore.removal_records import RemovalRequest
+from silo.datastore.format import ENTRY_DTYPE, IndexRef, Manifest, ModelRef, ShardRecord, StoredDocument
 from silo.datastore.shard import write_shard
 
 WORDS = "the of and to in that is was he for it with as his on be at by had not are but from or have".split()
@@ -54,9 +55,9 @@ def make_shard(root: Path, name: str, owner: str, n_entries: int, n_docs: int, d
     docs = []
     for d in range(n_docs):
         text = _text(rng, 40)
-        docs.append({"index": d, "id": f"{owner}/doc{d}", "owner": owner, "license": "CC-BY-4.0", "tier": "by",
-                     "title": f"doc {d}", "source": "synthetic", "url": "", "domain": "x", "sha256": "",
-                     "tokens": int((entries["doc"] == d).sum()), "sentences": [[0, len(text)]], "text": text})
+        docs.append(StoredDocument(index=d, id=f"{owner}/doc{d}", owner=owner, text=text, license="CC-BY-4.0",
+                                   tier="by", title=f"doc {d}", source="synthetic", domain="x",
+                                   tokens=int((entries["doc"] == d).sum()), sentences=((0, len(text)),)))
     checksum = write_shard(sdir, index, entries, docs, {"name": name, "owner": owner, "key_dim": dim,
                                                         "index_factory": factory})
     return ShardRecord(name, owner, f"shards/{name}", n_entries, n_docs, checksum)

@@ -59,7 +59,8 @@ from silo.datastore.journal import append_journal  # noqa: E402
 from silo.datastore.keys import KeyExtractor  # noqa: E402
 from silo.datastore.keys_store import open_keys, write_keys  # noqa: E402
 from silo.datastore.reindex import index_recall  # noqa: E402
-from silo.datastore.removal import RemovalManager, RemovalRequest  # noqa: E402
+from silo.datastore.removal import RemovalManager  # noqa: E402
+from silo.datastore.removal_records import RemovalRequest  # noqa: E402
 from silo.datastore.shard import write_documents, write_entries, write_index, write_shard_info  # noqa: E402
 from silo.datastore.store import Datastore  # noqa: E402
 from silo.model.lm import SiloLM  # noqa: E402
@@ -94,7 +95,7 @@ def _write_tiled_shard(sdir: Path, name: str, owner: str, n: int, keys, entries,
     doc_recs = []
     for d in range(ndocs):
         t, i = divmod(d, len(docs))
-        doc_recs.append({**docs[i], "index": d, "id": f"{owner}/{docs[i]['id']}#{t}", "owner": owner})
+        doc_recs.append(dataclasses.replace(docs[i], index=d, id=f"{owner}/{docs[i].id}#{t}", owner=owner))
 
     def chunks():
         for a in range(0, n, CHUNK):
@@ -256,56 +257,72 @@ def main() -> None:
     rows = []
     try:
         for n in args.sizes:
-            path = tmp / f"store-{n}"
-            t0 = time.perf_counter()
-            big = tiled_store(demo, path, n, args.factory, args.nprobe, args.shards, trained)
-            t_make = time.perf_counter() - t0
-            if args.gated and (Path(args.store) / "gate.json").exists():
-                shutil.copy2(Path(args.store) / "gate.json", path / "gate.json")
-            size = dir_bytes(path)
-            kinds = {f: sum(p.stat().st_size for p in path.rglob(f)) / big.num_entries
-                     for f in ("index.faiss", "keys.npy", "entries.npy", "documents.jsonl")}
-            row = {"entries": big.num_entries, "factory": args.factory, "nprobe": args.nprobe, "make_s": t_make,
-                   "bytes_per_entry": size / big.num_entries, "bytes_per_entry_by_file": kinds}
-            row["open_mmap"] = open_probe(path, True)
-            if n <= 2_000_000:
-                row["open_read"] = open_probe(path, False)
-            lm.swap_store(big)
-            ratios = interleaved_ratios(lm, texts, big, gated=args.gated and (path / "gate.json").exists())
-            row.update(ratios)
-            t = time.perf_counter()
-            row["recall"] = index_recall(big, queries, (1, 10, 32), progress=True)
-            row["recall_s"] = time.perf_counter() - t
-            q512 = np.repeat(queries, 2, axis=0)[:512]
-            big.parallel = True
-            t_p, a = timed(lambda: big.search(q512, 32), repeat=3)
-            big.parallel = False
-            t_s, b = timed(lambda: big.search(q512, 32), repeat=3)
-            row["search_512q_parallel_s"], row["search_512q_sequential_s"] = t_p, t_s
-            row["parallel_identical"] = bool(np.array_equal(a.ids, b.ids) and np.array_equal(a.distances, b.distances))
-            lm.swap_store(None)
-            del big
-            times = []
-            for i in range(3):
-                t = time.perf_counter()
-                m = RemovalManager(path)
-                req = RemovalRequest(owner="optout", requester="bench", reason="benchmark", request_id=f"bench-{i}")
-                m.compact(m.submit(req).request_id)
-                times.append(time.perf_counter() - t)
-                # put the shard back for the next repeat: not timed (restore the manifest entry and folder)
-                if i < 2:
-                    _restore_owner(path, demo, args.factory)
-            row["owner_removal_s"] = sorted(times)[1]
-            row["owner_removal_runs_s"] = times
-            rows.append(row)
-            print(json.dumps(row, indent=1, default=float), flush=True)
+            rows.append(measure_size(lm, demo, texts, queries, trained, tmp / f"store-{n}", n, args))
+            print(json.dumps(rows[-1], indent=1, default=float), flush=True)
             if not args.keep:
-                shutil.rmtree(path)
+                shutil.rmtree(tmp / f"store-{n}")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"stores kept under {tmp}")
+    print_summary(rows)
+
+
+def measure_size(lm: SiloLM, demo: Datastore, texts: list[str], queries: np.ndarray, trained, path: Path, n: int,
+                 args) -> dict:
+    """One store of n entries tiled from the demo store: bytes, open time and memory, scoring throughput,
+    recall, parallel search, and owner removal."""
+    t0 = time.perf_counter()
+    big = tiled_store(demo, path, n, args.factory, args.nprobe, args.shards, trained)
+    t_make = time.perf_counter() - t0
+    if args.gated and (Path(args.store) / "gate.json").exists():
+        shutil.copy2(Path(args.store) / "gate.json", path / "gate.json")
+    size = dir_bytes(path)
+    kinds = {f: sum(p.stat().st_size for p in path.rglob(f)) / big.num_entries
+             for f in ("index.faiss", "keys.npy", "entries.npy", "documents.jsonl")}
+    row = {"entries": big.num_entries, "factory": args.factory, "nprobe": args.nprobe, "make_s": t_make,
+           "bytes_per_entry": size / big.num_entries, "bytes_per_entry_by_file": kinds}
+    row["open_mmap"] = open_probe(path, True)
+    if n <= 2_000_000:
+        row["open_read"] = open_probe(path, False)
+    lm.swap_store(big)
+    ratios = interleaved_ratios(lm, texts, big, gated=args.gated and (path / "gate.json").exists())
+    row.update(ratios)
+    t = time.perf_counter()
+    row["recall"] = index_recall(big, queries, (1, 10, 32), progress=True)
+    row["recall_s"] = time.perf_counter() - t
+    q512 = np.repeat(queries, 2, axis=0)[:512]
+    big.parallel = True
+    t_p, a = timed(lambda: big.search(q512, 32), repeat=3)
+    big.parallel = False
+    t_s, b = timed(lambda: big.search(q512, 32), repeat=3)
+    row["search_512q_parallel_s"], row["search_512q_sequential_s"] = t_p, t_s
+    row["parallel_identical"] = bool(np.array_equal(a.ids, b.ids) and np.array_equal(a.distances, b.distances))
+    lm.swap_store(None)
+    del big
+    times = owner_removals(path, demo, args.factory)
+    row["owner_removal_s"] = sorted(times)[1]
+    row["owner_removal_runs_s"] = times
+    return row
+
+
+def owner_removals(path: Path, demo: Datastore, factory: str, runs: int = 3) -> list[float]:
+    """Seconds of `runs` owner removals (submit + compact + receipt) of a small shard, put back between runs."""
+    times = []
+    for i in range(runs):
+        t = time.perf_counter()
+        m = RemovalManager(path)
+        req = RemovalRequest(owner="optout", requester="bench", reason="benchmark", request_id=f"bench-{i}")
+        m.compact(m.submit(req).request_id)
+        times.append(time.perf_counter() - t)
+        # put the shard back for the next repeat: not timed (restore the manifest entry and folder)
+        if i < runs - 1:
+            _restore_owner(path, demo, factory)
+    return times
+
+
+def print_summary(rows: list[dict]) -> None:
     print("\nsummary")
     print(f"{'entries':>11} {'knn/par':>8} {'(own coarse)':>12} {'R@1':>6} {'R@10':>6} {'R@32':>6} {'B/entry':>8} {'open s':>7} "
           f"{'RSS open MB':>11} {'RSS search MB':>13} {'removal s':>9}")

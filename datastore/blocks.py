@@ -41,6 +41,7 @@ from silo.core.files import fsync_path, swap_dir_atomic, write_json_atomic
 from .faiss_utils import compact_index
 from .format import DatastoreError, Manifest, now, store_lock
 from .journal import append_journal
+from .shard import read_documents
 from .store import Datastore
 
 BLOCKS_FORMAT = "silo.blocks.v1"
@@ -142,14 +143,10 @@ def _build_blocks(store_path, tokenizer, block_tokens, stride, retrievers, dense
         if not docs_file.exists():
             raise DatastoreError(f"{docs_file}: missing; the store is damaged (shard {rec.name})")
         rows = []
-        with open(docs_file, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                doc = json.loads(line)
-                for a, b, n in cut_blocks(doc["text"], tokenizer, block_tokens, stride):
-                    rows.append({"i": len(rows), "doc": int(doc["index"]), "start": a, "end": b, "tokens": n,
-                                 "text": doc["text"][a:b]})
+        for doc in read_documents(sdir):
+            for a, b, n in cut_blocks(doc.text, tokenizer, block_tokens, stride):
+                rows.append({"i": len(rows), "doc": doc.index, "start": a, "end": b, "tokens": n,
+                             "text": doc.text[a:b]})
         tmp = sdir / f".blocks.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -355,7 +352,7 @@ class BlockStore:
         step = max(1, -(-sb.info["block_tokens"] // sb.info["stride"]))
         j = hit.block + step
         end = sb.blocks[j]["end"] if j < len(sb.blocks) and sb.blocks[j]["doc"] == hit.doc else hit.end
-        return self.store.shards[hit.shard].documents[hit.doc]["text"][hit.start:end]
+        return self.store.shards[hit.shard].documents[hit.doc].text[hit.start:end]
 
     def _query_model(self) -> str | None:
         """Queries must be embedded by the model that embedded the blocks (None: the bundled MiniLM)."""
@@ -384,34 +381,43 @@ class BlockStore:
         if retriever == "bm25":
             import bm25s
 
-            qtok = bm25s.tokenize([queries[i] for i in ask], **_BM25_ARGS)
+            query = bm25s.tokenize([queries[i] for i in ask], **_BM25_ARGS)
         else:
-            qvec = embed([queries[i] for i in ask], self._query_model())
+            query = embed([queries[i] for i in ask], self._query_model())
         for si, (sb, live) in enumerate(zip(self.shards, self.live)):
-            nb = len(sb.blocks)
-            if nb == 0 or (live is not None and not live.any()):
+            if len(sb.blocks) == 0 or (live is not None and not live.any()):
                 continue
-            if retriever == "bm25":
-                # tombstoned blocks get weight 0, hence score 0, and zero-score blocks are dropped below
-                res = sb.bm25().retrieve(qtok, k=min(n, nb), show_progress=False, n_threads=0,
-                                         weight_mask=None if live is None else live.astype(np.float32))
-                ids, scores = res.documents, res.scores
-            else:
-                # over-fetch by the number of hidden blocks so at least n live ones remain
-                kk = min(nb, n + (0 if live is None else int((~live).sum())))
-                scores, ids = sb.dense().search(qvec, kk)
-            shard = self.store.shards[si]
-            for qi, row_ids, row_sc in zip(ask, ids, scores):
-                for bid, sc in zip(row_ids, row_sc):
-                    bid = int(bid)
-                    if bid < 0 or (live is not None and not live[bid]) or (retriever == "bm25" and sc <= 0):
-                        continue
-                    b = sb.blocks[bid]
-                    d = shard.documents[b["doc"]]
-                    hits[qi].append(BlockHit(si, shard.name, d.get("owner", shard.owner), bid, b["doc"], d["id"],
-                                             d.get("title", ""), d.get("license", ""), b["start"], b["end"],
-                                             b["text"], float(sc), retriever))
+            for qi, row in zip(ask, self._shard_hits(si, sb, live, query, n, retriever)):
+                hits[qi].extend(row)
         for h in hits:
             h.sort(key=lambda x: -x.score)
             del h[n:]
         return hits
+
+    def _shard_hits(self, si: int, sb, live: np.ndarray | None, query, n: int,
+                    retriever: str) -> list[list[BlockHit]]:
+        """Each query's live blocks among shard `si`'s top n (`query`: BM25 tokens or dense vectors)."""
+        nb = len(sb.blocks)
+        if retriever == "bm25":
+            # tombstoned blocks get weight 0, hence score 0, and zero-score blocks are dropped below
+            res = sb.bm25().retrieve(query, k=min(n, nb), show_progress=False, n_threads=0,
+                                     weight_mask=None if live is None else live.astype(np.float32))
+            ids, scores = res.documents, res.scores
+        else:
+            # over-fetch by the number of hidden blocks so at least n live ones remain
+            kk = min(nb, n + (0 if live is None else int((~live).sum())))
+            scores, ids = sb.dense().search(query, kk)
+        shard = self.store.shards[si]
+        out = []
+        for row_ids, row_sc in zip(ids, scores):
+            row = []
+            for bid, sc in zip(row_ids, row_sc):
+                bid = int(bid)
+                if bid < 0 or (live is not None and not live[bid]) or (retriever == "bm25" and sc <= 0):
+                    continue
+                b = sb.blocks[bid]
+                d = shard.documents[b["doc"]]
+                row.append(BlockHit(si, shard.name, d.owner, bid, b["doc"], d.id, d.title, d.license,
+                                    b["start"], b["end"], b["text"], float(sc), retriever))
+            out.append(row)
+        return out

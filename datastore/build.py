@@ -134,18 +134,7 @@ def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: lis
     previous = Manifest.read(out) if ranks.is_main and (out / MANIFEST).exists() else None
     excl = ranks.broadcast(read_exclusions(out) if previous is not None else Exclusions())
     progress = progress and ranks.is_main
-    if excl:
-        kept = [d for d in docs if not excl.excludes(d.id, d.owner, d.sha256,
-                                                     slug(d.owner if cfg.shard_by == "owner" else (d.domain or "default")))]
-        if progress:
-            print(f"datastore: {len(docs) - len(kept)} document(s) left out: earlier opt-outs of this store bind its "
-                  f"rebuilds ({len(excl.requests)} removal request(s): {', '.join(excl.requests[:5])}"
-                  f"{' ...' if len(excl.requests) > 5 else ''})")
-        excluded, docs = len(docs) - len(kept), kept
-        if not docs:
-            raise DatastoreError(f"{out}: every document of {cfg.corpus} was removed by an earlier opt-out")
-    else:
-        excluded = 0
+    docs, excluded = _leave_out_removed(cfg, out, docs, excl, progress)
     groups = _group_documents(docs, cfg.shard_by)
     if cfg.max_chars_per_shard:
         groups = {k: _first_chars(v, cfg.max_chars_per_shard) for k, v in groups.items()}
@@ -167,8 +156,56 @@ def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: lis
     encode_s = time.time() - t0
     n_total = sum(r.entries for r in shard_recs)
 
-    # Index: train the quantizer once on a sample of all keys, then fill one index per shard.
     t1 = time.time()
+    trained = _index_shards(cfg, tmp, shard_recs, key_dim, progress)
+    index_s = time.time() - t1
+
+    generation = previous.generation + 1 if previous is not None else 1
+    lineage = previous.lineage if previous is not None and previous.lineage else uuid.uuid4().hex
+    manifest = Manifest(
+        generation=generation, created=now(), updated=now(), lineage=lineage,
+        model=ModelRef(fingerprint=fp, path=cfg.model, key_dim=key_dim, vocab_size=len(tokenizer)),
+        index=IndexRef(factory=cfg.index.factory, metric="l2", nprobe=cfg.index.nprobe,
+                       quantizer="quantizer.faiss" if trained else None, mmap=cfg.index.mmap),
+        build={"window": cfg.window, "stride": cfg.stride, "config_source": config_source,
+               "config": cfg.model_dump(exclude={"overwrite"}), "processes": ranks.world,
+               "encode_seconds": round(encode_s, 2), "index_seconds": round(index_s, 2)},
+        shards=shard_recs)
+    manifest.write(tmp)
+    _carry_history(out, tmp)
+    append_journal(tmp / "journal.jsonl", "build", generation=generation, entries=n_total,
+                   excluded_documents=excluded, bound_by=excl.requests,
+                   shards=[{"name": r.name, "entries": r.entries, "checksum": r.checksum} for r in shard_recs],
+                   fingerprint=fp, index=cfg.index.factory)
+    fsync_tree(tmp)
+    swap_dir_atomic(tmp, out)
+    if progress:
+        print(f"datastore: {n_total:,} entries in {len(shard_recs)} shard(s) at {out} "
+              f"(encode {encode_s:.1f}s, {n_total / max(encode_s, 1e-9):,.0f} keys/s; index {index_s:.1f}s)")
+    return Datastore.open(out, fingerprint=fp, device=cfg.index.device)
+
+
+def _leave_out_removed(cfg: DatastoreConfig, out: Path, docs: list[Document], excl: Exclusions,
+                       progress: bool) -> tuple[list[Document], int]:
+    """The documents earlier removals of this store do not bind the build to leave out, and how many they did."""
+    if not excl:
+        return docs, 0
+    kept = [d for d in docs if not excl.excludes(d.id, d.owner, d.sha256,
+                                                 slug(d.owner if cfg.shard_by == "owner" else (d.domain or "default")))]
+    if progress:
+        print(f"datastore: {len(docs) - len(kept)} document(s) left out: earlier opt-outs of this store bind its "
+              f"rebuilds ({len(excl.requests)} removal request(s): {', '.join(excl.requests[:5])}"
+              f"{' ...' if len(excl.requests) > 5 else ''})")
+    if not kept:
+        raise DatastoreError(f"{out}: every document of {cfg.corpus} was removed by an earlier opt-out")
+    return kept, len(docs) - len(kept)
+
+
+def _index_shards(cfg: DatastoreConfig, tmp: Path, shard_recs: list[ShardRecord], key_dim: int,
+                  progress: bool) -> Path | None:
+    """Train the quantizer once on a sample of all keys (when the index type needs one), then fill one
+    index per shard from its scratch keys and write its shard.json (setting the records' checksums).
+    Returns the quantizer file, None for an index that needs no training."""
     probe = faiss.index_factory(key_dim, cfg.index.factory, faiss.METRIC_L2)
     trained = None
     if not probe.is_trained:
@@ -193,36 +230,17 @@ def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: lis
             "name": rec.name, "owner": rec.owner, "entries": rec.entries, "documents": rec.documents,
             "created": now(), "key_dim": key_dim, "index_factory": cfg.index.factory,
             "built_from": {"corpus": cfg.corpus, "domains": cfg.domains, "window": cfg.window, "stride": cfg.stride}})
-    index_s = time.time() - t1
+    return trained
 
-    generation = previous.generation + 1 if previous is not None else 1
-    lineage = previous.lineage if previous is not None and previous.lineage else uuid.uuid4().hex
-    manifest = Manifest(
-        generation=generation, created=now(), updated=now(), lineage=lineage,
-        model=ModelRef(fingerprint=fp, path=cfg.model, key_dim=key_dim, vocab_size=len(tokenizer)),
-        index=IndexRef(factory=cfg.index.factory, metric="l2", nprobe=cfg.index.nprobe,
-                       quantizer="quantizer.faiss" if trained else None, mmap=cfg.index.mmap),
-        build={"window": cfg.window, "stride": cfg.stride, "config_source": config_source,
-               "config": cfg.model_dump(exclude={"overwrite"}), "processes": ranks.world,
-               "encode_seconds": round(encode_s, 2), "index_seconds": round(index_s, 2)},
-        shards=shard_recs)
-    manifest.write(tmp)
-    for name in ("journal.jsonl", GATE_FILE):  # a rebuild keeps the history (and the fitted gate) of the store
+
+def _carry_history(out: Path, tmp: Path) -> None:
+    """A rebuild keeps the store's history: journal, fitted gate, its owners' removal records and receipts."""
+    for name in ("journal.jsonl", GATE_FILE):
         if (out / name).exists():
             shutil.copy2(out / name, tmp / name)
-    for folder in ("removals", "receipts"):  # ... and its owners' removal records and receipts
+    for folder in ("removals", "receipts"):
         if (out / folder).is_dir():
             shutil.copytree(out / folder, tmp / folder)
-    append_journal(tmp / "journal.jsonl", "build", generation=generation, entries=n_total,
-                   excluded_documents=excluded, bound_by=excl.requests,
-                   shards=[{"name": r.name, "entries": r.entries, "checksum": r.checksum} for r in shard_recs],
-                   fingerprint=fp, index=cfg.index.factory)
-    fsync_tree(tmp)
-    swap_dir_atomic(tmp, out)
-    if progress:
-        print(f"datastore: {n_total:,} entries in {len(shard_recs)} shard(s) at {out} "
-              f"(encode {encode_s:.1f}s, {n_total / max(encode_s, 1e-9):,.0f} keys/s; index {index_s:.1f}s)")
-    return Datastore.open(out, fingerprint=fp, device=cfg.index.device)
 
 
 def _sample_keys(tmp: Path, shard_recs: list[ShardRecord], dim: int, n: int, seed: int) -> np.ndarray:

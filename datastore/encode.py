@@ -21,17 +21,18 @@ from silo.core.files import fsync_path
 from silo.core.text import sentence_of_offsets, sentence_spans
 
 from .distributed import BuildRanks, document_shares
-from .format import ENTRY_DTYPE, DatastoreError
+from .format import ENTRY_DTYPE, DatastoreError, StoredDocument
 from .keys import KeyExtractor
 from .shard import read_documents, write_documents, write_entries
 
 SCRATCH_KEYS = "keys.f32"  # raw float32 keys while building; indexed, then kept as keys.npy (float16)
 
 
-def doc_record(doc: Document, index: int, tokens: int, spans) -> dict:
-    return {"index": index, "id": doc.id, "owner": doc.owner, "license": doc.license, "tier": doc.tier,
-            "title": doc.title, "source": doc.source, "url": doc.url, "domain": doc.domain, "sha256": doc.sha256,
-            "tokens": int(tokens), "sentences": [list(s) for s in spans], "text": doc.text}
+def stored_document(doc: Document, index: int, tokens: int, spans) -> StoredDocument:
+    """The store's record of corpus document `doc`: its place in the shard, entry count and sentence spans."""
+    return StoredDocument(index=index, id=doc.id, owner=doc.owner, text=doc.text, license=doc.license, tier=doc.tier,
+                          title=doc.title, source=doc.source, url=doc.url, domain=doc.domain, sha256=doc.sha256,
+                          tokens=int(tokens), sentences=tuple((int(a), int(b)) for a, b in spans))
 
 
 def encode_shard(extractor: KeyExtractor, group: Sequence[Document], sdir: Path, indices: range,
@@ -49,7 +50,7 @@ def encode_shard(extractor: KeyExtractor, group: Sequence[Document], sdir: Path,
             rows["token"], rows["doc"], rows["pos"], rows["sent"] = dk.next_tokens, gi, dk.positions, sent
             entry_parts.append(rows)
             kf.write(dk.keys.tobytes())
-            doc_recs.append(doc_record(doc, gi, len(dk.keys), spans))
+            doc_recs.append(stored_document(doc, gi, len(dk.keys), spans))
             if bar is not None:
                 bar.update(len(doc.text))
     entries = np.concatenate(entry_parts) if entry_parts else np.zeros(0, ENTRY_DTYPE)
@@ -64,7 +65,7 @@ def _merge_parts(parts: list[Path], sdir: Path) -> tuple[int, int]:
     sdir.mkdir(parents=True)
     entries = np.concatenate([np.load(p / "entries.npy") for p in parts])
     docs = [d for p in parts for d in read_documents(p)]
-    if [d["index"] for d in docs] != list(range(len(docs))):
+    if [d.index for d in docs] != list(range(len(docs))):
         raise DatastoreError(f"{sdir}: the ranks' parts do not hold the documents in order (were all ranks given "
                              "the same corpus and config?)")
     with open(sdir / SCRATCH_KEYS, "wb") as out:

@@ -1,4 +1,4 @@
-"""The datastore's on-disk format: names, dtypes, errors and the typed manifest.
+"""The datastore's on-disk format: names, dtypes, errors, the typed manifest and the stored document.
 
 Layout (see README "On-disk formats")::
 
@@ -88,6 +88,78 @@ class ShardRecord:
         if self.removed_docs:
             out["removed_docs"] = sorted(int(i) for i in self.removed_docs)
         return out
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    """One line of a shard's documents.jsonl: a document as the store holds it.
+
+    `index` is the document's place in its shard (entries.npy's ``doc`` column points here); `sentences`
+    are (start, end) character spans of `text`, the units attribution quotes and lookup hashes; `tokens`
+    is the number of entries the document contributed. Keys this version does not know are kept in
+    `extra` and written back, so an older reader never drops what a newer writer recorded. Rows written
+    by stores or tools that left optional fields out read with their defaults.
+    """
+
+    # fields in the order a row's keys are written (the order the build has always used)
+    index: int
+    id: str
+    owner: str
+    license: str = ""  # the SPDX expression the corpus gave
+    tier: str = ""  # its licence tier when the store was built
+    title: str = ""
+    source: str = ""
+    url: str = ""
+    domain: str = ""
+    sha256: str = ""  # of the text (a rebuild leaves out copies of removed documents by it)
+    tokens: int = 0  # entries the document contributed
+    sentences: tuple[tuple[int, int], ...] = ()
+    text: str = ""  # required in a row (from_json checks it); last, as in the file
+    extra: dict = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StoredDocument":
+        """A parsed documents.jsonl row; KeyError/TypeError/ValueError for a row that is not a document."""
+        known, extra = _split(cls, data)
+        for key in ("index", "id", "owner", "text"):
+            if key not in known:
+                raise KeyError(key)
+        known["index"] = int(known["index"])
+        known["tokens"] = int(known.get("tokens") or 0)
+        known["sentences"] = tuple((int(a), int(b)) for a, b in known.get("sentences") or ())
+        for key in ("license", "tier", "title", "source", "url", "domain", "sha256"):
+            if known.get(key) is None:
+                known.pop(key, None)  # null in the file: the default ("")
+        return cls(**known, extra=extra)
+
+    def to_json(self) -> dict:
+        out = _flat(self)
+        out["sentences"] = [[a, b] for a, b in self.sentences]
+        return out
+
+    def __getitem__(self, key: str):
+        """Transitional, for code not yet moved to attributes (silo/workflows/decontam.py reads
+        ``d["text"]``): remove once nothing subscripts a stored document."""
+        if key == "extra" or key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def sentence(self, i: int) -> str:
+        """The text of sentence `i` ("" for a document without sentence spans)."""
+        a, b = self.sentences[i] if self.sentences else (0, 0)
+        return self.text[a:b]
+
+
+def parse_document(line: bytes | str, where: str) -> StoredDocument:
+    """One documents.jsonl line as a StoredDocument; DatastoreError naming `where` when it is not one."""
+    try:
+        return StoredDocument.from_json(json.loads(line))
+    except json.JSONDecodeError as exc:
+        raise DatastoreError(f"{where}: not valid JSON ({exc.msg})") from None
+    except KeyError as exc:
+        raise DatastoreError(f"{where}: a stored document needs {exc.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DatastoreError(f"{where}: not a stored document ({exc})") from None
 
 
 @dataclass

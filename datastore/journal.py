@@ -12,6 +12,7 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GENESIS = "0" * 64
@@ -26,7 +27,40 @@ def _digest(record: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def read_journal(path: Path) -> list[dict]:
+@dataclass(frozen=True)
+class JournalRecord:
+    """One journal line: its place in the chain (`seq`, `prev`, `hash`), when, the event, and the event's
+    own details (request id, generation, counts ...: free-form, as the writer recorded them)."""
+
+    seq: int
+    time: str
+    event: str
+    prev: str
+    hash: str
+    details: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def request_id(self) -> str | None:
+        return self.details.get("request_id")
+
+    @classmethod
+    def from_json(cls, data: dict) -> "JournalRecord":
+        """A parsed line; fields a damaged line lacks read as -1 / "" (verify_journal reports the damage)."""
+        details = {k: v for k, v in data.items() if k not in ("seq", "time", "event", "prev", "hash")}
+        return cls(seq=data.get("seq", -1), time=data.get("time", ""), event=data.get("event", ""),
+                   prev=data.get("prev", ""), hash=data.get("hash", ""), details=details)
+
+    def to_json(self) -> dict:
+        return {"seq": self.seq, "time": self.time, "event": self.event, **self.details, "prev": self.prev,
+                "hash": self.hash}
+
+
+def read_journal(path: Path) -> list[JournalRecord]:
+    return [JournalRecord.from_json(r) for r in _read_lines(path)]
+
+
+def _read_lines(path: Path) -> list[dict]:
+    """The journal's lines as written (the hash chain is checked over exactly these)."""
     if not path.exists():
         return []
     lines = path.read_text(encoding="utf-8").split("\n")
@@ -43,9 +77,9 @@ def read_journal(path: Path) -> list[dict]:
     return records
 
 
-def append_journal(path: Path, event: str, **details) -> dict:
+def append_journal(path: Path, event: str, **details) -> JournalRecord:
     """Append one record (fsync'd) and return it."""
-    records = read_journal(path)
+    records = _read_lines(path)
     prev = records[-1]["hash"] if records else GENESIS
     record = {"seq": len(records), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "event": event, **details, "prev": prev}
@@ -57,7 +91,7 @@ def append_journal(path: Path, event: str, **details) -> dict:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
-    return record
+    return JournalRecord.from_json(record)
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -69,7 +103,7 @@ def _ends_with_newline(path: Path) -> bool:
 def verify_journal(path: Path) -> tuple[bool, str, int]:
     """(ok, message, number of records). Checks each record's hash, sequence and link to the previous."""
     try:
-        records = read_journal(path)
+        records = _read_lines(path)
     except JournalError as exc:
         return False, str(exc), 0
     prev = GENESIS
@@ -95,7 +129,7 @@ def verify_store_journal(store_path: str | Path) -> tuple[bool, str, int]:
         if m:
             try:
                 rec = read_journal(jpath)[int(m.group(1))]
-                msg += f" [event {rec.get('event')!r}" + (f", request {rec['request_id']!r}]" if rec.get("request_id") else "]")
+                msg += f" [event {rec.event!r}" + (f", request {rec.request_id!r}]" if rec.request_id else "]")
             except Exception:
                 pass
     return ok, f"{jpath}: {msg}", n

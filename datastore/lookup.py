@@ -19,6 +19,7 @@ import numpy as np
 
 from silo.core.text import sentence_spans
 
+from .format import StoredDocument
 from .removal_records import RemovalError
 from .shard import MIN_SENTENCE_CHARS, normalise, sentence_hash
 from .store import Datastore
@@ -69,38 +70,11 @@ def lookup(store: Datastore | str, document_id: str | None = None, text: str | N
         raise RemovalError("lookup: give exactly one of document_id or text", "document_id")
     if text is not None and not normalise(text):
         raise RemovalError("text: empty passage", "text")
-    matches: list[LookupMatch] = []
     out = LookupResult(store.generation, False)
     if document_id is not None:
-        for shard in store.shards:
-            d = _by_id(shard).get(document_id)
-            if d is not None and d["index"] not in shard.removed_docs:
-                matches.append(LookupMatch(shard.name, d["owner"], d["id"], d.get("title", ""), "id", 0, int(d["tokens"])))
+        matches = _id_matches(store, document_id)
     else:
-        sents = {normalise(text[a:b]) for a, b in sentence_spans(text)}
-        sents = sorted(s for s in sents if len(s) >= MIN_SENTENCE_CHARS)
-        out.query_sentences = len(sents)
-        hashes = np.array([sentence_hash(s) for s in sents], dtype=np.uint64)
-        found = np.zeros(len(sents), bool)
-        for shard in store.shards:
-            index = shard.sentences
-            if index is None or not len(index) or not len(hashes):
-                continue
-            lo = np.searchsorted(index["hash"], hashes, side="left")
-            hi = np.searchsorted(index["hash"], hashes, side="right")
-            per_doc: dict[int, set[int]] = {}
-            for qi, (a, b) in enumerate(zip(lo, hi)):
-                for row in range(a, b):
-                    doc = int(index["doc"][row])
-                    if doc not in shard.removed_docs:
-                        per_doc.setdefault(doc, set()).add(qi)
-                        found[qi] = True
-            for doc, qs in per_doc.items():
-                d = shard.documents[doc]
-                matches.append(LookupMatch(shard.name, d["owner"], d["id"], d.get("title", ""), "sentences", len(qs),
-                                           int(d["tokens"])))
-        out.matched_sentences = int(found.sum())
-        out.matched_chars = int(sum(len(s) for s, f in zip(sents, found) if f))
+        matches = _passage_matches(store, text, out)
     out.matches = matches
     out.in_store = bool(matches)
     out.shards = sorted({m.shard for m in matches})
@@ -108,10 +82,55 @@ def lookup(store: Datastore | str, document_id: str | None = None, text: str | N
     return out
 
 
-def _by_id(shard) -> dict[str, dict]:
+def _id_matches(store: Datastore, document_id: str) -> list[LookupMatch]:
+    """The live documents with this id, one per shard holding it."""
+    matches = []
+    for shard in store.shards:
+        d = _by_id(shard).get(document_id)
+        if d is not None and d.index not in shard.removed_docs:
+            matches.append(LookupMatch(shard.name, d.owner, d.id, d.title, "id", 0, d.tokens))
+    return matches
+
+
+def _passage_matches(store: Datastore, text: str, out: LookupResult) -> list[LookupMatch]:
+    """The live documents holding whole sentences of `text`, found by sentence hash; fills `out`'s sentence
+    counts."""
+    sents = {normalise(text[a:b]) for a, b in sentence_spans(text)}
+    sents = sorted(s for s in sents if len(s) >= MIN_SENTENCE_CHARS)
+    out.query_sentences = len(sents)
+    hashes = np.array([sentence_hash(s) for s in sents], dtype=np.uint64)
+    found = np.zeros(len(sents), bool)
+    matches = []
+    for shard in store.shards:
+        index = shard.sentences
+        if index is None or not len(index) or not len(hashes):
+            continue
+        for doc, qs in _sentences_per_document(shard, index, hashes).items():
+            found[list(qs)] = True
+            d = shard.documents[doc]
+            matches.append(LookupMatch(shard.name, d.owner, d.id, d.title, "sentences", len(qs), d.tokens))
+    out.matched_sentences = int(found.sum())
+    out.matched_chars = int(sum(len(s) for s, f in zip(sents, found) if f))
+    return matches
+
+
+def _sentences_per_document(shard, index: np.ndarray, hashes: np.ndarray) -> dict[int, set[int]]:
+    """{live document: the query sentences (positions in `hashes`) it holds} from the shard's sorted index."""
+    lo = np.searchsorted(index["hash"], hashes, side="left")
+    hi = np.searchsorted(index["hash"], hashes, side="right")
+    per_doc: dict[int, set[int]] = {}
+    for qi, (a, b) in enumerate(zip(lo, hi)):
+        for row in range(a, b):
+            doc = int(index["doc"][row])
+            if doc not in shard.removed_docs:
+                per_doc.setdefault(doc, set()).add(qi)
+    return per_doc
+
+
+def _by_id(shard) -> dict[str, StoredDocument]:
     """The shard's documents by id (built once per loaded shard)."""
     cache = shard.__dict__.get("_by_id")
     if cache is None:
-        cache = {d["id"]: d for d in shard.documents}
+        cache = {d.id: d for d in shard.documents}
         shard.__dict__["_by_id"] = cache
     return cache

@@ -17,7 +17,6 @@ map are read whole, as before.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ import faiss
 import numpy as np
 
 from .faiss_utils import ivf_of
-from .format import DatastoreError
+from .format import DatastoreError, StoredDocument, parse_document
 
 _NEWLINE = 10
 _SCAN = 1 << 26  # bytes per chunk when scanning documents.jsonl for line ends
@@ -104,7 +103,7 @@ def is_mapped(index: faiss.Index) -> bool:
 
 
 class LazyDocuments(Sequence):
-    """documents.jsonl as a read-only sequence of dicts, mapped and parsed on demand.
+    """documents.jsonl as a read-only sequence of StoredDocuments, mapped and parsed on demand.
 
     `count` is the number of documents the manifest records; it answers ``len`` without reading the file
     and is checked against the file when the line offsets are first computed."""
@@ -117,7 +116,7 @@ class LazyDocuments(Sequence):
         self._buf = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
         self._starts: np.ndarray | None = None
         self._ends: np.ndarray | None = None
-        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._cache: OrderedDict[int, StoredDocument] = OrderedDict()
         self._cache_size = cache
         self._lock = threading.Lock()
 
@@ -139,7 +138,7 @@ class LazyDocuments(Sequence):
     def __len__(self) -> int:
         return self._count
 
-    def _get(self, i: int) -> dict:
+    def _get(self, i: int) -> StoredDocument:
         with self._lock:
             hit = self._cache.get(i)
             if hit is not None:
@@ -147,7 +146,7 @@ class LazyDocuments(Sequence):
                 return hit
         if self._starts is None:
             self._index()
-        doc = json.loads(bytes(self._buf[self._starts[i]:self._ends[i]]).decode("utf-8"))
+        doc = parse_document(bytes(self._buf[self._starts[i]:self._ends[i]]), f"{self.path}: document {i}")
         with self._lock:
             self._cache[i] = doc
             if len(self._cache) > self._cache_size:

@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
@@ -74,73 +75,50 @@ def _stale_quantizers(store: Path, manifest: Manifest) -> list[Path]:
     return [p for p in store.glob("quantizer*.faiss") if p.name != manifest.index.quantizer]
 
 
+@dataclass(frozen=True)
+class ReindexResult:
+    """What a reindex did: the generation and index type before and after, the shared quantizer (None for
+    an index that needs no training), the keys it was trained on, entries per shard, and timings."""
+
+    generation_before: int
+    generation: int
+    factory_before: str
+    factory: str
+    nprobe: int
+    quantizer: str | None
+    train_sample: int
+    shards: dict[str, int]
+    train_seconds: float
+    seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 def reindex_store(store_path: str | Path, factory: str, train_sample: int = 200_000, nprobe: int | None = None,
-                  seed: int = 0, progress: bool = True) -> dict:
-    """Rebuild every shard's index as `factory` from its stored keys (see the module docstring). Returns
-    what was done: generations, factory, nprobe, quantizer, per-shard entries, seconds."""
+                  seed: int = 0, progress: bool = True) -> ReindexResult:
+    """Rebuild every shard's index as `factory` from its stored keys (see the module docstring)."""
     store = Path(store_path)
     if train_sample < 1:
         raise DatastoreError(f"train_sample must be >= 1 (got {train_sample})")
     if nprobe is not None and nprobe < 1:
         raise DatastoreError(f"nprobe must be >= 1 (got {nprobe})")
     mgr = RemovalManager(store)  # its lock and its clean-up of unreferenced shard folders
-    with mgr._lock():
+    with mgr.lock():
         t0 = time.time()
         manifest = Manifest.read(store)
-        mgr._gc(manifest)  # half-written folders of an interrupted reindex or compaction
-        for p in _stale_quantizers(store, manifest):
-            p.unlink()
+        _collect_garbage(store, mgr, manifest)  # half-written folders of an interrupted reindex or compaction
         dim = int(manifest.model.key_dim)
-        keys = [open_keys(store / rec.dir, dim) for rec in manifest.shards]
-        for rec, k in zip(manifest.shards, keys):
-            if len(k) != rec.entries:
-                raise DatastoreError(f"{store / rec.dir / KEYS_FILE}: {len(k)} keys, the manifest records "
-                                     f"{rec.entries} entries")
+        keys = _stored_keys(store, manifest, dim)
         gen = int(manifest.generation) + 1
-        probe = _make_index(factory, dim)
-        quantizer = None
-        if not probe.is_trained:
-            sample = sample_keys(keys, train_sample, seed)
-            if len(sample) < 2:
-                raise DatastoreError(f"{store}: too few keys ({len(sample)}) to train a {factory} quantizer")
-            if progress:
-                print(f"reindex: training {factory} on {len(sample):,} sampled keys", file=sys.stderr)
-            probe.train(sample)
-            quantizer = f"quantizer@g{gen}.faiss"
-            faiss.write_index(probe, str(store / quantizer))
-            fsync_path(store / quantizer)
+        trained = _train_quantizer(store, factory, dim, keys, train_sample, seed, f"quantizer@g{gen}.faiss", progress)
         train_s = time.time() - t0
-        new_recs = []
-        for rec, k in tqdm(list(zip(manifest.shards, keys)), desc="reindex: shards", unit="shard",
-                           disable=not progress or None):
-            old_dir, rel = store / rec.dir, f"shards/{rec.name}@g{gen}"
-            new_dir = store / rel
-            if new_dir.exists():
-                shutil.rmtree(new_dir)
-            new_dir.mkdir(parents=True)
-            for f in LINKED_FILES + OPTIONAL_LINKED:
-                if f in LINKED_FILES or (old_dir / f).exists():
-                    _link_or_copy(old_dir / f, new_dir / f)
-            index = faiss.clone_index(probe) if quantizer else _make_index(factory, dim)
-            for _, chunk in iter_chunks(k):
-                index.add(chunk)
-            write_index(new_dir, index)
-            del index
-            crash_point("mid_reindex_write")
-            info_path = old_dir / "shard.json"
-            info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
-            info.pop("checksums", None)
-            info.update(index_factory=factory, reindexed=now(), reindexed_from=rec.dir)
-            checksum = write_shard_info(new_dir, info)
-            if has_blocks(old_dir):
-                _carry_blocks(old_dir, new_dir, checksum)
-            fsync_tree(new_dir)
-            new_recs.append(ShardRecord(name=rec.name, owner=rec.owner, dir=rel, entries=rec.entries,
-                                        documents=rec.documents, checksum=checksum,
-                                        removed_docs=list(rec.removed_docs), extra=dict(rec.extra)))
+        new_recs = [_reindex_shard(store, rec, k, f"shards/{rec.name}@g{gen}", factory, dim, trained)
+                    for rec, k in tqdm(list(zip(manifest.shards, keys)), desc="reindex: shards", unit="shard",
+                                       disable=not progress or None)]
         fsync_path(store / "shards")
-        before = {"generation": int(manifest.generation), "factory": manifest.index.factory,
-                  "quantizer": manifest.index.quantizer}
+        quantizer = trained[1] if trained else None
+        generation_before, factory_before = int(manifest.generation), manifest.index.factory
         manifest.shards = new_recs
         manifest.index = IndexRef(factory=factory, metric=manifest.index.metric,
                                   nprobe=nprobe or manifest.index.nprobe, quantizer=quantizer,
@@ -149,17 +127,81 @@ def reindex_store(store_path: str | Path, factory: str, train_sample: int = 200_
         manifest.updated = now()
         manifest.write(store)  # the switch: one atomic write
         crash_point("after_reindex_manifest_write")
-        mgr._gc(manifest)
-        for p in _stale_quantizers(store, manifest):
-            p.unlink()
-        result = {"generation_before": before["generation"], "generation": gen, "factory_before": before["factory"],
-                  "factory": factory, "nprobe": manifest.index.nprobe, "quantizer": quantizer,
-                  "train_sample": int(min(train_sample, sum(len(k) for k in keys))) if quantizer else 0,
-                  "shards": {r.name: r.entries for r in new_recs},
-                  "train_seconds": round(train_s, 2), "seconds": round(time.time() - t0, 2)}
-        append_journal(store / "journal.jsonl", "reindex", **{k: v for k, v in result.items() if "seconds" not in k},
+        _collect_garbage(store, mgr, manifest)
+        result = ReindexResult(
+            generation_before=generation_before, generation=gen, factory_before=factory_before, factory=factory,
+            nprobe=manifest.index.nprobe, quantizer=quantizer,
+            train_sample=int(min(train_sample, sum(len(k) for k in keys))) if quantizer else 0,
+            shards={r.name: r.entries for r in new_recs},
+            train_seconds=round(train_s, 2), seconds=round(time.time() - t0, 2))
+        append_journal(store / "journal.jsonl", "reindex",
+                       **{k: v for k, v in result.to_json().items() if "seconds" not in k},
                        checksums={r.name: r.checksum for r in new_recs})
     return result
+
+
+def _collect_garbage(store: Path, mgr: RemovalManager, manifest: Manifest) -> None:
+    """Shard folders and quantizers the manifest does not reference."""
+    mgr.collect_garbage(manifest)
+    for p in _stale_quantizers(store, manifest):
+        p.unlink()
+
+
+def _stored_keys(store: Path, manifest: Manifest, dim: int) -> list[np.ndarray]:
+    """Every shard's stored keys (mapped), checked against the manifest's entry counts."""
+    keys = [open_keys(store / rec.dir, dim) for rec in manifest.shards]
+    for rec, k in zip(manifest.shards, keys):
+        if len(k) != rec.entries:
+            raise DatastoreError(f"{store / rec.dir / KEYS_FILE}: {len(k)} keys, the manifest records "
+                                 f"{rec.entries} entries")
+    return keys
+
+
+def _train_quantizer(store: Path, factory: str, dim: int, keys: list[np.ndarray], train_sample: int, seed: int,
+                     name: str, progress: bool) -> tuple[faiss.Index, str] | None:
+    """For an index type that needs training: the trained empty index, written to `store/name` (the
+    quantizer every shard shares), and `name`. None for an index that needs no training."""
+    probe = _make_index(factory, dim)
+    if probe.is_trained:
+        return None
+    sample = sample_keys(keys, train_sample, seed)
+    if len(sample) < 2:
+        raise DatastoreError(f"{store}: too few keys ({len(sample)}) to train a {factory} quantizer")
+    if progress:
+        print(f"reindex: training {factory} on {len(sample):,} sampled keys", file=sys.stderr)
+    probe.train(sample)
+    faiss.write_index(probe, str(store / name))
+    fsync_path(store / name)
+    return probe, name
+
+
+def _reindex_shard(store: Path, rec: ShardRecord, keys: np.ndarray, rel: str, factory: str, dim: int,
+                   trained: tuple[faiss.Index, str] | None) -> ShardRecord:
+    """Shard `rec` in the new folder `rel`: its files linked from the old folder, the new index built from
+    its stored keys, a new shard.json (and blocks re-tied to it). Returns its new manifest record."""
+    old_dir, new_dir = store / rec.dir, store / rel
+    if new_dir.exists():
+        shutil.rmtree(new_dir)
+    new_dir.mkdir(parents=True)
+    for f in LINKED_FILES + OPTIONAL_LINKED:
+        if f in LINKED_FILES or (old_dir / f).exists():
+            _link_or_copy(old_dir / f, new_dir / f)
+    index = faiss.clone_index(trained[0]) if trained else _make_index(factory, dim)
+    for _, chunk in iter_chunks(keys):
+        index.add(chunk)
+    write_index(new_dir, index)
+    del index
+    crash_point("mid_reindex_write")
+    info_path = old_dir / "shard.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
+    info.pop("checksums", None)
+    info.update(index_factory=factory, reindexed=now(), reindexed_from=rec.dir)
+    checksum = write_shard_info(new_dir, info)
+    if has_blocks(old_dir):
+        _carry_blocks(old_dir, new_dir, checksum)
+    fsync_tree(new_dir)
+    return ShardRecord(name=rec.name, owner=rec.owner, dir=rel, entries=rec.entries, documents=rec.documents,
+                       checksum=checksum, removed_docs=list(rec.removed_docs), extra=dict(rec.extra))
 
 
 def index_recall(store: Datastore, queries: np.ndarray, ks: tuple[int, ...] = (1, 10, 32),

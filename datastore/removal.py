@@ -34,11 +34,11 @@ from pathlib import Path
 from silo.core.files import crash_point, fsync_path, sha256_file, write_json_atomic
 
 from .blocks import compact_blocks, has_blocks
-from .format import Manifest, now, store_lock
-from .journal import append_journal, read_journal
-from .removal_records import (  # noqa: F401  (re-exported: the records are part of this module's API)
-    _ID_RE, KINDS, STATUSES, RemovalError, RemovalForbidden, RemovalRequest, RemovalState, RemovalTargets,
-    ShardTarget, _listing,
+from .format import Manifest, ShardRecord, StoredDocument, now, store_lock
+from .journal import JournalRecord, append_journal, read_journal
+from .removal_records import (
+    REQUEST_ID_RE, Generations, JournalLink, Receipt, RemovalError, RemovalForbidden, RemovalRequest, RemovalState,
+    RemovalTargets, Removed, ShardTarget, ShardVersion, listing,
 )
 from .shard import compact_shard, read_documents
 
@@ -52,6 +52,26 @@ CRASH_POINTS = (
 )
 
 
+def _shard_targets(req: RemovalRequest, recs: list[ShardRecord], owner: str | None) -> list[ShardTarget]:
+    """The named shards, each once (with `owner`: only that owner's shards may be named)."""
+    names = {r.name: r for r in recs}
+    visible = {n for n, r in names.items() if owner is None or r.owner == owner}
+    unknown = [s for s in req.shards if s not in names]
+    foreign = [s for s in req.shards if s in names and s not in visible]
+    if foreign:
+        raise RemovalForbidden(f"shards: an owner token for {owner!r} may only remove that owner's shards", "shards")
+    if unknown:
+        raise RemovalError(f"shards: unknown shard(s) {listing(unknown)}; the store has {listing(visible)}", "shards")
+    return [ShardTarget.of(names[s]) for s in dict.fromkeys(req.shards)]
+
+
+def _document_target(rec: ShardRecord, hits: list[StoredDocument]) -> ShardTarget:
+    """Shard `rec` with documents `hits` to tombstone: their ids, entries, owners and content hashes."""
+    return ShardTarget.of(rec, document_ids=[d.id for d in hits], removed_entries=sum(d.tokens for d in hits),
+                          document_owners=sorted({d.owner for d in hits}),
+                          document_sha256=[d.sha256 for d in hits if d.sha256])
+
+
 # --------------------------------------------------------------------------------------------- manager
 
 class RemovalManager:
@@ -63,7 +83,7 @@ class RemovalManager:
         m.submit(RemovalRequest(owner="gcide", requester="legal@x", reason="opt-out"))   # live at once
         receipt = m.compact(request_id)                                                  # bytes gone
 
-    `silo.workflows.removal` adds the LM checks on top. Receipts are the receipt files' JSON.
+    `silo.workflows.removal` adds the LM checks on top. Receipts are `Receipt` records (JSON in receipts/).
     """
 
     def __init__(self, store_path: str | Path):
@@ -73,11 +93,12 @@ class RemovalManager:
         self.receipts_dir = self.path / "receipts"
 
     # ------------------------------------------------------------------------------ state files
-    def _lock(self):
+    def lock(self):
+        """The store's mutation lock (`format.store_lock`): one writer at a time, across processes."""
         return store_lock(self.path)
 
     def _state_path(self, request_id: str) -> Path:
-        if not isinstance(request_id, str) or not _ID_RE.match(request_id):
+        if not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id):
             raise RemovalError(f"request_id: not a valid request id ({request_id!r})", "request_id")
         return self.removals_dir / f"{request_id}.json"
 
@@ -86,7 +107,7 @@ class RemovalManager:
         if not p.exists():
             known = [x.stem for x in self.removals_dir.glob("*.json")] if self.removals_dir.exists() else []
             raise RemovalError(f"request_id: no removal request {request_id!r} in {self.path} "
-                               f"(known: {_listing(known)})", "request_id")
+                               f"(known: {listing(known)})", "request_id")
         return RemovalState.from_json(json.loads(p.read_text(encoding="utf-8")))
 
     def _save(self, state: RemovalState) -> None:
@@ -101,12 +122,12 @@ class RemovalManager:
             setattr(state, k, v)
         self._save(state)
 
-    def _journal_once(self, event: str, request_id: str, **details) -> dict:
+    def _journal_once(self, event: str, request_id: str, **details) -> JournalRecord:
         """Append a journal record unless this request already has one for `event` (resume after a
         crash between the journal append and the state save must not log a step twice)."""
         jpath = self.path / "journal.jsonl"
         for rec in reversed(read_journal(jpath)):
-            if rec.get("event") == event and rec.get("request_id") == request_id:
+            if rec.event == event and rec.request_id == request_id:
                 return rec
         return append_journal(jpath, event, request_id=request_id, **details)
 
@@ -122,77 +143,66 @@ class RemovalManager:
         shards or documents."""
         req = RemovalRequest.coerce(request)
         manifest = manifest or Manifest.read(self.path)
-        recs = manifest.shards
         drop: list[ShardTarget] = []
         docs: list[ShardTarget] = []
-
-        def doc_target(rec, hits):
-            return ShardTarget.of(rec, document_ids=[d["id"] for d in hits],
-                                  removed_entries=sum(int(d["tokens"]) for d in hits),
-                                  document_owners=sorted({d["owner"] for d in hits}),
-                                  document_sha256=[d.get("sha256", "") for d in hits if d.get("sha256")])
-
         if req.kind == "shards":
-            names = {r.name: r for r in recs}
-            visible = {n for n, r in names.items() if owner is None or r.owner == owner}
-            unknown = [s for s in req.shards if s not in names]
-            foreign = [s for s in req.shards if s in names and s not in visible]
-            if foreign:
-                raise RemovalForbidden(f"shards: an owner token for {owner!r} may only remove that owner's shards", "shards")
-            if unknown:
-                raise RemovalError(f"shards: unknown shard(s) {_listing(unknown)}; the store has "
-                                   f"{_listing(visible)}", "shards")
-            drop = [ShardTarget.of(names[s]) for s in dict.fromkeys(req.shards)]
+            drop = _shard_targets(req, manifest.shards, owner)
         elif req.kind == "owner":
-            if owner is not None and req.owner != owner:
-                raise RemovalForbidden(f"owner: an owner token for {owner!r} may only remove that owner's content "
-                                       f"(asked for {req.owner!r})", "owner")
-            drop = [ShardTarget.of(r) for r in recs if r.owner == req.owner]
-            # Domain-sharded stores (shard owner "") mix owners: tombstone that owner's documents there.
-            owners = {r.owner for r in recs if r.owner}
-            for rec in (r for r in recs if not r.owner):
-                hits, removed = [], set(rec.removed_docs)
-                for d in read_documents(self.path / rec.dir):
-                    owners.add(d["owner"])
-                    if d["owner"] == req.owner and d["index"] not in removed:
-                        hits.append(d)
-                if hits:
-                    docs.append(doc_target(rec, hits))
-            if not drop and not docs:
-                listed = owners if owner is None else set()
-                raise RemovalError(f"owner: no content of owner {req.owner!r} in the store"
-                                   + (f"; owners present: {_listing(listed)}" if owner is None else ""), "owner")
+            drop, docs = self._owner_targets(req, manifest.shards, owner)
         else:
-            wanted = set(req.document_ids)
-            found: set[str] = set()
-            visible_ids = []
-            for rec in recs:
-                removed = set(rec.removed_docs)
-                hits = []
-                for d in read_documents(self.path / rec.dir):
-                    if d["index"] in removed:
-                        continue  # already removed: not "in the store"
-                    if owner is not None and d["owner"] != owner:
-                        continue  # another owner's document: neither removable nor named to this caller
-                    visible_ids.append(d["id"])
-                    if d["id"] in wanted:
-                        hits.append(d)
-                        found.add(d["id"])
-                if hits:
-                    docs.append(doc_target(rec, hits))
-            unknown = [x for x in req.document_ids if x not in found]
-            if unknown and owner is None:
-                raise RemovalError(f"document_ids: not in the store: {_listing(unknown)}; documents present: "
-                                   f"{_listing(visible_ids)}", "document_ids")
-            if unknown:
-                # an owner is told only about its own documents: an id of another owner's document and an id
-                # that exists nowhere read the same, so the answer reveals nothing about other owners
-                raise RemovalForbidden(f"document_ids: not among the documents of {owner!r}: {_listing(unknown)} "
-                                       f"(an owner token may only remove its own documents); its documents: "
-                                       f"{_listing(visible_ids)}", "document_ids")
+            docs = self._document_targets(req, manifest.shards, owner)
         entries = sum(t.entries for t in drop) + sum(t.removed_entries for t in docs)
         return RemovalTargets(drop_shards=drop, drop_documents=docs, entries=entries,
                               generation=int(manifest.generation))
+
+    def _owner_targets(self, req: RemovalRequest, recs: list[ShardRecord],
+                       owner: str | None) -> tuple[list[ShardTarget], list[ShardTarget]]:
+        """An owner's shards, and its documents in domain-sharded shards (shard owner ""), which mix owners
+        and so are tombstoned document by document."""
+        if owner is not None and req.owner != owner:
+            raise RemovalForbidden(f"owner: an owner token for {owner!r} may only remove that owner's content "
+                                   f"(asked for {req.owner!r})", "owner")
+        drop = [ShardTarget.of(r) for r in recs if r.owner == req.owner]
+        docs = []
+        owners = {r.owner for r in recs if r.owner}
+        for rec in (r for r in recs if not r.owner):
+            removed = set(rec.removed_docs)
+            stored = read_documents(self.path / rec.dir)
+            owners.update(d.owner for d in stored)
+            hits = [d for d in stored if d.owner == req.owner and d.index not in removed]
+            if hits:
+                docs.append(_document_target(rec, hits))
+        if not drop and not docs:
+            raise RemovalError(f"owner: no content of owner {req.owner!r} in the store"
+                               + (f"; owners present: {listing(owners)}" if owner is None else ""), "owner")
+        return drop, docs
+
+    def _document_targets(self, req: RemovalRequest, recs: list[ShardRecord],
+                          owner: str | None) -> list[ShardTarget]:
+        """The shards holding the requested live documents (with `owner`: among that owner's only)."""
+        wanted = set(req.document_ids)
+        docs, visible_ids = [], []
+        for rec in recs:
+            removed = set(rec.removed_docs)
+            # a removed document is not "in the store"; another owner's is neither removable nor named to an owner
+            visible = [d for d in read_documents(self.path / rec.dir)
+                       if d.index not in removed and (owner is None or d.owner == owner)]
+            visible_ids += [d.id for d in visible]
+            hits = [d for d in visible if d.id in wanted]
+            if hits:
+                docs.append(_document_target(rec, hits))
+        found = {i for t in docs for i in t.document_ids}
+        unknown = [x for x in req.document_ids if x not in found]
+        if unknown and owner is None:
+            raise RemovalError(f"document_ids: not in the store: {listing(unknown)}; documents present: "
+                               f"{listing(visible_ids)}", "document_ids")
+        if unknown:
+            # an owner is told only about its own documents: an id of another owner's document and an id
+            # that exists nowhere read the same, so the answer reveals nothing about other owners
+            raise RemovalForbidden(f"document_ids: not among the documents of {owner!r}: {listing(unknown)} "
+                                   f"(an owner token may only remove its own documents); its documents: "
+                                   f"{listing(visible_ids)}", "document_ids")
+        return docs
 
     # ------------------------------------------------------------------------------ submit / apply
     def submit(self, request: RemovalRequest | dict, rollout_required: bool = False) -> RemovalState:
@@ -200,7 +210,7 @@ class RemovalManager:
         ``applied``). Nothing is changed when validation fails. `rollout_required`: the store is served by
         a cluster whose steps count only once rolled out to every replica (`record_rollout`)."""
         req = RemovalRequest.coerce(request)
-        with self._lock():
+        with self.lock():
             if self._state_path(req.request_id).exists():
                 raise RemovalError(f"request_id: {req.request_id!r} already exists in {self.path}", "request_id")
             targets = self.resolve(req)
@@ -233,7 +243,7 @@ class RemovalManager:
             ids = set(target.document_ids)
             removed = set(rec.removed_docs)
             # Indices are re-read by id: a compaction by another request may have renumbered them.
-            new = {d["index"] for d in read_documents(self.path / rec.dir) if d["id"] in ids} - removed
+            new = {d.index for d in read_documents(self.path / rec.dir) if d.id in ids} - removed
             if new:
                 rec.removed_docs = sorted(removed | new)
                 changed = True
@@ -250,40 +260,40 @@ class RemovalManager:
             self._set_status(state, "applied", generation_applied=gen)
         if t.drop_shards:
             crash_point("before_old_shard_delete")
-            self._gc(manifest=Manifest.read(self.path))
+            self.collect_garbage(manifest=Manifest.read(self.path))
         return state
 
     # ------------------------------------------------------------------------------ compact
-    def compact(self, request_id: str) -> dict:
+    def compact(self, request_id: str) -> Receipt:
         """Rewrite the request's tombstoned documents out of their shards (new folders, manifest switch,
         old folders deleted) and write the receipt; returns the receipt. Whole-shard removals have
         nothing to rewrite (their folders went at apply). Idempotent."""
-        with self._lock():
+        with self.lock():
             state = self._load(request_id)
             if state.status == "received":
                 raise RemovalError(f"request {request_id!r} is not applied yet; run resume", "request_id")
             return self._compact(state)
 
-    def _compact(self, state: RemovalState) -> dict:
+    def _compact(self, state: RemovalState) -> Receipt:
         rid = state.request_id
         if state.status == "applied":
             for target in state.targets.drop_documents:
                 self._compact_shard(target.name)
             crash_point("before_old_shard_delete")
-            self._gc()
+            self.collect_garbage()
             manifest = Manifest.read(self.path)
             self._journal_once("removal_compacted", rid, generation=int(manifest.generation),
-                               shards=self._after(state, manifest))
+                               shards=[x.to_json() for x in self._after(state, manifest)])
             self._set_status(state, "compacted", generation_compacted=int(manifest.generation))
         crash_point("before_receipt")
         return self._ensure_receipt(state)
 
-    def _ensure_receipt(self, state: RemovalState) -> dict:
+    def _ensure_receipt(self, state: RemovalState) -> Receipt:
         """The receipt for the state's status; an existing one is kept (its hash is in the journal)."""
         path = self.receipts_dir / f"{state.request_id}.json"
         if path.exists():
-            receipt = json.loads(path.read_text(encoding="utf-8"))
-            if receipt.get("status") == state.status:
+            receipt = Receipt.from_json(json.loads(path.read_text(encoding="utf-8")))
+            if receipt.status == state.status:
                 self._journal_once(f"removal_receipt_{state.status}", state.request_id,
                                    receipt_sha256=sha256_file(path))
                 return receipt
@@ -310,7 +320,7 @@ class RemovalManager:
         crash_point("after_compaction_manifest_write")
 
     # ------------------------------------------------------------------------------ gc / resume
-    def _gc(self, manifest: Manifest | None = None) -> list[str]:
+    def collect_garbage(self, manifest: Manifest | None = None) -> list[str]:
         """Delete folders under shards/ that the manifest does not reference (dropped or superseded
         shards, half-written compactions) and stray temp files. Lists one folder; reads no shard."""
         manifest = manifest or Manifest.read(self.path)
@@ -329,16 +339,16 @@ class RemovalManager:
             fsync_path(sdir)
         return gone
 
-    def resume(self, request_id: str) -> dict:
+    def resume(self, request_id: str) -> Receipt:
         """Finish an interrupted request (apply, compact, receipt: whatever is missing); returns the
         receipt. Safe to call on a finished request."""
-        with self._lock():
+        with self.lock():
             state = self._load(request_id)
             if state.status == "received":
                 self._journal_received(state)
                 state = self._apply(state)
             receipt = self._compact(state)
-            self._gc()
+            self.collect_garbage()
             return receipt
 
     def unfinished(self) -> list[str]:
@@ -346,11 +356,11 @@ class RemovalManager:
         return [st.request_id for st in self.list()
                 if st.status in ("received", "applied") or not (self.receipts_dir / f"{st.request_id}.json").exists()]
 
-    def resume_all(self) -> list[dict]:
+    def resume_all(self) -> list[Receipt]:
         """Resume every unfinished request (and collect garbage); returns their receipts."""
         out = [self.resume(rid) for rid in self.unfinished()]
-        with self._lock():
-            self._gc()
+        with self.lock():
+            self.collect_garbage()
         return out
 
     # ------------------------------------------------------------------------------ queries
@@ -366,17 +376,17 @@ class RemovalManager:
                for p in self.removals_dir.glob("*.json")]
         return sorted(out, key=lambda s: (s.request.created, s.request_id))
 
-    def receipt(self, request_id: str) -> dict:
+    def receipt(self, request_id: str) -> Receipt:
         p = self.receipts_dir / f"{self._state_path(request_id).stem}.json"
         if not p.exists():
             st = self._load(request_id)  # names unknown ids
             raise RemovalError(f"request_id: {request_id!r} has no receipt yet (status {st.status}); "
                                "run resume", "request_id")
-        return json.loads(p.read_text(encoding="utf-8"))
+        return Receipt.from_json(json.loads(p.read_text(encoding="utf-8")))
 
     def record_error(self, request_id: str, error: str | None) -> None:
         """Persist why the work after "applied" failed (None clears it once it succeeds)."""
-        with self._lock():
+        with self.lock():
             state = self._load(request_id)
             if state.error != error:
                 state.error = error
@@ -385,15 +395,15 @@ class RemovalManager:
     def record_rollout(self, request_id: str, rollout: dict) -> None:
         """Keep the record of a generation this request produced being rolled out to a cluster's replicas
         (which replica acknowledged it when, which left rotation)."""
-        with self._lock():
+        with self.lock():
             state = self._load(request_id)
             state.rollouts.append(rollout)
             self._save(state)
 
-    def record_verification(self, request_id: str, verification: dict) -> dict:
+    def record_verification(self, request_id: str, verification: dict) -> Receipt:
         """Attach LM verification results to the receipt (status ``verified``); journal
         ``removal_verified``. Returns the receipt."""
-        with self._lock():
+        with self.lock():
             state = self._load(request_id)
             if state.status not in ("compacted", "verified"):
                 raise RemovalError(f"request {request_id!r} is {state.status}; compact it first", "request_id")
@@ -403,42 +413,32 @@ class RemovalManager:
             return self._write_receipt(state)
 
     # ------------------------------------------------------------------------------ receipt
-    def _after(self, state: RemovalState, manifest: Manifest) -> list[dict]:
+    def _after(self, state: RemovalState, manifest: Manifest) -> list[ShardVersion]:
         out = []
         for name in sorted(state.targets.shard_names):
             rec = manifest.shard(name)
-            out.append({"name": name, "dir": rec.dir, "entries": rec.entries, "checksum": rec.checksum,
-                        "present": True} if rec else {"name": name, "present": False})
+            out.append(ShardVersion.of(rec, present=True) if rec else ShardVersion.gone(name))
         return out
 
-    def _write_receipt(self, state: RemovalState) -> dict:
+    def _write_receipt(self, state: RemovalState) -> Receipt:
         """The receipt: what was asked, what was removed (ids, counts, checksums before/after),
         generations, timestamps, verification and the journal head. It holds no removed text."""
         rid = state.request_id
         manifest = Manifest.read(self.path)
         t = state.targets
-        mine = [r for r in read_journal(self.path / "journal.jsonl") if r.get("request_id") == rid]
-        receipt = {
-            "request_id": rid, "request": state.request.to_dict(), "status": state.status, "store": str(self.path),
-            "removed": {
-                "shards": [{"name": x.name, "owner": x.owner, "entries": x.entries, "documents": x.documents}
-                           for x in t.drop_shards],
-                "documents": [{"shard": x.name, "document_ids": x.document_ids, "entries": x.removed_entries}
-                              for x in t.drop_documents],
-                "entries": t.entries,
-            },
-            "shards_before": [{"name": x.name, "dir": x.dir, "entries": x.entries, "checksum": x.checksum}
-                              for x in t.drop_shards + t.drop_documents],
-            "shards_after": self._after(state, manifest),
-            "generations": {"before": state.generation_before, "applied": state.generation_applied,
-                            "compacted": state.generation_compacted, "current": int(manifest.generation)},
-            "timestamps": dict(state.timestamps, receipt=now()),
-            "verification": state.verification,
-            **({"rollouts": state.rollouts} if state.rollout_required else {}),
-            "journal": [{"seq": r["seq"], "event": r["event"], "hash": r["hash"]} for r in mine],
-        }
+        mine = [r for r in read_journal(self.path / "journal.jsonl") if r.request_id == rid]
+        receipt = Receipt(
+            request_id=rid, request=state.request, status=state.status, store=str(self.path),
+            removed=Removed.of(t), shards_before=tuple(ShardVersion.of(x) for x in t.drop_shards + t.drop_documents),
+            shards_after=tuple(self._after(state, manifest)),
+            generations=Generations(before=state.generation_before, applied=state.generation_applied,
+                                    compacted=state.generation_compacted, current=int(manifest.generation)),
+            timestamps=dict(state.timestamps, receipt=now()), verification=state.verification,
+            journal=tuple(JournalLink(r.seq, r.event, r.hash) for r in mine),
+            rollouts=list(state.rollouts) if state.rollout_required else None,
+        )
         self.receipts_dir.mkdir(exist_ok=True)
         path = self.receipts_dir / f"{rid}.json"
-        write_json_atomic(path, receipt)
+        write_json_atomic(path, receipt.to_json())
         self._journal_once(f"removal_receipt_{state.status}", rid, receipt_sha256=sha256_file(path))
         return receipt

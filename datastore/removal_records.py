@@ -14,7 +14,7 @@ from .format import DatastoreError, ShardRecord, now
 
 KINDS = ("owner", "documents", "shards")
 STATUSES = ("received", "applied", "compacted", "verified")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")  # request ids become file names
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")  # request ids become file names
 
 
 class RemovalError(DatastoreError):
@@ -32,7 +32,7 @@ class RemovalForbidden(RemovalError):
     """The caller may not remove what the request names (another owner's content)."""
 
 
-def _listing(items, limit: int = 20) -> str:
+def listing(items, limit: int = 20) -> str:
     items = sorted(set(items))
     shown = ", ".join(items[:limit])
     return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "") if items else "(none)"
@@ -73,7 +73,7 @@ class RemovalRequest:
         """Check the request on its own (the store check is `RemovalManager.resolve`)."""
         if self.kind not in KINDS:
             raise RemovalError(f"kind must be one of {', '.join(KINDS)} (got {self.kind!r})", "kind")
-        if not isinstance(self.request_id, str) or not _ID_RE.match(self.request_id):
+        if not isinstance(self.request_id, str) or not REQUEST_ID_RE.match(self.request_id):
             raise RemovalError("request_id must be 1-80 letters, digits, '.', '_' or '-' and start with a "
                                f"letter or digit (got {self.request_id!r})", "request_id")
         want = {"owner": "owner", "documents": "document_ids", "shards": "shards"}[self.kind]
@@ -225,6 +225,162 @@ class RemovalState:
         data["request"] = RemovalRequest.from_dict(data["request"])
         data["targets"] = RemovalTargets.from_json(data["targets"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class RemovedShard:
+    """A shard a receipt's request dropped whole."""
+
+    name: str
+    owner: str
+    entries: int
+    documents: int
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "owner": self.owner, "entries": self.entries, "documents": self.documents}
+
+
+@dataclass(frozen=True)
+class RemovedDocuments:
+    """Documents a receipt's request tombstoned (then compacted out) in one shard."""
+
+    shard: str
+    document_ids: tuple[str, ...]
+    entries: int
+
+    def to_json(self) -> dict:
+        return {"shard": self.shard, "document_ids": list(self.document_ids), "entries": self.entries}
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What a removal took out of the store: whole shards, documents within shards, entries in all."""
+
+    shards: tuple[RemovedShard, ...]
+    documents: tuple[RemovedDocuments, ...]
+    entries: int
+
+    @classmethod
+    def of(cls, targets: RemovalTargets) -> "Removed":
+        return cls(shards=tuple(RemovedShard(x.name, x.owner, x.entries, x.documents) for x in targets.drop_shards),
+                   documents=tuple(RemovedDocuments(x.name, tuple(x.document_ids), x.removed_entries)
+                                   for x in targets.drop_documents),
+                   entries=targets.entries)
+
+    def to_json(self) -> dict:
+        return {"shards": [x.to_json() for x in self.shards], "documents": [x.to_json() for x in self.documents],
+                "entries": self.entries}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Removed":
+        return cls(shards=tuple(RemovedShard(**x) for x in data["shards"]),
+                   documents=tuple(RemovedDocuments(x["shard"], tuple(x["document_ids"]), x["entries"])
+                                   for x in data["documents"]),
+                   entries=data["entries"])
+
+
+@dataclass(frozen=True)
+class ShardVersion:
+    """A shard as one manifest generation lists it: a receipt's "before" (`present` None) and "after"
+    (`present` True, or False with nothing else when the shard is gone)."""
+
+    name: str
+    dir: str | None = None
+    entries: int | None = None
+    checksum: str | None = None  # sha256 of the shard's shard.json
+    present: bool | None = None
+
+    @classmethod
+    def of(cls, rec: ShardRecord | ShardTarget, present: bool | None = None) -> "ShardVersion":
+        return cls(rec.name, rec.dir, rec.entries, rec.checksum, present)
+
+    @classmethod
+    def gone(cls, name: str) -> "ShardVersion":
+        return cls(name, present=False)
+
+    def to_json(self) -> dict:
+        if self.present is False:
+            return {"name": self.name, "present": False}
+        out = {"name": self.name, "dir": self.dir, "entries": self.entries, "checksum": self.checksum}
+        if self.present is not None:
+            out["present"] = self.present
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShardVersion":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Generations:
+    """The store generations a removal went through."""
+
+    before: int
+    applied: int | None
+    compacted: int | None
+    current: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class JournalLink:
+    """A journal record of the request, by sequence number, event and hash (the chain proves the rest)."""
+
+    seq: int
+    event: str
+    hash: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """receipts/<request id>.json: what was asked, what was removed (ids, counts, shard checksums before
+    and after), generations, timestamps, the verification report and the request's journal records. It
+    holds no removed text. `verification` is the report `silo.workflows.removal` made with the model, kept
+    as the JSON object it wrote (None until verified). `to_json`/`from_json` are the file and wire form
+    (the gRPC GetReceipt sends it as JSON text)."""
+
+    request_id: str
+    request: RemovalRequest
+    status: str
+    store: str
+    removed: Removed
+    shards_before: tuple[ShardVersion, ...]
+    shards_after: tuple[ShardVersion, ...]
+    generations: Generations
+    timestamps: dict
+    verification: dict | None
+    journal: tuple[JournalLink, ...]
+    rollouts: list | None = None  # a cluster's store: each generation's rollout to the replicas (acks)
+
+    @property
+    def passed(self) -> bool | None:
+        """The verification's verdict; None when the removal was not verified."""
+        return None if self.verification is None else bool(self.verification.get("passed"))
+
+    def to_json(self) -> dict:
+        return {"request_id": self.request_id, "request": self.request.to_dict(), "status": self.status,
+                "store": self.store, "removed": self.removed.to_json(),
+                "shards_before": [x.to_json() for x in self.shards_before],
+                "shards_after": [x.to_json() for x in self.shards_after],
+                "generations": self.generations.to_json(), "timestamps": dict(self.timestamps),
+                "verification": self.verification,
+                **({"rollouts": list(self.rollouts)} if self.rollouts is not None else {}),
+                "journal": [x.to_json() for x in self.journal]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Receipt":
+        return cls(request_id=data["request_id"], request=RemovalRequest.from_dict(data["request"]),
+                   status=data["status"], store=data["store"], removed=Removed.from_json(data["removed"]),
+                   shards_before=tuple(ShardVersion.from_json(x) for x in data["shards_before"]),
+                   shards_after=tuple(ShardVersion.from_json(x) for x in data["shards_after"]),
+                   generations=Generations(**data["generations"]), timestamps=dict(data["timestamps"]),
+                   verification=data.get("verification"),
+                   journal=tuple(JournalLink(**x) for x in data["journal"]), rollouts=data.get("rollouts"))
 
 
 @dataclass

@@ -19,7 +19,8 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -28,14 +29,15 @@ import numpy as np
 from silo.core.files import crash_point, fsync_path, sha256_file, write_json_atomic
 
 from .faiss_utils import coarse_identity, compact_index, search_params, to_gpu
-from .format import ENTRY_DTYPE, SHARD_FILES, DatastoreError, ShardMissing, ShardRecord, now
+from .format import ENTRY_DTYPE, SHARD_FILES, DatastoreError, ShardMissing, ShardRecord, StoredDocument, now, parse_document
 from .keys_store import KEYS_FILE, has_keys, write_filtered_keys
 from .ondisk import LazyDocuments, read_index, read_index_mmap
 
 
-def read_documents(shard_dir: Path) -> list[dict]:
-    with open(Path(shard_dir) / "documents.jsonl", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def read_documents(shard_dir: Path) -> list[StoredDocument]:
+    path = Path(shard_dir) / "documents.jsonl"
+    with open(path, encoding="utf-8") as fh:
+        return [parse_document(line, f"{path}:{n}") for n, line in enumerate(fh, 1) if line.strip()]
 
 
 def write_entries(sdir: Path, entries: np.ndarray) -> None:
@@ -43,11 +45,11 @@ def write_entries(sdir: Path, entries: np.ndarray) -> None:
     fsync_path(Path(sdir) / "entries.npy")
 
 
-def write_documents(sdir: Path, documents: list[dict]) -> None:
+def write_documents(sdir: Path, documents: Sequence[StoredDocument]) -> None:
     """documents.jsonl and the sentence-hash lookup index built from it (sentences.npy)."""
     with open(Path(sdir) / "documents.jsonl", "w", encoding="utf-8") as fh:
         for d in documents:
-            fh.write(json.dumps(d, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(d.to_json(), ensure_ascii=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     np.save(Path(sdir) / "sentences.npy", sentence_index(documents))
@@ -67,15 +69,14 @@ def sentence_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(normalise(text).encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def sentence_index(documents: list[dict]) -> np.ndarray:
+def sentence_index(documents: Iterable[StoredDocument]) -> np.ndarray:
     """(hash, doc, chars) of every sentence of at least MIN_SENTENCE_CHARS characters, sorted by hash."""
     rows = []
     for d in documents:
-        text = d["text"]
-        for a, b in d.get("sentences") or []:
-            sent = normalise(text[a:b])
+        for a, b in d.sentences:
+            sent = normalise(d.text[a:b])
             if len(sent) >= MIN_SENTENCE_CHARS:
-                rows.append((sentence_hash(sent), int(d["index"]), len(sent)))
+                rows.append((sentence_hash(sent), d.index, len(sent)))
     out = np.array(rows, dtype=SENTENCE_DTYPE) if rows else np.zeros(0, SENTENCE_DTYPE)
     return out[np.argsort(out["hash"], kind="stable")]
 
@@ -96,7 +97,7 @@ def write_shard_info(sdir: Path, info: dict) -> str:
     return sha256_file(sdir / "shard.json")
 
 
-def write_shard(sdir: Path, index: faiss.Index, entries: np.ndarray, documents: list[dict], info: dict,
+def write_shard(sdir: Path, index: faiss.Index, entries: np.ndarray, documents: Sequence[StoredDocument], info: dict,
                 keys_from: tuple[Path, np.ndarray] | None = None) -> str:
     """All of a shard's files into `sdir` (each fsynced), shard.json last; returns shard.json's sha256.
     `keys_from` (source shard folder, keep mask) carries the stored keys of the kept rows."""
@@ -120,7 +121,7 @@ class Shard:
     dir: Path
     index: faiss.Index
     entries: np.ndarray
-    documents: list[dict]
+    documents: Sequence[StoredDocument]  # a list, or LazyDocuments over a mapped documents.jsonl
     removed_docs: frozenset[int] = frozenset()
     live_entries: int = 0
     _params: object = None
@@ -151,7 +152,7 @@ class Shard:
         docs = LazyDocuments(d / "documents.jsonl", rec.documents) if mmap and device != "cuda" else read_documents(d)
         # stores written before the lookup index existed get it in memory, from the documents
         sentences = np.load(d / "sentences.npy", mmap_mode="r") if (d / "sentences.npy").exists() \
-            else sentence_index(list(docs))
+            else sentence_index(docs)
         top = faiss.downcast_index(index)
         if isinstance(top, faiss.IndexIVF):  # CPU IVF (a GPU index is another class)
             # FAISS's default (0) splits queries over its threads in IndexIVF.search, around the coarse search;
@@ -232,8 +233,8 @@ class Shard:
         D, I, alive = (np.take_along_axis(x, order, axis=1) for x in (D, I, alive))
         return np.where(alive, D, np.inf).astype(np.float32), np.where(alive, I, -1)
 
-    def live_documents(self) -> list[dict]:
-        return [d for d in self.documents if d["index"] not in self.removed_docs]
+    def live_documents(self) -> list[StoredDocument]:
+        return [d for d in self.documents if d.index not in self.removed_docs]
 
 
 def compact_shard(store_dir: Path, rec: ShardRecord, new_rel: str) -> tuple[ShardRecord, np.ndarray]:
@@ -250,9 +251,9 @@ def compact_shard(store_dir: Path, rec: ShardRecord, new_rel: str) -> tuple[Shar
     remap = np.full(len(docs), -1, dtype=np.int64)
     kept_docs = []
     for d in docs:
-        if d["index"] not in removed:
-            remap[d["index"]] = len(kept_docs)
-            kept_docs.append({**d, "index": len(kept_docs)})
+        if d.index not in removed:
+            remap[d.index] = len(kept_docs)
+            kept_docs.append(replace(d, index=len(kept_docs)))
     entries = np.load(old_dir / "entries.npy")
     keep = remap[entries["doc"]] >= 0
     new_entries = np.ascontiguousarray(entries[keep])

@@ -9,13 +9,13 @@ documents are hidden by a FAISS IDSelector; shards are searched in parallel (`pa
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from .format import DatastoreError, FingerprintMismatch, Manifest, ShardMissing, StaleGeneration
+from .format import DatastoreError, FingerprintMismatch, Manifest, ShardMissing, StaleGeneration, StoredDocument
 from .parallel import map_shards
 
 # Below this many queries the shards are searched one after the other: a generation step's few queries
@@ -45,6 +45,44 @@ class Neighbors:
     def empty(cls, n: int, k: int = 0) -> "Neighbors":
         return cls(np.full((n, k), np.inf, np.float32), np.full((n, k), -1, np.int32),
                    np.zeros((n, k), np.int16), np.full((n, k), -1, np.int64))
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """Where one datastore entry comes from: its shard, document, licence and sentence."""
+
+    shard: str
+    owner: str
+    doc_index: int
+    document_id: str
+    title: str
+    license: str
+    sentence_index: int
+    sentence: str
+    token: int  # the next-token id the entry stores
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    name: str
+    owner: str
+    entries: int  # live entries (tombstoned ones not counted)
+    documents: int  # live documents
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """What a snapshot serves: its generation, model fingerprint, index type and live shards."""
+
+    path: str
+    generation: int
+    fingerprint: str
+    index: str
+    entries: int
+    shards: list[ShardSummary]
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -232,25 +270,22 @@ class Datastore:
             out[sel] = np.cumprod((tok == q) & (p >= 0), axis=1).sum(axis=1)  # the unbroken run from the query
         return out
 
-    def entry_info(self, shard_index: int, entry_id: int) -> dict:
+    def entry_info(self, shard_index: int, entry_id: int) -> EntryInfo:
         """Provenance of one entry: owner, document, licence and the sentence it belongs to."""
         shard = self.shards[shard_index]
         e = shard.entries[entry_id]
         doc = shard.documents[int(e["doc"])]
-        a, b = doc["sentences"][int(e["sent"])] if doc["sentences"] else (0, 0)
-        return {
-            "shard": shard.name, "owner": doc["owner"], "doc_index": int(e["doc"]), "document_id": doc["id"],
-            "title": doc.get("title", ""), "license": doc.get("license", ""), "sentence_index": int(e["sent"]),
-            "sentence": doc["text"][a:b], "token": int(e["token"]),
-        }
+        return EntryInfo(shard=shard.name, owner=doc.owner, doc_index=int(e["doc"]), document_id=doc.id,
+                         title=doc.title, license=doc.license, sentence_index=int(e["sent"]),
+                         sentence=doc.sentence(int(e["sent"])), token=int(e["token"]))
 
-    def document(self, shard_index: int, doc_index: int) -> dict:
+    def document(self, shard_index: int, doc_index: int) -> StoredDocument:
         return self.shards[shard_index].documents[doc_index]
 
-    def summary(self) -> dict:
-        return {
-            "path": str(self.path), "generation": self.generation, "fingerprint": self.fingerprint,
-            "index": self.manifest.index.factory, "entries": self.num_entries,
-            "shards": [{"name": s.name, "owner": s.owner, "entries": s.live_entries,
-                        "documents": len(s.documents) - len(s.removed_docs)} for s in self.shards],
-        }
+    def summary(self) -> StoreSummary:
+        return StoreSummary(
+            path=str(self.path), generation=self.generation, fingerprint=self.fingerprint,
+            index=self.manifest.index.factory, entries=self.num_entries,
+            shards=[ShardSummary(name=s.name, owner=s.owner, entries=s.live_entries,
+                                 documents=len(s.documents) - len(s.removed_docs)) for s in self.shards],
+        )

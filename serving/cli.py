@@ -162,7 +162,7 @@ def cmd_remove(args) -> int:
                              skip_verification=args.no_verify)
         out = {"status": to_dict(r)}
         if args.wait and r.status in ("compacted", "verified"):
-            out["receipt"] = c.get_receipt(r.request_id)
+            out["receipt"] = c.get_receipt(r.request_id).to_json()
     print(json.dumps(out, indent=1))
     return 0 if r.status != "failed" else 1
 
@@ -172,7 +172,7 @@ def cmd_removal(args) -> int:
 
     with _client(args) as c:
         if args.receipt:
-            out = c.get_receipt(args.request_id)
+            out = c.get_receipt(args.request_id).to_json()
         elif args.request_id:
             out = to_dict(c.get_removal(args.request_id))
         else:
@@ -221,6 +221,14 @@ def _rpc_errors(fn):
 
 
 def register(subparsers) -> None:
+    _register_serve(subparsers)
+    c = subparsers.add_parser("client", help="call a running `silo serve`")
+    cs = c.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    _register_generation(cs)
+    _register_owner(cs)
+
+
+def _register_serve(subparsers) -> None:
     s = subparsers.add_parser("serve", help="gRPC completion/chat backend (silo.v1) with health, metrics, admin; "
                                             "with serve.http_port also the OpenAI-compatible HTTP API and the "
                                             "data owners' web page, on the same model")
@@ -239,67 +247,75 @@ def register(subparsers) -> None:
     s.add_argument("--log-level", default="INFO")
     s.set_defaults(func=cmd_serve)
 
-    c = subparsers.add_parser("client", help="call a running `silo serve`")
-    cs = c.add_subparsers(dest="client_command", required=True, metavar="ACTION")
 
-    def common(p):
-        p.add_argument("--target", default="127.0.0.1:50051", help="host:port (default: %(default)s)")
-        p.add_argument("--token", help="admin or data-owner token (default: $SILO_ADMIN_TOKEN)")
-        p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
-        p.add_argument("--tls-ca", help="TLS with this PEM CA certificate")
-        p.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds")
-        p.add_argument("--json", action="store_true", help="print the response as JSON")
+def _common_args(p) -> None:
+    """Every client command's: where the server is, the token, TLS, deadline, JSON output."""
+    p.add_argument("--target", default="127.0.0.1:50051", help="host:port (default: %(default)s)")
+    p.add_argument("--token", help="admin or data-owner token (default: $SILO_ADMIN_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    p.add_argument("--tls-ca", help="TLS with this PEM CA certificate")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
 
-    def knn(p):
-        p.add_argument("--mode", choices=["parametric", "knn", "ric"],
-                       help="default: knn when the server has a store; ric needs RIC-LM blocks in the store")
-        p.add_argument("--k", type=int)
-        p.add_argument("--lmbda", type=float)
-        p.add_argument("--tau", type=float)
 
-    def gen(p):
-        common(p)
-        knn(p)
-        p.add_argument("--ric-retriever", choices=["bm25", "dense"], help="mode ric: which block index")
-        p.add_argument("--ric-blocks", type=int, help="mode ric: blocks prepended (1-8)")
-        p.add_argument("--max-tokens", type=int)
-        p.add_argument("--temperature", type=float)
-        p.add_argument("--top-p", type=float)
-        p.add_argument("--top-k", type=int)
-        p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
-        p.add_argument("--seed", type=int)
-        p.add_argument("--stream", action="store_true", help="print text as it is generated")
-        p.add_argument("--no-attributions", action="store_true")
-        p.add_argument("--max-verbatim-chars", type=int,
-                       help="cap on a verbatim span of any one store document (only lowers the server's caps)")
-        p.add_argument("--exclude-owner", action="append", help="never surface this owner's documents (repeatable)")
-        p.add_argument("--exclude-tier", action="append", choices=TIERS,
-                       help="never surface this licence tier (repeatable)")
-        p.add_argument("--require-notices", action="store_true", help="a licence notice for every source")
+def _knn_args(p) -> None:
+    p.add_argument("--mode", choices=["parametric", "knn", "ric"],
+                   help="default: knn when the server has a store; ric needs RIC-LM blocks in the store")
+    p.add_argument("--k", type=int)
+    p.add_argument("--lmbda", type=float)
+    p.add_argument("--tau", type=float)
 
+
+def _generation_args(p) -> None:
+    """complete's and chat's: retrieval, sampling, streaming and output controls."""
+    _common_args(p)
+    _knn_args(p)
+    p.add_argument("--ric-retriever", choices=["bm25", "dense"], help="mode ric: which block index")
+    p.add_argument("--ric-blocks", type=int, help="mode ric: blocks prepended (1-8)")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--no-attributions", action="store_true")
+    p.add_argument("--max-verbatim-chars", type=int,
+                   help="cap on a verbatim span of any one store document (only lowers the server's caps)")
+    p.add_argument("--exclude-owner", action="append", help="never surface this owner's documents (repeatable)")
+    p.add_argument("--exclude-tier", action="append", choices=TIERS,
+                   help="never surface this licence tier (repeatable)")
+    p.add_argument("--require-notices", action="store_true", help="a licence notice for every source")
+
+
+def _register_generation(cs) -> None:
+    """complete, chat, score, info, swap."""
     p = cs.add_parser("complete", help="complete a prompt")
     p.add_argument("prompt")
-    gen(p)
+    _generation_args(p)
     p.set_defaults(func=_rpc_errors(cmd_complete))
     p = cs.add_parser("chat", help="chat: --message user:'Hello' [--message assistant:... ...]")
     p.add_argument("--message", "-m", action="append", required=True, help="ROLE:TEXT, roles system|user|assistant")
-    gen(p)
+    _generation_args(p)
     p.set_defaults(func=_rpc_errors(cmd_chat))
     p = cs.add_parser("score", help="perplexity and per-token log-probs of a text")
     p.add_argument("text")
-    common(p)
-    knn(p)
+    _common_args(p)
+    _knn_args(p)
     p.set_defaults(func=_rpc_errors(cmd_score))
     p = cs.add_parser("info", help="model, fingerprint, store generation and shards")
-    common(p)
+    _common_args(p)
     p.add_argument("--shards", action="store_true", help="also call Admin.ListShards (needs --token)")
     p.set_defaults(func=_rpc_errors(cmd_info))
     p = cs.add_parser("swap", help="admin: swap in the store at PATH, or --reload the current one")
     p.add_argument("path", nargs="?")
     p.add_argument("--reload", action="store_true")
-    common(p)
+    _common_args(p)
     p.set_defaults(func=_rpc_errors(cmd_swap))
 
+
+def _register_owner(cs) -> None:
+    """remove, removals, ledger, lookup: the data-owner calls."""
     p = cs.add_parser("remove", help="data owner: remove an owner's content, documents or shards (needs --token)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--owner")
@@ -309,23 +325,23 @@ def register(subparsers) -> None:
     p.add_argument("--reason", required=True, help="why")
     p.add_argument("--wait", action="store_true", help="return when compacted and verified, with the receipt")
     p.add_argument("--no-verify", action="store_true", help="skip the model-based verification")
-    common(p)
+    _common_args(p)
     p.set_defaults(func=_rpc_errors(cmd_remove))
     p = cs.add_parser("removals", help="data owner: list removals, or one request's status / receipt")
     p.add_argument("request_id", nargs="?")
     p.add_argument("--receipt", action="store_true", help="print the receipt of REQUEST_ID")
     p.add_argument("--owner", help="only this owner's requests")
-    common(p)
+    _common_args(p)
     p.set_defaults(func=_rpc_errors(cmd_removal))
     p = cs.add_parser("ledger", help="contribution ledger totals (owner token: its own line; admin: every owner)")
     p.add_argument("--owner", help="only this owner")
-    common(p)
+    _common_args(p)
     p.set_defaults(func=_rpc_errors(cmd_ledger))
     p = cs.add_parser("lookup", help="is a document or passage in the datastore? (exit 3 if not)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--document", help="document id")
     what.add_argument("--text", help="a passage")
-    common(p)
+    _common_args(p)
     p.set_defaults(func=_rpc_errors(cmd_lookup))
 
 

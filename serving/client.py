@@ -13,13 +13,16 @@ arguments of complete/chat are the fields of silo.v1.GenerationParams.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from silo.datastore.removal_records import Receipt
 
 
 def to_dict(msg) -> dict:
@@ -123,12 +126,14 @@ class SiloClient:
         return self._owner.GetRemoval(pb.GetRemovalRequest(request_id=request_id), timeout=self.timeout,
                                       metadata=self._admin_md())
 
-    def get_receipt(self, request_id: str) -> dict:
+    def get_receipt(self, request_id: str) -> Receipt:
         import json
+
+        from silo.datastore.removal_records import Receipt  # the wire's JSON read into the typed record
 
         r = self._owner.GetReceipt(pb.GetRemovalRequest(request_id=request_id), timeout=self.timeout,
                                    metadata=self._admin_md())
-        return json.loads(r.json)
+        return Receipt.from_json(json.loads(r.json))
 
     def list_removals(self, owner: str = "") -> list[pb.RemovalStatus]:
         return list(self._owner.ListRemovals(pb.ListRemovalsRequest(owner=owner), timeout=self.timeout,

@@ -31,9 +31,10 @@ import threading
 
 import grpc
 
-from silo.datastore.format import Manifest
+from silo.datastore.format import Manifest, StoredDocument
 from silo.datastore.lookup import lookup
-from silo.datastore.removal import RemovalError, RemovalManager, RemovalRequest, RemovalState
+from silo.datastore.removal import RemovalManager
+from silo.datastore.removal_records import Receipt, RemovalError, RemovalRequest, RemovalState
 
 from .auth import Caller, resolve_caller
 from .gen import silo_pb2 as pb
@@ -147,9 +148,9 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
     def GetReceipt(self, request, context, info):
         state, receipt = self.receipt(self._caller(context), request.request_id)
         return pb.Receipt(request_id=request.request_id, status=state.served_status,
-                          json=json.dumps(receipt, indent=1))
+                          json=json.dumps(receipt.to_json(), indent=1))
 
-    def receipt(self, caller, request_id: str) -> tuple[RemovalState, dict]:
+    def receipt(self, caller, request_id: str) -> tuple[RemovalState, Receipt]:
         mgr = self._manager()
         state = self._load_state(mgr, caller, request_id)
         try:

@@ -34,10 +34,10 @@ def store_message(store: Datastore | None, show_path: bool = True) -> pb.StoreIn
     if store is None:
         return pb.StoreInfo()
     s = store.summary()
-    return pb.StoreInfo(path=s["path"] if show_path else "", generation=s["generation"], fingerprint=s["fingerprint"], index=s["index"],
-                        entries=s["entries"], shard_count=len(s["shards"]),
-                        shards=[pb.ShardInfo(name=x["name"], owner=x["owner"], entries=x["entries"],
-                                             documents=x["documents"]) for x in s["shards"]])
+    return pb.StoreInfo(path=s.path if show_path else "", generation=s.generation, fingerprint=s.fingerprint, index=s.index,
+                        entries=s.entries, shard_count=len(s.shards),
+                        shards=[pb.ShardInfo(name=x.name, owner=x.owner, entries=x.entries,
+                                             documents=x.documents) for x in s.shards])
 
 
 def knn_defaults(lm: SiloLM) -> pb.KnnDefaults:

@@ -45,6 +45,41 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return Code.INTERNAL, "internal error; see the server log"
 
 
+class _Call:
+    """One call's bookkeeping: counted and timed on the server's metrics, one log line at the end, an
+    exception turned into its status code."""
+
+    def __init__(self, method: str, server, context):
+        self.method, self.server, self.context = method, server, context
+        self.info: dict = {}
+        self.code = "OK"
+        self.started = time.monotonic()
+        server.metrics.requests.labels(method).inc()
+        server.metrics.in_flight.inc()
+
+    def fail(self, exc: Exception) -> None:
+        code, msg = _status_for(exc)
+        self.code = code.name
+        self.info["error"] = msg
+        if code == Code.INTERNAL:
+            log.error("%s failed", self.method, exc_info=exc, extra={"fields": {"method": self.method, **self.info}})
+        self.context.abort(code, msg)  # raises; grpc sends the status
+
+    def end(self) -> None:
+        info, context = self.info, self.context
+        code = self.code
+        if code == "OK" and not info.get("complete") and not context.is_active():
+            rem = context.time_remaining()  # the client went away before we were done
+            code = "DEADLINE_EXCEEDED" if rem is not None and rem <= 0 else "CANCELLED"
+        m = self.server.metrics
+        m.in_flight.dec()
+        m.latency.labels(self.method).observe(time.monotonic() - self.started)
+        if code != "OK":
+            m.errors.labels(self.method, code).inc()
+        info.pop("complete", None)
+        log_request(self.method, code, self.started, peer=context.peer(), **info)
+
+
 def _handled(method: str, streaming: bool = False):
     """Metrics, one JSON log line and exception-to-status mapping around a handler.
 
@@ -52,59 +87,29 @@ def _handled(method: str, streaming: bool = False):
     """
 
     def deco(fn):
-        def begin(self):
-            m = self.server.metrics
-            m.requests.labels(method).inc()
-            m.in_flight.inc()
-            return time.monotonic(), {}
-
-        def end(self, context, started, info, code):
-            if code == "OK" and not info.get("complete") and not context.is_active():
-                rem = context.time_remaining()  # the client went away before we were done
-                code = "DEADLINE_EXCEEDED" if rem is not None and rem <= 0 else "CANCELLED"
-            m = self.server.metrics
-            m.in_flight.dec()
-            m.latency.labels(method).observe(time.monotonic() - started)
-            if code != "OK":
-                m.errors.labels(method, code).inc()
-            info.pop("complete", None)
-            log_request(method, code, started, peer=context.peer(), **info)
-
-        def fail(context, exc, info):
-            code, msg = _status_for(exc)
-            info["error"] = msg
-            if code == Code.INTERNAL:
-                log.error("%s failed", method, exc_info=exc, extra={"fields": {"method": method, **info}})
-            context.abort(code, msg)  # raises; grpc sends the status
-            return code.name
-
         if streaming:
             @functools.wraps(fn)
             def wrapper(self, request, context):
-                started, info = begin(self)
-                code = "OK"
+                call = _Call(method, self.server, context)
                 try:
-                    yield from fn(self, request, context, info)
-                    info["complete"] = True
+                    yield from fn(self, request, context, call.info)
+                    call.info["complete"] = True
                 except Exception as exc:  # noqa: BLE001 - mapped to a status, never crashes the server
-                    code = _status_for(exc)[0].name
-                    fail(context, exc, info)
+                    call.fail(exc)
                 finally:
-                    end(self, context, started, info, code)
+                    call.end()
         else:
             @functools.wraps(fn)
             def wrapper(self, request, context):
-                started, info = begin(self)
-                code = "OK"
+                call = _Call(method, self.server, context)
                 try:
-                    out = fn(self, request, context, info)
-                    info["complete"] = context.is_active()
+                    out = fn(self, request, context, call.info)
+                    call.info["complete"] = context.is_active()
                     return out
                 except Exception as exc:  # noqa: BLE001
-                    code = _status_for(exc)[0].name
-                    fail(context, exc, info)
+                    call.fail(exc)
                 finally:
-                    end(self, context, started, info, code)
+                    call.end()
         return wrapper
 
     return deco

@@ -37,7 +37,7 @@ def check_owner_may(caller: Caller, targets: RemovalTargets, removed: list) -> N
     it drops (a shard whose documents are all tombstoned still has an owner)."""
     if caller.role == "admin":
         return
-    owners = {d["owner"] for d in removed} | {x.owner for x in targets.drop_shards if x.owner}
+    owners = {d.owner for d in removed} | {x.owner for x in targets.drop_shards if x.owner}
     if owners - {caller.name}:
         raise RpcFailure(Code.PERMISSION_DENIED,
                          f"an owner token for '{caller.name}' may only remove that owner's content; "

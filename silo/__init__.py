@@ -37,7 +37,7 @@ _EXPORTS = {
     "Completion": "silo.model.types", "ScoreResult": "silo.model.types", "SiloInputError": "silo.model.types",
     "Datastore": "silo.datastore.store", "DatastoreConfig": "silo.datastore.build",
     "build_datastore": "silo.datastore.build",
-    "RemovalManager": "silo.datastore.removal", "RemovalRequest": "silo.datastore.removal",
+    "RemovalManager": "silo.datastore.removal", "RemovalRequest": "silo.datastore.removal_records",
     "Document": "silo.core.corpus", "load_documents": "silo.core.corpus",
     "TrainConfig": "silo.training.train", "train": "silo.training.train",
     "EvalConfig": "silo.workflows.evaluate", "evaluate": "silo.workflows.evaluate",

@@ -89,10 +89,10 @@ def test_owner_removal_is_live_verified_and_receipted(served):
         assert final.status == "verified", final.error
         assert final.HasField("verification_passed") and final.verification_passed
         receipt = owner.get_receipt(status.request_id)
-        assert receipt["removed"]["entries"] == status.entries
-        assert receipt["verification"]["probe"]["after"]["hits"] == 0
-        assert receipt["verification"]["probe"]["before"]["hits"] > 0
-        assert [x["present"] for x in receipt["shards_after"]] == [False]
+        assert receipt.removed.entries == status.entries
+        assert receipt.verification["probe"]["after"]["hits"] == 0
+        assert receipt.verification["probe"]["before"]["hits"] > 0
+        assert [x.present for x in receipt.shards_after] == [False]
         assert [x.request_id for x in owner.list_removals()] == [status.request_id]
         assert not owner.lookup(document_id=gdoc["id"]).in_store
     # the other owner sees none of gcide's requests
@@ -111,7 +111,7 @@ def test_document_removal_by_admin_with_wait(served):
                                   skip_verification=True)
         assert st.status == "compacted" and not st.HasField("verification_passed")
         assert not admin.lookup(document_id=doc["id"]).in_store
-        assert admin.get_receipt(st.request_id)["removed"]["documents"][0]["document_ids"] == [doc["id"]]
+        assert admin.get_receipt(st.request_id).removed.documents[0].document_ids == (doc["id"],)
         code, msg = code_of(lambda: admin.get_removal("rm-unknown"))
         assert code == grpc.StatusCode.NOT_FOUND
     needle = doc["text"][500:560].encode()

@@ -39,8 +39,8 @@ def test_store_round_trip_and_every_entry_maps_to_a_sentence(tiny_store, tiny_mo
         assert (shard.entries["doc"] >= 0).all() and (shard.entries["doc"] < len(shard.documents)).all()
         for doc_i, doc in enumerate(shard.documents):
             rows = shard.entries[shard.entries["doc"] == doc_i]
-            assert len(rows) == doc["tokens"] > 0
-            assert (rows["sent"] >= 0).all() and (rows["sent"] < len(doc["sentences"])).all()
+            assert len(rows) == doc.tokens > 0
+            assert (rows["sent"] >= 0).all() and (rows["sent"] < len(doc.sentences)).all()
     ok, msg, n = verify_journal(tiny_store / "journal.jsonl")
     assert ok and n == 1, msg
 
@@ -49,13 +49,13 @@ def test_store_round_trip_and_every_entry_maps_to_a_sentence(tiny_store, tiny_mo
     shard = store.shards[0]
     doc = shard.documents[0]
     ex = KeyExtractor(model, tok, window=128, stride=96)
-    dk = next(ex.iter_documents([doc["text"]]))
+    dk = next(ex.iter_documents([doc.text]))
     nb = store.search(dk.keys[:50], k=4)
     assert (nb.distances[:, 0] < 1e-3).all()
     assert (nb.tokens[:, 0] == dk.next_tokens[:50]).all()
     info = store.entry_info(int(nb.shard[0, 0]), int(nb.ids[0, 0]))
-    assert info["document_id"] == doc["id"] and info["owner"] == shard.owner
-    assert info["sentence"] and info["sentence"] in doc["text"]
+    assert info.document_id == doc.id and info.owner == shard.owner
+    assert info.sentence and info.sentence in doc.text
 
 
 def test_search_merges_shards_by_distance(tiny_store):

@@ -19,7 +19,8 @@ from silo.datastore.format import Manifest
 from silo.datastore.journal import verify_store_journal
 from silo.datastore.keys_store import open_keys
 from silo.datastore.reindex import reindex_store
-from silo.datastore.removal import RemovalManager, RemovalRequest
+from silo.datastore.removal import RemovalManager
+from silo.datastore.removal_records import RemovalRequest
 from silo.datastore.store import Datastore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,12 +97,12 @@ def test_removal_compaction_blocks_and_reindex_on_the_distributed_store(dist_sto
     shard = next(s for s in ds.shards if len(s.documents) > 1)
     doc = shard.documents[1]
     mgr = RemovalManager(store)
-    receipt = mgr.compact(mgr.submit(RemovalRequest(document_ids=[doc["id"]], requester="t", reason="t")).request_id)
-    assert receipt["status"] == "compacted"
+    receipt = mgr.compact(mgr.submit(RemovalRequest(document_ids=[doc.id], requester="t", reason="t")).request_id)
+    assert receipt.status == "compacted"
     after = Datastore.open(store)
-    assert doc["id"] not in {d["id"] for s in after.shards for d in s.documents}
-    hits = BlockStore.open(store).search([doc["text"][200:400]], 5, "bm25")[0]
-    assert all(h.document_id != doc["id"] for h in hits)
+    assert doc.id not in {d.id for s in after.shards for d in s.documents}
+    hits = BlockStore.open(store).search([doc.text[200:400]], 5, "bm25")[0]
+    assert all(h.document_id != doc.id for h in hits)
     reindex_store(store, "IVF4,Flat", train_sample=2000, nprobe=4, progress=False)
     other = next(s for s in Datastore.open(store).shards if s.name != shard.name)
     mgr.compact(mgr.submit(RemovalRequest(owner=other.owner, requester="t", reason="t")).request_id)

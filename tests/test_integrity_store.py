@@ -40,9 +40,9 @@ def a_sentence(store_path, domain="shakespeare", min_chars=60):
     ds = Datastore.open(store_path)
     for shard in ds.shards:
         for d in shard.documents:
-            if d["domain"] == domain:
-                for a, b in d["sentences"]:
-                    s = d["text"][a:b]
+            if d.domain == domain:
+                for a, b in d.sentences:
+                    s = d.text[a:b]
                     if len(s) >= min_chars and "\n" not in s:
                         return d, s
     raise AssertionError("no sentence")
@@ -53,13 +53,13 @@ def test_rebuild_keeps_every_opt_out(store, tiny_model, corpus_dir):
     doc, _ = a_sentence(store)
     mgr = RemovalManager(store)
     mgr.submit({"owner": "gcide", "requester": "r", "reason": "opt-out", "request_id": "own"})
-    mgr.submit({"document_ids": [doc["id"]], "requester": "r", "reason": "opt-out", "request_id": "doc"})
+    mgr.submit({"document_ids": [doc.id], "requester": "r", "reason": "opt-out", "request_id": "doc"})
     mgr.compact("doc")
     before = Manifest.read(store)
     new = build_datastore(build_cfg(tiny_model, corpus_dir, store), progress=False)
     # the rebuild from the very same corpus leaves out what the owners removed ...
     assert [s.owner for s in new.shards] == ["shksprdata"]
-    assert doc["id"] not in {d["id"] for s in new.shards for d in s.documents}
+    assert doc.id not in {d.id for s in new.shards for d in s.documents}
     # ... keeps the records, receipts and journal, continues the generations and the lineage
     assert sorted(p.stem for p in (store / "removals").glob("*.json")) == ["doc", "own"]
     assert (store / "receipts" / "doc.json").exists()
@@ -77,7 +77,7 @@ def test_rebuild_keeps_every_opt_out(store, tiny_model, corpus_dir):
 def test_lookup_reveals_no_text(store):
     doc, sentence = a_sentence(store)
     whole = lookup(store, text=sentence)
-    assert whole.in_store and whole.matched_sentences == 1 and {m.document_id for m in whole.matches} == {doc["id"]}
+    assert whole.in_store and whole.matched_sentences == 1 and {m.document_id for m in whole.matches} == {doc.id}
     # growing a prefix one character at a time learns nothing until the whole sentence is sent
     for n in range(8, len(sentence), 7):
         part = lookup(store, text=sentence[:n])
@@ -88,11 +88,11 @@ def test_lookup_reveals_no_text(store):
     # what a public caller sees of a hit: counts of its own passage, no ids, owners or shards
     public = whole.view("public")
     assert public.in_store and public.matched_sentences == 1 and not public.matches and not public.shards
-    assert whole.view("owner", doc["owner"]).matches and not whole.view("owner", "someone-else").matches
+    assert whole.view("owner", doc.owner).matches and not whole.view("owner", "someone-else").matches
     # a tombstoned document is never matched, before compaction too
-    RemovalManager(store).submit({"document_ids": [doc["id"]], "requester": "r", "reason": "x"})
+    RemovalManager(store).submit({"document_ids": [doc.id], "requester": "r", "reason": "x"})
     assert not lookup(store, text=sentence).in_store
-    assert not lookup(store, document_id=doc["id"]).in_store
+    assert not lookup(store, document_id=doc.id).in_store
 
 
 def test_stale_snapshot_is_refused(store, tiny_model):
@@ -110,12 +110,12 @@ def test_reload_after_rebuild_reuses_nothing_stale(store, tiny_model, corpus_dir
     doc, sentence = a_sentence(store)
     gen0 = lm.store.generation
     mgr = RemovalManager(store)
-    mgr.submit({"document_ids": [doc["id"]], "requester": "r", "reason": "x", "request_id": "d"})
+    mgr.submit({"document_ids": [doc.id], "requester": "r", "reason": "x", "request_id": "d"})
     mgr.compact("d")
     # rebuilt at the same path: shard folders of the same names come back with other content
     build_datastore(build_cfg(tiny_model, corpus_dir, store), progress=False)
     assert lm.reload_store() and lm.store.generation > gen0 + 1
-    assert doc["id"] not in {d["id"] for s in lm.store.shards for d in s.documents}
+    assert doc.id not in {d.id for s in lm.store.shards for d in s.documents}
     assert not lookup(lm.store, text=sentence).in_store
 
 
@@ -124,23 +124,23 @@ def test_selectorless_index_serves_with_tombstones(tmp_path, tiny_model, corpus_
     build_datastore(build_cfg(tiny_model, corpus_dir, out, overwrite=False,
                               index={"factory": "PQ8", "train_sample": 4000}), progress=False)
     doc, _ = a_sentence(out)
-    RemovalManager(out).submit({"document_ids": [doc["id"]], "requester": "r", "reason": "x"})
+    RemovalManager(out).submit({"document_ids": [doc.id], "requester": "r", "reason": "x"})
     ds = Datastore.open(out)
-    shard_i = next(i for i, s in enumerate(ds.shards) if doc["index"] in s.removed_docs)
+    shard_i = next(i for i, s in enumerate(ds.shards) if doc.index in s.removed_docs)
     keys = ds.shards[shard_i].index.reconstruct_n(0, 200)
     nb = ds.search(keys, 16)
     assert (nb.tokens >= 0).all()
     hit_docs = ds.shards[shard_i].entries["doc"][nb.ids[nb.shard == shard_i]]
-    assert doc["index"] not in set(hit_docs.tolist())
+    assert doc.index not in set(hit_docs.tolist())
 
 
 def test_domain_sharded_owner_follows_own_removal(tmp_path, tiny_model, corpus_dir):
     out = tmp_path / "by-domain"
     build_datastore(build_cfg(tiny_model, corpus_dir, out, overwrite=False, shard_by="domain"), progress=False)
     doc, _ = a_sentence(out)
-    st = RemovalManager(out).submit({"document_ids": [doc["id"]], "requester": doc["owner"], "reason": "mine"})
+    st = RemovalManager(out).submit({"document_ids": [doc.id], "requester": doc.owner, "reason": "mine"})
     assert all(t.owner == "" for t in st.targets.drop_documents)  # domain shards belong to no owner
-    assert doc["owner"] in st.owners()  # ... yet the request is about this owner's content
+    assert doc.owner in st.owners()  # ... yet the request is about this owner's content
 
 
 def test_block_build_waits_for_the_store_lock(store, tiny_model):
@@ -163,7 +163,7 @@ def test_attribution_uses_the_generating_snapshot(store, tiny_model):
     lm = SiloLM.load(str(tiny_model), str(store), window=128, stride=64)
     gdoc = next(d for s in lm.store.shards if s.owner == "gcide" for d in s.documents)
     knn = lm.retriever("knn", k=16, lmbda=0.9, tau=0.05)
-    generation = lm.generate(gdoc["text"][:150], SamplingParams(max_new_tokens=16, temperature=0), knn)
+    generation = lm.generate(gdoc.text[:150], SamplingParams(max_new_tokens=16, temperature=0), knn)
     for _ in generation:
         pass
     lm.swap_store(without_owners(lm.store, {"gcide"}))  # the server swapped meanwhile

@@ -9,12 +9,15 @@
     silo.cli                       the command line and the demo (top)
 
 `silo.demo_corpus` is a tool that imports nothing of SILO; only `silo.cli` may import it. Every import
-counts, also those inside functions (a lazy upward import is still an upward import).
+counts, also those inside functions (a lazy upward import is still an upward import). Functions stay
+within ruff's complexity limits (C901, PLR0915; thresholds in pyproject.toml).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,10 +117,19 @@ def test_no_import_circles():
     assert not cycles, "import circles:\n" + "\n".join(cycles)
 
 
-def test_source_files_stay_readable():
-    long = [f"{p.relative_to(ROOT)}: {n}" for p in modules().values()
-            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 450]
-    assert not long, "files over 450 lines:\n" + "\n".join(long)
+COMPLEXITY_PATHS = ("silo", "training", "datastore", "serving", "benchmarks")  # serving/gen: pyproject excludes it
+
+
+def test_functions_stay_readable():
+    """No function past ruff's complexity limits (pyproject.toml [tool.ruff.lint]: McCabe complexity 12,
+    50 statements). The limit is on functions, not files: a long file of small functions reads fine, and a
+    file cap only moved code into shims."""
+    run = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "C901,PLR0915", "--no-cache",
+                          "--output-format", "concise", *COMPLEXITY_PATHS],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    found = [line for line in run.stdout.splitlines() if " C901 " in line or " PLR0915 " in line]
+    assert run.returncode in (0, 1) and (run.returncode == 0 or found), f"ruff failed:\n{run.stdout}{run.stderr}"
+    assert not found, "functions over the complexity limits (split them):\n" + "\n".join(sorted(found))
 
 
 def test_the_checkout_root_is_not_part_of_the_package():

@@ -107,7 +107,7 @@ def test_output_controls_and_ledger_over_concurrent_requests(tmp_path, tiny_mode
     server = SiloServer(cfg, lm=lm).start()
     prompt = play_quote(tiny_store)
     try:
-        texts = {d["id"]: d["text"] for sh in lm.store.shards for d in sh.documents}
+        texts = {d.id: d.text for sh in lm.store.shards for d in sh.documents}
         with SiloClient(server.target, token=ADMIN, timeout=120) as c:
             free = c.complete(prompt, max_tokens=60, temperature=0, return_attributions=True, **COPY)
             spans = [s for a in free.attributions for s in a.spans]

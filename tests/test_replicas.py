@@ -42,7 +42,7 @@ def test_plain_servers_over_one_folder_pick_up_each_others_removals(tiny_model, 
     a, b = plain_server(tiny_model, store, watch_seconds=watch), plain_server(tiny_model, store, watch_seconds=watch)
     try:
         doc = b.engine.lm.store.shards[[sh.name for sh in b.engine.lm.store.shards].index(OWNER)].documents[0]
-        prompt = doc["text"][:120]
+        prompt = doc.text[:120]
         with SiloClient(a.target, token=ADMIN, timeout=300) as ca, SiloClient(b.target, token=ADMIN, timeout=300) as cb:
             owners, generation = owner_sources(cb, prompt)
             assert OWNER in owners and generation == 1
@@ -61,6 +61,28 @@ def test_plain_servers_over_one_folder_pick_up_each_others_removals(tiny_model, 
         a.dataowner.wait_background(300)
         a.stop()
         b.stop()
+
+
+def test_cluster_settings_are_checked_before_anything_starts(tmp_path):
+    from silo.core.config import ConfigError, validate
+    from silo.serving.cluster.config import ClusterConfig
+    from silo.serving.cluster.deploy import check_servable
+
+    with pytest.raises(ConfigError, match="cluster: Value error, give either replicas"):
+        validate(ClusterConfig, {"replicas": 2, "autoscaling": {"max_replicas": 3}}, prefix="cluster", source="c.yaml")
+    with pytest.raises(ConfigError, match=r"cluster\.autoscaling.*max_replicas \(1\) is below min_replicas \(2\)"):
+        validate(ClusterConfig, {"replicas": None, "autoscaling": {"min_replicas": 2, "max_replicas": 1}},
+                 prefix="cluster", source="c.yaml")
+    scaled = validate(ClusterConfig, {"replicas": None, "autoscaling": {"max_replicas": 3}}, prefix="cluster",
+                      source="c.yaml").deployment_options(max_ongoing=24)
+    assert scaled["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in scaled
+    assert scaled["max_ongoing_requests"] == 24 and scaled["ray_actor_options"]["num_cpus"] == 1
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match="serve.tls_cert"):
+        check_servable(ServeConfig(model="m", store="s", tls_cert=str(cert), tls_key=str(cert)))
+    with pytest.raises(ConfigError, match="serve.store"):
+        check_servable(ServeConfig(model="m"))
 
 
 # ----------------------------------------------------------------------------------------- on Ray
@@ -142,7 +164,7 @@ def test_a_removal_reaches_every_replica_before_it_is_applied(cluster):
 
     handle, store = cluster
     doc = next(d for sh in Datastore.open(store).shards if sh.name == OWNER for d in sh.documents)
-    prompt, truth = doc["text"][200:320], doc["text"][320:420]
+    prompt, truth = doc.text[200:320], doc.text[320:420]
     before = handle.broadcast("generate_here", prompt, 24)
     assert all(OWNER in r["owners"] for r in before)  # every replica continues the play from the store
     results, stop, errors = [], threading.Event(), []

@@ -62,7 +62,7 @@ def test_retrieval_returns_the_block_a_query_was_cut_from(ric_store, retriever):
         assert hit.start < target["end"] and target["start"] < hit.end  # the same (or an overlapping) block
         if retriever == "dense":
             assert hit.block == target["i"] and hit.score == pytest.approx(1.0, abs=1e-3)
-        assert hit.owner == shard.documents[target["doc"]]["owner"] and hit.document_id
+        assert hit.owner == shard.documents[target["doc"]].owner and hit.document_id
 
 
 def test_empty_query_and_bad_arguments(ric_store):
@@ -110,7 +110,7 @@ def test_removing_an_owner_removes_their_blocks(ric_store, tmp_path, how):
 
 def test_ric_scoring_beats_parametric_on_text_in_the_store(ric_lm, ric_store):
     doc = ric_lm.store.shards[0].documents[0]
-    text = doc["text"][1000:2600]  # its continuation is in the block store
+    text = doc.text[1000:2600]  # its continuation is in the block store
     for retriever in ("bm25", "dense"):
         res = ric_lm.score(text, ric_lm.retriever("ric", ric={"retriever": retriever}))[0]
         assert res.mode == "ric" and res.num_tokens > 100
@@ -121,14 +121,14 @@ def test_ric_scoring_beats_parametric_on_text_in_the_store(ric_lm, ric_store):
 
 def test_ric_generation_is_attributed_to_the_blocks(ric_lm):
     doc = ric_lm.store.shards[0].documents[0]
-    prompt = doc["text"][3000:3080]  # short: the tiny model has a 128-token context
+    prompt = doc.text[3000:3080]  # short: the tiny model has a 128-token context
     comp = ric_lm.complete(prompt, SamplingParams(max_new_tokens=24, temperature=0.0),
                            ric_lm.retriever("ric", ric={"retriever": "bm25"}))
     assert comp.tokens and comp.store_generation == ric_lm.store.generation
     assert comp.attributions
     for a in comp.attributions:
         assert a.parametric_share == 0.0
-        assert a.sources[0].owner == doc["owner"] and a.sources[0].document_id == doc["id"]
+        assert a.sources[0].owner == doc.owner and a.sources[0].document_id == doc.id
         assert abs(sum(s.share for s in a.sources) - 1.0) < 1e-9
         assert a.sources[0].sentence  # the block text is the supporting passage
     from silo.model.types import SiloInputError
@@ -201,7 +201,7 @@ def test_snapshot_view_hides_blocks_without_touching_disk(ric_store):
     view = Datastore(store.path, store.manifest, [s.with_removed(frozenset(range(len(s.documents))), 16)
                                                   if i == 0 else s for i, s in enumerate(store.shards)])
     bs = BlockStore(view)
-    q = [store.shards[0].documents[0]["text"][:300]]
+    q = [store.shards[0].documents[0].text[:300]]
     assert all(h.shard != 0 for h in bs.search(q, 5, "dense")[0])
     assert Manifest.read(ric_store).generation == store.generation
 
@@ -219,7 +219,7 @@ def test_ric_puts_a_stored_passage_in_context_and_gains_only_what_the_model_can_
     from silo.model.ric import as_ric_config, copy_test, retrieve_windows
 
     doc = ric_lm.store.shards[0].documents[0]
-    text = doc["text"][1000:2600]
+    text = doc.text[1000:2600]
     cfg = as_ric_config({"retriever": "bm25"})
     blocks = ric_lm.blocks()
     jobs, per_ids, hits = retrieve_windows(ric_lm, [text], cfg, blocks, 1)

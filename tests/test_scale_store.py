@@ -23,7 +23,8 @@ from silo.datastore.keys_store import KEYS_FILE, exact_search, open_keys, recall
 from silo.datastore.faiss_utils import coarse_identity, ivf_of
 from silo.datastore.ondisk import LazyDocuments, is_mapped
 from silo.datastore.reindex import index_recall, reindex_store
-from silo.datastore.removal import RemovalManager, RemovalRequest
+from silo.datastore.removal import RemovalManager
+from silo.datastore.removal_records import RemovalRequest
 from silo.datastore.store import PARALLEL_MIN_QUERIES, Datastore, DatastoreError
 
 
@@ -62,7 +63,7 @@ def test_keys_are_kept_fp16_beside_the_index_and_checksummed(tiny_store):
 def test_compaction_carries_only_the_kept_keys(store):
     before = Datastore.open(store)
     shard = next(s for s in before.shards if len(s.documents) > 1)
-    victim = shard.documents[0]["id"]
+    victim = shard.documents[0].id
     old_keys = np.array(open_keys(shard.dir))
     keep = shard.entries["doc"] != 0
     mgr = RemovalManager(store)
@@ -99,7 +100,7 @@ def test_mmap_open_maps_instead_of_reading(store):
     mgr.compact(mgr.submit(RemovalRequest(owner=owner, requester="t", reason="test")).request_id)
     assert not mapped.shards[0].dir.exists()
     assert np.array_equal(mapped.search(q, 16).ids, a.ids)
-    assert mapped.document(0, len(mapped.shards[0].documents) - 1)["owner"] == owner
+    assert mapped.document(0, len(mapped.shards[0].documents) - 1).owner == owner
 
 
 def test_mapped_ivf_lists_search_like_lists_in_ram(store):
@@ -266,7 +267,7 @@ def test_reindex_from_stored_keys_is_a_new_generation(store):
     ref = old.search(q, 8)
     res = reindex_store(store, "IVF8,Flat", train_sample=4000, nprobe=8, progress=False)  # nprobe = nlist: exact
     m = Manifest.read(store)
-    assert res["generation"] == m.generation == before.generation + 1
+    assert res.generation == m.generation == before.generation + 1
     assert m.index.factory == "IVF8,Flat" and m.index.quantizer == f"quantizer@g{m.generation}.faiss"
     assert (store / m.index.quantizer).exists()
     assert sorted(p.name for p in (store / "shards").iterdir()) == sorted(r.dir.split("/")[1] for r in m.shards)
@@ -287,16 +288,16 @@ def test_reindex_from_stored_keys_is_a_new_generation(store):
 
     # a lossy index: recall below exact, then removal + compaction work on the reindexed store
     res = reindex_store(store, "IVF8,PQ8", train_sample=4000, nprobe=2, progress=False)
-    assert sorted(p.name for p in store.glob("quantizer*")) == [f"quantizer@g{res['generation']}.faiss"]
+    assert sorted(p.name for p in store.glob("quantizer*")) == [f"quantizer@g{res.generation}.faiss"]
     pq = Datastore.open(store)
     assert 0.0 < index_recall(pq, q, (8,))["recall@8"] < 1.0
-    doc = pq.shards[0].documents[0]["id"]
+    doc = pq.shards[0].documents[0].id
     mgr = RemovalManager(store)
     st = mgr.submit(RemovalRequest(document_ids=[doc], requester="t", reason="test"))
     receipt = mgr.compact(st.request_id)
-    assert receipt["status"] == "compacted"
+    assert receipt.status == "compacted"
     after = Datastore.open(store)
-    assert doc not in {d["id"] for s in after.shards for d in s.documents}
+    assert doc not in {d.id for s in after.shards for d in s.documents}
     assert len(open_keys(after.shards[0].dir)) == after.shards[0].index.ntotal == len(after.shards[0].entries)
     BlockStore.open(store).search(["the"], 1, "bm25")
     assert index_recall(after, q, (8,))["recall@8"] > 0.0
@@ -336,7 +337,7 @@ def test_reindex_crash_leaves_old_or_new_generation(store, point):
     live = {r.dir.split("/")[1] for r in Manifest.read(store).shards}
     assert {p.name for p in (store / "shards").iterdir()} == live
     res = reindex_store(store, "IVF8,Flat", train_sample=3000, nprobe=8, progress=False)  # and it runs again
-    assert res["generation"] == expect + 1
+    assert res.generation == expect + 1
     assert len(list(store.glob("quantizer*.faiss"))) == 1
 
 

@@ -22,14 +22,14 @@ def lm(tiny_model, tiny_store):
 def stored_doc(lm, owner_domain="shakespeare"):
     for shard in lm.store.shards:
         for d in shard.documents:
-            if d["domain"] == owner_domain:
+            if d.domain == owner_domain:
                 return d
     raise AssertionError("no such document")
 
 
 def test_knn_lowers_perplexity_of_stored_text(lm):
     doc = stored_doc(lm)
-    passage = doc["text"][2000:3500]
+    passage = doc.text[2000:3500]
     res = lm.score([passage], lm.retriever("knn", k=16, lmbda=0.5, tau=1.0))[0]
     assert res.num_tokens > 100
     assert res.perplexity < 0.5 * res.perplexity_parametric
@@ -39,7 +39,7 @@ def test_knn_lowers_perplexity_of_stored_text(lm):
 
 
 def test_sliding_window_scores_every_token_once(lm):
-    text = stored_doc(lm)["text"][:4000]
+    text = stored_doc(lm).text[:4000]
     n_tokens = len(lm.encode(text))
     res = lm.score([text])[0]
     assert res.num_tokens == n_tokens
@@ -64,7 +64,7 @@ def test_seeded_generation_is_reproducible(lm):
 
 def test_stop_sequences_and_finish_reasons(lm):
     doc = stored_doc(lm)
-    prompt = doc["text"][1000:1200]
+    prompt = doc.text[1000:1200]
     knn = lm.retriever("knn", lmbda=0.8)
     full = lm.complete(prompt, SamplingParams(max_new_tokens=30, temperature=0), knn)
     assert full.finish_reason in ("length", "stop")
@@ -81,21 +81,21 @@ def test_attribution_names_the_quoted_document(lm):
     # Quote the opening of a stored play: the prompt's keys equal the stored keys, so the datastore
     # carries the continuation and the attribution must name that play first.
     doc = stored_doc(lm)
-    cut = doc["text"].find("\n", 100) + 1
-    prompt = doc["text"][:cut]
+    cut = doc.text.find("\n", 100) + 1
+    prompt = doc.text[:cut]
     comp = lm.complete(prompt, SamplingParams(max_new_tokens=30, temperature=0),
                        lm.retriever("knn", k=16, lmbda=0.9, tau=0.05))
-    assert comp.text[:4] == doc["text"][cut:cut + 4]
+    assert comp.text[:4] == doc.text[cut:cut + 4]
     assert comp.attributions
     by_doc = {}
     for a in comp.attributions:
         for src in a.sources:
             by_doc[src.document_id] = by_doc.get(src.document_id, 0.0) + src.share
-    assert max(by_doc, key=by_doc.get) == doc["id"]
-    assert by_doc[doc["id"]] > 0.5 * sum(by_doc.values())
+    assert max(by_doc, key=by_doc.get) == doc.id
+    assert by_doc[doc.id] > 0.5 * sum(by_doc.values())
     first = next(a.sources[0] for a in comp.attributions if a.sources)
-    assert first.document_id == doc["id"] and first.owner == doc["owner"] and first.license == doc["license"]
-    assert first.sentence and first.sentence in doc["text"]
+    assert first.document_id == doc.id and first.owner == doc.owner and first.license == doc.license
+    assert first.sentence and first.sentence in doc.text
     for a in comp.attributions:
         total = a.parametric_share + sum(s.share for s in a.sources)
         assert total <= 1.0 + 1e-6

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +32,7 @@ from silo.core.files import swap_dir_atomic
 from silo.core.fingerprint import model_fingerprint
 from silo.core.licenses import POLICIES, TIERS, check_tiers
 
-from .policy import apply_policy
+from .policy import PolicyReport, apply_policy
 from .tokenizer import save_tokenizer, train_tokenizer
 
 
@@ -184,7 +185,6 @@ def heldout_loss(model, stream: np.ndarray, seq_len: int, batch_size: int, devic
 def train(cfg: TrainConfig, config_source: str = "", progress: bool = True) -> dict:
     """Run the whole training stage; returns the provenance record written next to the model."""
     from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -194,6 +194,67 @@ def train(cfg: TrainConfig, config_source: str = "", progress: bool = True) -> d
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     say = accelerator.print if progress else (lambda *a, **k: None)
 
+    report = _training_documents(cfg, tiers, say)
+    kept = report.kept
+    eval_docs = [d for d in load_documents(cfg.eval_corpus, cfg.domains)] if cfg.eval_corpus else []
+
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+    tokenizer, model = _tokenizer_and_model(cfg, kept, say)
+    stream, doc_tokens = encode_stream(kept, tokenizer, "tokenising training text")
+    eval_stream, _ = encode_stream(eval_docs, tokenizer, "tokenising held-out text")
+    eval_stream = eval_stream[: cfg.eval_tokens + 1]
+    if len(stream) <= cfg.seq_len + 1:
+        raise ValueError(f"train.corpus: only {len(stream)} tokens after the policy, fewer than seq_len {cfg.seq_len}")
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"model: {cfg.model.family if not cfg.init_from else cfg.init_from}, {n_params / 1e6:.2f}M parameters; "
+        f"training stream {len(stream):,} tokens from {len(kept)} documents")
+
+    model, optimizer = accelerator.prepare(model, _optimizer(model, cfg))
+    run = _train_steps(cfg, accelerator, model, optimizer, stream, eval_stream, ckpt_dir, say, progress)
+
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return {}
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    tmp_dir = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True)
+    model.save_pretrained(str(tmp_dir))
+    save_tokenizer(tokenizer, tmp_dir)
+    provenance = {
+        "format": "silo.provenance.v1",
+        "fingerprint": model_fingerprint(model, tokenizer),
+        "policy": {"name": cfg.policy, "allowed_tiers": list(tiers)},
+        "summary": {
+            **report.summary(),
+            "training_tokens_in_stream": int(len(stream)),
+            "tokens_trained_on": int(run.trained_tokens + run.start_step * run.tokens_per_step),
+            "parameters": int(n_params),
+            "train_seconds_this_run": round(run.seconds, 2),
+            "tokens_per_second": round(run.trained_tokens / max(run.seconds, 1e-9), 1),
+        },
+        "documents": [
+            {"id": d.id, "owner": d.owner, "license": d.license, "tier": d.tier, "source": d.source,
+             "sha256": d.sha256, "tokens": n}
+            for d, n in zip(kept, doc_tokens)
+        ],
+        "refused_documents": [{"id": d.id, "license": d.license, "tier": d.tier} for d in report.refused],
+        "duplicates_removed": [{"id": a, "duplicate_of": b} for a, b in report.duplicates],
+        "history": run.history,
+        "config": json.loads(cfg.model_dump_json()),
+        "config_source": config_source,
+    }
+    (tmp_dir / "provenance.json").write_text(json.dumps(provenance, indent=1))
+    swap_dir_atomic(tmp_dir, out_dir)
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # the finished model supersedes the resumable state
+    return provenance
+
+
+def _training_documents(cfg: TrainConfig, tiers: tuple[str, ...], say) -> PolicyReport:
+    """The corpus through the licence policy and exact de-duplication (what was dropped is said)."""
     docs = load_documents(cfg.corpus, cfg.domains)
     if not docs:
         raise ValueError(f"train.corpus: no documents found in {cfg.corpus} (domains {cfg.domains})")
@@ -202,10 +263,14 @@ def train(cfg: TrainConfig, config_source: str = "", progress: bool = True) -> d
         say(f"dropped {len(report.refused)} document(s) outside the policy (tiers {', '.join(tiers)})")
     if report.duplicates:
         say(f"removed {len(report.duplicates)} exact duplicate document(s)")
-    kept = report.kept
-    eval_docs = [d for d in load_documents(cfg.eval_corpus, cfg.domains)] if cfg.eval_corpus else []
+    return report
 
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+
+def _tokenizer_and_model(cfg: TrainConfig, kept: list[Document], say):
+    """(tokenizer, model): both from `init_from`, a given tokenizer and a new model, or a tokenizer trained
+    on the kept documents and a new model (its weights drawn from torch's generator, seeded by the caller)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if cfg.init_from:
         tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
         model = AutoModelForCausalLM.from_pretrained(cfg.init_from)
@@ -219,116 +284,108 @@ def train(cfg: TrainConfig, config_source: str = "", progress: bool = True) -> d
         model = build_model(cfg.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model
 
-    stream, doc_tokens = encode_stream(kept, tokenizer, "tokenising training text")
-    eval_stream, _ = encode_stream(eval_docs, tokenizer, "tokenising held-out text")
-    eval_stream = eval_stream[: cfg.eval_tokens + 1]
-    if len(stream) <= cfg.seq_len + 1:
-        raise ValueError(f"train.corpus: only {len(stream)} tokens after the policy, fewer than seq_len {cfg.seq_len}")
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {cfg.model.family if not cfg.init_from else cfg.init_from}, {n_params / 1e6:.2f}M parameters; "
-        f"training stream {len(stream):,} tokens from {len(kept)} documents")
 
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases and norms)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95),
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
 
-    start_step = 0
-    state_file = ckpt_dir / "trainer_state.json"
+
+@dataclass
+class _Run:
+    """The training loop's account: the step it started from (after a resume), the tokens of one step,
+    the held-out records it logged, the tokens it trained on and its seconds."""
+
+    start_step: int
+    tokens_per_step: int
+    history: list[dict] = field(default_factory=list)
+    trained_tokens: int = 0
+    seconds: float = 0.0
+
+
+def _train_steps(cfg: TrainConfig, accelerator, model, optimizer, stream: np.ndarray, eval_stream: np.ndarray,
+                 ckpt_dir: Path, say, progress: bool) -> _Run:
+    """Steps from the last checkpoint made with this config (or 0) to max_steps: held-out loss every
+    eval_every steps and at the end, a checkpoint every save_every steps."""
     config_json = cfg.model_dump_json()
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        if state.get("config") == config_json:
-            accelerator.load_state(str(ckpt_dir / "state"))
-            start_step = state["step"]
-            say(f"resuming from step {start_step} ({ckpt_dir})")
-        else:
-            say(f"ignoring checkpoint in {ckpt_dir}: it was made with a different config")
-
+    start_step = _resume(accelerator, ckpt_dir, config_json, say)
     model.train()
-    history: list[dict] = []
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * accelerator.num_processes
+    run = _Run(start_step, cfg.batch_size * cfg.grad_accum * cfg.seq_len * accelerator.num_processes)
     t_start = time.time()
-    trained_tokens = 0
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step",
                disable=not (progress and accelerator.is_local_main_process) or None)
-    loss_val = float("nan")
     for step in range(start_step, cfg.max_steps):
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        for micro in range(cfg.grad_accum):
-            x = sample_batch(stream, cfg.seq_len, cfg.batch_size, cfg.seed,
-                             step * cfg.grad_accum + micro, accelerator.process_index).to(accelerator.device)
-            with accelerator.accumulate(model):
-                loss = model(input_ids=x, labels=x).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        loss_val = loss.item()
-        trained_tokens += tokens_per_step
+        loss_val = _step(cfg, accelerator, model, optimizer, stream, step)
+        run.trained_tokens += run.tokens_per_step
         elapsed = time.time() - t_start
-        bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{trained_tokens / max(elapsed, 1e-9):,.0f}")
+        bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{run.trained_tokens / max(elapsed, 1e-9):,.0f}")
         bar.update(1)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            rec = {"step": done, "train_loss": loss_val, "lr": lr_at(step, cfg)}
-            if len(eval_stream) > cfg.seq_len:
-                rec["heldout_loss"] = heldout_loss(accelerator.unwrap_model(model), eval_stream, cfg.seq_len,
-                                                   cfg.batch_size, accelerator.device)
-                say(f"\nstep {done}: train loss {loss_val:.3f}, held-out loss {rec['heldout_loss']:.3f} "
-                    f"(ppl {math.exp(rec['heldout_loss']):.1f})")
-            history.append(rec)
+            run.history.append(_evaluate(cfg, accelerator, model, eval_stream, step, loss_val, say))
         if done % cfg.save_every == 0 and done < cfg.max_steps:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            accelerator.save_state(str(ckpt_dir / "state"))
-            tmp = state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": done, "config": config_json}))
-            os.replace(tmp, state_file)
+            _checkpoint(accelerator, ckpt_dir, done, config_json)
     bar.close()
-    train_seconds = time.time() - t_start
+    run.seconds = time.time() - t_start
+    return run
 
-    accelerator.wait_for_everyone()
-    provenance: dict = {}
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model)
-        model.eval()
-        tmp_dir = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
-        tmp_dir.mkdir(parents=True)
-        model.save_pretrained(str(tmp_dir))
-        save_tokenizer(tokenizer, tmp_dir)
-        provenance = {
-            "format": "silo.provenance.v1",
-            "fingerprint": model_fingerprint(model, tokenizer),
-            "policy": {"name": cfg.policy, "allowed_tiers": list(tiers)},
-            "summary": {
-                **report.summary(),
-                "training_tokens_in_stream": int(len(stream)),
-                "tokens_trained_on": int(trained_tokens + start_step * tokens_per_step),
-                "parameters": int(n_params),
-                "train_seconds_this_run": round(train_seconds, 2),
-                "tokens_per_second": round(trained_tokens / max(train_seconds, 1e-9), 1),
-            },
-            "documents": [
-                {"id": d.id, "owner": d.owner, "license": d.license, "tier": d.tier, "source": d.source,
-                 "sha256": d.sha256, "tokens": n}
-                for d, n in zip(kept, doc_tokens)
-            ],
-            "refused_documents": [{"id": d.id, "license": d.license, "tier": d.tier} for d in report.refused],
-            "duplicates_removed": [{"id": a, "duplicate_of": b} for a, b in report.duplicates],
-            "history": history,
-            "config": json.loads(config_json),
-            "config_source": config_source,
-        }
-        (tmp_dir / "provenance.json").write_text(json.dumps(provenance, indent=1))
-        swap_dir_atomic(tmp_dir, out_dir)
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)  # the finished model supersedes the resumable state
-    return provenance
+
+def _resume(accelerator, ckpt_dir: Path, config_json: str, say) -> int:
+    """The step to start from: that of a checkpoint made with the same config (its state loaded), else 0."""
+    state_file = ckpt_dir / "trainer_state.json"
+    if not state_file.exists():
+        return 0
+    state = json.loads(state_file.read_text())
+    if state.get("config") != config_json:
+        say(f"ignoring checkpoint in {ckpt_dir}: it was made with a different config")
+        return 0
+    accelerator.load_state(str(ckpt_dir / "state"))
+    say(f"resuming from step {state['step']} ({ckpt_dir})")
+    return state["step"]
+
+
+def _step(cfg: TrainConfig, accelerator, model, optimizer, stream: np.ndarray, step: int) -> float:
+    """One optimiser step (grad_accum micro-batches, each drawn from the generator seeded by (seed, micro
+    step, rank)); returns the last micro-batch's loss."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    for micro in range(cfg.grad_accum):
+        x = sample_batch(stream, cfg.seq_len, cfg.batch_size, cfg.seed,
+                         step * cfg.grad_accum + micro, accelerator.process_index).to(accelerator.device)
+        with accelerator.accumulate(model):
+            loss = model(input_ids=x, labels=x).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _evaluate(cfg: TrainConfig, accelerator, model, eval_stream: np.ndarray, step: int, loss_val: float,
+              say) -> dict:
+    """The history record after `step`: train loss, learning rate and (with held-out text) held-out loss."""
+    done = step + 1
+    rec = {"step": done, "train_loss": loss_val, "lr": lr_at(step, cfg)}
+    if len(eval_stream) > cfg.seq_len:
+        rec["heldout_loss"] = heldout_loss(accelerator.unwrap_model(model), eval_stream, cfg.seq_len,
+                                           cfg.batch_size, accelerator.device)
+        say(f"\nstep {done}: train loss {loss_val:.3f}, held-out loss {rec['heldout_loss']:.3f} "
+            f"(ppl {math.exp(rec['heldout_loss']):.1f})")
+    return rec
+
+
+def _checkpoint(accelerator, ckpt_dir: Path, done: int, config_json: str) -> None:
+    """Save the resumable state after `done` steps (trainer_state.json replaced last, atomically)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.save_state(str(ckpt_dir / "state"))
+    state_file = ckpt_dir / "trainer_state.json"
+    tmp = state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": done, "config": config_json}))
+    os.replace(tmp, state_file)

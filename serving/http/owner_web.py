@@ -20,6 +20,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from silo.datastore.removal_records import Receipt
+
 from ..auth import resolve_caller
 from ..gen import silo_pb2 as pb
 from .convert import as_dict
@@ -73,31 +75,46 @@ def lookup_request(body: dict) -> pb.LookupRequest:
     return pb.LookupRequest(text=text, document_id=doc)
 
 
-def receipt_html(request_id: str, status: str, receipt: dict) -> str:
-    return _env.get_template("receipt.html").render(request_id=request_id, status=status, receipt=receipt,
-                                                    raw=json.dumps(receipt, indent=1, ensure_ascii=False))
+def receipt_html(request_id: str, status: str, receipt: Receipt) -> str:
+    data = receipt.to_json()
+    return _env.get_template("receipt.html").render(request_id=request_id, status=status, receipt=data,
+                                                    raw=json.dumps(data, indent=1, ensure_ascii=False))
 
 
-def build_owner_router(door) -> APIRouter:
-    server = door.server
-    router = APIRouter()
-    actions = server.dataowner
+class _Callers:
+    """Who calls an owner route: from the Authorization header (JSON routes) or the page's cookie."""
 
-    def owners_caller(authorization: str | None, optional: bool = False):
-        caller = resolve_caller(server, authorization, optional)
-        if caller is not None and server.engine is None:
+    def __init__(self, server):
+        self.server = server
+
+    def owners_caller(self, authorization: str | None, optional: bool = False):
+        caller = resolve_caller(self.server, authorization, optional)
+        if caller is not None and self.server.engine is None:
             raise HttpError(503, "the model is still loading; retry shortly")
         return caller
 
-    def page_caller(request: Request, required: bool):
+    def page_caller(self, request: Request, required: bool):
         token = request.cookies.get(COOKIE)
         if not token:
             if required:
                 raise HttpError(401, "sign in with your owner token first")
             return None
-        return owners_caller(f"Bearer {token}")
+        return self.owners_caller(f"Bearer {token}")
 
-    # ----------------------------------------------------------------------------------- JSON
+
+def build_owner_router(door) -> APIRouter:
+    """The owners' routes: the JSON API, the page, and a removal's page and receipt."""
+    router = APIRouter()
+    callers = _Callers(door.server)
+    _json_routes(router, door, callers)
+    _page_routes(router, door, callers)
+    _removal_routes(router, door, callers)
+    return router
+
+
+def _json_routes(router: APIRouter, door, callers: _Callers) -> None:
+    server, actions, owners_caller = door.server, door.server.dataowner, callers.owners_caller
+
     @router.post("/v1/owner/lookup")
     async def api_lookup(request: Request):
         body = await json_body(request, door.body_limit)
@@ -127,16 +144,21 @@ def build_owner_router(door) -> APIRouter:
     @router.get("/v1/owner/removals/{request_id}/receipt")
     async def api_receipt(request: Request, request_id: str):
         caller = owners_caller(request.headers.get("authorization"))
-        return (await run_in_threadpool(actions.receipt, caller, request_id))[1]
+        return (await run_in_threadpool(actions.receipt, caller, request_id))[1].to_json()
 
-    # ----------------------------------------------------------------------------------- page
-    async def _home(request: Request, caller, status: int = 200, **extra):
-        state = _page_state(door, request, caller)
-        if caller is not None:
-            res = await run_in_threadpool(actions.list_for, caller, "")
-            state["removals"] = [as_dict(r) for r in res.removals]
-        state.update(extra)
-        return render("owner.html", status, **state)
+
+async def _home(door, request: Request, caller, status: int = 200, **extra):
+    """The owners' page: lookup, sign-in, and a signed-in owner's removals."""
+    state = _page_state(door, request, caller)
+    if caller is not None:
+        res = await run_in_threadpool(door.server.dataowner.list_for, caller, "")
+        state["removals"] = [as_dict(r) for r in res.removals]
+    state.update(extra)
+    return render("owner.html", status, **state)
+
+
+def _page_routes(router: APIRouter, door, callers: _Callers) -> None:
+    server, actions, page_caller = door.server, door.server.dataowner, callers.page_caller
 
     @router.get("/owner")
     async def home(request: Request):
@@ -146,7 +168,7 @@ def build_owner_router(door) -> APIRouter:
             resp = render("owner.html", err.status, error=err.message, **_page_state(door, request, None))
             resp.delete_cookie(COOKIE, path="/owner")
             return resp
-        return await _home(request, caller)
+        return await _home(door, request, caller)
 
     @router.post("/owner/signin")
     async def signin(request: Request):
@@ -154,7 +176,7 @@ def build_owner_router(door) -> APIRouter:
         token = str(form.get("token") or "").strip()
         if not token:
             raise HttpError(401, "token: enter your owner token", "token")
-        caller = owners_caller(f"Bearer {token}")
+        caller = callers.owners_caller(f"Bearer {token}")
         resp = RedirectResponse("/owner", status_code=303)
         resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/owner",
                         secure=bool(server.cfg.tls_cert))
@@ -175,12 +197,12 @@ def build_owner_router(door) -> APIRouter:
             res = await run_in_threadpool(actions.lookup_for, caller, lookup_request(form), {})
         except Exception as exc:  # noqa: BLE001 - shown on the page, with the form kept
             err = http_error(exc)
-            return await _home(request, caller, err.status, error=err.message, form=form)
+            return await _home(door, request, caller, err.status, error=err.message, form=form)
         look = as_dict(res)
         q = max(1, look["query_sentences"])
         look["percent"] = round(100 * look["matched_sentences"] / q) if look["query_sentences"] else None
         look["role"] = caller.role if caller else "public"
-        return await _home(request, caller, lookup=look, form=form)
+        return await _home(door, request, caller, lookup=look, form=form)
 
     @router.post("/owner/removals")
     async def page_submit(request: Request):
@@ -191,8 +213,12 @@ def build_owner_router(door) -> APIRouter:
             res = await run_in_threadpool(actions.submit, caller, removal_request(form), {})
         except Exception as exc:  # noqa: BLE001 - shown on the page
             err = http_error(exc)
-            return await _home(request, caller, err.status, error=err.message, form=form)
+            return await _home(door, request, caller, err.status, error=err.message, form=form)
         return RedirectResponse(f"/owner/removals/{res.request_id}", status_code=303)
+
+
+def _removal_routes(router: APIRouter, door, callers: _Callers) -> None:
+    actions, page_caller = door.server.dataowner, callers.page_caller
 
     @router.get("/owner/removals/{request_id}")
     async def page_status(request: Request, request_id: str):
@@ -207,7 +233,7 @@ def build_owner_router(door) -> APIRouter:
     async def page_receipt_json(request: Request, request_id: str):
         caller = page_caller(request, required=True)
         _, receipt = await run_in_threadpool(actions.receipt, caller, request_id)
-        return Response(json.dumps(receipt, indent=1, ensure_ascii=False), media_type="application/json",
+        return Response(json.dumps(receipt.to_json(), indent=1, ensure_ascii=False), media_type="application/json",
                         headers={"Content-Disposition": f'attachment; filename="{html.escape(request_id)}.json"'})
 
     @router.get("/owner/removals/{request_id}/receipt.html")
@@ -215,8 +241,6 @@ def build_owner_router(door) -> APIRouter:
         caller = page_caller(request, required=True)
         state, receipt = await run_in_threadpool(actions.receipt, caller, request_id)
         return HTMLResponse(receipt_html(request_id, state.served_status, receipt))
-
-    return router
 
 
 def _unverified(actions, request_id: str) -> bool:

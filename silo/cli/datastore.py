@@ -26,7 +26,7 @@ def cmd_build(args) -> int:
     cfg = load_section(args.config, "datastore", DatastoreConfig, overrides)
     store = build_datastore(cfg, config_source=args.config)
     if store is not None:  # None on the other ranks of an `accelerate launch` build: the main one prints
-        print(json.dumps(store.summary(), indent=1))
+        print(json.dumps(store.summary().to_json(), indent=1))
     return 0
 
 
@@ -35,7 +35,7 @@ def cmd_info(args) -> int:
     from silo.model.gate import Gate
 
     store = Datastore.open(args.store)
-    out = store.summary()
+    out = store.summary().to_json()
     gate = Gate.load(store)
     if gate is None:
         out["gate"] = "none: the gated mixture falls back to the fixed one; fit it with `silo datastore fit-gate`"
@@ -54,7 +54,7 @@ def cmd_reindex(args) -> int:
     from silo.workflows.reindex import reindex_with_report
 
     _print(reindex_with_report(args.store, args.factory, args.train_sample, args.nprobe, val=args.val,
-                               model=args.model, k=args.k, max_tokens=args.max_tokens, queries=args.queries))
+                               model=args.model, k=args.k, max_tokens=args.max_tokens, queries=args.queries).to_json())
     return 0
 
 
@@ -96,14 +96,15 @@ def cmd_build_blocks(args) -> int:
 
 def cmd_remove(args) -> int:
     from silo.datastore.format import Manifest
-    from silo.datastore.removal import RemovalManager, RemovalRequest
+    from silo.datastore.removal import RemovalManager
+    from silo.datastore.removal_records import RemovalRequest
 
     req = RemovalRequest(owner=args.owner, document_ids=args.document or [], shards=args.shard or [],
                          requester=args.requester, reason=args.reason, request_id=args.request_id or "")
     if args.no_verify:
         mgr = RemovalManager(args.store)
         mgr.submit(req)
-        _print(mgr.compact(req.request_id))
+        _print(mgr.compact(req.request_id).to_json())
         return 0
     from silo.core.config import validate
     from silo.model.knn import KNNConfig
@@ -117,9 +118,8 @@ def cmd_remove(args) -> int:
     knn = validate(KNNConfig, over, prefix="knn", source="command line")
     lm = SiloLM.load(model, args.store, knn=knn)
     receipt = remove_and_verify(lm, req, progress=True)
-    _print(receipt)
-    v = receipt.get("verification") or {}
-    return 0 if v.get("passed", True) else 1
+    _print(receipt.to_json())
+    return 0 if receipt.passed in (None, True) else 1
 
 
 def cmd_removals(args) -> int:
@@ -145,7 +145,7 @@ def cmd_removals(args) -> int:
 def cmd_receipt(args) -> int:
     from silo.datastore.removal import RemovalManager
 
-    _print(RemovalManager(args.store).receipt(args.request_id))
+    _print(RemovalManager(args.store).receipt(args.request_id).to_json())
     return 0
 
 
@@ -171,7 +171,7 @@ def cmd_resume(args) -> int:
 
     receipts = RemovalManager(args.store).resume_all()
     for r in receipts:
-        print(f"{r['request_id']}: {r['status']} (generation {r['generations']['current']})")
+        print(f"{r.request_id}: {r.status} (generation {r.generations.current})")
     print(f"{len(receipts)} request(s) resumed")
     return 0
 
@@ -179,6 +179,12 @@ def cmd_resume(args) -> int:
 def register(sub) -> None:
     d = sub.add_parser("datastore", help="build, inspect and remove from kNN datastores")
     ds = d.add_subparsers(dest="datastore_command", required=True, metavar="ACTION")
+    _register_build(ds)
+    _register_removal(ds)
+
+
+def _register_build(ds) -> None:
+    """build, info, reindex, fit-gate, build-blocks: making and inspecting a store."""
     db = ds.add_parser("build", help="encode a corpus with the model into a sharded FAISS store")
     db.add_argument("--config", required=True, help="YAML file with a datastore section")
     db.add_argument("--overwrite", action="store_true", help="replace an existing store (atomically)")
@@ -229,6 +235,9 @@ def register(sub) -> None:
     b.add_argument("--dense-model", help="local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)")
     b.set_defaults(func=cmd_build_blocks)
 
+
+def _register_removal(ds) -> None:
+    """remove, removals, receipt, lookup, verify-journal, resume: opt-out and its records."""
     r = ds.add_parser("remove", help="remove an owner's, documents' or shards' content (recorded, receipted)")
     r.add_argument("--store", required=True, help="datastore folder")
     what = r.add_mutually_exclusive_group(required=True)

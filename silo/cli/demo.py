@@ -14,8 +14,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from silo.core.config import load_section, read_yaml
+
+if TYPE_CHECKING:
+    from silo.datastore.removal_records import Receipt
 
 
 def _banner(text: str) -> None:
@@ -168,30 +172,12 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
     """Serve a copy of the store over gRPC, complete a quoted passage, let its owner opt out, compare.
 
     `ecfg` is the eval config of step 4 and `tuned` its per-domain kNN settings."""
-    import secrets
-    import shutil
-
     from silo.core.corpus import load_documents
     from silo.serving.client import SiloClient
-    from silo.serving.config import load_serve_config
-    from silo.serving.server import SiloServer
 
     prompt, doc_id = demo_prompt(config)
     owner = doc_id.split("/")[0] if doc_id else ""
-    served = Path(dcfg.output_dir).with_name(Path(dcfg.output_dir).name + "-served")
-    if served.exists():
-        shutil.rmtree(served)
-    shutil.copytree(dcfg.output_dir, served)  # the opt-out below edits this copy; the built store stays whole
-    admin, owner_token = secrets.token_hex(16), secrets.token_hex(16)
-    cfg = load_serve_config(config, {"port": 0, "http_port": 0, "store": str(served), "metrics_port": None,
-                                     "admin_token": admin, "admin_token_env": None,
-                                     "owner_tokens": {owner: owner_token}})
-    server = SiloServer(cfg).start()
-    print(f"silo serve listening on {server.target} (health SERVING, store generation "
-          f"{server.engine.lm.store.generation})")
-    if server.http is not None:
-        print(f"  OpenAI-compatible API: {server.http.url}/v1 (completions, chat/completions, models); "
-              f"health: {server.http.url}/health\n  data owners' page: {server.http.url}/owner")
+    server, served, owner_token = _start_server(config, dcfg, owner)
     try:
         with SiloClient(server.target, timeout=600) as client:
             gen = dict(max_tokens=40, temperature=0.0, return_attributions=True)
@@ -226,35 +212,70 @@ def run_serving_demo(config: str, dcfg, ecfg, tuned: dict | None = None) -> None
                 status = data_owner.submit_removal(owner=owner, requester=f"{owner} (rights holder)",
                                                    reason="opt-out from the datastore", wait=True)
                 receipt = data_owner.get_receipt(status.request_id)
-            v = receipt.get("verification") or {}
-            print(f"request {status.request_id}: status {status.status}; removed {receipt['removed']['entries']:,} "
-                  f"entries; generation {receipt['generations']['before']} -> {receipt['generations']['current']}")
-            if v:
-                vb = v.get("verbatim") or {}
-                print(f"verification passed: {v.get('passed')}; probe hits before/after: "
-                      f"{v['probe']['before']['hits']}/{v['probe']['after']['hits']}; verbatim ROUGE-L "
-                      f"before/after/parametric: {vb.get('before', {}).get('rouge_l', 'n/a')}/"
-                      f"{vb.get('after', {}).get('rouge_l', 'n/a')}/{vb.get('parametric', {}).get('rouge_l', 'n/a')}")
-                pp = v.get("perplexity") or {}
-                print(f"perplexity of the removed text (served mixture: {v.get('knn', {}).get('mixture')}) "
-                      f"before/after/parametric: {pp.get('before')}/{pp.get('after')}/{pp.get('parametric')}")
-            print(f"receipt: {served}/receipts/{status.request_id}.json; journal: {served}/journal.jsonl")
+            _print_receipt(status, receipt, served)
             look = client.lookup(document_id=doc_id)
             print(f"lookup {doc_id}: in store = {look.in_store}")
-            after = {dom: score(dom) for dom in test}
-            print("\nheld-out perplexity (test split, first 6,000 characters per domain) before and after the opt-out, "
-                  "no re-tuning; the served (gated) mixture and the fixed lambda tuned per domain in step 4:")
-            print("| domain | parametric | served before | served after | after / parametric | fixed λ before | fixed λ after |")
-            print("|---|---|---|---|---|---|---|")
-            for dom in test:
-                (gb, fb), (ga, fa) = ppl_before[dom], after[dom]
-                print(f"| {dom} | {ga.perplexity_parametric:.2f} | {gb.perplexity:.2f} | {ga.perplexity:.2f} | "
-                      f"{ga.perplexity / ga.perplexity_parametric:.3f} | {fb.perplexity:.2f} | {fa.perplexity:.2f} |")
+            _print_optout_table(test, ppl_before, {dom: score(dom) for dom in test})
             print("\nthe same completion after the opt-out:")
             _print_response(client.complete(prompt, **gen))
     finally:
         server.drain(5.0)
         print("server drained and stopped")
+
+
+def _start_server(config: str, dcfg, owner: str):
+    """A server over a copy of the built store (the opt-out edits the copy; the built store stays whole),
+    with fresh admin and owner tokens: (server, the copy's folder, the owner's token)."""
+    import secrets
+    import shutil
+
+    from silo.serving.config import load_serve_config
+    from silo.serving.server import SiloServer
+
+    served = Path(dcfg.output_dir).with_name(Path(dcfg.output_dir).name + "-served")
+    if served.exists():
+        shutil.rmtree(served)
+    shutil.copytree(dcfg.output_dir, served)
+    admin, owner_token = secrets.token_hex(16), secrets.token_hex(16)
+    cfg = load_serve_config(config, {"port": 0, "http_port": 0, "store": str(served), "metrics_port": None,
+                                     "admin_token": admin, "admin_token_env": None,
+                                     "owner_tokens": {owner: owner_token}})
+    server = SiloServer(cfg).start()
+    print(f"silo serve listening on {server.target} (health SERVING, store generation "
+          f"{server.engine.lm.store.generation})")
+    if server.http is not None:
+        print(f"  OpenAI-compatible API: {server.http.url}/v1 (completions, chat/completions, models); "
+              f"health: {server.http.url}/health\n  data owners' page: {server.http.url}/owner")
+    return server, served, owner_token
+
+
+def _print_receipt(status, receipt: Receipt, served: Path) -> None:
+    """The removal's outcome: counts, generations and what the verification found."""
+    v = receipt.verification or {}
+    print(f"request {status.request_id}: status {status.status}; removed {receipt.removed.entries:,} "
+          f"entries; generation {receipt.generations.before} -> {receipt.generations.current}")
+    if v:
+        vb = v.get("verbatim") or {}
+        print(f"verification passed: {v.get('passed')}; probe hits before/after: "
+              f"{v['probe']['before']['hits']}/{v['probe']['after']['hits']}; verbatim ROUGE-L "
+              f"before/after/parametric: {vb.get('before', {}).get('rouge_l', 'n/a')}/"
+              f"{vb.get('after', {}).get('rouge_l', 'n/a')}/{vb.get('parametric', {}).get('rouge_l', 'n/a')}")
+        pp = v.get("perplexity") or {}
+        print(f"perplexity of the removed text (served mixture: {v.get('knn', {}).get('mixture')}) "
+              f"before/after/parametric: {pp.get('before')}/{pp.get('after')}/{pp.get('parametric')}")
+    print(f"receipt: {served}/receipts/{status.request_id}.json; journal: {served}/journal.jsonl")
+
+
+def _print_optout_table(test: dict[str, str], before: dict, after: dict) -> None:
+    """Held-out perplexity per domain before and after the opt-out: ({domain: (served, fixed λ)})."""
+    print("\nheld-out perplexity (test split, first 6,000 characters per domain) before and after the opt-out, "
+          "no re-tuning; the served (gated) mixture and the fixed lambda tuned per domain in step 4:")
+    print("| domain | parametric | served before | served after | after / parametric | fixed λ before | fixed λ after |")
+    print("|---|---|---|---|---|---|---|")
+    for dom in test:
+        (gb, fb), (ga, fa) = before[dom], after[dom]
+        print(f"| {dom} | {ga.perplexity_parametric:.2f} | {gb.perplexity:.2f} | {ga.perplexity:.2f} | "
+              f"{ga.perplexity / ga.perplexity_parametric:.3f} | {fb.perplexity:.2f} | {fa.perplexity:.2f} |")
 
 
 def cmd_demo(args) -> int:

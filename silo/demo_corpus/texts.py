@@ -20,15 +20,18 @@ from .sources import check_licence
 
 
 
+_JARGON_SOURCE = "debian:jargon-text:usr/share/doc/jargon-text/jargon.txt.gz"
+_JARGON_URL = "http://www.catb.org/jargon/"
+
+
+def _jargon_dedent(block: list[str]) -> str:
+    return "\n".join(line[3:] if line.startswith("   ") else line.lstrip() for line in block)
+
+
 def jargon_file_docs(root: Path) -> list[Doc]:
     """The Jargon File: one document per chapter/appendix, glossary in ~30 KB groups per letter."""
     path = root / "usr/share/doc/jargon-text/jargon.txt.gz"
     lines = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace").split("\n")
-    source, url = "debian:jargon-text:usr/share/doc/jargon-text/jargon.txt.gz", "http://www.catb.org/jargon/"
-
-    def dedent(block: list[str]) -> str:
-        return "\n".join(line[3:] if line.startswith("   ") else line.lstrip() for line in block)
-
     heading = re.compile(r"^(Chapter \d+\.|Appendix [A-Z]\.|Glossary$|Bibliography$)")
     sections: list[tuple[str, list[str]]] = []
     for line in lines:
@@ -39,39 +42,45 @@ def jargon_file_docs(root: Path) -> list[Doc]:
 
     docs: list[Doc] = []
     for title, body in sections:
-        if title != "Glossary":
-            key = title.split(".")[0] if "." in title else title
-            m = re.match(r"(Chapter|Appendix) (\w+)", key)
-            ident = f"{m.group(1).lower()}-{m.group(2).lower().zfill(2)}" if m else slug(key)
-            docs.append(make_doc(f"jargon-file/{ident}", f"{title}\n\n{dedent(body)}", "jargon-file",
-                                 source, f"The Jargon File: {title}", url))
+        if title == "Glossary":
+            docs += _jargon_glossary_docs(body)
             continue
-        # Glossary: letter sections ("  A"), each a list of names then ":headword: ..." entries.
-        letters: dict[str, list[tuple[str, str]]] = collections.OrderedDict()
-        letter, entry, entries = None, None, None
-        for line in body:
-            m = re.match(r"^  ([0-9A-Z])$", line)
-            if m:
-                letter = m.group(1)
-                entries = letters.setdefault(letter, [])
-                entry = None
-                continue
-            m = re.match(r"^   :(.+?):(.*)$", line)
-            if m and entries is not None:
-                entry = [f"{m.group(1)}:{m.group(2)}"]
-                entries.append((m.group(1), entry))  # type: ignore[arg-type]
-                continue
-            if entry is not None:
-                entry.append(line)
-        for letter, items in letters.items():
-            rendered = [(hw, dedent(block)) for hw, block in items]  # type: ignore[arg-type]
-            for i, group in enumerate(chunk_by_size(rendered, JARGON_GROUP_CHARS), 1):
-                text = "\n\n".join(t.strip("\n") for _, t in group)
-                docs.append(make_doc(
-                    f"jargon-file/glossary-{'0' if letter == '0' else letter.lower()}-{i}", text,
-                    "jargon-file", source,
-                    f"The Jargon File, glossary {letter}: {group[0][0]} to {group[-1][0]}", url,
-                ))
+        key = title.split(".")[0] if "." in title else title
+        m = re.match(r"(Chapter|Appendix) (\w+)", key)
+        ident = f"{m.group(1).lower()}-{m.group(2).lower().zfill(2)}" if m else slug(key)
+        docs.append(make_doc(f"jargon-file/{ident}", f"{title}\n\n{_jargon_dedent(body)}", "jargon-file",
+                             _JARGON_SOURCE, f"The Jargon File: {title}", _JARGON_URL))
+    return docs
+
+
+def _jargon_glossary_docs(body: list[str]) -> list[Doc]:
+    """The glossary: letter sections ("  A"), each a list of names then ":headword: ..." entries, grouped
+    into documents of about JARGON_GROUP_CHARS per letter."""
+    letters: dict[str, list[tuple[str, list[str]]]] = collections.OrderedDict()
+    entry, entries = None, None
+    for line in body:
+        m = re.match(r"^  ([0-9A-Z])$", line)
+        if m:
+            entries = letters.setdefault(m.group(1), [])
+            entry = None
+            continue
+        m = re.match(r"^   :(.+?):(.*)$", line)
+        if m and entries is not None:
+            entry = [f"{m.group(1)}:{m.group(2)}"]
+            entries.append((m.group(1), entry))
+            continue
+        if entry is not None:
+            entry.append(line)
+    docs = []
+    for letter, items in letters.items():
+        rendered = [(hw, _jargon_dedent(block)) for hw, block in items]
+        for i, group in enumerate(chunk_by_size(rendered, JARGON_GROUP_CHARS), 1):
+            text = "\n\n".join(t.strip("\n") for _, t in group)
+            docs.append(make_doc(
+                f"jargon-file/glossary-{'0' if letter == '0' else letter.lower()}-{i}", text,
+                "jargon-file", _JARGON_SOURCE,
+                f"The Jargon File, glossary {letter}: {group[0][0]} to {group[-1][0]}", _JARGON_URL,
+            ))
     return docs
 
 

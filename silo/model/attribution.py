@@ -29,9 +29,8 @@ SPAN_MIN_CHARS = 20  # shortest verbatim span reported (OutputPolicy.span_min_ch
 
 def _source(store: Datastore, shard: int, doc: int, sentence: str, share: float) -> Source:
     d = store.document(shard, doc)
-    return Source(owner=d["owner"], document_id=d["id"], title=d.get("title", ""), license=d.get("license", ""),
-                  shard=store.shards[shard].name, sentence=sentence, share=share, source=d.get("source", ""),
-                  url=d.get("url", ""))
+    return Source(owner=d.owner, document_id=d.id, title=d.title, license=d.license,
+                  shard=store.shards[shard].name, sentence=sentence, share=share, source=d.source, url=d.url)
 
 
 def spans_of(text: str, a: int, b: int, store: Datastore, docs: Sequence[tuple[int, int]],
@@ -40,8 +39,8 @@ def spans_of(text: str, a: int, b: int, store: Datastore, docs: Sequence[tuple[i
     out = []
     for shard, doc in docs:
         d = store.document(shard, doc)
-        for s, e, ds in matching_spans(text, a, b, d["text"], min_chars or SPAN_MIN_CHARS):
-            out.append(Span(document_id=d["id"], owner=d["owner"], shard=store.shards[shard].name, start=s, end=e,
+        for s, e, ds in matching_spans(text, a, b, d.text, min_chars or SPAN_MIN_CHARS):
+            out.append(Span(document_id=d.id, owner=d.owner, shard=store.shards[shard].name, start=s, end=e,
                             doc_start=ds, doc_end=ds + e - s))
     return sorted(out, key=lambda x: (x.start, -x.end))
 
@@ -123,9 +122,7 @@ def attribute_steps(text: str, steps: Sequence[GenerationStep], store: Datastore
             if mass / n < min_share or len(sources) >= max_sources:
                 break
             d = store.document(shard, doc)
-            best = _first_largest(sent, share)
-            sa, sb = d["sentences"][best] if d["sentences"] else (0, 0)
-            sources.append(_source(store, shard, doc, d["text"][sa:sb], mass / n))
+            sources.append(_source(store, shard, doc, d.sentence(_first_largest(sent, share)), mass / n))
             keys.append((shard, doc))
             listed += mass
         other = max(0.0, 1.0 - param / n - listed / n)
@@ -164,7 +161,7 @@ def attribute_blocks(text: str, blocks: Sequence, steps: Sequence[GenerationStep
         if store is not None:
             for src, (h, _) in zip(sources, ranked):
                 d = store.document(h.shard, h.doc)
-                src.source, src.url = d.get("source", ""), d.get("url", "")
+                src.source, src.url = d.source, d.url
         found = spans_of(text, a, b, store, [(h.shard, h.doc) for h, _ in ranked], span_min_chars) if store else []
         out.append(SentenceAttribution(text[a:b], a, b, 0.0 if sources else 1.0, sources, spans=found, tokens=n))
     return out

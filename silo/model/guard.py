@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from silo.datastore.format import StoredDocument
+
 from .output_policy import OutputPolicy
 from .verbatim import SuffixMatch
 
@@ -107,13 +109,13 @@ class VerbatimGuard:
         self._denied = self._denied_keys()
         self._plan: dict[int, np.ndarray] | None = None
 
-    def _doc(self, key: int) -> dict:
+    def _doc(self, key: int) -> StoredDocument:
         return self.store.shards[key >> 32].documents[key & 0xFFFFFFFF]
 
     def _denied_keys(self) -> np.ndarray:
         if all(r.allow for r in (self.policy.all, *self.policy.tiers.values(), *self.policy.owners.values())):
             return np.zeros(0, np.int64)
-        return np.array([doc_key(si, d["index"]) for si, sh in enumerate(self.store.shards) for d in sh.documents
+        return np.array([doc_key(si, d.index) for si, sh in enumerate(self.store.shards) for d in sh.documents
                          if not self.policy.rule_of(d).allow], dtype=np.int64)
 
     def allowed(self, shard: int, doc: int) -> bool:
@@ -142,7 +144,7 @@ class VerbatimGuard:
         blocked = torch.from_numpy(np.unique(np.concatenate(list(plan.values()))))
         for key, ids in plan.items():
             d = self._doc(key)
-            self.events.append(GuardEvent(offset=len(self.text), document_id=d["id"], owner=d.get("owner", ""),
+            self.events.append(GuardEvent(offset=len(self.text), document_id=d.id, owner=d.owner,
                                           shard=self.store.shards[key >> 32].name, span=self._follow[key].length,
                                           cap=int(self.cap(key)), blocked_tokens=int(len(ids)),
                                           blocked_mass=float(p[torch.from_numpy(ids)].sum())))
@@ -172,7 +174,7 @@ class VerbatimGuard:
             key = int(key)
             seen.add(key)
             if key not in self._follow and self.cap(key) is not None and self.allowed(key >> 32, key & 0xFFFFFFFF):
-                self._follow[key] = SuffixMatch.start(self._doc(key)["text"], text)
+                self._follow[key] = SuffixMatch.start(self._doc(key).text, text)
         for key in list(self._follow):
             m = self._follow[key]
             self.longest[key] = max(self.longest.get(key, 0), m.best)

@@ -31,6 +31,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from silo.core.config import StageConfig
 from silo.core.licenses import TIERS, tier_of
+from silo.datastore.format import StoredDocument
 
 from .types import Notice, SentenceAttribution
 
@@ -89,9 +90,9 @@ class OutputPolicy(StageConfig):
             self._rules[key] = got
         return got
 
-    def rule_of(self, doc: dict) -> Rule:
-        """The rule of a store document (its `owner` and `license` fields)."""
-        return self.rule(doc.get("owner", ""), doc.get("license", ""))
+    def rule_of(self, doc: StoredDocument) -> Rule:
+        """The rule of a store document (its owner and licence)."""
+        return self.rule(doc.owner, doc.license)
 
     @property
     def guarded(self) -> bool:

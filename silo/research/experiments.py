@@ -28,7 +28,7 @@ from silo.workflows.evaluate import EvalConfig, EvalResult, cached_collect, doma
 from silo.workflows.tuning import KnnCache, Sweep, ppl, tune
 
 from .config import ResearchConfig
-from .snapshots import _live_documents, subsample, without_owners
+from .snapshots import live_document_count, subsample, without_owners
 
 
 def ensure_blocks(store_path: str | Path, tokenizer, rc: ResearchConfig, progress: bool = True) -> bool:
@@ -123,7 +123,7 @@ def scaling(ev: EvalConfig, rc: ResearchConfig, lm: SiloLM, ref: SiloLM | None =
     ric_on = bool(rc.scaling.ric_retrievers)
     sub_ev = ev.model_copy(update={"ric": ev.ric.model_copy(update={
         "retrievers": list(rc.scaling.ric_retrievers), "enabled": True if ric_on else False})})
-    total_entries, total_docs = store.num_entries, _live_documents(store)
+    total_entries, total_docs = store.num_entries, live_document_count(store)
     rows = []
     try:
         for frac in tqdm(sorted(set(rc.scaling.fractions)), desc="scaling", unit="fraction", disable=not progress or None):
@@ -140,7 +140,7 @@ def scaling(ev: EvalConfig, rc: ResearchConfig, lm: SiloLM, ref: SiloLM | None =
                                   "reference": d.reference,
                                   **{f"ric_{r}": v for r, v in d.ric.items() if r in rc.scaling.ric_retrievers}}
             rows.append({"fraction": frac, "entries": snap.num_entries, "entries_share": snap.num_entries / max(1, total_entries),
-                         "documents": _live_documents(snap), "documents_share": _live_documents(snap) / max(1, total_docs),
+                         "documents": live_document_count(snap), "documents_share": live_document_count(snap) / max(1, total_docs),
                          "domains": doms})
     finally:
         lm.swap_store(store)

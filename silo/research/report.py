@@ -59,17 +59,45 @@ def report(ev: EvalConfig, rc: ResearchConfig, progress: bool = True) -> dict:
     va = variant_rows(ev, rc, lm, cache, progress) if rc.variants else {"variants": {}, "skipped": []}
     steps.update()
 
-    md = [f"# SILO research report\n\nmodel `{ev.model}`, store `{ev.store}` ({res.store_entries:,} entries), "
-          f"reference `{ev.reference_model}`; up to {ev.max_tokens} scored test tokens per domain; "
-          f"windows {res.window}/{res.stride}"]
-    if res.ric is not None:
-        r = res.ric
-        md[0] += (f"; RIC-LM windows {r['window']}/{r['stride']} with {r['n_blocks']} block(s) of "
-                  f"{r['block_tokens']} tokens ({r['blocks']:,} blocks)")
-    md[0] += ".\n"
+    md = [_header(ev, res)]
     rows = main_rows(res, va)
     md.append(write_table(out, "results", rows, "Test perplexity per domain (kNN-LM tuned on validation)"))
     (out / "results_full.json").write_text(json.dumps(res.to_json(), indent=1))
+    md += _sweep_tables(out, sw)
+    plots = _plots(ev, rc, lm, cache, out, sw, rows)
+    if sc is not None:
+        md.append(_scaling_table(out, rc, sc, plots))
+    if oo is not None:
+        flat = [{k: (v if not isinstance(v, (dict, list)) else json.dumps(v)) for k, v in r.items()} for r in oo["rows"]]
+        md.append(write_table(out, "optout", flat, "Opt-out: an owner's held-out text with and without their shards"))
+    if va["skipped"]:
+        md.append("Variants not trained (rows left out): " + "; ".join(f"{s['name']} ({s['why']})" for s in va["skipped"]) + "\n")
+    (out / "variants.json").write_text(json.dumps(va, indent=1))
+    md.append("## Plots\n\n" + "".join(f"![{k}]({k}) {v}\n\n" for k, v in plots.items()))
+    md.append(f"_{time.time() - t0:.0f}s_\n")
+    (out / "report.md").write_text("\n".join(md))
+    steps.update()
+    steps.close()
+    return {"output_dir": str(out), "results": res, "rows": rows, "sweep": sw, "scaling": sc, "owner_effect": oo,
+            "variants": va, "plots": sorted(plots), "seconds": round(time.time() - t0, 1)}
+
+
+def _header(ev: EvalConfig, res) -> str:
+    """The report's first paragraph: what was evaluated, and how."""
+    head = (f"# SILO research report\n\nmodel `{ev.model}`, store `{ev.store}` ({res.store_entries:,} entries), "
+            f"reference `{ev.reference_model}`; up to {ev.max_tokens} scored test tokens per domain; "
+            f"windows {res.window}/{res.stride}")
+    if res.ric is not None:
+        r = res.ric
+        head += (f"; RIC-LM windows {r['window']}/{r['stride']} with {r['n_blocks']} block(s) of "
+                 f"{r['block_tokens']} tokens ({r['blocks']:,} blocks)")
+    return head + ".\n"
+
+
+def _sweep_tables(out: Path, sw: dict) -> list[str]:
+    """The sweep's tables (best settings, RIC block counts, λ sensitivity) and sweep.json; returns the
+    markdown of those the report shows."""
+    md = []
     best_rows = []
     for dom, b in sw["best"].items():
         row = {"domain": dom, "k": b["knn"]["k"], "λ": b["knn"]["lmbda"], "τ": b["knn"]["tau"],
@@ -85,38 +113,38 @@ def report(ev: EvalConfig, rc: ResearchConfig, progress: bool = True) -> dict:
     lam_rows = [{"domain": d, **p} for d, pts in sw["lambda_curves"].items() for p in pts]
     write_table(out, "sweep_lambda", lam_rows, "λ sensitivity (best k, τ per λ; validation)")
     (out / "sweep.json").write_text(json.dumps(sw, indent=1))
+    return md
+
+
+def _plots(ev: EvalConfig, rc: ResearchConfig, lm: SiloLM, cache: dict, out: Path, sw: dict,
+           rows: list[dict]) -> dict[str, str]:
+    """The λ, per-domain and gate plots (when rc.plots); returns {file: caption}."""
     plots = {}
-    if rc.plots and lam_rows:
+    if not rc.plots:
+        return plots
+    if any(sw["lambda_curves"].values()):
         plot_lambda(sw["lambda_curves"], out / "lambda_sensitivity.png")
         plots["lambda_sensitivity.png"] = "validation perplexity (relative to λ=0) against λ, per domain"
-    if rc.plots and rows:
+    if rows:
         plot_domains(rows, out / "perplexity_by_domain.png")
         plots["perplexity_by_domain.png"] = "test perplexity per domain and method"
     gate = lm.gate()
-    if rc.plots and gate is not None:
+    if gate is not None:
         plot_gate(gate_points(ev, lm, cache), gate.tau_ref, out / "gate_lambda.png")
         plots["gate_lambda.png"] = "the gate's λ per test token against the nearest neighbour's distance"
         if gate.skip is not None and gate.skip.curve:
             plot_skip(gate.skip.curve, out / "skip_curve.png")
             plots["skip_curve.png"] = "retrieval skipping: validation perplexity against the share of searches skipped"
-    if sc is not None:
-        flat = [{"fraction": r["fraction"], "entries": r["entries"], "documents": r["documents"], "domain": dom, **{
-            k: v for k, v in vals.items() if k != "knn_settings"}} for r in sc["rows"] for dom, vals in r["domains"].items()]
-        md.append(write_table(out, "scaling", flat, "Datastore scaling (test perplexity)"))
-        (out / "scaling_rows.json").write_text(json.dumps(sc, indent=1))
-        if rc.plots and sc["rows"]:
-            plot_scaling(sc, out / "scaling.png")
-            plots["scaling.png"] = "test perplexity against the share of the datastore"
-    if oo is not None:
-        flat = [{k: (v if not isinstance(v, (dict, list)) else json.dumps(v)) for k, v in r.items()} for r in oo["rows"]]
-        md.append(write_table(out, "optout", flat, "Opt-out: an owner's held-out text with and without their shards"))
-    if va["skipped"]:
-        md.append("Variants not trained (rows left out): " + "; ".join(f"{s['name']} ({s['why']})" for s in va["skipped"]) + "\n")
-    (out / "variants.json").write_text(json.dumps(va, indent=1))
-    md.append("## Plots\n\n" + "".join(f"![{k}]({k}) {v}\n\n" for k, v in plots.items()))
-    md.append(f"_{time.time() - t0:.0f}s_\n")
-    (out / "report.md").write_text("\n".join(md))
-    steps.update()
-    steps.close()
-    return {"output_dir": str(out), "results": res, "rows": rows, "sweep": sw, "scaling": sc, "owner_effect": oo,
-            "variants": va, "plots": sorted(plots), "seconds": round(time.time() - t0, 1)}
+    return plots
+
+
+def _scaling_table(out: Path, rc: ResearchConfig, sc: dict, plots: dict[str, str]) -> str:
+    """The scaling table, scaling_rows.json and (with rc.plots) its plot, added to `plots`."""
+    flat = [{"fraction": r["fraction"], "entries": r["entries"], "documents": r["documents"], "domain": dom, **{
+        k: v for k, v in vals.items() if k != "knn_settings"}} for r in sc["rows"] for dom, vals in r["domains"].items()]
+    md = write_table(out, "scaling", flat, "Datastore scaling (test perplexity)")
+    (out / "scaling_rows.json").write_text(json.dumps(sc, indent=1))
+    if rc.plots and sc["rows"]:
+        plot_scaling(sc, out / "scaling.png")
+        plots["scaling.png"] = "test perplexity against the share of the datastore"
+    return md

@@ -32,7 +32,7 @@ def subsample(store: Datastore, fraction: float, seed: int = 0) -> Datastore:
         if not live:
             shards.append(s)
             continue
-        order = sorted(live, key=lambda i: _rank(seed, s.name, s.documents[i]["id"]))
+        order = sorted(live, key=lambda i: _rank(seed, s.name, s.documents[i].id))
         keep = set(order[:max(1, math.ceil(fraction * len(order)))])
         dropped = frozenset(s.removed_docs | (set(live) - keep))
         shards.append(_flat_subset(s, keep, dropped) or s.with_removed(dropped, nprobe))
@@ -55,5 +55,5 @@ def without_owners(store: Datastore, owners: set[str]) -> Datastore:
                      shards=[s for s in store.shards if s.owner not in owners])
 
 
-def _live_documents(store: Datastore) -> int:
+def live_document_count(store: Datastore) -> int:
     return sum(len(s.documents) - len(s.removed_docs) for s in store.shards)

@@ -35,7 +35,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from silo.datastore.removal import RemovalManager, RemovalRequest, RemovalState, RemovalTargets
+from silo.datastore.removal import RemovalManager
+from silo.datastore.format import StoredDocument
+from silo.datastore.removal_records import Receipt, RemovalRequest, RemovalState, RemovalTargets
 from silo.datastore.store import Datastore
 from silo.model.lm import SiloLM
 from silo.model.sampling import SamplingParams
@@ -53,7 +55,7 @@ class PendingRemoval:
     request: RemovalRequest
     targets: RemovalTargets
     before: Datastore
-    removed: list[dict]
+    removed: list[StoredDocument]
     state: RemovalState | None = None
 
     @property
@@ -120,7 +122,7 @@ class RemovalWorkflow:
                   "compacting")
         return pending.state
 
-    def compact(self, pending: PendingRemoval) -> dict:
+    def compact(self, pending: PendingRemoval) -> Receipt:
         """Rewrite the affected shards without the removed text; the LM switches to that generation."""
         with self.store_lock:
             receipt = self.manager.compact(pending.request.request_id)
@@ -128,7 +130,7 @@ class RemovalWorkflow:
         self._say(f"{pending.request.request_id}: compacted (generation {self.lm.store.generation})")
         return receipt
 
-    def verify(self, pending: PendingRemoval, **options) -> dict:
+    def verify(self, pending: PendingRemoval, **options) -> Receipt:
         """Check with the LM that the removed text is neither retrieved nor reproduced; returns the receipt."""
         t1 = time.time()
         verification = self.on_model(lambda: verify_removal(self.lm, pending.before, pending.removed,
@@ -144,7 +146,7 @@ class RemovalWorkflow:
                   f"({verification['seconds']}s)")
         return self.manager.record_verification(pending.request.request_id, verification)
 
-    def finish(self, pending: PendingRemoval, verify: bool = True, **options) -> dict:
+    def finish(self, pending: PendingRemoval, verify: bool = True, **options) -> Receipt:
         """Compact and (unless `verify` is False) verify; a failure is recorded in the request's state (and
         raised), so a status query reports it even after a restart."""
         try:
@@ -159,9 +161,9 @@ class RemovalWorkflow:
 
 
 def remove_and_verify(lm: SiloLM, request: RemovalRequest | dict, progress: bool = True, verify: bool = True,
-                      **options) -> dict:
+                      **options) -> Receipt:
     """Record, apply and compact `request` on the store attached to `lm`, switch `lm` to the new
-    generation, verify with the LM (unless `verify=False`) and return the receipt dict. `options`:
+    generation, verify with the LM (unless `verify=False`) and return the receipt. `options`:
     max_probes, prefix_tokens, continuation_tokens, probe_chars (see `verify_removal`).
 
     Raises `RemovalError` (a `DatastoreError`, with `.field`) for an invalid request, before any change.
@@ -172,14 +174,14 @@ def remove_and_verify(lm: SiloLM, request: RemovalRequest | dict, progress: bool
     return wf.finish(pending, verify=verify, **options)
 
 
-def removed_documents(store: Datastore, targets: RemovalTargets) -> list[dict]:
+def removed_documents(store: Datastore, targets: RemovalTargets) -> list[StoredDocument]:
     """The documents a resolved request removes, from an open snapshot (text stays in memory only)."""
     whole = {x.name for x in targets.drop_shards}
     ids = {x.name: set(x.document_ids) for x in targets.drop_documents}
     out = []
     for shard in store.shards:
         for d in shard.live_documents():
-            if shard.name in whole or d["id"] in ids.get(shard.name, ()):
+            if shard.name in whole or d.id in ids.get(shard.name, ()):
                 out.append(d)
     return out
 
@@ -190,11 +192,11 @@ def _sample(items: list, n: int) -> list:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round()]
 
 
-def verify_removal(lm: SiloLM, before: Datastore, removed: list[dict], owner: str | None = None,
+def verify_removal(lm: SiloLM, before: Datastore, removed: list[StoredDocument], owner: str | None = None,
                    max_probes: int = 8, prefix_tokens: int = 64, continuation_tokens: int = 24,
                    probe_chars: int = 2000) -> dict:
     """Compare `before` (a snapshot holding the removed documents) with `lm.store` (after removal) on a
-    sample of `removed` documents (dicts with id, owner, text). Returns a JSON-able dict with
+    sample of `removed` documents. Returns a JSON-able dict with
     ``probe``, ``verbatim``, ``perplexity`` and ``passed``; it holds no text."""
     after = lm.store
     if after is None:
@@ -202,8 +204,8 @@ def verify_removal(lm: SiloLM, before: Datastore, removed: list[dict], owner: st
     # the mixture the LM serves (its gate, when the store has one), searching at every position
     knn = {"before": lm.retriever("knn", store=before, skip="off"), "after": lm.retriever("knn", store=after, skip="off")}
     docs = _sample(removed, max_probes)
-    removed_keys = {(d["owner"], d["id"]) for d in removed}
-    out = {"documents_probed": [d["id"] for d in docs], "documents_removed": len(removed),
+    removed_keys = {(d.owner, d.id) for d in removed}
+    out = {"documents_probed": [d.id for d in docs], "documents_removed": len(removed),
            "knn": knn["after"].mixture.describe(),
            "generations": {"before": before.generation, "after": after.generation}}
     if not docs:
@@ -211,7 +213,7 @@ def verify_removal(lm: SiloLM, before: Datastore, removed: list[dict], owner: st
         return out
 
     # (a) + (c): one pass of the model over the removed text gives keys, targets and LM log-probs.
-    pos: PositionBatch = lm.collect([d["text"][:probe_chars] for d in docs])
+    pos: PositionBatch = lm.collect([d.text[:probe_chars] for d in docs])
     probe, ppl = {"queries": int(len(pos.targets)), "k": knn["after"].k}, {"tokens": int(len(pos.targets))}
     for name, r in knn.items():
         nb = r.search(pos.keys)
@@ -250,24 +252,24 @@ def verify_removal(lm: SiloLM, before: Datastore, removed: list[dict], owner: st
     return out
 
 
-def probe_served_store(lm: SiloLM, removed: list[dict], owner: str | None = None, max_probes: int = 8,
+def probe_served_store(lm: SiloLM, removed: list[StoredDocument], owner: str | None = None, max_probes: int = 8,
                        probe_chars: int = 2000) -> dict:
     """The retrieval probe of `verify_removal` on the snapshot `lm` serves now (a cluster asks this of every
-    replica): keys from a sample of the removed documents' text (dicts with id, owner, text), searched in
-    the store; `hits` counts neighbours from removed documents (or, for an owner request, the owner)."""
+    replica): keys from a sample of the removed documents' text, searched in the store; `hits` counts
+    neighbours from removed documents (or, for an owner request, the owner)."""
     docs = _sample(removed, max_probes)
     store = lm.store
     if store is None or not docs:
         return {"generation": store.generation if store is not None else None, "hits": 0, "queries": 0}
     knn = lm.retriever("knn", skip="off")
-    pos: PositionBatch = lm.collect([d["text"][:probe_chars] for d in docs])
-    hits = _neighbour_hits(store, knn.search(pos.keys), {(d["owner"], d["id"]) for d in removed}, owner)
+    pos: PositionBatch = lm.collect([d.text[:probe_chars] for d in docs])
+    hits = _neighbour_hits(store, knn.search(pos.keys), {(d.owner, d.id) for d in removed}, owner)
     return {"generation": store.generation, "queries": int(len(pos.targets)), **hits}
 
 
-def _prefix_probes(lm: SiloLM, docs: list[dict], n: int, P: int, C: int) -> list[tuple[list[int], list[int]]]:
+def _prefix_probes(lm: SiloLM, docs: list[StoredDocument], n: int, P: int, C: int) -> list[tuple[list[int], list[int]]]:
     """Up to n (prefix, true continuation) token pairs spread over the documents and within each."""
-    toks = [lm.encode(d["text"][:20000]) for d in docs]
+    toks = [lm.encode(d.text[:20000]) for d in docs]
     usable = [t for t in toks if len(t) >= P + C]
     if not usable:
         return []
@@ -284,7 +286,7 @@ def _neighbour_hits(store: Datastore, nb, removed_keys: set, owner: str | None) 
     """How many retrieved neighbours belong to removed documents (or, for an owner request, the owner)."""
     hit = np.zeros(nb.ids.shape, dtype=bool)
     for si, shard in enumerate(store.shards):
-        bad = np.array([(d["owner"], d["id"]) in removed_keys or (owner is not None and d["owner"] == owner)
+        bad = np.array([(d.owner, d.id) in removed_keys or (owner is not None and d.owner == owner)
                         for d in shard.documents], dtype=bool)
         if not bad.any():
             continue
