@@ -225,9 +225,9 @@ def test_a_removal_reaches_every_replica_before_it_is_applied(cluster):
     ray.get(handle.controller.wait_background.remote(300))
     with SiloClient(handle.grpc_target, token=ADMIN, timeout=300) as c:
         receipt = c.get_receipt(rid_box[0])
-    acks = [set(r["acks"]) for r in receipt["rollouts"]]
+    acks = [set(r["acks"]) for r in receipt.rollouts]
     assert acks and all(a == set(handle.replicas()) for a in acks)  # every replica acknowledged each step
-    assert receipt["verification"]["passed"] and receipt["verification"]["replicas"]["passed"]
+    assert receipt.passed and receipt.verification["replicas"]["passed"]
 
 
 def test_a_replica_killed_during_a_removal_comes_back_on_the_new_generation(cluster):
