@@ -218,3 +218,23 @@ def test_decontamination_keeps_documents_that_share_stock_phrases(manuals):
     assert not by["val/few"].near_copy and 0 < by["val/few"].fraction < 0.05
     assert by["val/copy"].near_copy and by["val/copy"].fraction > 0.9
 
+
+
+def test_the_broken_gate_of_the_issue_scores_finitely(manuals, tmp_path):
+    """The gate the issue found saved (tau at the edge of its range, tau_slope 579, match_bonus -54.6, as a
+    v3 file): read today it scores without overflow, division by zero or an infinite perplexity, and
+    keeps p_LM in every token's mixture."""
+    lm, gate, _ = manuals
+    old = {k: v for k, v in gate.to_json().items()
+           if k not in ("lambda_max", "mode", "fixed_lambda", "fallback", "scale_source")}
+    old.update(format="silo.gate.v3", tau=gate.tau_ref * 3e-4, tau_slope=579.0, match_bonus=-54.6, skip=None)
+    store = tmp_path / "store"
+    shutil.copytree(lm.store.path, store)
+    (store / "gate.json").write_text(json.dumps(old))
+    knn = lm.retriever("knn", store=Datastore.open(store))
+    assert knn.mixture.tau_slope == 579.0 and knn.mixture.lambda_max < 1
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        res = lm.score(_texts("pkg:manuals/test", "sqlite", n=1) + _texts(NOT_HELD, "python", n=1), knn)
+    for r in res:
+        assert np.isfinite(r.logp).all() and math.isfinite(r.perplexity)
+        assert (r.logp >= np.log1p(-knn.mixture.lambda_max) + r.logp_parametric - 1e-9).all()

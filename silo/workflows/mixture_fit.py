@@ -39,7 +39,7 @@ L2 = 1e-3  # weight decay on the gate's feature weights (features are standardis
 LOG_TAU_SPAN = 8.0  # tau is searched within tau_ref * exp(+-LOG_TAU_SPAN)
 PRIOR = 50.0  # prior strength in positions: the penalty on a parameter's distance from its prior is PRIOR / n
 GUARD = 10.0  # weight of the per-domain guard: nats of penalty per nat a domain loses beyond its slack
-GUARD_SHARPNESS = 50.0  # the guard is softplus(sharpness * excess) / sharpness: a smooth hinge
+GUARD_SHARPNESS = 400.0  # the guard is softplus(sharpness * excess) / sharpness: a hinge ~0.003 nats wide
 
 
 class GateFitError(ValueError):
