@@ -170,6 +170,30 @@ def test_a_gate_worse_than_the_lm_is_never_saved(manuals):
     for dom, row in served_rows(lm, weaker, nb, pos, labels).items():
         assert row["gated"] <= row["parametric"] * 1.01, (dom, row)
     assert weaker.describe()["mode"] == weaker.mode
+    # a fit that meets a non-finite value saves nothing: it is an error, not a warning
+    broken = dataclasses.replace(nb, distances=np.where(np.arange(nb.distances.shape[1]) == 3, np.nan, nb.distances))
+    with pytest.raises((GateFitError, FloatingPointError)), np.errstate(over="raise", invalid="raise", divide="raise"):
+        fit_gate(lm.store, broken, pos, [16], bos=lm.tokenizer.eos_token_id, labels=labels, tau_ref=gate.tau_ref)
+
+
+def test_a_fallback_is_named_by_info_and_eval(manuals, tiny_model, tmp_path, capsys):
+    from silo.cli import main
+    from silo.workflows.evaluate import EvalConfig, evaluate
+
+    lm, gate, _ = manuals
+    store = tmp_path / "store"
+    shutil.copytree(lm.store.path, store)
+    dataclasses.replace(gate, mode="fixed", fixed_lambda=0.1, fallback="the fitted gate failed its final check: "
+                        "python (served): gated 250.00 > parametric 200.00").save(store)
+    assert main(["datastore", "info", str(store)]) == 0
+    info = json.loads(capsys.readouterr().out)["gate"]
+    assert info["SERVES"].startswith("the fixed mixture (fallback)") and "python (served)" in info["fallback"]
+    out = evaluate(EvalConfig(model=str(tiny_model), store=str(store), val=[NOT_HELD], test=[NOT_HELD],
+                              domains=["python"], max_tokens=200, window=128, stride=64, gate="store", tune=False,
+                              output_dir=str(tmp_path / "eval")), progress=False)
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "served (fixed fallback)" in table and "serves a fallback (fixed)" in table
+    assert out.domains[0].gated_lambda is not None
 
 
 def test_every_domain_given_to_eval_has_a_row(manuals, tiny_model, tmp_path):
