@@ -1,4 +1,4 @@
-"""`silo corpus build-demo | inspect | check`."""
+"""`silo corpus build-demo | build-manuals | inspect | check`."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def cmd_build_demo(args) -> int:
     return 0
 
 
+def cmd_build_manuals(args) -> int:
+    from silo.core.corpus import SHIPPED_DATA_DIR
+    from silo.demo_corpus.manuals import build_manuals_corpus
+
+    out = Path(args.out) if args.out else SHIPPED_DATA_DIR / "manuals"
+    manifest = build_manuals_corpus(out, Path(args.cache).expanduser())
+    print(f"manuals corpus written to {out}")
+    print(json.dumps(manifest["splits"], indent=1)[:4000])
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from silo.core.corpus import load_documents
 
@@ -64,8 +75,13 @@ def register(sub) -> None:
     b.add_argument("--out", help="output folder (default: the package's silo/data/demo folder)")
     b.add_argument("--cache", default="~/.cache/silo/corpus-src", help="download cache (default: %(default)s)")
     b.set_defaults(func=cmd_build_demo)
+    m = cs.add_parser("build-manuals", help="rebuild the shipped second corpus (software manuals: sgt-puzzles, "
+                                             "sqlite3-doc) that the suite builds a second datastore from")
+    m.add_argument("--out", help="output folder (default: the package's silo/data/manuals folder)")
+    m.add_argument("--cache", default="~/.cache/silo/corpus-src", help="download cache (default: %(default)s)")
+    m.set_defaults(func=cmd_build_manuals)
     i = cs.add_parser("inspect", help="documents and characters per domain, owner, licence and tier")
-    i.add_argument("corpus", nargs="+", help="JSONL(.gz) file, folder, pkg:demo/SPLIT or hf:NAME")
+    i.add_argument("corpus", nargs="+", help="JSONL(.gz) file, folder, pkg:demo/SPLIT, pkg:manuals/SPLIT or hf:NAME")
     i.set_defaults(func=cmd_inspect)
     k = cs.add_parser("check", help="check a corpus against a training policy (exit 1 naming offenders)")
     k.add_argument("corpus", nargs="+")

@@ -45,6 +45,9 @@ def cmd_info(args) -> int:
         g["validation"] = {d: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
                            for d, r in gate.report.get("domains", {}).items()}
         g["warnings"] = gate.report.get("warnings", [])
+        g["held_out_check"] = gate.report.get("check", {}).get("held_out", {})
+        if gate.mode != "gated":  # a fallback: say what is served and why, first
+            g = {"SERVES": f"the {gate.mode} mixture (fallback), not the fitted gate", **g}
         out["gate"] = g
     print(json.dumps(out, indent=1))
     return 0
@@ -67,7 +70,8 @@ def cmd_fit_gate(args) -> int:
         over["keep_overlap"] = True
     cfg = load_section(args.config, "gate", GateConfig, over)
     gate, report = fit_store_gate(cfg)
-    print(json.dumps({"k": gate.k, "tau": gate.tau, "tau_ref": gate.tau_ref,
+    print(json.dumps({"mode": gate.mode, "fallback": gate.fallback, "lambda_max": gate.lambda_max,
+                      "fixed_lambda": gate.fixed_lambda, "k": gate.k, "tau": gate.tau, "tau_ref": gate.tau_ref,
                       "tau_slope": gate.tau_slope, "match_bonus": gate.match_bonus, "min_lambda": gate.min_lambda,
                       "skip_threshold": gate.skip.threshold if gate.skip else None,
                       "validation": report["domains"], "warnings": report["warnings"]}, indent=1))
@@ -222,7 +226,7 @@ def _register_build(ds) -> None:
     fg.add_argument("--store", help="override gate.store")
     fg.add_argument("--max-tokens", type=int, help="override gate.max_tokens (validation tokens per domain)")
     fg.add_argument("--keep-overlap", action="store_true",
-                    help="keep validation documents that share 13-grams with the store (left out by default)")
+                    help="keep validation documents that are near-copies of store text (left out by default)")
     fg.set_defaults(func=cmd_fit_gate)
     b = ds.add_parser("build-blocks", help="cut the store's text into blocks and index them for RIC-LM "
                                            "(BM25 and/or dense), inside each shard's folder")

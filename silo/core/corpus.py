@@ -2,7 +2,8 @@
 
 A document is ``{id, text, owner, source, license, title?, url?, domain?, split?}``. A corpus is one or
 more JSONL files (optionally gzip-compressed), a folder of them, a split of the shipped demo corpus
-(``pkg:demo/train``, ``pkg:demo/datastore``, ``pkg:demo/val``, ``pkg:demo/test``) or a Hugging Face
+(``pkg:demo/train``, ``pkg:demo/datastore``, ``pkg:demo/val``, ``pkg:demo/test``), a split of the shipped
+second corpus of software manuals (``pkg:manuals/datastore``, ``/val``, ``/test``) or a Hugging Face
 dataset (``hf:NAME[:SPLIT]`` or a local dataset folder ``hf:/path``) with the same columns.
 """
 
@@ -18,8 +19,12 @@ from typing import Iterable, Iterator
 
 from .licenses import tier_of
 
-DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"  # shipped with the package
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # corpora shipped with the package
+DEMO_DATA_DIR = SHIPPED_DATA_DIR / "demo"
 DEMO_SPLITS = ("train", "datastore", "val", "test")
+# pkg:NAME/SPLIT: the shipped corpora, their splits and the command that rebuilds each
+SHIPPED = {"demo": (DEMO_SPLITS, "silo corpus build-demo"),
+           "manuals": (("datastore", "val", "test"), "silo corpus build-manuals")}
 REQUIRED_FIELDS = ("id", "text", "owner")
 
 
@@ -105,13 +110,16 @@ def _from_hf(spec: str) -> Iterator[Document]:
 
 
 def resolve_corpus_path(spec: str) -> list[Path]:
-    if spec.startswith("pkg:demo/"):
-        split = spec[len("pkg:demo/"):]
-        if split not in DEMO_SPLITS:
-            raise CorpusError(f"unknown demo split '{split}' in '{spec}'; splits are {', '.join(DEMO_SPLITS)}")
-        path = DEMO_DATA_DIR / f"{split}.jsonl.gz"
+    if spec.startswith("pkg:"):
+        name, _, split = spec[len("pkg:"):].partition("/")
+        if name not in SHIPPED:
+            raise CorpusError(f"unknown shipped corpus '{name}' in '{spec}'; shipped: {', '.join(SHIPPED)}")
+        splits, command = SHIPPED[name]
+        if split not in splits:
+            raise CorpusError(f"unknown {name} split '{split}' in '{spec}'; splits are {', '.join(splits)}")
+        path = SHIPPED_DATA_DIR / name / f"{split}.jsonl.gz"
         if not path.exists():
-            raise CorpusError(f"{path} is missing; rebuild it with `silo corpus build-demo`")
+            raise CorpusError(f"{path} is missing; rebuild it with `{command}`")
         return [path]
     path = Path(spec).expanduser()
     if path.is_dir():

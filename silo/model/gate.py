@@ -5,7 +5,7 @@ holds the very passage being read; on text the store does not hold that makes th
 LM alone. The `Gate` decides lambda per token from evidence, in the spirit of Drozdov et al. (2022,
 lambda from retrieval quality) and He et al. (2021, from the LM's own state):
 
-    lambda(x) = sigmoid(w . standardise(features(x)) + b)
+    lambda(x) = lambda_max * sigmoid(w . clip(standardise(features(x))) + b),   lambda_max < 1
 
 with features (all cheap, computed from one search and the LM's distribution):
 
@@ -41,6 +41,12 @@ after a blank line of Python documentation). The floor is fitted on validation a
 keeps every domain's perplexity within a tolerance of the unfloored gate, and it applies wherever the
 mixture does (scoring, evaluation, generation, attribution).
 
+Safety on a store it was not made for (silo.workflows.gate_fit): lambda_max < 1 keeps p_LM in every
+token's mixture; features are clipped after standardising; each row's tau stays within tau_ref *
+exp(+-TAU_LOG_RANGE); and a fit that fails its final check is saved as a named weaker mixture (`mode`
+"fixed": one lambda wherever the store answers; "parametric": the store unused) with the reason in
+`fallback`, which `silo datastore info` and `silo eval` print.
+
 `SkipPredictor` (He et al. 2021's adaptive retrieval) predicts the gate's lambda from the LM's state
 alone, before searching; where it is below a threshold the search is skipped and lambda is 0.
 """
@@ -63,9 +69,19 @@ from .evidence import MATCH_K, RecentGain, recent_gain, token_gain  # noqa: F401
 from .knn import FixedMixture, neighbor_log_weights  # noqa: F401  (FixedMixture: re-exported)
 from .types import CONTEXT, LMState, SiloInputError
 
-# v2 added min_lambda (a v1 gate reads as min_lambda 0); v3 names p_kNN's bandwidth `tau` (v1/v2: `temperature`)
-GATE_FORMAT = "silo.gate.v3"
-READ_FORMATS = ("silo.gate.v1", "silo.gate.v2", GATE_FORMAT)
+# v2 added min_lambda (a v1 gate reads as min_lambda 0); v3 names p_kNN's bandwidth `tau` (v1/v2: `temperature`);
+# v4 adds lambda_max, mode (what is served: the gate, or a named fallback), fixed_lambda, fallback and
+# scale_source (a v1-v3 gate reads as a gate with lambda_max LEGACY_LAMBDA_MAX)
+GATE_FORMAT = "silo.gate.v4"
+READ_FORMATS = ("silo.gate.v1", "silo.gate.v2", "silo.gate.v3", GATE_FORMAT)
+MODES = ("gated", "fixed", "parametric")
+LAMBDA_MAX = 0.95  # lambda's upper bound in a fit: p_LM keeps at least 5% of every token's mixture
+LEGACY_LAMBDA_MAX = 0.99  # the bound read into a gate saved before lambda had one (v1-v3)
+TAU_SLOPE_MAX = 2.0  # |tau_slope|: tau follows (d1 / tau_ref) ** slope
+MATCH_BONUS_MAX = 2.0  # |match_bonus| per matching context token
+TAU_LOG_RANGE = 12.0  # each row's tau stays within tau_ref * exp(+-TAU_LOG_RANGE)
+FEATURE_CLIP = 8.0  # standardised features are clipped to +-this: text unlike the validation cannot overflow
+STD_FLOOR = 0.05  # a feature's standardising scale is at least this (a near-constant one cannot blow up)
 FEATURES = ("log_d1", "log_d_mean", "agree_top1", "agree_lm", "doc_share", "lm_entropy", "lm_top_p", "recent_gain",
             "history", "match_top1", "match_max")
 def knn_features(nb: Neighbors, doc_keys: np.ndarray, lm: LMState, k: int, tau_ref: float,
@@ -163,15 +179,24 @@ class Gate:
     skip: SkipPredictor | None = None
     min_lambda: float = 0.0  # lambda below this is 0: the store is not used there (fitted; see the docstring)
     format: str = GATE_FORMAT  # the format it was read from (a v1 gate is older than the floor)
+    lambda_max: float = LEGACY_LAMBDA_MAX  # lambda = lambda_max * sigmoid(...): p_LM always keeps a share
+    mode: str = "gated"  # what is served: "gated", or a fallback that passed the fit's final check:
+    # "fixed" (fixed_lambda everywhere the store answers) or "parametric" (the store is not used)
+    fixed_lambda: float = 0.0
+    fallback: str = ""  # why the fit fell back to `mode` (empty for a gate)
+    scale_source: str = "validation"  # where tau_ref came from: "store" (its own keys) or "validation"
     kind: str = "gated"
 
     def taus(self, nb: Neighbors) -> np.ndarray:
-        """tau per row: a bandwidth that follows the nearest distance (sharp on a near-verbatim match)."""
+        """tau per row: a bandwidth that follows the nearest distance (sharp on a near-verbatim match),
+        within tau_ref * exp(+-TAU_LOG_RANGE) whatever the slope."""
         d1 = nb.distances[:, 0].astype(np.float64) if nb.distances.shape[1] else np.full(len(nb.distances), np.inf)
-        return self.tau * np.exp(self.tau_slope * tau_log_ratio(d1, self.tau_ref))
+        log_ref = np.log(self.tau_ref)
+        log_tau = np.log(self.tau) + self.tau_slope * tau_log_ratio(d1, self.tau_ref)
+        return np.exp(np.clip(log_tau, log_ref - TAU_LOG_RANGE, log_ref + TAU_LOG_RANGE))
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        x = (features - np.asarray(self.mean)) / np.asarray(self.std)
+        x = np.clip((features - np.asarray(self.mean)) / np.asarray(self.std), -FEATURE_CLIP, FEATURE_CLIP)
         return x @ np.asarray(self.weights) + self.bias
 
     needs_history = True
@@ -184,15 +209,24 @@ class Gate:
         if lm is None or recent is None or match is None:
             raise SiloInputError("the gated mixture needs the LM's state, the recent gain and the context match "
                                  "at each position", "lm")
+        if self.mode == "parametric":
+            return np.zeros(len(nb.tokens))
+        if self.mode == "fixed":
+            have = nb.tokens[:, 0] >= 0 if nb.tokens.shape[1] else np.zeros(len(nb.tokens), bool)
+            return np.where(have, self.fixed_lambda, 0.0)
         f, have = knn_features(nb, store.doc_keys(nb), lm, self.k, self.tau_ref, recent, match)
-        return self.floor(np.where(have, _sigmoid(self.logits(f)), 0.0))
+        return self.floor(np.where(have, self.lambda_max * _sigmoid(self.logits(f)), 0.0))
 
     def floor(self, lam: np.ndarray) -> np.ndarray:
         """lambda with values below `min_lambda` set to 0."""
         return np.where(lam >= self.min_lambda, lam, 0.0) if self.min_lambda > 0 else lam
 
     def describe(self) -> dict:
-        return {"mixture": "gated", "k": self.k, "tau": self.tau, "tau_ref": self.tau_ref,
+        if self.mode != "gated":
+            return {"mixture": "gated", "mode": self.mode, "fallback": self.fallback, "k": self.k,
+                    "lmbda": self.fixed_lambda, "tau": self.tau, "generation": self.generation, "fitted": self.fitted}
+        return {"mixture": "gated", "mode": "gated", "k": self.k, "tau": self.tau, "tau_ref": self.tau_ref,
+                "scale_source": self.scale_source, "lambda_max": self.lambda_max,
                 "tau_slope": self.tau_slope, "match_bonus": self.match_bonus, "min_lambda": self.min_lambda,
                 "weights": dict(zip(FEATURES, self.weights)), "bias": self.bias, "generation": self.generation,
                 "fitted": self.fitted, "skip_threshold": self.skip.threshold if self.skip else None}
@@ -227,6 +261,8 @@ class Gate:
         data.pop("features", None)
         if "temperature" in data:  # v1, v2
             data["tau"] = data.pop("temperature")
+        if data.get("mode", "gated") not in MODES:
+            raise SiloInputError(f"{path}: mode must be one of {', '.join(MODES)} (got {data.get('mode')!r})", "gate")
         gate = cls(**data)
         gate.skip = SkipPredictor(**skip) if skip else None
         return gate

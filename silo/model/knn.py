@@ -39,12 +39,19 @@ class KNNConfig(StageConfig):
     skip: Literal["auto", "off"] | float = "auto"
 
 
+TAU_MIN, TAU_MAX = 1e-30, 1e30  # tau is clipped to this range before dividing by it
+
+
 def neighbor_log_weights(distances: np.ndarray, tokens: np.ndarray, tau, bonus: np.ndarray | None = None) -> np.ndarray:
     """log softmax(-d / tau + bonus) over each row's valid neighbours ([n, k]; -inf for missing ones); tau
     is one number or one per row; `bonus` [n, <=k] is added to the first neighbours' logits (the gate's
     reward for a neighbour whose context matches the query's)."""
     tau = np.asarray(tau, dtype=np.float64)
-    scaled = -distances.astype(np.float64) / (tau[:, None] if tau.ndim else tau)
+    if np.isnan(tau).any():
+        raise ValueError("kNN tau is not a number")
+    tau = np.clip(tau, TAU_MIN, TAU_MAX)  # a tau that underflowed to 0 or overflowed stays a bandwidth
+    with np.errstate(invalid="ignore"):  # inf (a missing neighbour) / inf tau: masked below
+        scaled = -distances.astype(np.float64) / (tau[:, None] if tau.ndim else tau)
     if bonus is not None and bonus.shape[1]:
         m = min(bonus.shape[1], scaled.shape[1])
         scaled[:, :m] += bonus[:, :m]

@@ -64,5 +64,7 @@ def main_rows(res: EvalResult, variants: dict | None = None) -> list[dict]:
         if d.knn_settings:
             s = d.knn_settings
             r["kNN k/λ/τ"] = f"{s['k']}/{s['lmbda']:.2f}/{s['tau']:.3g}"
+        if d.reason:  # a domain without numbers keeps its row, with why
+            r["note"] = d.reason
         rows.append(r)
     return rows

@@ -11,8 +11,11 @@ exp(mean NLL). Two kNN-LM rows:
   `silo generate` and the server use. Without a saved gate one is fitted on the validation split for
   this evaluation (not saved). With its retrieval skipping, the share of searches skipped is reported.
 
-Validation and test documents that share a 13-gram with the store are reported and left out
-(`keep_overlap` keeps them). A setting chosen on the edge of its search range is reported as a warning.
+Validation and test documents that are near-copies of store text (at least `overlap_fraction` of their
+13-grams in the store) are reported and left out (`keep_overlap` keeps them); those sharing a few stock
+phrases are kept, with their fraction reported. Every domain given appears in the table: one whose test
+text is missing or was left out, or (fixed row) whose validation text is, has its row with the reason. A
+setting chosen on the edge of its search range is reported as a warning.
 The "gap closed" is (parametric - kNN) / (parametric - reference): the share of the distance to an LM
 trained on everything that the datastore recovers.
 
@@ -43,8 +46,8 @@ from silo.model.lm import SiloLM
 from silo.model.ric import RICConfig, ric_collect, ric_plan
 from silo.model.types import PositionBatch
 
-from .decontam import OverlapIndex, decontaminate
-from .gate_fit import GateConfig, distance_scale, fit_fixed, fit_gate, validation_positions
+from .decontam import OVERLAP_FRACTION, OverlapIndex, decontaminate, emptied_domains, overlap_lines
+from .gate_fit import GateConfig, GateFitError, distance_scale, fit_fixed, fit_store_gate
 from .tuning import GridConfig, KnnCache, Sweep, domain_texts, ppl, tune
 
 __all__ = ["EvalConfig", "EvalResult", "DomainResult", "GridConfig", "RICEvalConfig", "evaluate", "markdown_table",
@@ -73,7 +76,8 @@ class EvalConfig(StageConfig):
     knn: KNNConfig = KNNConfig()  # the fixed row's settings when tune is false
     grid: GridConfig = GridConfig()
     gate: Literal["auto", "store", "fit", "off"] = "auto"  # gated row: the store's gate (fit one when missing)
-    keep_overlap: bool = False  # keep validation/test documents that share 13-grams with the store
+    keep_overlap: bool = False  # keep validation/test documents that are near-copies of store text
+    overlap_fraction: float = Field(OVERLAP_FRACTION, gt=0.0, le=1.0)  # share of 13-grams that makes a near-copy
     ric: RICEvalConfig = RICEvalConfig()
     output_dir: str = "runs/eval"
     device: str = "auto"  # the models': auto | cpu | cuda | cuda:N
@@ -86,7 +90,7 @@ class DomainResult:
 
     domain: str
     tokens: int
-    parametric: float
+    parametric: float | None = None
     reference: float | None = None
     val_parametric: float | None = None
     val_knn: float | None = None
@@ -103,6 +107,7 @@ class DomainResult:
     knn_gated_skip: float | None = None  # the gated mixture with retrieval skipping at its threshold
     skipped: float | None = None  # share of positions whose search was skipped
     warnings: list[str] = field(default_factory=list)
+    reason: str | None = None  # why a number is missing (no test text, no validation to tune on)
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -177,12 +182,53 @@ def cached_collect(lm: SiloLM, texts: list[str], n: int, cache: dict | None, key
     return pos
 
 
+@dataclass
+class HeldOut:
+    """The held-out text of an evaluation after decontamination: texts per domain and split, every
+    overlapping document, and why a domain has no text in a split (its row says so)."""
+
+    val: dict[str, list[str]]
+    test: dict[str, list[str]]
+    val_docs: list[Document]
+    domains: list[str]  # every domain given, in order
+    overlaps: list[dict]
+    missing: dict[str, dict[str, str]]  # split -> domain -> reason
+
+
+def held_out_text(cfg: EvalConfig, lm: SiloLM, progress: bool) -> HeldOut:
+    """Load val and test, leave out near-copies of store text (reported per document, with its fraction),
+    and name each domain a split lost or never had."""
+    given = {"val": load_documents(cfg.val, cfg.domains), "test": load_documents(cfg.test, cfg.domains)}
+    kept, overlaps, missing = dict(given), [], {"val": {}, "test": {}}
+    index = OverlapIndex(lm.store) if lm.store is not None else None
+    for split, docs in given.items():
+        if index is None:
+            continue
+        kept[split], ovs = decontaminate(docs, lm.store, cfg.keep_overlap, index, cfg.overlap_fraction)
+        overlaps += [{**o.to_json(), "split": split, "kept": cfg.keep_overlap or not o.near_copy} for o in ovs]
+        emptied = emptied_domains(docs, kept[split])
+        for line in overlap_lines(f"eval.{split}", ovs, emptied, cfg.keep_overlap):
+            if progress or "DOMAIN" in line:
+                print(f"eval: {'WARNING: ' if 'DOMAIN' in line else ''}{line}")
+        for dom, n in emptied.items():
+            missing[split][dom] = f"all {n} {split} document(s) left out as near-copies of the store"
+    names = list(dict.fromkeys(cfg.domains or [d.domain or "default" for s in given.values() for d in s]))
+    for split in ("val", "test"):
+        have = {d.domain or "default" for d in given[split]}
+        for dom in names:
+            if dom not in have:
+                missing[split].setdefault(dom, f"no {split} documents given")
+    return HeldOut(domain_texts(kept["val"], cfg.max_tokens), domain_texts(kept["test"], cfg.max_tokens),
+                   kept["val"], names, overlaps, missing)
+
+
 def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, ref: SiloLM | None = None,
              cache: dict | None = None, write: bool = True) -> EvalResult:
     """Run the evaluation and write results.json / results.md / sweep.json under cfg.output_dir.
 
     `lm`/`ref` reuse loaded models (lm may carry a store snapshot other than cfg.store); `cache` memoises
-    the LM passes across calls; `write=False` only returns the results.
+    the LM passes across calls; `write=False` only returns the results. Every domain given appears in the
+    table; one without test text (or, for the fixed row, without validation text) says why.
     """
     t0 = time.time()
     if lm is None:
@@ -191,67 +237,26 @@ def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, r
     if ref is None and cfg.reference_model:
         ref = SiloLM.load(cfg.reference_model, window=cfg.window, stride=cfg.stride, device=cfg.device,
                           dtype=cfg.dtype)
-    val_docs, test_docs = load_documents(cfg.val, cfg.domains), load_documents(cfg.test, cfg.domains)
-    overlaps = []
-    if lm.store is not None:
-        index = OverlapIndex(lm.store)
-        val_docs, ov_val = decontaminate(val_docs, lm.store, cfg.keep_overlap, index)
-        test_docs, ov_test = decontaminate(test_docs, lm.store, cfg.keep_overlap, index)
-        overlaps = [{**o.to_json(), "split": split, "kept": cfg.keep_overlap}
-                    for split, ovs in (("val", ov_val), ("test", ov_test)) for o in ovs]
-        for split, kept, ovs in (("val", val_docs, ov_val), ("test", test_docs, ov_test)):
-            if ovs and not kept:
-                raise DatastoreError(f"eval.{split}: all {len(ovs)} document(s) share 13-grams with the store and "
-                                     "were left out; pass --keep-overlap (eval.keep_overlap: true) to keep them")
-    val = domain_texts(val_docs, cfg.max_tokens)
-    test = domain_texts(test_docs, cfg.max_tokens)
-    domains = [d for d in test if d in val] if cfg.tune else list(test)
+    held = held_out_text(cfg, lm, progress)
     blocks = open_blocks(cfg, lm)
     retrievers = [r for r in cfg.ric.retrievers if blocks is not None and r in blocks.retrievers()]
-    gate, gate_info = _gate_for(cfg, lm, val_docs, progress)
+    gate, gate_info = _gate_for(cfg, lm, held.val_docs, progress)
     k_max = max(max(cfg.grid.k) if cfg.tune else cfg.knn.k, gate.k if gate else 0)
-
     results, sweeps = [], {}
-    bar = tqdm(domains, desc="evaluating", unit="domain", disable=not progress or None)
+    bar = tqdm(held.domains, desc="evaluating", unit="domain", disable=not progress or None)
     for dom in bar:
         bar.set_postfix(domain=dom)
-        te = cached_collect(lm, test[dom], cfg.max_tokens, cache, ("test", dom))
-        row = DomainResult(domain=dom, tokens=int(len(te.targets)), parametric=ppl(te.logp_lm))
-        if ref is not None:
-            row.reference = ppl(cached_collect(ref, test[dom], cfg.max_tokens, cache, ("test", dom)).logp_lm)
-        if lm.store is not None:
-            test_cache = KnnCache.search(lm.store, te, k_max)
-            if cfg.tune:
-                va = cached_collect(lm, val[dom], cfg.max_tokens, cache, ("val", dom))
-                vcache = KnnCache.search(lm.store, va, k_max)
-                sweeps[dom] = tune(vcache, cfg.grid)  # the grid: lambda-sensitivity curves of the research report
-                nb = vcache.neighbors()
-                fit, _ = fit_fixed(nb, va, cfg.grid.k, distance_scale(nb))
-                settings = {"k": fit.k, "lmbda": fit.lmbda, "tau": fit.tau}
-                row.val_parametric = ppl(va.logp_lm)
-                row.val_knn = ppl(vcache.logp(fit.k, fit.lmbda, fit.tau))
-                row.warnings += [f"{dom} (fixed lambda): {w}" for w in fit.warnings]
-            else:
-                settings = {"k": cfg.knn.k, "lmbda": cfg.knn.lmbda, "tau": cfg.knn.tau}
-            row.knn = ppl(test_cache.logp(settings["k"], settings["lmbda"], settings["tau"]))
-            row.knn_settings = settings
-            if row.reference is not None and row.parametric - row.reference > 0:
-                row.gap_closed = (row.parametric - row.knn) / (row.parametric - row.reference)
-            if gate is not None:
-                _gated_row(row, lm, gate, te, test_cache)
+        if dom not in held.test:
+            results.append(DomainResult(domain=dom, tokens=0, reason=f"no numbers: {held.missing['test'][dom]}"))
+            continue
+        row = _domain_row(cfg, lm, ref, held, dom, gate, k_max, cache, sweeps)
         for r in retrievers:
-            rb = ric_collect(lm, test[dom], cfg.ric.for_retriever(r), blocks, max_positions=cfg.max_tokens)
-            row.ric[r] = ppl(rb.logp)
-            # the same windows without a block: RIC-LM's own parametric baseline (shorter context)
-            row.ric_parametric = ppl(rb.logp_lm)
-            row.ric_block_used = float(rb.used_block.mean()) if len(rb.used_block) else 0.0
-            if row.reference is not None and row.parametric - row.reference > 0:
-                row.ric_gap_closed[r] = (row.parametric - row.ric[r]) / (row.parametric - row.reference)
+            _ric_cells(row, lm, cfg, held.test[dom], r, blocks)
         results.append(row)
     out = EvalResult(model=cfg.model, store=cfg.store, reference_model=cfg.reference_model,
                      store_entries=lm.store.num_entries if lm.store else 0, window=lm.window, stride=lm.stride,
                      max_tokens=cfg.max_tokens, tuned=cfg.tune, domains=results, seconds=round(time.time() - t0, 1),
-                     sweeps=sweeps, gate=gate_info, overlaps=overlaps)
+                     sweeps=sweeps, gate=gate_info, overlaps=held.overlaps)
     if retrievers:
         w, st = ric_plan(lm, cfg.ric.for_retriever(retrievers[0]), blocks)
         out.ric = {"retrievers": retrievers, "window": w, "stride": st, "n_blocks": cfg.ric.n_blocks,
@@ -265,6 +270,52 @@ def evaluate(cfg: EvalConfig, progress: bool = True, lm: SiloLM | None = None, r
     return out
 
 
+def _domain_row(cfg: EvalConfig, lm: SiloLM, ref: SiloLM | None, held: HeldOut, dom: str, gate, k_max: int,
+                cache: dict | None, sweeps: dict) -> DomainResult:
+    """One domain's row: parametric, reference, the fixed lambda tuned on its validation text (or the
+    configured one), the served gate."""
+    te = cached_collect(lm, held.test[dom], cfg.max_tokens, cache, ("test", dom))
+    row = DomainResult(domain=dom, tokens=int(len(te.targets)), parametric=ppl(te.logp_lm))
+    if ref is not None:
+        row.reference = ppl(cached_collect(ref, held.test[dom], cfg.max_tokens, cache, ("test", dom)).logp_lm)
+    if lm.store is None:
+        return row
+    test_cache = KnnCache.search(lm.store, te, k_max)
+    settings = None
+    if not cfg.tune:
+        settings = {"k": cfg.knn.k, "lmbda": cfg.knn.lmbda, "tau": cfg.knn.tau}
+    elif dom in held.val:
+        va = cached_collect(lm, held.val[dom], cfg.max_tokens, cache, ("val", dom))
+        vcache = KnnCache.search(lm.store, va, k_max)
+        sweeps[dom] = tune(vcache, cfg.grid)  # the grid: lambda-sensitivity curves of the research report
+        nb = vcache.neighbors()
+        fit, _ = fit_fixed(nb, va, cfg.grid.k, distance_scale(nb))
+        settings = {"k": fit.k, "lmbda": fit.lmbda, "tau": fit.tau}
+        row.val_parametric = ppl(va.logp_lm)
+        row.val_knn = ppl(vcache.logp(fit.k, fit.lmbda, fit.tau))
+        row.warnings += [f"{dom} (fixed lambda): {w}" for w in fit.warnings]
+    else:
+        row.reason = f"fixed λ not tuned: {held.missing['val'].get(dom, 'no validation text')}"
+    if settings is not None:
+        row.knn = ppl(test_cache.logp(settings["k"], settings["lmbda"], settings["tau"]))
+        row.knn_settings = settings
+        if row.reference is not None and row.parametric - row.reference > 0:
+            row.gap_closed = (row.parametric - row.knn) / (row.parametric - row.reference)
+    if gate is not None:
+        _gated_row(row, lm, gate, te, test_cache)
+    return row
+
+
+def _ric_cells(row: DomainResult, lm: SiloLM, cfg: EvalConfig, texts: list[str], r: str, blocks) -> None:
+    rb = ric_collect(lm, texts, cfg.ric.for_retriever(r), blocks, max_positions=cfg.max_tokens)
+    row.ric[r] = ppl(rb.logp)
+    # the same windows without a block: RIC-LM's own parametric baseline (shorter context)
+    row.ric_parametric = ppl(rb.logp_lm)
+    row.ric_block_used = float(rb.used_block.mean()) if len(rb.used_block) else 0.0
+    if row.reference is not None and row.parametric - row.reference > 0:
+        row.ric_gap_closed[r] = (row.parametric - row.ric[r]) / (row.parametric - row.reference)
+
+
 def _gate_for(cfg: EvalConfig, lm: SiloLM, val_docs: list[Document], progress: bool):
     """The gate of the gated row, and a description of it (None, None when there is no store or it is off)."""
     if lm.store is None or cfg.gate == "off":
@@ -275,11 +326,15 @@ def _gate_for(cfg: EvalConfig, lm: SiloLM, val_docs: list[Document], progress: b
     if cfg.gate == "store":
         raise DatastoreError(f"{lm.store.path}: eval.gate is 'store' but the store has no gate; "
                              "fit one with `silo datastore fit-gate`")
-    pos, _ = validation_positions(lm, val_docs, cfg.max_tokens)
-    nb = lm.store.search(pos.keys, max(GateConfig.model_fields["k"].default))
-    gate, report = fit_gate(lm.store, nb, pos, GateConfig.model_fields["k"].default, bos=lm.tokenizer.eos_token_id)
+    gcfg = GateConfig(model=cfg.model, store=str(lm.store.path), val=cfg.val, domains=cfg.domains,
+                      max_tokens=cfg.max_tokens, keep_overlap=cfg.keep_overlap, overlap_fraction=cfg.overlap_fraction)
+    try:
+        gate, report = fit_store_gate(gcfg, lm=lm, progress=False, save=False)
+    except GateFitError as exc:
+        print(f"eval: WARNING: no gated row: {exc}")
+        return None, {"source": "fitted on eval.val for this evaluation", "error": str(exc), "warnings": [str(exc)]}
     if progress:
-        print(f"eval: fitted a gate on the validation split for this evaluation (not saved): k={gate.k}")
+        print(f"eval: fitted a gate on the validation split for this evaluation (not saved): {gate.mode}, k={gate.k}")
     return gate, {**gate.describe(), "source": "fitted on eval.val for this evaluation", "warnings": report["warnings"]}
 
 
@@ -311,53 +366,69 @@ def _gated_row(row: DomainResult, lm: SiloLM, gate, te: PositionBatch, test_cach
         row.skipped = float(1 - searched.mean())
 
 
-def markdown_table(out: EvalResult) -> str:
+def _num(v, fmt="{:.2f}"):
+    return fmt.format(v) if v is not None else ""
+
+
+def _pct(v):
+    return f"{100 * v:.0f}%" if v is not None else "n/a"
+
+
+def _columns(out: EvalResult) -> tuple[list[str], dict]:
+    """The table's header and which optional column groups it has."""
     rows = out.domains
-    has_ref = any(r.reference is not None for r in rows)
-    has_knn = any(r.knn is not None for r in rows)
-    has_gate = any(r.knn_gated is not None for r in rows)
-    has_skip = any(r.skipped is not None for r in rows)
+    has = {"ref": any(r.reference is not None for r in rows), "knn": any(r.knn is not None for r in rows),
+           "gate": any(r.knn_gated is not None for r in rows), "skip": any(r.skipped is not None for r in rows),
+           "note": any(r.reason for r in rows), "rics": list(dict.fromkeys(name for r in rows for name in r.ric))}
+    mode = (out.gate or {}).get("mode", "gated")
     head = ["domain", "tokens", "parametric"]
-    if has_knn:
+    if has["knn"]:
         head += ["kNN-LM fixed λ", "k", "λ", "τ"]
-    if has_gate:
-        head += ["kNN-LM gated", "mean λ"] + (["gated, skipping", "skipped"] if has_skip else [])
-    if has_ref:
-        head += ["reference"]
-    if has_knn and has_ref:
-        head += ["gap closed (fixed)"] + (["gap closed (gated)"] if has_gate else [])
-    rics = list(dict.fromkeys(name for r in rows for name in r.ric))
-    for name in rics:
-        head += [f"RIC-LM ({name})"] + ([f"gap closed ({name})"] if has_ref else [])
+    if has["gate"]:
+        head += ["kNN-LM gated" if mode == "gated" else f"served ({mode} fallback)", "mean λ"]
+        head += ["gated, skipping", "skipped"] if has["skip"] else []
+    head += ["reference"] if has["ref"] else []
+    if has["knn"] and has["ref"]:
+        head += ["gap closed (fixed)"] + (["gap closed (gated)"] if has["gate"] else [])
+    for name in has["rics"]:
+        head += [f"RIC-LM ({name})"] + ([f"gap closed ({name})"] if has["ref"] else [])
+    return head + (["note"] if has["note"] else []), has
+
+
+def _cells(r: DomainResult, has: dict) -> list[str]:
+    cells = [r.domain, str(r.tokens), _num(r.parametric)]
+    if has["knn"]:
+        s = r.knn_settings or {}
+        cells += [_num(r.knn), str(s.get("k", "")), f"{s['lmbda']:.2f}" if s else "", f"{s['tau']:.3g}" if s else ""]
+    if has["gate"]:
+        cells += [_num(r.knn_gated), _num(r.gated_lambda)]
+        cells += [_num(r.knn_gated_skip), _num(r.skipped, "{:.0%}")] if has["skip"] else []
+    cells += [_num(r.reference)] if has["ref"] else []
+    if has["knn"] and has["ref"]:
+        cells += [_pct(r.gap_closed)] + ([_pct(r.gap_closed_gated)] if has["gate"] else [])
+    for name in has["rics"]:
+        cells += [_num(r.ric.get(name))] + ([_pct(r.ric_gap_closed.get(name))] if has["ref"] else [])
+    return cells + ([r.reason or ""] if has["note"] else [])
+
+
+def markdown_table(out: EvalResult) -> str:
+    """The results as a markdown table: one row per domain given (with the reason where it has no
+    numbers), then the warnings: boundary choices, the gate's fallback, overlapping documents."""
+    head, has = _columns(out)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-
-    def num(v, fmt="{:.2f}"):
-        return fmt.format(v) if v is not None else ""
-
-    def pct(v):
-        return f"{100 * v:.0f}%" if v is not None else "n/a"
-
-    for r in rows:
-        cells = [r.domain, str(r.tokens), f"{r.parametric:.2f}"]
-        if has_knn:
-            s = r.knn_settings or {}
-            cells += [num(r.knn), str(s.get("k", "")), f"{s['lmbda']:.2f}" if s else "", f"{s['tau']:.3g}" if s else ""]
-        if has_gate:
-            cells += [num(r.knn_gated), num(r.gated_lambda)]
-            if has_skip:
-                cells += [num(r.knn_gated_skip), num(r.skipped, "{:.0%}")]
-        if has_ref:
-            cells += [num(r.reference)]
-        if has_knn and has_ref:
-            cells += [pct(r.gap_closed)] + ([pct(r.gap_closed_gated)] if has_gate else [])
-        for name in rics:
-            cells += [num(r.ric.get(name))]
-            if has_ref:
-                cells += [pct(r.ric_gap_closed.get(name))]
-        lines.append("| " + " | ".join(cells) + " |")
-    notes = [w for r in rows for w in r.warnings] + (out.gate or {}).get("warnings", [])
-    if out.overlaps:
-        notes.append(f"{len(out.overlaps)} held-out document(s) share 13-grams with the store "
-                     f"({'kept' if out.overlaps[0]['kept'] else 'left out'}): "
-                     + ", ".join(o["document_id"] for o in out.overlaps[:10]))
+    lines += ["| " + " | ".join(_cells(r, has)) + " |" for r in out.domains]
+    gate = out.gate or {}
+    notes = [w for r in out.domains for w in r.warnings] + gate.get("warnings", [])
+    if gate.get("mode", "gated") != "gated":
+        notes.append(f"the store's gate serves a fallback ({gate['mode']}): {gate.get('fallback', '')}")
+    notes += [f"{r.domain}: {r.reason}" for r in out.domains if r.reason]
+    near = [o for o in out.overlaps if o.get("near_copy", True)]
+    few = [o for o in out.overlaps if not o.get("near_copy", True)]
+    if near:
+        notes.append(f"{len(near)} held-out document(s) are near-copies of store text "
+                     f"({'kept' if near[0]['kept'] else 'left out'}): "
+                     + ", ".join(f"{o['document_id']} ({o.get('fraction', 1):.0%})" for o in near[:10]))
+    if few:
+        notes.append(f"{len(few)} held-out document(s) kept that share a few 13-grams with the store: "
+                     + ", ".join(f"{o['document_id']} ({o['fraction']:.1%})" for o in few[:10]))
     return "\n".join(lines) + "\n" + "".join(f"\nwarning: {n}" for n in notes) + ("\n" if notes else "")

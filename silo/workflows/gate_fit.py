@@ -1,14 +1,20 @@
-"""Fitting the kNN-LM mixture on validation text by maximum likelihood.
+"""Fitting a store's gate (silo/model/gate.py) on validation text, so that it cannot make things worse.
 
-One objective serves both mixtures: the log-likelihood of the validation tokens under
+The gate is fitted once per store on all validation domains together, by maximum likelihood in the
+bounded parameterisation of silo.workflows.mixture_fit, k chosen among a list (up to 1,024, SILO's
+setting) on a held-out half of the positions. What makes it transfer to a store it was not made for:
 
-    p(y) = lambda * p_kNN(y; tau) + (1 - lambda) * p_LM(y),   lambda = sigmoid(w . features + b)
-
-maximised over (w, b, log tau) with L-BFGS from one search at the largest k. With no features it is the
-fixed mixture (lambda = sigmoid(b), the paper's protocol, tuned per domain); with the gate's features it
-is the per-token gate (silo/model/gate.py), fitted once per store on all validation domains together so
-it sees text the store holds and text it does not. k is chosen from a list (up to 1,024, SILO's setting)
-on a held-out half of the positions; a chosen value on the edge of a search range is reported.
+* its distance unit (`tau_ref`) is the store's own: the median distance from a sample of the store's keys
+  to their nearest neighbour outside their own passage (`store_distance_scale`), not a statistic of
+  whatever validation text the user has; standardising scales have a floor and standardised features
+  are clipped, so a feature that was nearly constant on validation cannot blow up elsewhere;
+* besides the user's validation it reads text the LM writes itself (`lm_sample_texts`): the mixture's
+  best lambda there is 0 by construction, so the fit always sees what text the store does not hold looks
+  like, even when every validation document is of the store's kind;
+* priors pull it to the tuned fixed lambda when positions are few;
+* a final check (silo.workflows.gate_check): on held-out positions and per domain it must not be worse
+  than the LM alone nor than the fixed lambda, or it is not saved (a named weaker mixture is, or the
+  command fails); a non-finite value anywhere is an error.
 """
 
 from __future__ import annotations
@@ -17,231 +23,132 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from silo.core.config import StageConfig
-from silo.core.corpus import Document, load_documents
+from silo.core.corpus import Document
 from silo.datastore.store import Datastore, Neighbors
-from silo.model.gate import MATCH_K, Gate, SkipPredictor, knn_features, now, recent_gain, tau_log_ratio, token_gain
-from silo.model.knn import KNNRetriever, knn_target_logprob, mix_logp
+from silo.model.gate import LAMBDA_MAX, MATCH_K, STD_FLOOR, FEATURE_CLIP, Gate, SkipPredictor, knn_features, now, \
+    recent_gain, token_gain
+from silo.model.knn import knn_target_logprob, mix_logp
 from silo.model.types import PositionBatch, SiloInputError
 
-from .tuning import domain_texts
-
-L2 = 1e-3  # weight decay on the gate's feature weights (features are standardised)
-LOG_TAU_SPAN = 8.0  # tau is searched within tau_ref * exp(+-LOG_TAU_SPAN)
-
+from .decontam import OVERLAP_FRACTION
+from .gate_data import LM_SAMPLES, lm_sample_texts, store_distance_scale, validation_positions  # noqa: F401
+from .mixture_fit import (L2, Fit, GateFitError, Guard, Prior, _t, choose_k, distance_scale, fit_fixed,  # noqa: F401
+                          fit_mixture, fixed_logp, halves, mixture_logp)
 
 @dataclass
-class Fit:
-    """The result of one maximum-likelihood fit."""
+class GateProblem:
+    """What one gate fit reads: positions, neighbours, context match, the distance unit, and the
+    standardised features at each k (computed once per k)."""
 
-    k: int
-    tau: float
-    weights: np.ndarray
-    bias: float
-    nll: float  # mean negative log-likelihood on the positions it was fitted on
-    warnings: list[str] = field(default_factory=list)
-    tau_slope: float = 0.0
-    match_bonus: float = 0.0
+    store: Datastore
+    nb: Neighbors
+    pos: PositionBatch
+    match: np.ndarray
+    tau_ref: float
+    lambda_max: float = LAMBDA_MAX
+    guard: Guard | None = None
+    _feats: dict = field(default_factory=dict)
 
-    @property
-    def lmbda(self) -> float:  # the fixed mixture's lambda
-        return 1.0 / (1.0 + math.exp(-self.bias))
+    def features(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(X standardised and clipped, rows with a neighbour, mean, std) at k."""
+        if k not in self._feats:
+            nb, pos = self.nb, self.pos
+            lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, self.tau_ref)
+            has = nb.tokens[:, 0] >= 0
+            recent = recent_gain(token_gain(lk, pos.logp_lm), has, pos.text_index)
+            F, have = knn_features(nb, self.store.doc_keys(nb), pos.lm, k, self.tau_ref, recent, self.match)
+            mean = F[have].mean(0) if have.any() else np.zeros(F.shape[1])
+            std = np.maximum(F[have].std(0) if have.any() else np.ones(F.shape[1]), STD_FLOOR)
+            X = np.clip((F - mean) / std, -FEATURE_CLIP, FEATURE_CLIP)
+            self._feats[k] = (X, have, mean, std)
+        return self._feats[k]
 
+    def fixed(self, sel: np.ndarray, k: int) -> Fit:
+        nb, pos = self.nb.rows(sel), self.pos.rows(sel)
+        have = nb.tokens[:, 0] >= 0
+        return fit_mixture(nb, pos.targets, pos.logp_lm, np.zeros((len(pos.targets), 0)), have, k, self.tau_ref,
+                           lambda_max=self.lambda_max)
 
-def _t(x, dtype=torch.float64):
-    return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype)
+    def gated(self, sel: np.ndarray, k: int, prior: Fit) -> Fit:
+        X, have, _, _ = self.features(k)
+        return fit_mixture(self.nb.rows(sel), self.pos.targets[sel], self.pos.logp_lm[sel], X[sel], have[sel], k,
+                           self.tau_ref, variable_tau=True, match=self.match[sel],
+                           prior=Prior.of(prior, self.tau_ref, int(sel.sum())), lambda_max=self.lambda_max,
+                           guard=self.guard.rows(sel) if self.guard is not None else None)
 
+    def gated_logp(self, sel: np.ndarray, f: Fit) -> np.ndarray:
+        """log p(target) per position of `sel` under the gate `f` (unfloored)."""
+        import torch
 
-def mixture_nll(D, valid, hit, logp_lm, have, X, w, b, log_tau, bonus=None) -> torch.Tensor:
-    """Mean negative log-likelihood of the targets under the mixture (torch, differentiable). `log_tau` is
-    one number or one per row; `bonus` [n, <=k] is added to the first neighbours' logits."""
-    log_tau = log_tau if log_tau.dim() == 0 else log_tau[:, None]
-    a = -D / torch.exp(log_tau)
-    if bonus is not None and bonus.shape[1]:
-        m = min(bonus.shape[1], a.shape[1])
-        a = torch.cat([a[:, :m] + bonus[:, :m], a[:, m:]], dim=1)
-    neg = torch.tensor(-1e30, dtype=a.dtype)
-    lse_all = torch.logsumexp(torch.where(valid, a, neg), dim=1)
-    lse_hit = torch.logsumexp(torch.where(hit, a, neg), dim=1)
-    log_pknn = lse_hit - lse_all
-    z = (X @ w if X.shape[1] else torch.zeros_like(logp_lm)) + b
-    mixed = torch.logaddexp(torch.nn.functional.logsigmoid(z) + log_pknn,
-                            torch.nn.functional.logsigmoid(-z) + logp_lm)
-    return -torch.where(have, mixed, logp_lm).mean()
+        from silo.model.gate import TAU_LOG_RANGE, tau_log_ratio
 
+        X, have, _, _ = self.features(f.k)
+        nb, t = self.nb.rows(sel), self.pos.targets[sel]
+        tok = nb.tokens[:, :f.k]
+        valid = tok >= 0
+        lo, hi = math.log(self.tau_ref) - TAU_LOG_RANGE, math.log(self.tau_ref) + TAU_LOG_RANGE
+        log_tau = np.clip(math.log(f.tau) + f.tau_slope * tau_log_ratio(nb.distances[:, 0], self.tau_ref), lo, hi)
+        with torch.no_grad():
+            return mixture_logp(_t(np.where(valid, nb.distances[:, :f.k], 0.0)), _t(valid, torch.bool),
+                                _t(valid & (tok == t[:, None]), torch.bool), _t(self.pos.logp_lm[sel]),
+                                _t(have[sel], torch.bool), _t(X[sel]), _t(f.weights),
+                                torch.tensor(f.bias, dtype=torch.float64), _t(log_tau),
+                                f.match_bonus * _t(self.match[sel, :f.k]), f.lambda_max).numpy()
 
-def fit_mixture(nb: Neighbors, targets: np.ndarray, logp_lm: np.ndarray, X: np.ndarray, have: np.ndarray, k: int,
-                tau_ref: float, lmbda0: float = 0.2, max_iter: int = 60, variable_tau: bool = False,
-                match: np.ndarray | None = None) -> Fit:
-    """Maximum-likelihood (w, b, tau) for the first k neighbours; X [n, F] standardised features (F may be 0).
-    With `variable_tau`, tau = tau0 * (d1 / tau_ref) ** slope and the slope is fitted too; with `match`
-    (context-match lengths of the first neighbours) a per-token bonus on their logits is fitted too."""
-    tok = nb.tokens[:, :k]
-    valid = tok >= 0
-    D = _t(np.where(valid, nb.distances[:, :k], 0.0))
-    hit = _t(valid & (tok == targets[:, None]), torch.bool)
-    valid_t = _t(valid, torch.bool)
-    lp = _t(logp_lm)
-    have_t = _t(have, torch.bool)
-    Xt = _t(X)
-    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.tensor(math.log(lmbda0 / (1 - lmbda0)), dtype=torch.float64, requires_grad=True)
-    lo, hi = math.log(tau_ref) - LOG_TAU_SPAN, math.log(tau_ref) + LOG_TAU_SPAN
-    raw = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)  # log tau = mid + span * tanh(raw)
-    slope = torch.tensor(0.0, dtype=torch.float64, requires_grad=variable_tau)
-    ratio = _t(tau_log_ratio(nb.distances[:, 0], tau_ref)) if variable_tau else None
-
-    def log_tau():
-        base = (lo + hi) / 2 + (hi - lo) / 2 * torch.tanh(raw)
-        return base + slope * ratio if variable_tau else base
-
-    gamma = torch.tensor(0.0, dtype=torch.float64, requires_grad=match is not None)
-    M = _t(match[:, :k]) if match is not None else None
-    params = [w, b, raw] + ([slope] if variable_tau else []) + ([gamma] if match is not None else [])
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def bonus():
-        return None if M is None else gamma * M
-
-    def closure():
-        opt.zero_grad()
-        loss = mixture_nll(D, valid_t, hit, lp, have_t, Xt, w, b, log_tau(), bonus()) + L2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        nll = float(mixture_nll(D, valid_t, hit, lp, have_t, Xt, w, b, log_tau(), bonus()))
-        tau = float(torch.exp((lo + hi) / 2 + (hi - lo) / 2 * torch.tanh(raw)))
-    fit = Fit(k=k, tau=tau, weights=w.detach().numpy().copy(), bias=float(b.detach()), nll=nll,
-              tau_slope=float(slope.detach()), match_bonus=float(gamma.detach()))
-    if abs(float(torch.tanh(raw.detach()))) > 0.99:
-        fit.warnings.append(f"tau {tau:.4g} is at the edge of its search range (tau_ref {tau_ref:.4g} x e^+-"
-                            f"{LOG_TAU_SPAN:g})")
-    return fit
+    def fixed_logp(self, sel: np.ndarray, f: Fit) -> np.ndarray:
+        return fixed_logp(self.nb.rows(sel), self.pos.targets[sel], self.pos.logp_lm[sel], f)
 
 
-def distance_scale(nb: Neighbors) -> float:
-    """Median nearest-neighbour distance: the unit of the gate's distance features."""
-    d1 = nb.distances[:, 0] if nb.distances.shape[1] else np.zeros(0)
-    d1 = d1[np.isfinite(d1) & (nb.tokens[:, 0] >= 0)] if len(d1) else d1
-    return float(np.median(d1)) if len(d1) and np.median(d1) > 0 else 1.0
+def guard_of(labels: np.ndarray, tolerance: float) -> Guard:
+    """The fit's per-domain guard: each domain may lose at most half the final check's tolerance to the LM
+    alone (text the LM wrote itself: half of its looser bound), so the check has room to spare."""
+    from .gate_check import LM_SAMPLES_FACTOR
 
-
-def choose_k(ks: list[int], fit_one, held_nll) -> tuple[int, list[dict], list[str]]:
-    """Fit on one half for each k, keep the k with the best held-out NLL; warn when it is an end of the list."""
-    rows = []
-    for k in ks:
-        f = fit_one(k)
-        rows.append({"k": k, "fit_nll": f.nll, "held_nll": held_nll(f)})
-    best = min(rows, key=lambda r: r["held_nll"])["k"]
-    warns = []
-    if len(ks) > 1 and best == max(ks):
-        warns.append(f"k {best} is the largest value tried ({ks}); a larger k may fit better")
-    if len(ks) > 1 and best == min(ks):
-        warns.append(f"k {best} is the smallest value tried ({ks})")
-    return best, rows, warns
-
-
-def halves(n: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Alternate blocks of consecutive positions: two halves that both cover every domain."""
-    a = (np.arange(n) // block) % 2 == 0
-    return a, ~a
-
-
-def _lambda_warnings(lmbda: float) -> list[str]:
-    if lmbda > 0.98:
-        return [f"lambda {lmbda:.3f} is at the upper edge (1): the store carries nearly everything"]
-    return []
-
-
-def fit_fixed(nb: Neighbors, pos: PositionBatch, ks: list[int], tau_ref: float) -> tuple[Fit, list[dict]]:
-    """The fixed mixture (one lambda, one tau) for these positions, k chosen on a held-out half."""
-    have = nb.tokens[:, 0] >= 0 if nb.tokens.shape[1] else np.zeros(len(pos.targets), bool)
-    X = np.zeros((len(pos.targets), 0))
-    A, B = halves(len(pos.targets))
-
-    def fit_on(sel, k):
-        return fit_mixture(nb.rows(sel), pos.targets[sel], pos.logp_lm[sel], X[sel], have[sel], k, tau_ref)
-
-    def held(f: Fit) -> float:
-        return _nll_fixed(nb.rows(B), pos.targets[B], pos.logp_lm[B], have[B], f)
-
-    ks = [k for k in ks if k <= nb.tokens.shape[1]] or [nb.tokens.shape[1]]
-    best, rows, warns = choose_k(ks, lambda k: fit_on(A, k), held)
-    fit = fit_on(slice(None), best)
-    fit.warnings = warns + fit.warnings + _lambda_warnings(fit.lmbda)
-    return fit, rows
-
-
-def _nll_fixed(nb, targets, logp_lm, have, f: Fit) -> float:
-    tok = nb.tokens[:, :f.k]
-    valid = tok >= 0
-    return float(mixture_nll(_t(np.where(valid, nb.distances[:, :f.k], 0.0)), _t(valid, torch.bool),
-                             _t(valid & (tok == targets[:, None]), torch.bool), _t(logp_lm), _t(have, torch.bool),
-                             _t(np.zeros((len(targets), 0))), torch.zeros(0, dtype=torch.float64),
-                             torch.tensor(f.bias, dtype=torch.float64),
-                             torch.tensor(math.log(f.tau), dtype=torch.float64)))
+    doms, groups = np.unique(labels, return_inverse=True)
+    slack = np.array([math.log1p((LM_SAMPLES_FACTOR if d == LM_SAMPLES else 1.0) * tolerance / 2) for d in doms])
+    return Guard(groups, slack)
 
 
 def fit_gate(store: Datastore, nb: Neighbors, pos: PositionBatch, ks: list[int], skip: bool = True,
-             bos: int = 0, labels: np.ndarray | None = None) -> tuple[Gate, dict]:
-    """The gate for `store`: features standardised on these positions, (w, b, tau) by maximum likelihood,
-    k chosen on a held-out half; its lambda floor (`fit_floor`, per domain of `labels`); and the
-    retrieval-skipping predictor. Returns (gate, report)."""
-    tau_ref = distance_scale(nb)
-    doc_keys = store.doc_keys(nb)
-    match = store.context_match(nb, pos.context, bos, MATCH_K)
+             bos: int = 0, labels: np.ndarray | None = None, tau_ref: float | None = None,
+             lambda_max: float = LAMBDA_MAX, tolerance: float = 0.01) -> tuple[Gate, dict]:
+    """The gate for `store`: for each k, the fixed mixture and then the gate (pulled towards it) on one half
+    of the positions, k chosen on the other; then both on all positions; its lambda floor (`fit_floor`, per
+    domain of `labels`) and the retrieval-skipping predictor. `tau_ref`: the store's distance unit
+    (`store_distance_scale`; default: these positions' median nearest distance). Returns (gate, report);
+    the report's "held_out" holds what the final check reads: per position of the held-out half, its
+    domain and log p under the LM, the fixed mixture and the gate fitted without it."""
+    labels = np.zeros(len(pos.targets), int).astype(str) if labels is None else np.asarray(labels)
+    scale_source = "store" if tau_ref else "validation"
+    prob = GateProblem(store, nb, pos, store.context_match(nb, pos.context, bos, MATCH_K),
+                       tau_ref or distance_scale(nb), lambda_max, guard_of(labels, tolerance))
     ks = [k for k in ks if k <= nb.tokens.shape[1]] or [nb.tokens.shape[1]]
-    A, B = halves(len(pos.targets))
-    feats: dict[int, tuple] = {}
-
-    def standardised(k):
-        if k not in feats:
-            lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, tau_ref)
-            has = nb.tokens[:, 0] >= 0
-            recent = recent_gain(token_gain(lk, pos.logp_lm), has, pos.text_index)
-            F, have = knn_features(nb, doc_keys, pos.lm, k, tau_ref, recent, match)
-            mean = F[have].mean(0) if have.any() else np.zeros(F.shape[1])
-            std = F[have].std(0) if have.any() else np.ones(F.shape[1])
-            std = np.where(std > 1e-9, std, 1.0)
-            feats[k] = ((F - mean) / std, have, mean, std)
-        return feats[k]
-
-    def fit_on(sel, k):
-        X, have, _, _ = standardised(k)
-        return fit_mixture(nb.rows(sel), pos.targets[sel], pos.logp_lm[sel], X[sel], have[sel], k, tau_ref,
-                           variable_tau=True, match=match[sel])
-
-    def held(f: Fit) -> float:
-        X, have, _, _ = standardised(f.k)
-        tok = nb.tokens[B, :f.k]
-        valid = tok >= 0
-        return float(mixture_nll(_t(np.where(valid, nb.distances[B, :f.k], 0.0)), _t(valid, torch.bool),
-                                 _t(valid & (tok == pos.targets[B, None]), torch.bool), _t(pos.logp_lm[B]),
-                                 _t(have[B], torch.bool), _t(X[B]), _t(f.weights), torch.tensor(f.bias, dtype=torch.float64),
-                                 _t(math.log(f.tau) + f.tau_slope * tau_log_ratio(nb.distances[B, 0], tau_ref)),
-                                 f.match_bonus * _t(match[B, :f.k])))
-
-    best, rows, warns = choose_k(ks, lambda k: fit_on(A, k), held)
-    fit = fit_on(slice(None), best)
-    X, have, mean, std = standardised(best)
-    gate = Gate(k=best, tau=fit.tau, tau_ref=tau_ref, tau_slope=fit.tau_slope,
-                match_bonus=fit.match_bonus, mean=mean.tolist(), std=std.tolist(),
-                weights=fit.weights.tolist(), bias=fit.bias, fingerprint=store.fingerprint,
-                generation=store.generation, fitted=now())
-    lam = np.where(have, 1.0 / (1.0 + np.exp(-(X @ fit.weights + fit.bias))), 0.0)
+    A, B = halves(len(pos.targets), block=max(16, min(256, len(pos.targets) // 32)))
+    fixed_A = {k: prob.fixed(A, k) for k in ks}
+    best, rows, warns, gated_A = choose_k(ks, lambda k: prob.gated(A, k, fixed_A[k]),
+                                          lambda f: float(-prob.gated_logp(B, f).mean()))
+    every = np.ones(len(pos.targets), bool)
+    fixed = prob.fixed(every, best)
+    fit = prob.gated(every, best, fixed)
+    X, have, mean, std = prob.features(best)
+    gate = Gate(k=best, tau=fit.tau, tau_ref=prob.tau_ref, tau_slope=fit.tau_slope, match_bonus=fit.match_bonus,
+                mean=mean.tolist(), std=std.tolist(), weights=fit.weights.tolist(), bias=fit.bias,
+                fingerprint=store.fingerprint, generation=store.generation, fitted=now(), lambda_max=lambda_max,
+                scale_source=scale_source)
+    lam = np.where(have, lambda_max / (1.0 + np.exp(-np.clip(X @ fit.weights + fit.bias, -60, 60))), 0.0)
     report = {"k_search": rows, "warnings": warns + fit.warnings, "positions": int(len(pos.targets)),
-              "nll_parametric": float(-pos.logp_lm.mean()), "nll_gated": fit.nll,
-              "lambda_mean": float(lam.mean()), "lambda_quantiles": {q: float(np.quantile(lam, q)) for q in (0.1, 0.5, 0.9)}}
+              "tau_ref": prob.tau_ref, "scale_source": scale_source, "lambda_max": lambda_max,
+              "nll_parametric": float(-pos.logp_lm.mean()), "nll_gated": fit.nll, "nll_fixed": fixed.nll,
+              "fixed": {"k": fixed.k, "lmbda": fixed.lmbda, "tau": fixed.tau},
+              "lambda_mean": float(lam.mean()), "lambda_quantiles": {q: float(np.quantile(lam, q)) for q in (0.1, 0.5, 0.9)},
+              "held_out": {"labels": labels[B], "parametric": pos.logp_lm[B], "fixed": prob.fixed_logp(B, fixed_A[best]),
+                           "gated": prob.gated_logp(B, gated_A[best])}}
     lk = knn_target_logprob(nb.distances[:, :gate.k], nb.tokens[:, :gate.k], pos.targets, gate.taus(nb),
-                            gate.bonus(match))
-    gate.min_lambda, report["min_lambda"] = fit_floor(
-        lam, lambda floored: mix_logp(pos.logp_lm, lk, floored),
-        np.zeros(len(lam), int) if labels is None else np.asarray(labels))
+                            gate.bonus(prob.match))
+    gate.min_lambda, report["min_lambda"] = fit_floor(lam, lambda floored: mix_logp(pos.logp_lm, lk, floored), labels)
     lam = gate.floor(lam)
     if skip:  # fitted on the floored gate: positions it leaves at 0 cost nothing to skip
         def nll_with(searched):  # lambda forced to 0 where the search was skipped, the others as they were
@@ -263,14 +170,14 @@ def fit_floor(lam: np.ndarray, mixed_logp, labels: np.ndarray, tolerance: float 
     log p(target) per position under the mixture with those lambdas; `labels`: each position's domain."""
     doms = np.unique(labels)
 
-    def per_domain(lp):
-        return np.array([math.exp(-lp[labels == d].mean()) for d in doms])
+    def per_domain(lp):  # mean NLL per domain: compared in log space, finite while lambda < 1
+        return np.array([-lp[labels == d].mean() for d in doms])
 
     base = per_domain(mixed_logp(lam))
     curve, chosen = [], 0.0
     for th in MIN_LAMBDAS:
         floored = np.where(lam >= th, lam, 0.0)
-        rel = per_domain(mixed_logp(floored)) / base
+        rel = np.exp(per_domain(mixed_logp(floored)) - base)
         curve.append({"min_lambda": th, "zeroed": float(((lam > 0) & (lam < th)).mean()),
                       "worst_relative": float(rel.max()), "worst_domain": str(doms[int(rel.argmax())])})
         if rel.max() > 1 + tolerance:
@@ -283,12 +190,12 @@ def fit_skip(pos: PositionBatch, lam: np.ndarray, nll_with, tolerance: float = 0
     """Logistic regression from the LM's state (key, entropy, top probability) to the gate's lambda, and
     its default threshold: the largest in SKIP_THRESHOLDS whose validation perplexity stays within
     `tolerance` (relative) of searching everywhere."""
+    import torch
+
     sp = SkipPredictor(mean=[], std=[], weights=[], bias=0.0)
     x = sp.inputs(pos.keys, pos.lm)
-    mean, std = x.mean(0), x.std(0)
-    std = np.where(std > 1e-9, std, 1.0)
-    X = _t((x - mean) / std)
-    y = _t(lam)
+    mean, std = x.mean(0), np.maximum(x.std(0), 1e-6)
+    X, y = _t((x - mean) / std), _t(lam)
     w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
@@ -302,14 +209,14 @@ def fit_skip(pos: PositionBatch, lam: np.ndarray, nll_with, tolerance: float = 0
     opt.step(closure)
     sp.mean, sp.std, sp.weights, sp.bias = mean.tolist(), std.tolist(), w.detach().numpy().tolist(), float(b.detach())
     pred = sp.predict(pos.keys, pos.lm)
-    base = math.exp(nll_with(np.ones(len(lam), bool)))
+    base = nll_with(np.ones(len(lam), bool))
     curve, chosen = [], 0.0
     for th in SKIP_THRESHOLDS:
         searched = pred >= th
-        ppl = math.exp(nll_with(searched))
-        curve.append({"threshold": th, "skipped": float(1 - searched.mean()), "perplexity": ppl,
-                      "relative": ppl / base})
-        if ppl <= base * (1 + tolerance):
+        rel = math.exp(nll_with(searched) - base)
+        curve.append({"threshold": th, "skipped": float(1 - searched.mean()), "perplexity": math.exp(base) * rel,
+                      "relative": rel})
+        if rel <= 1 + tolerance:
             chosen = th
     sp.threshold, sp.curve = chosen, curve
     return sp
@@ -329,60 +236,77 @@ class GateConfig(StageConfig):
     window: int | None = Field(None, gt=1)
     stride: int | None = Field(None, gt=0)
     skip: bool = True  # also fit the retrieval-skipping predictor
-    keep_overlap: bool = False  # keep validation documents that share 13-grams with the store
+    keep_overlap: bool = False  # keep validation documents that are near-copies of store text
+    overlap_fraction: float = Field(OVERLAP_FRACTION, gt=0.0, le=1.0)  # share of 13-grams that makes a near-copy
+    lambda_max: float = Field(LAMBDA_MAX, gt=0.5, lt=1.0)  # lambda's upper bound: p_LM keeps 1 - this
+    lm_samples: int = Field(2000, ge=0)  # tokens of text the LM writes itself, fitted on beside validation
+    tolerance: float = Field(0.01, ge=0.0, le=0.5)  # final check: per domain, at most this much worse than the LM
+    fallback: bool = True  # a gate that fails its check: save a named weaker mixture (false: fail, save nothing)
 
 
-def validation_positions(lm, docs: list[Document], max_tokens: int) -> tuple[PositionBatch, list[str]]:
-    """Every domain's first `max_tokens` scored positions, in one batch; and each position's domain."""
-    parts, labels = [], []
-    for dom, texts in domain_texts(docs, max_tokens).items():
-        pos = lm.collect(texts).truncate(max_tokens)
-        parts.append(pos)
-        labels += [dom] * len(pos.targets)
-    if not parts:
-        raise SiloInputError("gate.val: no validation text (after decontamination)", "gate.val")
-    return PositionBatch.concat(parts), labels
+def _validation(cfg: GateConfig, store: Datastore, say) -> tuple[list[Document], list[dict]]:
+    """The validation documents left after decontamination, each overlap reported (and LOUDLY each domain
+    that lost all its documents); an error when none is left."""
+    from silo.core.corpus import load_documents
+
+    from .decontam import decontaminate, emptied_domains, overlap_lines
+
+    given = load_documents(cfg.val, cfg.domains)
+    docs, overlaps = decontaminate(given, store, keep=cfg.keep_overlap, threshold=cfg.overlap_fraction)
+    emptied = emptied_domains(given, docs)
+    for line in overlap_lines("gate.val", overlaps, emptied, cfg.keep_overlap):
+        say(f"gate: {'WARNING: ' if 'DOMAIN' in line else ''}{line}")
+    if given and not docs:
+        raise GateFitError(f"gate.val: all {len(given)} validation document(s) are near-copies of store text "
+                           f"(at least {cfg.overlap_fraction:.0%} of their 13-grams are in the store) and were left "
+                           "out; give validation text the store does not hold, or --keep-overlap. Nothing was saved")
+    notes = [f"validation domain {d!r}: all {n} document(s) left out as near-copies of the store; the gate is "
+             "fitted without it" for d, n in emptied.items()]
+    return docs, [o.to_json() for o in overlaps] + [{"note": n} for n in notes]
+
+
+def _positions(cfg: GateConfig, lm, docs: list[Document], say) -> tuple[PositionBatch, np.ndarray]:
+    """Validation positions of every domain, then those of text the LM writes itself (`LM_SAMPLES`)."""
+    pos, labels = validation_positions(lm, docs, cfg.max_tokens)
+    if cfg.lm_samples:
+        texts = lm_sample_texts(lm, docs, cfg.lm_samples)
+        own = lm.collect(texts).truncate(cfg.lm_samples)
+        pos, labels = PositionBatch.concat([pos, own]), labels + [LM_SAMPLES] * len(own.targets)
+        say(f"gate: {len(own.targets):,} positions of text the LM wrote itself (its best lambda is 0) join the fit")
+    return pos, np.asarray(labels)
 
 
 def fit_store_gate(cfg: GateConfig, lm=None, progress: bool = True, save: bool = True) -> tuple[Gate, dict]:
-    """Fit the gate of `cfg.store` on `cfg.val` (decontaminated) and save it beside the store."""
+    """Fit the gate of `cfg.store` on `cfg.val` (near-copies left out) and text the LM writes, check it on
+    held-out positions and per domain, and save it (or the named fallback) beside the store. Raises
+    GateFitError (nothing saved) on a non-finite value, no validation left, or a failed check without
+    `cfg.fallback`."""
     from silo.model.lm import SiloLM
 
-    from .decontam import decontaminate
+    from .gate_check import judge
 
     say = print if progress else (lambda *a, **k: None)
     lm = lm or SiloLM.load(cfg.model, cfg.store, window=cfg.window, stride=cfg.stride)
     if lm.store is None:
         raise SiloInputError("gate.store: the LM has no datastore attached", "gate.store")
-    docs, overlaps = decontaminate(load_documents(cfg.val, cfg.domains), lm.store, keep=cfg.keep_overlap)
-    if overlaps:
-        say(f"gate: {len(overlaps)} validation document(s) share 13-grams with the store "
-            f"({'kept' if cfg.keep_overlap else 'left out'}): "
-            + ", ".join(f"{o.document_id} ({o.shared}/{o.total})" for o in overlaps[:10]))
-    pos, labels = validation_positions(lm, docs, cfg.max_tokens)
-    k_max = max(cfg.k)
-    say(f"gate: {len(pos.targets):,} validation positions ({', '.join(sorted(set(labels)))}); "
-        f"searching {lm.store.num_entries:,} entries at k={k_max}")
-    nb = lm.store.search(pos.keys, k_max)
-    gate, report = fit_gate(lm.store, nb, pos, cfg.k, skip=cfg.skip, bos=lm.tokenizer.eos_token_id,
-                            labels=np.asarray(labels))
-    report["overlaps"] = [o.to_json() for o in overlaps]
-    report["validation"] = cfg.val
-    labels = np.asarray(labels)
-    per = {}
-    retr = KNNRetriever(lm.store, gate, lm.vocab_size, bos=lm.tokenizer.eos_token_id)
-    mixed = retr.mix_targets(pos, nb)
-    every = np.ones(len(labels), bool)
-    lam = retr.lambdas(nb, pos.lm, every, retr.recent(nb, pos, every), retr.match(nb, pos.context))
-    for dom in sorted(set(labels)):
-        m = labels == dom
-        per[dom] = {"tokens": int(m.sum()), "parametric": math.exp(-pos.logp_lm[m].mean()),
-                    "gated": math.exp(-mixed[m].mean()), "lambda_mean": float(lam[m].mean())}
-    report["domains"] = per
-    gate.report = report
-    for w in report["warnings"]:
-        say(f"gate: warning: {w}")
+    docs, overlaps = _validation(cfg, lm.store, say)
+    try:
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            pos, labels = _positions(cfg, lm, docs, say)
+            scale = store_distance_scale(lm.store)
+            say(f"gate: {len(pos.targets):,} positions ({', '.join(sorted(set(labels.tolist())))}); searching "
+                f"{lm.store.num_entries:,} entries at k={max(cfg.k)}; the store's distance unit "
+                + (f"{scale:.4g} (its own keys)" if scale else "unknown (no stored keys): the validation's"))
+            nb = lm.store.search(pos.keys, max(cfg.k))
+            gate, report = fit_gate(lm.store, nb, pos, cfg.k, skip=cfg.skip, bos=lm.tokenizer.eos_token_id,
+                                    labels=labels, tau_ref=scale, lambda_max=cfg.lambda_max, tolerance=cfg.tolerance)
+            gate = judge(gate, report, lm, nb, pos, labels, cfg.tolerance, cfg.fallback)
+    except FloatingPointError as exc:
+        raise GateFitError(f"gate fit for {lm.store.path}: a non-finite value ({exc}); nothing was saved") from None
+    report.update(overlaps=overlaps, validation=cfg.val)
+    for w in report["warnings"] + [o["note"] for o in overlaps if "note" in o]:
+        say(f"gate: WARNING: {w}")
     if save:
         path = gate.save(lm.store.path)
-        say(f"gate: k={gate.k}, tau={gate.tau:.4g} (distance scale {gate.tau_ref:.4g}); saved to {path}")
+        say(f"gate: {gate.mode}, k={gate.k}, tau={gate.tau:.4g} (distance unit {gate.tau_ref:.4g}); saved to {path}")
     return gate, report
