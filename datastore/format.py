@@ -137,13 +137,6 @@ class StoredDocument:
         out["sentences"] = [[a, b] for a, b in self.sentences]
         return out
 
-    def __getitem__(self, key: str):
-        """Transitional, for code not yet moved to attributes (silo/workflows/decontam.py reads
-        ``d["text"]``): remove once nothing subscripts a stored document."""
-        if key == "extra" or key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
     def sentence(self, i: int) -> str:
         """The text of sentence `i` ("" for a document without sentence spans)."""
         a, b = self.sentences[i] if self.sentences else (0, 0)

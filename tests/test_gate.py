@@ -84,7 +84,7 @@ def test_a_gate_and_configs_written_before_tau_was_named_tau_still_read(gated, t
 def test_gate_follows_the_text_not_the_settings(gated):
     lm, gate, _ = gated
     knn = lm.retriever("knn")
-    stored = next(d for s in lm.store.shards for d in s.documents if d["domain"] == "gcide")["text"][2000:4000]
+    stored = next(d for s in lm.store.shards for d in s.documents if d.domain == "gcide").text[2000:4000]
     python = next(d.text for d in load_documents(VAL, ["python"]))[:2000]
     res_store, res_py = lm.score([stored, python], knn)
     assert res_store.perplexity < 0.7 * res_store.perplexity_parametric  # text the store holds: large gain
@@ -104,10 +104,10 @@ def test_gate_follows_the_text_not_the_settings(gated):
 def test_gate_shrinks_when_a_shard_leaves(gated):
     """No re-tuning after an opt-out: the same gate reads larger distances and lowers lambda by itself."""
     lm, gate, _ = gated
-    doc = next(d for s in lm.store.shards for d in s.documents if d["domain"] == "shakespeare")
-    text = doc["text"][3000:5000]
+    doc = next(d for s in lm.store.shards for d in s.documents if d.domain == "shakespeare")
+    text = doc.text[3000:5000]
     full = lm.retriever("knn")
-    wo = without_owners(lm.store, {doc["owner"]})
+    wo = without_owners(lm.store, {doc.owner})
     after = lm.retriever("knn", store=wo)
     assert after.mixture is full.mixture or after.mixture.k == full.mixture.k
     pos = lm.collect([text])
@@ -165,7 +165,7 @@ def test_greedy_decoding_follows_the_more_probable_source(gated):
     lm, _, _ = gated
     knn, g = lm.retriever("knn", skip="off"), SamplingParams(max_new_tokens=16, temperature=0)
     python = next(d.text for d in load_documents(VAL, ["python"]))
-    stored = next(d for s in lm.store.shards for d in s.documents if d["domain"] == "gcide")["text"][2000:2160]
+    stored = next(d for s in lm.store.shards for d in s.documents if d.domain == "gcide").text[2000:2160]
     seen_lm_source = False
     for start in range(0, 1200, 200):
         prompt = python[start:start + 120]
@@ -225,7 +225,7 @@ def test_empty_store_answers_with_the_lm_alone(gated):
 
 def test_decontamination_finds_a_planted_overlap(tiny_store, tmp_path, tiny_model):
     store = Datastore.open(tiny_store)
-    stored = store.shards[0].documents[0]["text"]
+    stored = store.shards[0].documents[0].text
     clean = load_documents(VAL, ["python"])[:2]
     planted = Document(id="val/planted", text="Some introduction of our own. " + stored[500:900] + " And an end.",
                        owner="x", domain="python")

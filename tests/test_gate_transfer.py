@@ -97,8 +97,8 @@ def test_in_store_validation_decontaminated_fits_on_the_rest_and_says_so(manuals
     lm = manuals[0]
     store = tmp_path / "store"
     shutil.copytree(lm.store.path, store)
-    stored = [d for s in lm.store.shards for d in s.documents if d["domain"] == "puzzles"][:3]
-    docs = [Document(id="val/" + d["id"], text=d["text"], owner=d["owner"], domain="puzzles") for d in stored]
+    stored = [d for s in lm.store.shards for d in s.documents if d.domain == "puzzles"][:3]
+    docs = [Document(id="val/" + d.id, text=d.text, owner=d.owner, domain="puzzles") for d in stored]
     write_jsonl(docs + load_documents(NOT_HELD, ["python"])[:3], tmp_path / "val.jsonl")
     cfg = GateConfig(model=str(tiny_model), store=str(store), val=[str(tmp_path / "val.jsonl")], **FIT)
     gate, report = fit_store_gate(cfg)
@@ -202,8 +202,8 @@ def test_every_domain_given_to_eval_has_a_row(manuals, tiny_model, tmp_path):
     from silo.workflows.evaluate import EvalConfig, evaluate
 
     lm = manuals[0]
-    stored = [d for s in lm.store.shards for d in s.documents if d["domain"] == "puzzles"][:2]
-    copies = [Document(id="test/" + d["id"], text=d["text"], owner=d["owner"], domain="puzzles") for d in stored]
+    stored = [d for s in lm.store.shards for d in s.documents if d.domain == "puzzles"][:2]
+    copies = [Document(id="test/" + d.id, text=d.text, owner=d.owner, domain="puzzles") for d in stored]
     write_jsonl(copies + load_documents("pkg:manuals/test", ["sqlite"])[:1] + load_documents(NOT_HELD, ["python"])[:1],
                 tmp_path / "test.jsonl")
     write_jsonl(load_documents("pkg:manuals/val", ["puzzles"]) + load_documents(NOT_HELD, ["python"])[1:2],
@@ -231,7 +231,7 @@ def test_decontamination_keeps_documents_that_share_stock_phrases(manuals):
     from silo.workflows.decontam import OverlapIndex, decontaminate
 
     lm = manuals[0]
-    stored = next(d for s in lm.store.shards for d in s.documents if d["domain"] == "sqlite")["text"]
+    stored = next(d for s in lm.store.shards for d in s.documents if d.domain == "sqlite").text
     own = " ".join(load_documents(NOT_HELD, ["python"])[0].text.split()[:600])
     phrase = " ".join(stored.split()[100:120])  # one stock phrase of 20 words: 8 of ~600 13-grams
     few = Document(id="val/few", text=own[:1500] + " " + phrase + " " + own[1500:], owner="x", domain="python")

@@ -149,7 +149,7 @@ def test_ric_and_knn_requests_share_one_engine_and_each_gets_what_it_gets_alone(
     from silo.serving.engine import Engine
 
     docs = [ric_lm.store.shards[i].documents[0] for i in range(len(ric_lm.store.shards))]
-    prompts = [d["text"][3000:3060] for d in docs] + [docs[0]["text"][5000:5060]]
+    prompts = [d.text[3000:3060] for d in docs] + [docs[0].text[5000:5060]]
     reqs = [GenerationRequest(prompt=p, sampling=SamplingParams(max_new_tokens=10, temperature=t, seed=7 + i),
                               retrieval=RetrievalParams(mode=m), output=OutputControls(attributions=True))
             for i, p in enumerate(prompts) for m in ("ric", "knn", "parametric") for t in (0.0, 0.9)]

@@ -40,31 +40,24 @@ def _pct(x):
 
 def main_rows(res: EvalResult, variants: dict | None = None) -> list[dict]:
     """One row per domain: every method's test perplexity and each method's share of the gap closed."""
-    rows = []
-    for d in res.domains:
-        r = {"domain": d.domain, "tokens": d.tokens, "parametric": d.parametric}
-        if d.knn is not None:
-            r["kNN-LM"] = d.knn
-        if d.knn_gated is not None:
-            r["kNN-LM gated"] = d.knn_gated
-        for name, v in d.ric.items():
-            r[f"RIC-LM ({name})"] = v
-        if d.ric_parametric is not None:
-            r["parametric (RIC windows)"] = d.ric_parametric
-        for vname, v in ((variants or {}).get("variants") or {}).items():
-            r[f"{vname} (parametric)"] = v["domains"].get(d.domain)
-        if d.reference is not None:
-            r["reference"] = d.reference
-        if d.gap_closed is not None:
-            r["gap closed kNN-LM"] = _pct(d.gap_closed)
-        if d.gap_closed_gated is not None:
-            r["gap closed kNN-LM gated"] = _pct(d.gap_closed_gated)
-        for name, g in d.ric_gap_closed.items():
-            r[f"gap closed RIC-LM ({name})"] = _pct(g)
-        if d.knn_settings:
-            s = d.knn_settings
-            r["kNN k/λ/τ"] = f"{s['k']}/{s['lmbda']:.2f}/{s['tau']:.3g}"
-        if d.reason:  # a domain without numbers keeps its row, with why
-            r["note"] = d.reason
-        rows.append(r)
-    return rows
+    return [_main_row(d, variants) for d in res.domains]
+
+
+def _main_row(d, variants: dict | None) -> dict:
+    r = {"domain": d.domain, "tokens": d.tokens, "parametric": d.parametric}
+    cells = [("kNN-LM", d.knn), ("kNN-LM gated", d.knn_gated)]
+    cells += [(f"RIC-LM ({name})", v) for name, v in d.ric.items()]
+    cells += [("parametric (RIC windows)", d.ric_parametric)]
+    cells += [(f"{vname} (parametric)", v["domains"].get(d.domain))
+              for vname, v in ((variants or {}).get("variants") or {}).items()]
+    cells += [("reference", d.reference)]
+    r.update({name: v for name, v in cells if v is not None or name.endswith("(parametric)")})
+    gaps = [("gap closed kNN-LM", d.gap_closed), ("gap closed kNN-LM gated", d.gap_closed_gated)]
+    gaps += [(f"gap closed RIC-LM ({name})", g) for name, g in d.ric_gap_closed.items()]
+    r.update({name: _pct(g) for name, g in gaps if g is not None})
+    if d.knn_settings:
+        s = d.knn_settings
+        r["kNN k/λ/τ"] = f"{s['k']}/{s['lmbda']:.2f}/{s['tau']:.3g}"
+    if d.reason:  # a domain without numbers keeps its row, with why
+        r["note"] = d.reason
+    return r

@@ -38,7 +38,7 @@ class OverlapIndex:
         self.grams: set[bytes] = set()
         for shard in store.shards:
             for d in shard.live_documents():
-                self.grams |= _grams(d["text"], n)
+                self.grams |= _grams(d.text, n)
 
     def shared(self, text: str) -> tuple[int, int]:
         """(13-grams of `text` found in the store, 13-grams of `text`)."""
