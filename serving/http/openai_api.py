@@ -288,11 +288,11 @@ def chat_call(body: dict, server, stream: bool, include_usage: bool) -> Call:
 
 
 def _check_choices(server, prompts: int, best_of: int) -> None:
-    limit = server.cfg.max_choices
+    limit = min(server.cfg.max_choices, server.cfg.max_queue)  # each generation is a job in the queue
     if prompts * best_of > limit:
-        field = "best_of" if best_of > 1 else "prompt"
+        field = "prompt" if best_of == 1 else "best_of" if prompts == 1 else "n"
         raise bad(field, f"{prompts} prompt(s) x {best_of} candidate(s) = {prompts * best_of} generations; at "
-                         f"most {limit} per request (serve.max_choices)")
+                         f"most {limit} per request (serve.max_choices, serve.max_queue)")
 
 
 def _batch_field(exc: Exception, i: int, count: int) -> Exception:
