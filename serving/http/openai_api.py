@@ -264,7 +264,7 @@ def completion_call(body: dict, server, stream: bool, include_usage: bool) -> Ca
     params = gen_params(body, chat=False)
     n, best_of = choice_counts(body, chat=False, stream=stream)
     prompts = completion_prompts(body)
-    _check_choices(server, len(prompts), best_of)
+    _check_choices(server, len(prompts), best_of, "best_of" if body.get("best_of") is not None else "n")
     asked = params.logprobs if params.HasField("logprobs") else None
     if best_of > n and asked is None:
         params.logprobs = 0  # the candidates are ranked by their tokens' log-probs
@@ -281,16 +281,16 @@ def completion_call(body: dict, server, stream: bool, include_usage: bool) -> Ca
 def chat_call(body: dict, server, stream: bool, include_usage: bool) -> Call:
     params = gen_params(body, chat=True)
     n, _ = choice_counts(body, chat=True, stream=stream)
-    _check_choices(server, 1, n)
+    _check_choices(server, 1, n, "n")
     req = chat_request(pb.ChatRequest(messages=chat_messages(body), params=params), server.limits())
     asked = params.logprobs if params.HasField("logprobs") else None
     return Call(True, [_seeded(req, j) for j in range(n)], n, n, asked, False, stream, include_usage)
 
 
-def _check_choices(server, prompts: int, best_of: int) -> None:
+def _check_choices(server, prompts: int, best_of: int, field: str) -> None:
     limit = min(server.cfg.max_choices, server.cfg.max_queue)  # each generation is a job in the queue
     if prompts * best_of > limit:
-        field = "prompt" if best_of == 1 else "best_of" if prompts == 1 else "n"
+        field = "prompt" if best_of == 1 else field
         raise bad(field, f"{prompts} prompt(s) x {best_of} candidate(s) = {prompts * best_of} generations; at "
                          f"most {limit} per request (serve.max_choices, serve.max_queue)")
 

@@ -118,6 +118,33 @@ def score_windows(lm, cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemb
                   blocks: BlockStore | None = None, top: int = 0) -> RICBatch:
     """Score each window without a block and with its top `n_blocks` hits (concatenated or ensembled);
     `top` > 0 also keeps the most probable tokens at each position (with the block; concatenated only)."""
+    if not jobs:
+        z = np.zeros(0)
+        return RICBatch(z.astype(np.int64), z, z, z.astype(np.int32), z.astype(bool), [])
+    seqs = _window_sequences(lm, cfg, jobs, hits, n_blocks, ensemble, blocks)
+    top = 0 if ensemble else top
+    lp, best_of = _score_sequences(lm, seqs, jobs, per_ids, top)
+    targets, logp, logp_lm, owner, used, tops = [], [], [], [], [], []
+    for j, (ti, b, e, f) in enumerate(jobs):
+        base = lp[(j, -1)]
+        variants = [lp[k] for k in ((j, v) for v in range(n_blocks)) if k in lp]
+        if top:
+            tops.append(best_of[(j, 0) if (j, 0) in best_of else (j, -1)])
+        # REPLUG: log mean_j p_j(y); for the concatenated case there is one variant
+        logp.append(np.logaddexp.reduce(np.stack(variants), axis=0) - math.log(len(variants)) if variants else base)
+        targets.append(np.asarray(per_ids[ti][f + 1:e + 1], dtype=np.int64))
+        logp_lm.append(base)
+        owner.append(np.full(e - f, ti, dtype=np.int32))
+        used.append(np.full(e - f, bool(variants)))
+    return RICBatch(np.concatenate(targets), np.concatenate(logp), np.concatenate(logp_lm),
+                    np.concatenate(owner), np.concatenate(used), [h[:n_blocks] for h in hits],
+                    TopTokens.concat(tops) if top else None)
+
+
+def _window_sequences(lm, cfg: RICConfig, jobs, hits, n_blocks: int, ensemble: bool,
+                      blocks: BlockStore | None) -> list[tuple[int, int, list[int]]]:
+    """(job index, variant, prefix ids) of every sequence to score: each window alone (variant -1), and
+    with its blocks prepended (one variant, or one per block when ensembling)."""
     ctx = lm.context_length
     sep = lm.encode(cfg.separator) if cfg.separator else []
     block_ids: dict[tuple[int, int], list[int]] = {}
@@ -134,7 +161,6 @@ def score_windows(lm, cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemb
             out += ids_of(h) + sep
         return out[-budget:] if budget > 0 else []
 
-    # sequences: (job index, variant, prefix ids); variant -1 = no block
     seqs = []
     for j, (ti, b, e, f) in enumerate(jobs):
         seqs.append((j, -1, []))
@@ -142,13 +168,17 @@ def score_windows(lm, cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemb
         budget = ctx - (e - b)
         if hs and budget > 0:
             if ensemble:
-                for v, h in enumerate(hs):
-                    seqs.append((j, v, prefix([h], budget)))
+                seqs += [(j, v, prefix([h], budget)) for v, h in enumerate(hs)]
             else:
                 seqs.append((j, 0, prefix(hs, budget)))
+    return seqs
+
+
+def _score_sequences(lm, seqs, jobs, per_ids, top: int) -> tuple[dict, dict]:
+    """log p(target) of each sequence's scored positions, by (job, variant), and with `top` their most
+    probable tokens, in batches of `lm.batch_size` right-padded sequences."""
     lp: dict[tuple[int, int], np.ndarray] = {}
     best_of: dict[tuple[int, int], TopTokens] = {}
-    top = 0 if ensemble else top
     pad = lm.tokenizer.pad_token_id
     for i in range(0, len(seqs), lm.batch_size):
         chunk = seqs[i:i + lm.batch_size]
@@ -169,28 +199,7 @@ def score_windows(lm, cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemb
             if top:
                 t = torch.topk(sel, min(top, sel.shape[-1]), dim=-1)
                 best_of[(j, v)] = TopTokens(t.indices.cpu().numpy().astype(np.int64), t.values.double().cpu().numpy())
-    targets, logp, logp_lm, owner, used, tops = [], [], [], [], [], []
-    for j, (ti, b, e, f) in enumerate(jobs):
-        base = lp[(j, -1)]
-        variants = [lp[k] for k in ((j, v) for v in range(n_blocks)) if k in lp]
-        if top:
-            tops.append(best_of[(j, 0) if (j, 0) in best_of else (j, -1)])
-        if variants:
-            # REPLUG: log mean_j p_j(y); for the concatenated case there is one variant
-            best = np.logaddexp.reduce(np.stack(variants), axis=0) - math.log(len(variants))
-        else:
-            best = base
-        targets.append(np.asarray(per_ids[ti][f + 1:e + 1], dtype=np.int64))
-        logp.append(best)
-        logp_lm.append(base)
-        owner.append(np.full(e - f, ti, dtype=np.int32))
-        used.append(np.full(e - f, bool(variants)))
-    if not jobs:
-        z = np.zeros(0)
-        return RICBatch(z.astype(np.int64), z, z, z.astype(np.int32), z.astype(bool), [])
-    return RICBatch(np.concatenate(targets), np.concatenate(logp), np.concatenate(logp_lm),
-                    np.concatenate(owner), np.concatenate(used), [h[:n_blocks] for h in hits],
-                    TopTokens.concat(tops) if top else None)
+    return lp, best_of
 
 
 @torch.inference_mode()

@@ -5,8 +5,9 @@
 
 `config` names a SILO config whose `lm:` section gives the model and store and `knn:` the mixture (as
 `silo generate` reads it); `model`/`store` override it. `mode` parametric|knn|ric (default knn), and `k`,
-`lmbda`, `tau` (the fixed mixture), `skip` (auto|off|a threshold), `device`, `batch_size` (sequences per
-scoring pass / per decoding batch, default 8), `max_gen_toks` (default 256).
+`lmbda`, `tau` (the fixed mixture), `skip` (auto|off|a threshold), `device`, `max_gen_toks` (default 256),
+`windows` (below); lm_eval's `--batch_size N` is the sequences per scoring pass and per decoding batch
+(default 8 where lm_eval passes none or "auto").
 
 What each request type is, in SILO's terms:
 - `loglikelihood` (multiple choice): context and continuation are tokenised as lm-eval's own API models
@@ -14,12 +15,16 @@ What each request type is, in SILO's terms:
   `SiloLM.score_ids`: the same path as Score and as the OpenAI door's `echo`, so `local-completions`
   against a SILO server gives the same numbers. `is_greedy` compares each continuation token with the
   most probable token under the same mixture.
-- `loglikelihood_rolling` (perplexity): the document scored by `SiloLM.score`, SILO's own protocol
-  (BOS, then sliding windows of the model's context with half of it as stride), exactly what Score
-  returns for the text. lm-eval's API models cut a long document into disjoint windows instead, each
-  starting from almost no context: the two agree for documents that fit the context (see the README).
+- `loglikelihood_rolling` (perplexity): with `windows=sliding` (the default) the document scored by
+  `SiloLM.score`, SILO's own protocol (BOS, then sliding windows of the model's context with half of it as
+  stride), exactly what Score returns for the text. lm-eval's API models (`local-completions`) cut a long
+  document into disjoint windows instead, each starting from one token of context; `windows=disjoint`
+  scores those same windows (of `local-completions` with `max_length` = the model's context), so the
+  two paths can be compared on documents longer than the context. They agree either way on documents
+  that fit the context.
 - `generate_until`: greedy (or sampled, with a temperature) continuations through SILO's generation
-  path, `batch_size` of them advanced together by one `BatchDecoder`.
+  path, `batch_size` of them advanced together by one `BatchDecoder`; the prompt is the context's tokens
+  as lm-eval's API models send them (no BOS), left-truncated to leave room for `max_gen_toks`.
 
 Registration: importing this module registers `silo` in lm-eval's model registry (`register_model`);
 the installed package also carries `silo-lm-eval.pth`, which registers it lazily (this module is imported
@@ -32,6 +37,7 @@ import logging
 from typing import Sequence
 
 import torch
+from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
@@ -72,7 +78,7 @@ class SiloEvalLM(TemplateLM):
     def __init__(self, config: str | None = None, model: str | None = None, store: str | None = None,
                  mode: str = "knn", k: int | None = None, lmbda: float | None = None, tau: float | None = None,
                  skip: str | float | None = None, device: str | None = "auto", batch_size: int | str = 8,
-                 max_gen_toks: int = 256, max_batch_size: int | None = None, **unused):
+                 max_gen_toks: int = 256, max_batch_size: int | None = None, windows: str = "sliding", **unused):
         super().__init__()
         if unused:
             log.warning("silo: ignoring model_args %s", sorted(unused))
@@ -82,6 +88,9 @@ class SiloEvalLM(TemplateLM):
         self.params = RetrievalParams(mode=mode, k=k, lmbda=lmbda, tau=tau, skip=skip)
         self.retriever = self.lm.retriever_for(self.params)  # held: one snapshot for the whole run
         self.max_gen_toks = int(max_gen_toks)
+        if windows not in ("sliding", "disjoint"):
+            raise ValueError(f"silo: windows must be sliding or disjoint (got {windows!r})")
+        self.windows = windows
 
     # ------------------------------------------------------------------------------ tokens
     @property
@@ -124,14 +133,27 @@ class SiloEvalLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each document's log-likelihood as Score gives it (BOS, sliding windows)."""
+        """Each document's log-likelihood: as Score gives it (BOS, sliding windows), or over lm-eval's
+        disjoint windows (`windows=disjoint`)."""
         texts = [req.args[0] for req in requests]
         out = []
         for i in range(0, len(texts), self._batch):
-            for text, res in zip(texts[i:i + self._batch], self.lm.score(texts[i:i + self._batch], self.retriever)):
-                out.append(float(res.logp.sum()))
-                self.cache_hook.add_partial("loglikelihood_rolling", (text,), out[-1])
+            part = texts[i:i + self._batch]
+            if self.windows == "disjoint":
+                out += [self._disjoint(text) for text in part]
+            else:
+                out += [float(res.logp.sum()) for res in self.lm.score(part, self.retriever)]
+        for text, ll in zip(texts, out):
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), ll)
         return out
+
+    def _disjoint(self, text: str) -> float:
+        """A document over the windows lm-eval's API models send for max_length = the model's context: the
+        prefix token and the first context - 2 tokens, then the next context - 2 each after one token."""
+        windows = [(None,) + lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
+            token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+            max_seq_len=self.lm.context_length - 2, context_len=1)]
+        return float(sum(ll for ll, _ in self._loglikelihood_tokens(windows)))
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations up to the first `until` string, `batch_size` generations decoded together."""
@@ -160,8 +182,9 @@ class SiloEvalLM(TemplateLM):
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
         temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-        ids = [self.lm.tokenizer.eos_token_id] + self.lm.encode(context)
-        ids = ids[-max(1, self.lm.context_length - max_new):]  # left-truncated to leave room, as lm-eval's models do
+        # as lm-eval's own models (and local-completions) send it: the context's tokens, BOS only for an empty one
+        ids = self.lm.encode(context) or [self.prefix_token_id]
+        ids = ids[-max(1, self.lm.context_length - max_new):]  # left-truncated to leave room, as they do
         stops = tuple(s for s in until if 1 <= len(s) <= MAX_STOP_CHARS)  # longer ones are cut afterwards
         sampling = SamplingParams(max_new_tokens=max_new, temperature=temperature, stop=stops,
                                   seed=kwargs.pop("seed", None))
