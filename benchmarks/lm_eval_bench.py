@@ -11,8 +11,8 @@ opt-out (`--opted-out`). Paths per setting:
   HTTP                 local-completions, tokenized requests, max_length = the model's context
 Prints, per setting and path: lm-eval's word and byte perplexity, token perplexity (from the per-document
 log-likelihoods and the model's token counts), the documents' largest disagreement with the in-process
-disjoint path (the same windows), wall time of the evaluation, documents/s and requests/s (HTTP: one
-request per window). One run; the host's other work moves the times.
+disjoint path (the same windows), the seconds lm-eval spent on the requests (its log's stamps: start-up and
+loading left out), documents/s and requests/s (HTTP: one request per window). One run; the host's other work moves the times.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,14 +37,25 @@ def run_lm_eval(model: str, model_args: str, task: str, include: str, out: Path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", model, "--model_args", model_args,
            "--include_path", include, "--tasks", task, "--output_path", str(out), "--log_samples"]
-    t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.monotonic() - t0
     if proc.returncode:
         raise SystemExit(f"lm_eval failed:\n{proc.stderr[-4000:]}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lm_eval.log").write_text(proc.stderr)
     results = json.loads(Path(sorted(glob.glob(f"{out}/*/results_*.json"))[-1]).read_text())
     samples = [json.loads(line) for line in open(sorted(glob.glob(f"{out}/*/samples_{task}_*.jsonl"))[-1])]
-    return results, sorted(samples, key=lambda s: s["doc_id"]), wall
+    return results, sorted(samples, key=lambda s: s["doc_id"]), request_seconds(proc.stderr)
+
+
+def request_seconds(log: str) -> float:
+    """How long lm-eval spent on the model's requests: from its "Running ... requests" line to its "Saving
+    results" line (its log stamps seconds; loading, task set-up and start-up are left out)."""
+    stamps = {}
+    for line in log.splitlines():
+        for key, marker in (("start", "requests"), ("end", "Saving results")):
+            if marker in line and "INFO" in line and key not in stamps and (key == "end" or "Running" in line):
+                stamps[key] = datetime.strptime(line[:19], "%Y-%m-%d:%H:%M:%S")
+    return max(1.0, (stamps["end"] - stamps["start"]).total_seconds())
 
 
 def head_task(out: Path, max_chars: int) -> str:
@@ -68,12 +79,13 @@ def head_task(out: Path, max_chars: int) -> str:
 
 
 def summarise(results: dict, samples: list, task: str, tokenizer, context: int, wall: float) -> dict:
+    """The run's figures; `wall`: seconds of its requests."""
     ll = [float(s["resps"][0][0]) for s in samples]
     texts = [s["doc"]["text"] for s in samples]
     tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     windows = sum(math.ceil(n / (context - 2)) for n in tokens)
     r = results["results"][task]
-    secs = float(results.get("total_evaluation_time_seconds", wall))
+    secs = wall
     return {"word_ppl": r["word_perplexity,none"], "byte_ppl": r["byte_perplexity,none"],
             "token_ppl": math.exp(-sum(ll) / sum(tokens)), "ll": ll, "seconds": secs, "docs_s": len(ll) / secs,
             "windows": windows, "windows_s": windows / secs}
@@ -128,7 +140,7 @@ def main(argv=None) -> int:
                   f"{s['byte_ppl']:.4f}, max |ll - disjoint| {s['max_diff']:.2e}, {s['seconds']:.1f} s, "
                   f"{s['docs_s']:.3f} docs/s, {s['windows']} windows", flush=True)
     print("\n| setting | path | token ppl | word ppl | byte ppl | max abs diff vs in-process disjoint (nats/doc) "
-          "| eval s | docs/s | HTTP requests/s |")
+          "| request s | docs/s | HTTP requests/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, path, s in rows:
         http = f"{s['windows_s']:.2f}" if path.startswith("HTTP") else "-"

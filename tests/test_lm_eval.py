@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import start_server
 from silo.model.lm import SiloLM
 from silo.serving.client import SiloClient
-from silo.serving.config import ServeConfig
-from silo.serving.server import SiloServer
 
 pytest.importorskip("lm_eval", reason="the lm-eval tests run the real harness (the test extra installs it)")
 
@@ -46,9 +45,7 @@ def lm_eval(model: str, model_args: str, out: Path, *extra: str) -> dict[str, li
 def runs(tiny_model, tiny_store, tmp_path_factory):
     """Both paths over the same tasks (kNN-LM over the tiny store), and a SiloLM to compute what Score gives."""
     out = tmp_path_factory.mktemp("lm-eval")
-    cfg = ServeConfig(model=str(tiny_model), store=str(tiny_store), port=0, http_port=0, max_queue=16,
-                      max_tokens_limit=64)
-    server = SiloServer(cfg, lm=SiloLM.load(str(tiny_model), str(tiny_store))).start()
+    server = start_server(tiny_model, tiny_store, max_queue=16, max_tokens_limit=64)
     try:
         http = lm_eval("local-completions", f"model=model,base_url={server.http.url}/v1/completions,"
                        f"tokenizer={tiny_model},tokenizer_backend=huggingface,max_length=128", out / "http")
@@ -75,11 +72,12 @@ def test_multiple_choice_log_likelihoods_agree(runs, tiny_model, tiny_store):
     knn = lm.retriever("knn")
     for a, b in zip(http["silo_choice"], local["silo_choice"]):
         assert len(a["resps"]) == len(b["resps"]) == 2
-        for (x, gx), (y, gy), choice in zip((r[0] for r in a["resps"]), (r[0] for r in b["resps"]),
-                                            a["doc"]["choices"]):
+        pairs = [(arg["arg_0"], arg["arg_1"]) for arg in a["arguments"].values()]  # (context, " " + choice)
+        for (x, gx), (y, gy), (context, continuation) in zip((r[0] for r in a["resps"]), (r[0] for r in b["resps"]),
+                                                             pairs):
             assert abs(float(x) - float(y)) < TOL and gx == gy
-            ctx, cont = lm.encode(a["doc"]["context"]), lm.encode(a["doc"]["context"] + choice)
-            cont = cont[len(ctx):]
+            ctx = lm.encode(context)  # lm-eval's split: the context's tokens, then the rest of the whole's
+            cont = lm.encode(context + continuation)[len(ctx):]
             want = lm.score_ids([ctx + cont], knn)[0].logp[len(ctx) - 1:].sum()
             assert abs(float(x) - want) < TOL
         assert a["acc"] == b["acc"]

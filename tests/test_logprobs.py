@@ -8,11 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from silo.model.lm import SiloLM
+from conftest import openai_client, start_server
 from silo.serving.client import SiloClient
-from silo.serving.config import ServeConfig
 from silo.serving.gen import silo_pb2 as pb
-from silo.serving.server import SiloServer
 
 openai = pytest.importorskip("openai", reason="the HTTP door is driven with the official openai client")
 
@@ -23,16 +21,14 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tiny_store):
-    cfg = ServeConfig(model=str(tiny_model), store=str(tiny_store), port=0, http_port=0, max_queue=16, max_batch=4,
-                      max_tokens_limit=120)
-    server = SiloServer(cfg, lm=SiloLM.load(str(tiny_model), str(tiny_store))).start()
+    server = start_server(tiny_model, tiny_store, max_queue=16, max_batch=4, max_tokens_limit=120)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def oa(served):
-    return openai.OpenAI(base_url=served.http.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(served)
 
 
 @pytest.fixture(scope="module")
