@@ -393,6 +393,8 @@ class Engine:
         """Hand a finished generation to `on_result` (the contribution ledger), on the worker."""
         if self.on_result is None or result.finish_reason == "cancelled" and not result.completion_tokens:
             return
+        if job.request is not None and job.request.scores_only:  # a prompt scored (echo): nothing was generated
+            return
         try:
             self.on_result(job.id, result)
         except Exception:  # noqa: BLE001 - accounting must not take the response down; it is logged
