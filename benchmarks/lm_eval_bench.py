@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         got = {}
         for path, model, margs in (("in-process, sliding", "silo", base + ",windows=sliding"),
                                    ("in-process, disjoint", "silo", base + ",windows=disjoint")):
-            res, samples, wall = run_lm_eval(model, margs, args.task, args.include_path, out / f"{mode}-{path[12:]}")
+            res, samples, wall = run_lm_eval(model, margs, args.task, args.include_path, out / f"{len(rows)}-{mode}-{path[12:]}")
             got[path] = summarise(res, samples, args.task, tok, context, wall)
         # local-completions sends no SILO fields: the server's default mode is the setting (no store: parametric)
         server = ChildServer({"model": args.model, "store": store if mode != "parametric" else None, "port": 0,

@@ -140,8 +140,7 @@ def drop_documents(nb: Neighbors, store: Datastore, exclude: Sequence[np.ndarray
 
 @dataclass
 class MixedPositions:
-    """The mixture at scored positions: log p(target) [N], lambda [N], and its parts (the neighbours, tau,
-    the context-match bonus) from which `top` rebuilds the whole distribution where it is asked for."""
+    """The mixture at scored positions: log p(target) [N], lambda [N], and the parts `top` rebuilds it from."""
 
     logp: np.ndarray
     lmbda: np.ndarray
@@ -264,8 +263,7 @@ class KNNRetriever:
         return self.mix_positions(pos, nb).logp
 
     def mix_positions(self, pos: PositionBatch, nb: Neighbors | None = None) -> "MixedPositions":
-        """The mixture at each scored position: log p(target), lambda, and what the whole distribution there
-        is made of (`MixedPositions.top` reads it)."""
+        """`mix_targets` with lambda and the parts of the whole distribution (`MixedPositions.top`)."""
         if not len(pos.targets):
             return MixedPositions(pos.logp_lm, np.zeros(0), None, 0.0, None)
         skipping = nb is None and self.skip is not None
@@ -287,9 +285,6 @@ class KNNRetriever:
         lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, tau, bonus)
         lam = self.lambdas(nb, pos.lm, searched, self.recent(nb, pos, searched), match)
         return MixedPositions(mix_logp(pos.logp_lm, lk, lam), lam, nb, tau, bonus)
-
-    def score(self, lm, texts: Sequence[str]) -> list[ScoreResult]:
-        return self.score_ids(lm, [lm.text_ids(t) for t in texts])
 
     def score_ids(self, lm, id_lists: Sequence[Sequence[int]], top: int = 0) -> list[ScoreResult]:
         """Each sequence's tokens scored under the mixture (see `SiloLM.score_ids`); `top` > 0 also gives the
