@@ -300,7 +300,7 @@ def measure_size(lm: SiloLM, demo: Datastore, texts: list[str], queries: np.ndar
     row["search_512q_parallel_s"], row["search_512q_sequential_s"] = t_p, t_s
     row["parallel_identical"] = bool(np.array_equal(a.ids, b.ids) and np.array_equal(a.distances, b.distances))
     lm.swap_store(None)
-    del big
+    big = None  # the store is closed before the removal timings open it again
     times = owner_removals(path, demo, args.factory)
     row["owner_removal_s"] = sorted(times)[1]
     row["owner_removal_runs_s"] = times

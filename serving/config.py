@@ -32,6 +32,9 @@ class ServeConfig(StageConfig):
     max_stop_sequences: int = Field(8, ge=0)
     max_prompt_chars: int = Field(32_768, ge=1)  # Complete's prompt / Chat's messages, checked before queueing
     max_messages: int = Field(64, ge=1)  # Chat messages per request
+    max_logprobs: int = Field(20, ge=0, le=100)  # alternatives per token a request may ask for (logprobs)
+    # HTTP completions: choices one request may ask to generate, prompts x best_of (or n); each is a job
+    max_choices: int = Field(16, ge=1, le=1024)
     max_lookups: int = Field(4, ge=1)  # DataOwner.Lookup calls in flight; beyond: RESOURCE_EXHAUSTED
     admin_token: str | None = None
     admin_token_env: str | None = None  # name of an environment variable holding the admin token

@@ -31,7 +31,7 @@ import threading
 
 import grpc
 
-from silo.datastore.format import Manifest, StoredDocument
+from silo.datastore.format import Manifest
 from silo.datastore.lookup import lookup
 from silo.datastore.removal import RemovalManager
 from silo.datastore.removal_records import Receipt, RemovalError, RemovalRequest, RemovalState

@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from silo.model.batch import BatchDecoder, Decoding
@@ -53,6 +53,7 @@ class RequestState:
     job: Job
     admitted: float  # time.monotonic() when it joined: its run time counts from here
     awaiting_first_token: bool = True  # for the time-to-first-token metric
+    logprobs: list = field(default_factory=list)  # of tokens whose text has not been streamed yet
 
 
 @dataclass
@@ -122,6 +123,19 @@ class Engine:
         job = Job("generate", None, deadline, self.id_prefix)
         job.request = request
         return self._submit(job)
+
+    def generate_all(self, requests: list[GenerationRequest], deadline: float | None = None) -> list[Job]:
+        """The jobs of several generations one call asks for (HTTP: n, best_of, a batch of prompts), queued
+        all or none: if the queue cannot take them all, those queued are cancelled and EngineBusy raised."""
+        jobs: list[Job] = []
+        try:
+            for request in requests:
+                jobs.append(self.generate(request, deadline))
+        except BaseException:
+            for job in jobs:
+                self.cancel(job)
+            raise
+        return jobs
 
     def score(self, req: ScoreRequest, deadline: float | None = None) -> Job:
         return self._submit(Job("score", lambda job: self._score(req), deadline, self.id_prefix))
@@ -269,6 +283,7 @@ class Engine:
             self._finish_unstarted(job)
             return None
         try:
+            self._check_scoring_size(job.request)
             seq = self.lm.start(job.request, policy=self.policy, should_stop=job.should_stop)
         except Exception as exc:  # noqa: BLE001 - delivered to the caller, who maps it to a status
             self._fail(job, exc)
@@ -276,6 +291,8 @@ class Engine:
         seq.tag = RequestState(job, time.monotonic())
         store = seq.retriever.store if seq.retriever is not None else self.lm.store
         job.record.store_generation = store.generation if store is not None else None
+        if seq.echo is not None:  # the prompt's text and log-probs, ahead of the completion's deltas
+            job.events.put(("prompt", seq.echo))
         return seq
 
     def _join(self, seqs: list[Decoding]) -> None:
@@ -313,14 +330,29 @@ class Engine:
         for seq in finished:
             self._complete(seq)
 
+    def _check_scoring_size(self, request: GenerationRequest) -> None:
+        """A request that only scores its prompt may be longer than the context (it is read in windows), up to
+        what Score accepts."""
+        if not request.scores_only:
+            return
+        n = len(request.prompt_ids) if request.prompt_ids is not None else None
+        if n is None and request.prompt is not None:
+            n = len(self.lm.encode(request.prompt)) + 1
+        if n is not None and n > self.max_score_tokens + 1:
+            raise InvalidRequest("prompt", f"{n} tokens; a prompt scored alone (echo, max_tokens 0) may have at "
+                                           f"most {self.max_score_tokens}, as Score")
+
     def _deliver(self, seq: Decoding) -> None:
         state: RequestState = seq.tag
         for step in seq.take():
+            if step.logprob is not None:
+                state.logprobs.append(step.logprob)
             if step.text:
                 if state.awaiting_first_token:
                     self.metrics.ttft.observe(time.monotonic() - state.job.created)
                     state.awaiting_first_token = False
-                state.job.emit(step.text)
+                state.job.emit(step.text, state.logprobs)
+                state.logprobs = []
 
     def _complete(self, seq: Decoding) -> None:
         """A generation left the batch: attribute it, answer, count it."""
@@ -336,7 +368,8 @@ class Engine:
             result = GenResult(text=comp.text, finish_reason=comp.finish_reason, prompt_tokens=comp.prompt_tokens,
                                completion_tokens=n, mode=comp.mode, store_generation=comp.store_generation,
                                attributions=comp.attributions, return_attributions=job.request.output.attributions,
-                               notices=comp.notices, guard_events=comp.guard_events)
+                               notices=comp.notices, guard_events=comp.guard_events, logprobs=comp.logprobs,
+                               prompt_logprobs=comp.prompt_logprobs, prompt_text=comp.prompt_text)
             self._report(job, result)
         except Exception as exc:  # noqa: BLE001
             self._fail(job, exc)
@@ -364,6 +397,8 @@ class Engine:
         """Hand a finished generation to `on_result` (the contribution ledger), on the worker."""
         if self.on_result is None or result.finish_reason == "cancelled" and not result.completion_tokens:
             return
+        if job.request is not None and job.request.scores_only:  # a prompt scored (echo): nothing was generated
+            return
         try:
             self.on_result(job.id, result)
         except Exception:  # noqa: BLE001 - accounting must not take the response down; it is logged
@@ -374,7 +409,7 @@ class Engine:
         n = len(self.lm.encode(req.text))
         if n > self.max_score_tokens:
             raise InvalidRequest("text", f"{n} tokens; Score accepts at most {self.max_score_tokens}")
-        res = self.lm.score(req.text, self.lm.retriever_for(req.retrieval))[0]
+        res = self.lm.score(req.text, self.lm.retriever_for(req.retrieval))[0]  # (lambda per token included)
         return ScoreOutput(res, [self.lm.tokenizer.decode([t]) for t in res.tokens])
 
     def _tokenize(self, text: str) -> tuple[list[int], list[str]]:

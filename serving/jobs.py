@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from silo.model.types import Notice, SentenceAttribution
+from silo.model.types import Notice, SentenceAttribution, TokenLogprob
 
 from silo.model.request import GenerationRequest
 
@@ -39,6 +39,24 @@ class GenResult:
     return_attributions: bool = False
     notices: list[Notice] = field(default_factory=list)
     guard_events: list = field(default_factory=list)  # silo.model.guard.GuardEvent
+    logprobs: list[TokenLogprob] | None = None  # the generated tokens' (request's OutputControls.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's (OutputControls.echo)
+    prompt_text: str | None = None
+
+
+class TextDelta(str):
+    """A piece of a completion's text that carries the log-probs of its tokens (when the request asked for
+    them); deltas joined with + join both."""
+
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+    def __new__(cls, text: str, logprobs=()):
+        obj = super().__new__(cls, text)
+        obj.logprobs = tuple(logprobs)
+        return obj
+
+    def __add__(self, other: str) -> "TextDelta":
+        return TextDelta(str(self) + str(other), self.logprobs + tuple(getattr(other, "logprobs", ())))
 
 
 @dataclass
@@ -65,18 +83,20 @@ class Job:
         self.deadline = deadline  # time.monotonic() value, or None
         self.created = time.monotonic()
         self.cancelled = threading.Event()
-        self.events: queue.Queue = queue.Queue()  # ("delta", str) ... then ("done", value) or ("error", exc)
+        # ("delta", str or TextDelta) ... then ("done", value) or ("error", exc)
+        self.events: queue.Queue = queue.Queue()
         self.record = JobRecord(self.id, kind)
         self.request: GenerationRequest | None = None  # a generation's: admitted into the batch, not run as `fn`
 
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
 
-    def emit(self, text: str) -> None:
-        self.events.put(("delta", text))
+    def emit(self, text: str, logprobs=()) -> None:
+        self.events.put(("delta", TextDelta(text, logprobs) if logprobs else text))
 
     def stream(self, timeout: float | None = None) -> Iterator[tuple[str, Any]]:
-        """("delta", text) events, then ("done", result); raises the job's error (queue.Empty on timeout).
+        """("delta", text) events, then ("done", result); raises the job's error (queue.Empty on timeout). A
+        request that echoes its prompt gets ("prompt", (text, log-probs)) first.
 
         Deltas that are already waiting when the reader comes back are joined into one: a reader that keeps
         up gets every token as it comes, one that falls behind (many streams on a busy host) sends fewer,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 from silo.datastore.store import Datastore
 
 from silo.model.lm import SiloLM
+from silo.model.types import TokenLogprob
 
 from .engine import GenResult
 from .gen import silo_pb2 as pb
@@ -27,7 +29,24 @@ def completion_message(res: GenResult, request_id: str) -> pb.CompleteResponse:
             spans=[pb.VerbatimSpan(**vars(x)) for x in a.spans]))
     msg.notices.extend(pb.LicenseNotice(**vars(n), text=n.text()) for n in res.notices)
     msg.guard_events.extend(pb.GuardEvent(**vars(e)) for e in res.guard_events)
+    msg.logprobs.extend(logprob_messages(res.logprobs or ()))
+    msg.prompt_logprobs.extend(logprob_messages(res.prompt_logprobs or ()))
+    if res.prompt_text is not None:
+        msg.prompt_text = res.prompt_text
     return msg
+
+
+def logprob_messages(tokens: Iterable[TokenLogprob]) -> list[pb.TokenLogprob]:
+    """silo.v1 TokenLogprob messages of tokens' log-probs (-inf as a large negative number)."""
+    out = []
+    for t in tokens:
+        msg = pb.TokenLogprob(id=t.token, text=t.text, logprob_parametric=finite(t.logprob_parametric or 0.0),
+                              lmbda=t.lmbda, offset=t.offset,
+                              top=[pb.TopLogprob(id=i, text=x, logprob=finite(v)) for i, x, v in t.top])
+        if t.logprob is not None:
+            msg.logprob = finite(t.logprob)
+        out.append(msg)
+    return out
 
 
 def store_message(store: Datastore | None, show_path: bool = True) -> pb.StoreInfo:

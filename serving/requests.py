@@ -48,8 +48,9 @@ class Limits:
     vocab_size: int
     modes: tuple[str, ...] = ("parametric",)  # the modes its model and store can serve now
     max_score_chars: int = 1 << 20  # a cheap bound before tokenizing; tokens are checked on the worker
-    max_prompt_chars: int = 32_768  # prompt / all chat messages together, before queueing
+    max_prompt_chars: int = 32_768  # prompt / all chat messages together (prompt_ids: ids), before queueing
     max_messages: int = 64
+    max_logprobs: int = 20  # alternatives per token a request may ask for
 
     @property
     def default_mode(self) -> str:
@@ -75,6 +76,11 @@ class Limits:
             raise InvalidRequest(prefix + "stop", f"at most {self.max_stop_sequences} sequences (got {len(s.stop)})")
         if req.prompt is not None and len(req.prompt) > self.max_prompt_chars:
             raise InvalidRequest("prompt", f"{len(req.prompt)} characters; at most {self.max_prompt_chars}")
+        if req.prompt_ids is not None and len(req.prompt_ids) > self.max_prompt_chars:
+            raise InvalidRequest("prompt", f"{len(req.prompt_ids)} token ids; at most {self.max_prompt_chars}")
+        if req.output.top_logprobs > self.max_logprobs:
+            raise InvalidRequest(prefix + "logprobs", f"must be in [0, {self.max_logprobs}] "
+                                                      f"(got {req.output.logprobs})")
         if req.messages is not None:
             if len(req.messages) > self.max_messages:
                 raise InvalidRequest("messages", f"{len(req.messages)} messages; at most {self.max_messages}")
@@ -120,14 +126,20 @@ def _request(params, limits: Limits, **prompt) -> GenerationRequest:
             output=OutputControls(attributions=params.return_attributions,
                                   max_verbatim_chars=_opt(params, "max_verbatim_chars"),
                                   exclude_owners=tuple(params.exclude_owners),
-                                  exclude_tiers=tuple(params.exclude_tiers), require_notices=params.require_notices))
+                                  exclude_tiers=tuple(params.exclude_tiers), require_notices=params.require_notices,
+                                  logprobs=_opt(params, "logprobs"), echo=params.echo))
     except SiloInputError as exc:
         raise exc.renamed(_wire_field(exc.field, "params.")) from None
 
 
 def complete_request(msg, limits: Limits) -> GenerationRequest:
-    """A silo.v1 CompleteRequest as a checked GenerationRequest."""
-    return limits.check(_request(msg.params, limits, prompt=msg.prompt))
+    """A silo.v1 CompleteRequest as a checked GenerationRequest (its prompt as text or as token ids)."""
+    if msg.prompt_ids and msg.prompt:
+        raise InvalidRequest("prompt", "give prompt or prompt_ids, not both")
+    if len(msg.prompt_ids) > limits.max_prompt_chars:  # before copying an unbounded list of ids
+        raise InvalidRequest("prompt_ids", f"{len(msg.prompt_ids)} token ids; at most {limits.max_prompt_chars}")
+    prompt = {"prompt_ids": tuple(msg.prompt_ids)} if msg.prompt_ids else {"prompt": msg.prompt}
+    return limits.check(_request(msg.params, limits, **prompt))
 
 
 def chat_request(msg, limits: Limits) -> GenerationRequest:

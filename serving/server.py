@@ -33,8 +33,8 @@ from .engine import Engine, GenResult
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
 from .ledger import Ledger, credits_of
+from .messages import completion_message, finite, knn_defaults, logprob_messages, store_message
 from .writer import LocalWriter
-from .messages import completion_message, finite, knn_defaults, store_message
 from .metrics import Metrics
 from .requests import Limits, chat_request, complete_request, score_request
 from .rpc import RpcFailure, _handled
@@ -82,8 +82,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         job = self._run(req, context, info)
         for kind, value in job.stream():
             if kind == "delta":
-                yield pb.CompleteChunk(delta=value)
-            else:
+                yield pb.CompleteChunk(delta=value, logprobs=logprob_messages(getattr(value, "logprobs", ())))
+            elif kind == "done":  # (an echoed prompt's event: its log-probs come with `done`)
                 yield pb.CompleteChunk(done=self._done(value, job, info))
 
     @_handled("Complete")
@@ -116,9 +116,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         msg = pb.ScoreResponse(perplexity=res.perplexity, perplexity_parametric=res.perplexity_parametric,
                                mode=res.mode,
                                tokens=[pb.TokenScore(id=t, text=x, logprob_parametric=finite(float(lp)),
-                                                     logprob=finite(float(lq)))
-                                       for t, x, lp, lq in zip(res.tokens, out.token_texts, res.logp_parametric,
-                                                               res.logp)])
+                                                     logprob=finite(float(lq)), lmbda=float(lam))
+                                       for t, x, lp, lq, lam in zip(res.tokens, out.token_texts, res.logp_parametric,
+                                                                    res.logp, _lambdas(res))])
         if res.store_generation is not None:
             msg.store_generation = res.store_generation
         return msg
@@ -144,6 +144,11 @@ class GenerationService(pb_grpc.GenerationServicer):
         if lm.store is not None:
             msg.store.CopyFrom(store_message(lm.store, show_path=admin))
         return msg
+
+
+def _lambdas(res):
+    """The kNN weight at each scored position (0 everywhere outside kNN-LM)."""
+    return res.lmbda if res.lmbda is not None else [0.0] * len(res.logp)
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -259,6 +264,7 @@ class SiloServer:
         return Limits(max_tokens_default=self.cfg.max_tokens, max_tokens_limit=self.cfg.max_tokens_limit,
                       max_stop_sequences=self.cfg.max_stop_sequences, vocab_size=lm.vocab_size,
                       max_prompt_chars=self.cfg.max_prompt_chars, max_messages=self.cfg.max_messages,
+                      max_logprobs=self.cfg.max_logprobs,
                       modes=tuple(lm.modes()))
 
     @property

@@ -35,6 +35,7 @@ _EXPORTS = {
     "SamplingParams": "silo.model.sampling",
     "OutputPolicy": "silo.model.output_policy", "VerbatimGuard": "silo.model.guard",
     "Completion": "silo.model.types", "ScoreResult": "silo.model.types", "SiloInputError": "silo.model.types",
+    "TokenLogprob": "silo.model.types",
     "Datastore": "silo.datastore.store", "DatastoreConfig": "silo.datastore.build",
     "build_datastore": "silo.datastore.build",
     "RemovalManager": "silo.datastore.removal", "RemovalRequest": "silo.datastore.removal_records",

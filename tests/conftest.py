@@ -98,3 +98,21 @@ def wait_for_lock_waiter(path: Path, timeout: float = 60.0) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"nothing waited for the lock on {path} within {timeout:.0f}s")
         time.sleep(0.01)
+
+
+def start_server(model: Path, store: Path | None, **cfg):
+    """A real server over `model` (and `store`): gRPC and the HTTP door on free ports, one engine; the
+    caller stops it."""
+    from silo.model.lm import SiloLM
+    from silo.serving.config import ServeConfig
+    from silo.serving.server import SiloServer
+
+    config = ServeConfig(model=str(model), store=str(store) if store else None, port=0, http_port=0, **cfg)
+    return SiloServer(config, lm=SiloLM.load(str(model), str(store) if store else None)).start()
+
+
+def openai_client(server, timeout: float = 120):
+    """The official openai client on `server`'s HTTP door (no retries: a test sees every refusal)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.http.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)

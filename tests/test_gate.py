@@ -183,6 +183,30 @@ def test_greedy_decoding_follows_the_more_probable_source(gated):
     assert fixed.greedy(None, "mixture", None) == "mixture"
 
 
+def test_generated_log_probs_are_the_gated_mixture_that_scoring_gives(gated):
+    """With skipping off and a prompt within the warm-up (64 tokens), a generation's token log-probs (the log
+    of the gate's mixture at each step) are what scoring the prompt and completion gives, within 1e-4; the
+    lambdas too. (Skipping, or a longer prompt, starts the gate's recent-gain state differently: README.)"""
+    from silo.model.request import GenerationRequest, OutputControls, RetrievalParams
+
+    lm, _, _ = gated
+    stored = next(d for s in lm.store.shards for d in s.documents if d["domain"] == "gcide")["text"][2000:2100]
+    for prompt in (stored, "def main():\n    return"):
+        params = RetrievalParams(mode="knn", skip="off")
+        comp = lm.run(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=20, temperature=1.0,
+                                                                               seed=1),
+                                        retrieval=params, output=OutputControls(logprobs=2, echo=True)))
+        ids = lm.text_ids(prompt)
+        assert len(ids) <= 65
+        rescored = lm.score_ids([ids + [t.token for t in comp.logprobs]], lm.retriever_for(params))[0]
+        n = len(ids) - 1
+        got = np.array([t.logprob for t in comp.logprobs])
+        assert np.abs(got - rescored.logp[n:]).max() < 1e-4
+        assert np.abs(np.array([t.lmbda for t in comp.logprobs]) - rescored.lmbda[n:]).max() < 1e-4
+        assert np.abs(np.array([t.logprob for t in comp.prompt_logprobs]) - rescored.logp[:n]).max() < 1e-6
+        assert max(t.lmbda for t in comp.logprobs) > 0
+
+
 def test_joint_prefill_searches_all_prompts_at_once_with_the_same_states(gated, monkeypatch):
     """begin_many: the recent-gain warm-up of sequences joining together from one search of all their
     prompt positions, equal to each prompt's own `begin`; and their greedy text equals each alone."""

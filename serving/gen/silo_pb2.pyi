@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerationParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "mode", "k", "lmbda", "tau", "return_attributions", "max_verbatim_chars", "exclude_owners", "exclude_tiers", "require_notices", "ric_retriever", "ric_blocks")
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "mode", "k", "lmbda", "tau", "return_attributions", "max_verbatim_chars", "exclude_owners", "exclude_tiers", "require_notices", "ric_retriever", "ric_blocks", "logprobs", "echo")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,8 @@ class GenerationParams(_message.Message):
     REQUIRE_NOTICES_FIELD_NUMBER: _ClassVar[int]
     RIC_RETRIEVER_FIELD_NUMBER: _ClassVar[int]
     RIC_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ECHO_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_p: float
@@ -42,15 +44,19 @@ class GenerationParams(_message.Message):
     require_notices: bool
     ric_retriever: str
     ric_blocks: int
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., k: _Optional[int] = ..., lmbda: _Optional[float] = ..., tau: _Optional[float] = ..., return_attributions: _Optional[bool] = ..., max_verbatim_chars: _Optional[int] = ..., exclude_owners: _Optional[_Iterable[str]] = ..., exclude_tiers: _Optional[_Iterable[str]] = ..., require_notices: _Optional[bool] = ..., ric_retriever: _Optional[str] = ..., ric_blocks: _Optional[int] = ...) -> None: ...
+    logprobs: int
+    echo: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., mode: _Optional[str] = ..., k: _Optional[int] = ..., lmbda: _Optional[float] = ..., tau: _Optional[float] = ..., return_attributions: _Optional[bool] = ..., max_verbatim_chars: _Optional[int] = ..., exclude_owners: _Optional[_Iterable[str]] = ..., exclude_tiers: _Optional[_Iterable[str]] = ..., require_notices: _Optional[bool] = ..., ric_retriever: _Optional[str] = ..., ric_blocks: _Optional[int] = ..., logprobs: _Optional[int] = ..., echo: _Optional[bool] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("prompt", "params")
+    __slots__ = ("prompt", "params", "prompt_ids")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     params: GenerationParams
-    def __init__(self, prompt: _Optional[str] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ...) -> None: ...
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[str] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -176,8 +182,36 @@ class GuardEvent(_message.Message):
     blocked_mass: float
     def __init__(self, offset: _Optional[int] = ..., document_id: _Optional[str] = ..., owner: _Optional[str] = ..., shard: _Optional[str] = ..., span: _Optional[int] = ..., cap: _Optional[int] = ..., blocked_tokens: _Optional[int] = ..., blocked_mass: _Optional[float] = ...) -> None: ...
 
+class TopLogprob(_message.Message):
+    __slots__ = ("id", "text", "logprob")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    text: str
+    logprob: float
+    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("id", "text", "logprob", "logprob_parametric", "lmbda", "offset", "top")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_PARAMETRIC_FIELD_NUMBER: _ClassVar[int]
+    LMBDA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    text: str
+    logprob: float
+    logprob_parametric: float
+    lmbda: float
+    offset: int
+    top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., logprob_parametric: _Optional[float] = ..., lmbda: _Optional[float] = ..., offset: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+
 class CompleteResponse(_message.Message):
-    __slots__ = ("text", "finish_reason", "usage", "attributions", "store_generation", "mode", "request_id", "notices", "guard_events")
+    __slots__ = ("text", "finish_reason", "usage", "attributions", "store_generation", "mode", "request_id", "notices", "guard_events", "logprobs", "prompt_logprobs", "prompt_text")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +221,9 @@ class CompleteResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NOTICES_FIELD_NUMBER: _ClassVar[int]
     GUARD_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: str
     usage: Usage
@@ -196,15 +233,20 @@ class CompleteResponse(_message.Message):
     request_id: str
     notices: _containers.RepeatedCompositeFieldContainer[LicenseNotice]
     guard_events: _containers.RepeatedCompositeFieldContainer[GuardEvent]
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., attributions: _Optional[_Iterable[_Union[SentenceAttribution, _Mapping]]] = ..., store_generation: _Optional[int] = ..., mode: _Optional[str] = ..., request_id: _Optional[str] = ..., notices: _Optional[_Iterable[_Union[LicenseNotice, _Mapping]]] = ..., guard_events: _Optional[_Iterable[_Union[GuardEvent, _Mapping]]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_text: str
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., attributions: _Optional[_Iterable[_Union[SentenceAttribution, _Mapping]]] = ..., store_generation: _Optional[int] = ..., mode: _Optional[str] = ..., request_id: _Optional[str] = ..., notices: _Optional[_Iterable[_Union[LicenseNotice, _Mapping]]] = ..., guard_events: _Optional[_Iterable[_Union[GuardEvent, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_text: _Optional[str] = ...) -> None: ...
 
 class CompleteChunk(_message.Message):
-    __slots__ = ("delta", "done")
+    __slots__ = ("delta", "done", "logprobs")
     DELTA_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     delta: str
     done: CompleteResponse
-    def __init__(self, delta: _Optional[str] = ..., done: _Optional[_Union[CompleteResponse, _Mapping]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, delta: _Optional[str] = ..., done: _Optional[_Union[CompleteResponse, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("text", "mode", "k", "lmbda", "tau")
@@ -221,16 +263,18 @@ class ScoreRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., mode: _Optional[str] = ..., k: _Optional[int] = ..., lmbda: _Optional[float] = ..., tau: _Optional[float] = ...) -> None: ...
 
 class TokenScore(_message.Message):
-    __slots__ = ("id", "text", "logprob_parametric", "logprob")
+    __slots__ = ("id", "text", "logprob_parametric", "logprob", "lmbda")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_PARAMETRIC_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    LMBDA_FIELD_NUMBER: _ClassVar[int]
     id: int
     text: str
     logprob_parametric: float
     logprob: float
-    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob_parametric: _Optional[float] = ..., logprob: _Optional[float] = ...) -> None: ...
+    lmbda: float
+    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob_parametric: _Optional[float] = ..., logprob: _Optional[float] = ..., lmbda: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("tokens", "perplexity", "perplexity_parametric", "mode", "store_generation")

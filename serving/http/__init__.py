@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..metrics import log_request
 from .errors import HttpError, http_error
-from .openai_api import GENERATION_HEADER, build_router
+from .answers import GENERATION_HEADER
+from .openai_api import build_router
 from .owner_web import build_owner_router
 
 log = logging.getLogger("silo.serving.http")

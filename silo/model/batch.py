@@ -27,7 +27,7 @@ from .guard import VerbatimGuard
 from .output_policy import NO_POLICY, OutputPolicy
 from .protocols import Retriever, SequenceRetrieval
 from .sampling import SamplingParams, find_stop, row_values, sample_rows
-from .types import Completion, GenerationStep, StepSupport
+from .types import Completion, GenerationStep, StepSupport, TokenLogprob
 
 
 def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -137,6 +137,8 @@ class Decoding:
     policy: OutputPolicy = field(default_factory=lambda: NO_POLICY)  # the output policy it is generated under (notices, span evidence)
     attribute: bool = True  # `SiloLM.finish` attributes its sentences to their sources
     tag: Any = None  # the caller's record of the request (the serving engine keeps its RequestState here)
+    logprobs: int | None = None  # each token's log-prob and this many alternatives (None: no log-probs)
+    echo: tuple[str, list[TokenLogprob]] | None = None  # the prompt's text and log-probs, when it asked for them
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
     released: int = 0
@@ -149,6 +151,8 @@ class Decoding:
     _detok: IncrementalDetokenizer | None = None
     _max_stop: int = 0
     _support: StepSupport | None = None  # the chosen token's, until it is taken in
+    _logprob: TokenLogprob | None = None  # the chosen token's (with `logprobs`), until it is taken in
+    _end: TokenLogprob | None = None  # the end-of-text token's, when it ended the completion
     _docs: Callable[[], np.ndarray] | None = None  # the documents that carried the step (for the guard)
 
     @property
@@ -193,6 +197,7 @@ class BatchDecoder:
         searches the prompt positions of all its new sequences at once (`begin_many`); a prompt alone runs
         unpadded. Each sequence's own positions are taken out of the padded result."""
         lm = self.lm
+        seqs_in, seqs = seqs, [s for s in seqs if not s.done]  # a request that generates nothing is done already
         for seq in seqs:
             seq._gen = seq.sampling.generator()
             seq._detok = IncrementalDetokenizer(lm.tokenizer, seq.ids)
@@ -202,7 +207,7 @@ class BatchDecoder:
             if going:
                 self.kv.add(past, mask)
                 self.seqs.extend(going)
-        return seqs
+        return seqs_in
 
     def _prefill(self, seqs: list[Decoding]) -> tuple:
         """One forward of `seqs`' prompts: (their cache, mask, the sequences; each generates >= 1 token)."""
@@ -294,19 +299,44 @@ class BatchDecoder:
         else:
             got = row_values(p, tokens)
             sups = [StepSupport(token=t, p=x, p_parametric=x, p_knn=0.0, lmbda=0.0) for t, x in zip(tokens, got)]
+        self._logprobs(seqs, tokens, p, mixes)
         for row, s in enumerate(seqs):
             s._support = sups[row]
             if s.guard is not None:
                 s._docs = lambda s=s, m=mixes[row]: s.retriever.documents(s.retrieval, m)
         return tokens
 
+    def _logprobs(self, seqs: list[Decoding], tokens: list[int], p: torch.Tensor, mixes: list) -> None:
+        """The chosen tokens' log-probs under the distribution they were drawn from (the mixture's p, before
+        temperature and the guard) with the most probable alternatives, for the sequences that ask."""
+        want = [row for row, s in enumerate(seqs) if s.logprobs is not None]
+        if not want:
+            return
+        texts = self.lm.token_texts().texts
+        logp = torch.log(p[want].double())  # one log of the step's rows that ask, then per row
+        n = max(seqs[row].logprobs for row in want)
+        best = torch.topk(logp, min(n, logp.shape[-1]), dim=-1) if n else None
+        for j, row in enumerate(want):
+            s, token = seqs[row], tokens[row]
+            alts = []
+            if best is not None and s.logprobs:
+                alts = [(int(t), texts[int(t)], float(v))
+                        for t, v in zip(best.indices[j, :s.logprobs].tolist(), best.values[j, :s.logprobs].tolist())]
+            lam = mixes[row].lmbda if mixes[row] is not None else 0.0
+            s._logprob = TokenLogprob(token, texts[token], float(logp[j, token]), float(s._logp[token]), lam, 0, alts)
+
     def _advance(self, seq: Decoding, token: int) -> bool:
         """Take the chosen token into the sequence; True when the sequence is finished."""
         lm = self.lm
         if token == lm.tokenizer.eos_token_id:
+            if seq._logprob is not None:
+                seq._end = seq._logprob
+                seq._end.offset = len(seq.text)
             self._finish(seq, "stop")
             return True
         offset = len(seq.text)  # this token's text starts here in the completion
+        if seq._logprob is not None:
+            seq._logprob.offset = offset
         seq.out_ids.append(token)
         seq.text += seq._detok.push(token)
         if seq.guard is not None:
@@ -314,14 +344,14 @@ class BatchDecoder:
         stop_at = find_stop(seq.text, seq.sampling.stop, start=max(0, offset - seq._max_stop))
         if stop_at is not None:
             seq.text = seq.text[:stop_at]
-            seq._emit(GenerationStep(token, seq.text[seq.released:], seq._support, offset))
+            seq._emit(GenerationStep(token, seq.text[seq.released:], seq._support, offset, seq._logprob))
             seq.released = len(seq.text)
             self._finish(seq, "stop", flush=False)
             return True
         safe = len(seq.text) - (seq._max_stop - 1 if seq._max_stop else 0)
         delta = seq.text[seq.released:max(safe, seq.released)]
         seq.released += len(delta)
-        seq._emit(GenerationStep(token, delta, seq._support, offset))
+        seq._emit(GenerationStep(token, delta, seq._support, offset, seq._logprob))
         if len(seq.ids) + len(seq.out_ids) >= lm.context_length or len(seq.out_ids) >= seq.sampling.max_new_tokens:
             self._finish(seq, "length")
             return True
@@ -337,7 +367,14 @@ class BatchDecoder:
         seq.completion = Completion(text=seq.text, tokens=seq.out_ids, finish_reason=reason, prompt_tokens=len(seq.ids),
                                     steps=seq.steps, mode=r.mode if r is not None else "parametric",
                                     store_generation=r.store_generation if r is not None else None,
-                                    guard_events=seq.guard.events if seq.guard is not None else [])
+                                    guard_events=seq.guard.events if seq.guard is not None else [],
+                                    logprobs=self._taken_logprobs(seq))
+
+    @staticmethod
+    def _taken_logprobs(seq: Decoding) -> list[TokenLogprob] | None:
+        if seq.logprobs is None:
+            return None
+        return [st.logprob for st in seq.steps if st.logprob is not None] + ([seq._end] if seq._end else [])
 
     def _forward(self, tokens: list[int]) -> None:
         lm, kv = self.lm, self.kv

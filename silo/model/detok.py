@@ -45,3 +45,14 @@ class IncrementalDetokenizer:
         delta = self._delta()
         self.prefix = self.read = len(self.ids)
         return delta
+
+
+def decode_with_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, list[int]]:
+    """The text of `ids` and where each token's text starts in it (a token whose character is completed by
+    a later one starts where that character does), decoded incrementally."""
+    d = IncrementalDetokenizer(tokenizer)
+    text, offsets = "", []
+    for t in ids:
+        offsets.append(len(text))
+        text += d.push(t)
+    return text + d.flush(), offsets

@@ -23,7 +23,8 @@ from .attribution import attribute_steps
 from .evidence import MATCH_K, RecentGain, recent_gain, token_gain
 from .protocols import Mixture, SequenceRetrieval
 from .sampling import row_values
-from .types import CONTEXT, GenerationStep, LMState, PositionBatch, ScoreResult, SentenceAttribution, StepSupport
+from .types import (CONTEXT, GenerationStep, LMState, PositionBatch, ScoreResult, SentenceAttribution, StepSupport,
+                    TopTokens)
 
 
 class KNNConfig(StageConfig):
@@ -145,6 +146,44 @@ def drop_documents(nb: Neighbors, store: Datastore, exclude: Sequence[np.ndarray
 
 
 @dataclass
+class MixedPositions:
+    """The mixture at scored positions: log p(target) [N], lambda [N], and the parts `top` rebuilds it from."""
+
+    logp: np.ndarray
+    lmbda: np.ndarray
+    nb: Neighbors | None
+    tau: np.ndarray | float
+    bonus: np.ndarray | None
+    fixed: float | None = None  # the fixed mixture's lambda, used at every position (the paper's arithmetic)
+
+    def top(self, pos: PositionBatch, n: int, k: int, vocab_size: int, chunk: int = 256) -> TopTokens:
+        """The n most probable tokens at each position under the mixture (needs `pos.logp_rows`)."""
+        N = len(pos.targets)
+        ids, vals = np.zeros((N, n), np.int64), np.zeros((N, n))
+        tau = np.broadcast_to(np.asarray(self.tau, dtype=np.float64), (N,))
+        for s in range(0, N, chunk):
+            rows = slice(s, min(N, s + chunk))
+            p = torch.from_numpy(pos.logp_rows[rows]).double().exp()
+            lam = self.fixed if self.fixed is not None else self.lmbda[rows]
+            lam_t = torch.as_tensor(np.broadcast_to(np.asarray(lam, np.float64), (p.shape[0],)).copy())[:, None]
+            mixed = (1 - lam_t) * p
+            if self.nb is not None and self.nb.tokens.shape[1]:
+                toks = self.nb.tokens[rows, :k]
+                with np.errstate(invalid="ignore"):
+                    w = np.exp(neighbor_log_weights(self.nb.distances[rows, :k], toks, tau[rows],
+                                                    None if self.bonus is None else self.bonus[rows]))
+                w = np.where(toks >= 0, np.nan_to_num(w), 0.0)
+                p_knn = torch.zeros_like(p).scatter_add_(1, torch.from_numpy(np.maximum(toks, 0).astype(np.int64)),
+                                                        torch.from_numpy(w))
+                mixed = mixed + lam_t * p_knn
+            mixed = torch.where(lam_t > 0, mixed, p)  # lambda 0: the LM's distribution itself
+            with np.errstate(divide="ignore"):
+                best = torch.topk(torch.log(mixed), min(n, vocab_size), dim=-1)
+            ids[rows], vals[rows] = best.indices.numpy(), best.values.numpy()
+        return TopTokens(ids, vals)
+
+
+@dataclass
 class _RowMix:
     """What the mixture used at one position, kept until the token is chosen (for its StepSupport)."""
 
@@ -228,8 +267,12 @@ class KNNRetriever:
     def mix_targets(self, pos: PositionBatch, nb: Neighbors | None = None) -> np.ndarray:
         """log p(target) under the mixture for each scored position (positions of a text in reading order,
         as `SiloLM.collect` returns them; `nb`: neighbours already searched, at least k per row)."""
+        return self.mix_positions(pos, nb).logp
+
+    def mix_positions(self, pos: PositionBatch, nb: Neighbors | None = None) -> "MixedPositions":
+        """`mix_targets` with lambda and the parts of the whole distribution (`MixedPositions.top`)."""
         if not len(pos.targets):
-            return pos.logp_lm
+            return MixedPositions(pos.logp_lm, np.zeros(0), None, 0.0, None)
         skipping = nb is None and self.skip is not None
         if nb is None:
             nb, searched = self._search_unskipped(pos.keys, pos.lm)
@@ -238,23 +281,30 @@ class KNNRetriever:
         k, mix = self.k, self.mixture
         if isinstance(mix, FixedMixture) and not skipping:
             if nb.tokens.shape[1] == 0:
-                return pos.logp_lm.astype(np.float64)
+                return MixedPositions(pos.logp_lm.astype(np.float64), np.zeros(len(pos.targets)), None, mix.tau, None)
             lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, mix.tau)
-            return interpolate(pos.logp_lm, lk, mix.lmbda)  # the paper's arithmetic, bit for bit
+            # the paper's arithmetic, bit for bit: lambda at every position, also where no neighbour came back
+            # ((1 - lambda) p_LM there; generation takes the LM alone at such a step)
+            return MixedPositions(interpolate(pos.logp_lm, lk, mix.lmbda), np.full(len(pos.targets), mix.lmbda), nb,
+                                  mix.tau, None, fixed=mix.lmbda)
         match = self.match(nb, pos.context) if pos.context is not None or not mix.needs_history else None
-        lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, mix.taus(nb),
-                                mix.bonus(match))
+        tau, bonus = mix.taus(nb), mix.bonus(match)
+        lk = knn_target_logprob(nb.distances[:, :k], nb.tokens[:, :k], pos.targets, tau, bonus)
         lam = self.lambdas(nb, pos.lm, searched, self.recent(nb, pos, searched), match)
-        return mix_logp(pos.logp_lm, lk, lam)
+        return MixedPositions(mix_logp(pos.logp_lm, lk, lam), lam, nb, tau, bonus)
 
-    def score(self, lm, texts: Sequence[str]) -> list[ScoreResult]:
-        pos = lm.collect(texts)
-        logp = self.mix_targets(pos)
+    def score_ids(self, lm, id_lists: Sequence[Sequence[int]], top: int = 0) -> list[ScoreResult]:
+        """Each sequence's tokens scored under the mixture (see `SiloLM.score_ids`); `top` > 0 also gives the
+        most probable tokens at each position under it."""
+        pos = lm.collect_ids(id_lists, rows=top > 0)
+        mixed = self.mix_positions(pos)
+        best = mixed.top(pos, top, self.k, self.vocab_size).agree_with(pos.targets, mixed.logp) if top else None
         out = []
-        for ti in range(len(texts)):
+        for ti in range(len(id_lists)):
             sel = pos.text_index == ti
             out.append(ScoreResult(tokens=pos.targets[sel].tolist(), logp_parametric=pos.logp_lm[sel],
-                                   logp=logp[sel], mode=self.mode, store_generation=self.store_generation))
+                                   logp=mixed.logp[sel], mode=self.mode, store_generation=self.store_generation,
+                                   lmbda=mixed.lmbda[sel], top=best.rows(sel) if best is not None else None))
         return out
 
     # ------------------------------------------------------------------------------ generation

@@ -41,6 +41,7 @@ from silo.core.models import chat_template_of
 from .attribution import attribute_steps
 from .batch import BatchDecoder, Decoding
 from .gate import Gate
+from .detok import decode_with_offsets
 from .guard import TokenTexts, VerbatimGuard
 from .knn import FixedMixture, KNNConfig, KNNRetriever
 from .output_policy import NO_POLICY, OutputPolicy, license_notices
@@ -48,7 +49,8 @@ from .protocols import Retriever, SequenceRetrieval
 from .request import AUTO, MODES, ChatMessage, GenerationRequest, RetrievalParams
 from .ric import RICConfig, RICRetriever
 from .sampling import SamplingParams
-from .types import CONTEXT, Completion, GenerationStep, LMState, PositionBatch, ScoreResult, SiloInputError, context_of
+from .types import (CONTEXT, Completion, GenerationStep, LMState, PositionBatch, ScoreResult, SiloInputError, TokenLogprob,
+                    TopTokens, context_of)
 
 log = logging.getLogger("silo.model")
 _DEFAULT = object()  # `start`: no retriever object given, build one from the request's retrieval settings
@@ -281,10 +283,7 @@ class SiloLM:
         nothing to guard (parametric mode, or no cap and no disallowed document in the policy)."""
         if retriever is None or policy is None or not policy.guarded:
             return None
-        with self._cache_lock:
-            if self._token_texts is None:
-                self._token_texts = TokenTexts.of(self.tokenizer, self.vocab_size)
-        return VerbatimGuard(retriever.store, policy, self._token_texts)
+        return VerbatimGuard(retriever.store, policy, self.token_texts())
 
     def _resolve(self, retriever):
         return self.retriever(retriever) if isinstance(retriever, str) or retriever is None else retriever
@@ -394,13 +393,17 @@ class SiloLM:
             raise SiloInputError.of("messages", f"the chat template refused them: {exc}") from None
 
     def request_ids(self, request: GenerationRequest) -> list[int]:
-        """The prompt's token ids (BOS first) of a request, checked against the context."""
+        """The prompt's token ids (BOS first; a prompt given as ids is taken as it is) of a request, checked
+        against the context (a request that only scores its prompt reads it in windows: any length)."""
         if request.prompt_ids is not None:
             ids = list(request.prompt_ids)
+            if not all(0 <= t < self.vocab_size for t in ids):
+                raise SiloInputError.of(request.prompt_field, f"token ids must be in [0, {self.vocab_size})")
         else:
             text = request.prompt if request.messages is None else self.chat_prompt(request.messages)
             ids = [self.tokenizer.eos_token_id] + self.encode(text)
-        self.check_prompt(ids, request.prompt_field)
+        if not request.scores_only:
+            self.check_prompt(ids, request.prompt_field)
         return ids
 
     def collect(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> PositionBatch:
@@ -410,59 +413,110 @@ class SiloLM:
         only the last `stride` ones (SILO's protocol; 1,024/512 there, the model's context and half of it
         by default here).
         """
-        bos = self.tokenizer.eos_token_id
-        jobs = []  # (text index, begin, end, first_new)
-        per_text_ids = []
-        for ti, text in enumerate(texts):
-            ids = [bos] + self.encode(text)
-            per_text_ids.append(ids)
-            for b, e, first_new in window_plan(len(ids) - 1, self.window, self.stride) if len(ids) > 1 else []:
-                jobs.append((ti, b, e, first_new))
-        targets, logps, keys, owners, states, contexts = [], [], [], [], [], []
-        pad = self.tokenizer.pad_token_id
+        return self.collect_ids([self.text_ids(t) for t in texts], progress)
+
+    def text_ids(self, text: str) -> list[int]:
+        """A text as the scoring path reads it: BOS, then its tokens."""
+        return [self.tokenizer.eos_token_id] + self.encode(text)
+
+    def collect_ids(self, id_lists: Sequence[Sequence[int]], progress: Callable[[int], None] | None = None,
+                    top: int = 0, rows: bool = False) -> PositionBatch:
+        """`collect` for token-id sequences: each sequence's first id is its start (BOS for a text) and every
+        later id is scored. `top` > 0 keeps the LM's `top` most probable tokens at each position
+        (`PositionBatch.top`), `rows` its whole next-token log-distribution (`logp_rows`, float32: what
+        kNN-LM's alternatives are mixed from)."""
+        jobs = [(ti, b, e, first_new) for ti, ids in enumerate(id_lists) if len(ids) > 1
+                for b, e, first_new in window_plan(len(ids) - 1, self.window, self.stride)]
+        parts: dict[str, list] = {name: [] for name in ("targets", "logp", "keys", "owners", "states", "contexts",
+                                                        "top_ids", "top_logp", "rows")}
         for i in range(0, len(jobs), self.batch_size):
             chunk = jobs[i:i + self.batch_size]
-            T = max(e - b for _, b, e, _ in chunk)
-            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for r, (ti, b, e, _) in enumerate(chunk):
-                ids[r, : e - b] = torch.tensor(per_text_ids[ti][b:e])
-                mask[r, : e - b] = 1
-            hidden, logits, _ = self.forward(ids.to(self.device), mask.to(self.device))
-            logprobs = torch.log_softmax(logits, dim=-1)
-            for r, (ti, b, e, first_new) in enumerate(chunk):
-                rows = slice(first_new - b, e - b)
-                tgt = torch.tensor(per_text_ids[ti][first_new + 1: e + 1], dtype=torch.long)
-                lp = logprobs[r, rows].gather(1, tgt.to(logprobs.device)[:, None])[:, 0]
-                states.append(LMState.of(logprobs[r, rows]))
-                contexts.append(np.stack([context_of(per_text_ids[ti], i) for i in range(first_new, e)]))
-                targets.append(tgt.numpy())
-                logps.append(lp.double().cpu().numpy())
-                keys.append(hidden[r, rows].cpu().numpy())
-                owners.append(np.full(len(tgt), ti, dtype=np.int32))
+            self._collect_chunk(id_lists, chunk, parts, top, rows)
             if progress:
                 progress(sum(e - f for _, _, e, f in chunk))
-        if not targets:
+        if not parts["targets"]:
             d = self.model.get_output_embeddings().in_features
             return PositionBatch(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, d), np.float32), np.zeros(0, np.int32),
-                                 LMState.empty(), np.zeros((0, CONTEXT), np.int64))
-        return PositionBatch(np.concatenate(targets), np.concatenate(logps),
-                             np.ascontiguousarray(np.concatenate(keys)), np.concatenate(owners), LMState.concat(states),
-                             np.concatenate(contexts))
+                                 LMState.empty(), np.zeros((0, CONTEXT), np.int64),
+                                 TopTokens(np.zeros((0, top), np.int64), np.zeros((0, top))) if top else None,
+                                 np.zeros((0, self.vocab_size), np.float32) if rows else None)
+        return PositionBatch(np.concatenate(parts["targets"]), np.concatenate(parts["logp"]),
+                             np.ascontiguousarray(np.concatenate(parts["keys"])), np.concatenate(parts["owners"]),
+                             LMState.concat(parts["states"]), np.concatenate(parts["contexts"]),
+                             TopTokens(np.concatenate(parts["top_ids"]), np.concatenate(parts["top_logp"])) if top else None,
+                             np.concatenate(parts["rows"]) if rows else None)
+
+    def _collect_chunk(self, id_lists, chunk, parts: dict, top: int, rows: bool) -> None:
+        """One batched forward of `chunk`'s windows (right-padded), its scored positions added to `parts`."""
+        T = max(e - b for _, b, e, _ in chunk)
+        ids = torch.full((len(chunk), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for r, (ti, b, e, _) in enumerate(chunk):
+            ids[r, : e - b] = torch.tensor(list(id_lists[ti][b:e]))
+            mask[r, : e - b] = 1
+        hidden, logits, _ = self.forward(ids.to(self.device), mask.to(self.device))
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for r, (ti, b, e, first_new) in enumerate(chunk):
+            sel = slice(first_new - b, e - b)
+            seq = id_lists[ti]
+            tgt = torch.tensor(list(seq[first_new + 1: e + 1]), dtype=torch.long)
+            parts["logp"].append(logprobs[r, sel].gather(1, tgt.to(logprobs.device)[:, None])[:, 0].double().cpu().numpy())
+            parts["states"].append(LMState.of(logprobs[r, sel]))
+            parts["contexts"].append(np.stack([context_of(seq, i) for i in range(first_new, e)]))
+            parts["targets"].append(tgt.numpy())
+            parts["keys"].append(hidden[r, sel].cpu().numpy())
+            parts["owners"].append(np.full(len(tgt), ti, dtype=np.int32))
+            if top:
+                best = torch.topk(logprobs[r, sel], min(top, logprobs.shape[-1]), dim=-1)
+                parts["top_ids"].append(best.indices.cpu().numpy().astype(np.int64))
+                parts["top_logp"].append(best.values.double().cpu().numpy())
+            if rows:
+                parts["rows"].append(logprobs[r, sel].cpu().numpy())
 
     # ----------------------------------------------------------------------------------- scoring
-    def score(self, texts: Sequence[str] | str, retriever=None) -> list[ScoreResult]:
+    def score(self, texts: Sequence[str] | str, retriever=None, top: int = 0) -> list[ScoreResult]:
         """Per-token log-probs and perplexity of each text: parametric, and under `retriever` (a retriever
-        object, a mode name, or None for parametric only) from the same pass."""
+        object, a mode name, or None for parametric only) from the same pass. `top` > 0 also gives the
+        `top` most probable tokens at each position under the same distribution (`ScoreResult.top`)."""
         if isinstance(texts, str):
             texts = [texts]
+        return self.score_ids([self.text_ids(t) for t in texts], retriever, top)
+
+    def score_ids(self, id_lists: Sequence[Sequence[int]], retriever=None, top: int = 0) -> list[ScoreResult]:
+        """`score` for token-id sequences, each read from its first id (BOS for a text; a prompt given as ids
+        is taken as it is): every later id gets its log-prob, as `score` gives a text's."""
         retriever = self._resolve(retriever)
         if retriever is not None:
-            return retriever.score(self, texts)
-        pos = self.collect(texts)
+            return retriever.score_ids(self, id_lists, top)
+        pos = self.collect_ids(id_lists, top=top)
         return [ScoreResult(tokens=pos.targets[sel].tolist(), logp_parametric=pos.logp_lm[sel], logp=pos.logp_lm[sel],
-                            mode="parametric")
-                for sel in (pos.text_index == ti for ti in range(len(texts)))]
+                            mode="parametric", top=pos.top.rows(sel) if top else None)
+                for sel in (pos.text_index == ti for ti in range(len(id_lists)))]
+
+    def token_texts(self) -> TokenTexts:
+        """Every token's text decoded on its own (built once, on first use)."""
+        with self._cache_lock:
+            if self._token_texts is None:
+                self._token_texts = TokenTexts.of(self.tokenizer, self.vocab_size)
+            return self._token_texts
+
+    def prompt_logprobs(self, ids: Sequence[int], retriever, top: int = 0, first_scored: bool = False
+                        ) -> tuple[str, list[TokenLogprob]]:
+        """A prompt's text and its tokens with their log-probs, scored as `score_ids` scores them (what echo
+        returns). `first_scored`: ids[0] is BOS, scored from but not returned (a text prompt); else ids[0] is
+        the prompt's first token and has no log-prob (a prompt given as ids)."""
+        res = self.score_ids([ids], retriever, top)[0]
+        shown = list(ids[1:]) if first_scored else list(ids)
+        text, offsets = decode_with_offsets(self.tokenizer, shown)
+        texts = self.token_texts().texts
+        lam = res.lmbda if res.lmbda is not None else np.zeros(len(res.logp))
+        out = [] if first_scored else [TokenLogprob(int(ids[0]), texts[int(ids[0])], None, None, 0.0, 0)]
+        for j, tok in enumerate(res.tokens):
+            alts = ([(int(t), texts[int(t)], float(v)) for t, v in zip(res.top.ids[j], res.top.logp[j])]
+                    if res.top is not None else [])
+            out.append(TokenLogprob(int(tok), texts[int(tok)], float(res.logp[j]), float(res.logp_parametric[j]),
+                                    float(lam[j]), offsets[len(out)], alts))
+        return text, out
 
     # ----------------------------------------------------------------------------------- generation
     def start(self, request: GenerationRequest, retriever=_DEFAULT, policy: OutputPolicy | None = None,
@@ -475,6 +529,10 @@ class SiloLM:
         attributions) says whether `finish` attributes the completion."""
         retriever = self.retriever_for(request.retrieval) if retriever is _DEFAULT else self._resolve(retriever)
         ids = self.request_ids(request)
+        echo = self.prompt_logprobs(ids, retriever, request.output.top_logprobs, request.prompt_ids is None
+                                    ) if request.output.echo else None
+        if request.scores_only:  # nothing to generate: done as it starts
+            return self._scored(request, ids, retriever, echo)
         policy = request.output.policy(policy or NO_POLICY)
         guard = self.guard(retriever, policy)
         state = SequenceRetrieval()
@@ -482,8 +540,20 @@ class SiloLM:
             ids, state = retriever.prepare(self, ids, request.sampling, allowed=guard.allowed if guard else None)
         if attribute is None:
             attribute = retriever is not None or request.output.attributions
-        return Decoding(ids, request.sampling, retriever, guard, should_stop, retrieval=state, policy=policy,
-                        attribute=attribute)
+        seq = Decoding(ids, request.sampling, retriever, guard, should_stop, retrieval=state, policy=policy,
+                       attribute=attribute, logprobs=request.output.logprobs)
+        seq.echo = echo
+        return seq
+
+    def _scored(self, request: GenerationRequest, ids: list[int], retriever, echo) -> Decoding:
+        """The Decoding of a request that generates nothing: finished, with its prompt's log-probs."""
+        seq = Decoding(ids, request.sampling, retriever, attribute=False, logprobs=request.output.logprobs)
+        seq.echo = echo
+        seq.completion = Completion(text="", tokens=[], finish_reason="length", prompt_tokens=len(ids), steps=[],
+                                    mode=retriever.mode if retriever is not None else "parametric",
+                                    store_generation=retriever.store_generation if retriever is not None else None,
+                                    logprobs=[] if request.output.logprobs is not None else None)
+        return seq
 
     def finish(self, decoding: Decoding) -> Completion:
         """A finished generation's completion, with each sentence attributed to its sources (verbatim spans
@@ -491,6 +561,8 @@ class SiloLM:
         comp = decoding.completion
         if comp is None:
             raise RuntimeError("finish: the generation has not finished yet")
+        if decoding.echo is not None:
+            comp.prompt_text, comp.prompt_logprobs = decoding.echo
         if decoding.attribute:
             comp.attributions = self.attribute(comp, decoding.retriever, decoding.policy, decoding.retrieval)
             comp.notices = license_notices(comp.attributions, decoding.policy)

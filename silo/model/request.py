@@ -29,6 +29,7 @@ MIXTURES = ("gated", "fixed")
 RIC_RETRIEVERS = ("bm25", "dense")
 MAX_K = 2048
 MAX_RIC_BLOCKS = 8
+MAX_LOGPROBS = 100  # alternatives per token a request may ask for (a server allows fewer: serve.max_logprobs)
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -73,15 +74,21 @@ class RetrievalParams:
 
 @dataclass(frozen=True)
 class OutputControls:
-    """What a response may show, tightening the operator's output policy (never loosening it), and whether
+    """What a response may show, tightening the operator's output policy (never loosening it), whether
     the caller gets the per-sentence attributions back (they are computed for every retrieval-mode
-    generation anyway: notices and the ledger need them)."""
+    generation anyway: notices and the ledger need them), and the log-probabilities it gets:
+    `logprobs` N gives every generated token's log-probability under the distribution it was drawn from
+    (the served mixture, before temperature, top-k/top-p and the guard's adjustments) with the N most
+    probable alternatives (0: the token's own only; None: none); `echo` also gives the prompt's tokens with
+    theirs, scored as `SiloLM.score` scores a text (with N alternatives where `logprobs` is N)."""
 
     attributions: bool = False
     max_verbatim_chars: int | None = None
     exclude_owners: tuple[str, ...] = ()
     exclude_tiers: tuple[str, ...] = ()
     require_notices: bool = False
+    logprobs: int | None = None
+    echo: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude_owners", tuple(self.exclude_owners))
@@ -94,6 +101,13 @@ class OutputControls:
         for i, o in enumerate(self.exclude_owners):
             if not isinstance(o, str) or not o.strip():
                 raise SiloInputError.of(f"exclude_owners[{i}]", "must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise SiloInputError.of("logprobs", f"must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
+
+    @property
+    def top_logprobs(self) -> int:
+        """Alternatives per token (0 without log-probs)."""
+        return self.logprobs or 0
 
     def policy(self, base: OutputPolicy) -> OutputPolicy:
         """`base` tightened by these controls."""
@@ -145,6 +159,16 @@ class GenerationRequest:
             object.__setattr__(self, "messages", _messages(self.messages))
         if self.prompt_ids is not None:
             object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
+            if not self.prompt_ids:
+                raise SiloInputError.of("prompt", "must hold at least one token id")
+        if self.sampling.max_new_tokens == 0 and not self.output.echo:
+            raise SiloInputError.of("max_new_tokens", "must be >= 1 (0 only with echo: the prompt's log-probs "
+                                                      "and nothing generated)")
+
+    @property
+    def scores_only(self) -> bool:
+        """Generates nothing: the prompt's log-probs alone (echo with max_new_tokens 0)."""
+        return self.sampling.max_new_tokens == 0
 
     @property
     def prompt_field(self) -> str:

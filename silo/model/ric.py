@@ -37,7 +37,7 @@ from silo.datastore.keys import window_plan
 
 from .attribution import attribute_blocks, rank_shares
 from .protocols import SequenceRetrieval
-from .types import GenerationStep, ScoreResult, SentenceAttribution, SiloInputError
+from .types import GenerationStep, ScoreResult, SentenceAttribution, SiloInputError, TopTokens
 
 
 class RICConfig(StageConfig):
@@ -62,10 +62,11 @@ class RICBatch:
     text_index: np.ndarray
     used_block: np.ndarray
     hits: list[list[BlockHit]]  # per window
+    top: TopTokens | None = None  # the most probable tokens at each position, with the block (when asked)
 
     def truncate(self, n: int) -> "RICBatch":
         return RICBatch(self.targets[:n], self.logp[:n], self.logp_lm[:n], self.text_index[:n],
-                        self.used_block[:n], self.hits)
+                        self.used_block[:n], self.hits, self.top.rows(slice(0, n)) if self.top is not None else None)
 
 
 def as_ric_config(ric: RICConfig | dict | None, **over) -> RICConfig:
@@ -89,15 +90,15 @@ def ric_plan(lm, cfg: RICConfig, blocks: BlockStore) -> tuple[int, int]:
     return window, stride
 
 
-def retrieve_windows(lm, texts: Sequence[str], cfg: RICConfig, blocks: BlockStore, n: int,
+def retrieve_windows(lm, texts: Sequence[str] | Sequence[Sequence[int]], cfg: RICConfig, blocks: BlockStore, n: int,
                      max_positions: int | None = None):
-    """Window jobs (text, begin, end, first_new), token ids per text, and top-n hits per job."""
+    """Window jobs (text, begin, end, first_new), token ids per text, and top-n hits per job. A text may be
+    given as token ids (read from its first id, as `SiloLM.score_ids` reads them)."""
     window, stride = ric_plan(lm, cfg, blocks)
-    bos = lm.tokenizer.eos_token_id
     jobs, per_ids, queries = [], [], []
     scored = 0
     for ti, text in enumerate(texts):
-        ids = [bos] + lm.encode(text)
+        ids = lm.text_ids(text) if isinstance(text, str) else list(text)
         per_ids.append(ids)
         for b, e, f in window_plan(len(ids) - 1, window, stride) if len(ids) > 1 else []:
             if max_positions is not None and scored >= max_positions:
@@ -114,8 +115,36 @@ def retrieve_windows(lm, texts: Sequence[str], cfg: RICConfig, blocks: BlockStor
 
 @torch.inference_mode()
 def score_windows(lm, cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemble: bool,
-                  blocks: BlockStore | None = None) -> RICBatch:
-    """Score each window without a block and with its top `n_blocks` hits (concatenated or ensembled)."""
+                  blocks: BlockStore | None = None, top: int = 0) -> RICBatch:
+    """Score each window without a block and with its top `n_blocks` hits (concatenated or ensembled);
+    `top` > 0 also keeps the most probable tokens at each position (with the block; concatenated only)."""
+    if not jobs:
+        z = np.zeros(0)
+        return RICBatch(z.astype(np.int64), z, z, z.astype(np.int32), z.astype(bool), [])
+    seqs = _window_sequences(lm, cfg, jobs, hits, n_blocks, ensemble, blocks)
+    top = 0 if ensemble else top
+    lp, best_of = _score_sequences(lm, seqs, jobs, per_ids, top)
+    targets, logp, logp_lm, owner, used, tops = [], [], [], [], [], []
+    for j, (ti, b, e, f) in enumerate(jobs):
+        base = lp[(j, -1)]
+        variants = [lp[k] for k in ((j, v) for v in range(n_blocks)) if k in lp]
+        if top:
+            tops.append(best_of[(j, 0) if (j, 0) in best_of else (j, -1)])
+        # REPLUG: log mean_j p_j(y); for the concatenated case there is one variant
+        logp.append(np.logaddexp.reduce(np.stack(variants), axis=0) - math.log(len(variants)) if variants else base)
+        targets.append(np.asarray(per_ids[ti][f + 1:e + 1], dtype=np.int64))
+        logp_lm.append(base)
+        owner.append(np.full(e - f, ti, dtype=np.int32))
+        used.append(np.full(e - f, bool(variants)))
+    return RICBatch(np.concatenate(targets), np.concatenate(logp), np.concatenate(logp_lm),
+                    np.concatenate(owner), np.concatenate(used), [h[:n_blocks] for h in hits],
+                    TopTokens.concat(tops) if top else None)
+
+
+def _window_sequences(lm, cfg: RICConfig, jobs, hits, n_blocks: int, ensemble: bool,
+                      blocks: BlockStore | None) -> list[tuple[int, int, list[int]]]:
+    """(job index, variant, prefix ids) of every sequence to score: each window alone (variant -1), and
+    with its blocks prepended (one variant, or one per block when ensembling)."""
     ctx = lm.context_length
     sep = lm.encode(cfg.separator) if cfg.separator else []
     block_ids: dict[tuple[int, int], list[int]] = {}
@@ -132,7 +161,6 @@ def score_windows(lm, cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemb
             out += ids_of(h) + sep
         return out[-budget:] if budget > 0 else []
 
-    # sequences: (job index, variant, prefix ids); variant -1 = no block
     seqs = []
     for j, (ti, b, e, f) in enumerate(jobs):
         seqs.append((j, -1, []))
@@ -140,11 +168,17 @@ def score_windows(lm, cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemb
         budget = ctx - (e - b)
         if hs and budget > 0:
             if ensemble:
-                for v, h in enumerate(hs):
-                    seqs.append((j, v, prefix([h], budget)))
+                seqs += [(j, v, prefix([h], budget)) for v, h in enumerate(hs)]
             else:
                 seqs.append((j, 0, prefix(hs, budget)))
+    return seqs
+
+
+def _score_sequences(lm, seqs, jobs, per_ids, top: int) -> tuple[dict, dict]:
+    """log p(target) of each sequence's scored positions, by (job, variant), and with `top` their most
+    probable tokens, in batches of `lm.batch_size` right-padded sequences."""
     lp: dict[tuple[int, int], np.ndarray] = {}
+    best_of: dict[tuple[int, int], TopTokens] = {}
     pad = lm.tokenizer.pad_token_id
     for i in range(0, len(seqs), lm.batch_size):
         chunk = seqs[i:i + lm.batch_size]
@@ -162,25 +196,10 @@ def score_windows(lm, cfg: RICConfig, jobs, per_ids, hits, n_blocks: int, ensemb
             tgt = torch.tensor(per_ids[ti][f + 1:e + 1], dtype=torch.long, device=logprobs.device)
             sel = logprobs[r, plen + f - b: plen + e - b]
             lp[(j, v)] = sel.gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
-    targets, logp, logp_lm, owner, used = [], [], [], [], []
-    for j, (ti, b, e, f) in enumerate(jobs):
-        base = lp[(j, -1)]
-        variants = [lp[k] for k in ((j, v) for v in range(n_blocks)) if k in lp]
-        if variants:
-            # REPLUG: log mean_j p_j(y); for the concatenated case there is one variant
-            best = np.logaddexp.reduce(np.stack(variants), axis=0) - math.log(len(variants))
-        else:
-            best = base
-        targets.append(np.asarray(per_ids[ti][f + 1:e + 1], dtype=np.int64))
-        logp.append(best)
-        logp_lm.append(base)
-        owner.append(np.full(e - f, ti, dtype=np.int32))
-        used.append(np.full(e - f, bool(variants)))
-    if not jobs:
-        z = np.zeros(0)
-        return RICBatch(z.astype(np.int64), z, z, z.astype(np.int32), z.astype(bool), [])
-    return RICBatch(np.concatenate(targets), np.concatenate(logp), np.concatenate(logp_lm),
-                    np.concatenate(owner), np.concatenate(used), [h[:n_blocks] for h in hits])
+            if top:
+                t = torch.topk(sel, min(top, sel.shape[-1]), dim=-1)
+                best_of[(j, v)] = TopTokens(t.indices.cpu().numpy().astype(np.int64), t.values.double().cpu().numpy())
+    return lp, best_of
 
 
 @torch.inference_mode()
@@ -202,13 +221,14 @@ def copy_test(lm, text: str, tokens: int | None = None) -> dict:
     return {"tokens": n, "ppl_first": first, "ppl_second": second, "ratio": second / first}
 
 
-def ric_collect(lm, texts: Sequence[str], ric: RICConfig | dict | None = None,
-                blocks: BlockStore | None = None, max_positions: int | None = None) -> RICBatch:
-    """Score texts in RIC mode (see the module docstring); `max_positions` stops after that many positions."""
+def ric_collect(lm, texts: Sequence[str] | Sequence[Sequence[int]], ric: RICConfig | dict | None = None,
+                blocks: BlockStore | None = None, max_positions: int | None = None, top: int = 0) -> RICBatch:
+    """Score texts (or token-id sequences) in RIC mode (see the module docstring); `max_positions` stops
+    after that many positions; `top` keeps the most probable tokens at each position."""
     cfg = as_ric_config(ric)
     blocks = blocks if blocks is not None else lm.blocks(cfg.dense_model)
     jobs, per_ids, hits = retrieve_windows(lm, texts, cfg, blocks, cfg.n_blocks, max_positions)
-    out = score_windows(lm, cfg, jobs, per_ids, hits, cfg.n_blocks, cfg.ensemble, blocks)
+    out = score_windows(lm, cfg, jobs, per_ids, hits, cfg.n_blocks, cfg.ensemble, blocks, top)
     return out.truncate(max_positions) if max_positions is not None else out
 
 
@@ -231,13 +251,18 @@ class RICRetriever:
         return self.store.generation
 
     def score(self, lm, texts: Sequence[str]) -> list[ScoreResult]:
-        """logp with retrieved blocks; logp_parametric on the same windows without."""
-        rb = ric_collect(lm, texts, self.cfg, self.blocks)
+        return self.score_ids(lm, [lm.text_ids(t) for t in texts])
+
+    def score_ids(self, lm, id_lists: Sequence[Sequence[int]], top: int = 0) -> list[ScoreResult]:
+        """logp with retrieved blocks; logp_parametric on the same windows without (see `SiloLM.score_ids`)."""
+        rb = ric_collect(lm, id_lists, self.cfg, self.blocks, top=top)
+        best = rb.top.agree_with(rb.targets, rb.logp) if rb.top is not None else None
         out = []
-        for ti in range(len(texts)):
+        for ti in range(len(id_lists)):
             sel = rb.text_index == ti
             out.append(ScoreResult(tokens=rb.targets[sel].tolist(), logp_parametric=rb.logp_lm[sel],
-                                   logp=rb.logp[sel], mode=self.mode, store_generation=self.store_generation))
+                                   logp=rb.logp[sel], mode=self.mode, store_generation=self.store_generation,
+                                   top=best.rows(sel) if best is not None else None))
         return out
 
     def prepare(self, lm, prompt_ids: list[int], sampling, allowed=None) -> tuple[list[int], SequenceRetrieval]:

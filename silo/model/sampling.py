@@ -19,7 +19,9 @@ MAX_STOP_CHARS = 64
 class SamplingParams:
     """How to pick each next token. temperature 0 is greedy; top_k 0 is off; `stop` strings end the
     completion (the matched text is not returned); the same seed and request give the same text.
-    Every rule about these settings is here: an invalid value raises `SiloInputError` naming the field."""
+    max_new_tokens 0 generates nothing: only a request that echoes its prompt may ask for it
+    (`GenerationRequest` checks). Every rule about these settings is here: an invalid value raises
+    `SiloInputError` naming the field."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -30,7 +32,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop or ()))
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens < 0:
             raise SiloInputError.of("max_new_tokens", f"must be >= 1 (got {self.max_new_tokens})")
         if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= MAX_TEMPERATURE):
             raise SiloInputError.of("temperature", f"must be in [0, {MAX_TEMPERATURE:g}]; 0 is greedy "

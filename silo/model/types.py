@@ -84,11 +84,16 @@ class PositionBatch:
     text_index: np.ndarray  # [N] int32: which input text each position belongs to
     lm: LMState = None  # type: ignore[assignment]
     context: np.ndarray = None  # type: ignore[assignment]  # [N, CONTEXT] input tokens, most recent first
+    # asked for by scoring with top alternatives (`SiloLM.collect_ids(top=..., rows=...)`), else None:
+    top: "TopTokens | None" = None  # the LM's own most probable next tokens at each position
+    logp_rows: np.ndarray | None = None  # [N, V] float32: the LM's whole next-token log-distribution
 
     def rows(self, sel) -> "PositionBatch":
         return PositionBatch(self.targets[sel], self.logp_lm[sel], self.keys[sel], self.text_index[sel],
                              self.lm.rows(sel) if self.lm is not None else None,
-                             self.context[sel] if self.context is not None else None)
+                             self.context[sel] if self.context is not None else None,
+                             self.top.rows(sel) if self.top is not None else None,
+                             self.logp_rows[sel] if self.logp_rows is not None else None)
 
     def truncate(self, n: int) -> "PositionBatch":
         return self.rows(slice(0, n))
@@ -104,12 +109,37 @@ class PositionBatch:
 
 
 @dataclass
+class TopTokens:
+    """The most probable next tokens at each of N positions, most probable first: ids [N, n] and their
+    log-probabilities [N, n] (float64)."""
+
+    ids: np.ndarray
+    logp: np.ndarray
+
+    def rows(self, sel) -> "TopTokens":
+        return TopTokens(self.ids[sel], self.logp[sel])
+
+    @classmethod
+    def concat(cls, parts: list["TopTokens"]) -> "TopTokens":
+        return cls(np.concatenate([p.ids for p in parts]), np.concatenate([p.logp for p in parts]))
+
+    def agree_with(self, targets: np.ndarray, logp: np.ndarray) -> "TopTokens":
+        """Where a position's own token is among its alternatives, its log-prob there is exactly `logp`'s
+        (the two come from separate arithmetic; a reader comparing them for equality, as lm-eval's is_greedy
+        does, must find the same number)."""
+        vals = np.where(self.ids == np.asarray(targets)[:, None], np.asarray(logp, np.float64)[:, None], self.logp)
+        return TopTokens(self.ids, vals)
+
+
+@dataclass
 class ScoreResult:
     tokens: list[int]
     logp_parametric: np.ndarray
     logp: np.ndarray  # log-probs under the retriever's mixture (== logp_parametric without one)
     mode: str
     store_generation: int | None = None  # the datastore snapshot that scored it
+    lmbda: np.ndarray | None = None  # the kNN weight at each position (kNN-LM; None: 0 everywhere)
+    top: TopTokens | None = None  # the most probable tokens at each position under the same distribution
 
     @property
     def num_tokens(self) -> int:
@@ -146,11 +176,27 @@ class StepSupport:
 
 
 @dataclass
+class TokenLogprob:
+    """One token of a prompt or a completion with its log-probability under the distribution that scored
+    or generated it (the served mixture: kNN-LM's p = lambda * p_kNN + (1 - lambda) * p_LM, RIC-LM's or the
+    LM's own), and the most probable alternatives at that position under the same distribution."""
+
+    token: int
+    text: str  # the token's text as it reads after a word (see silo.model.guard.TokenTexts)
+    logprob: float | None  # None: the first token of a prompt given as ids (nothing came before it)
+    logprob_parametric: float | None = None  # the LM alone
+    lmbda: float = 0.0  # the kNN weight at this position (0: parametric, RIC-LM, or no neighbour)
+    offset: int = 0  # characters into the prompt (or the completion) where the token's text starts
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), most probable first
+
+
+@dataclass
 class GenerationStep:
     token: int
     text: str  # the text this step releases (may be empty while a multi-byte character or stop is pending)
     support: StepSupport
     offset: int = 0  # character offset in the completion where this token's text starts (for attribution)
+    logprob: TokenLogprob | None = None  # when the generation was asked for log-probs
 
 
 @dataclass
@@ -221,3 +267,9 @@ class Completion:
     store_generation: int | None = None
     notices: list[Notice] = field(default_factory=list)  # licence notices its sources require (output policy)
     guard_events: list = field(default_factory=list)  # silo.model.guard.GuardEvent: where the guard steered
+    # with OutputControls.logprobs: each generated token's, and the end-of-text token's when it ended the
+    # completion (it is not part of `tokens` or the text)
+    logprobs: list[TokenLogprob] | None = None
+    # with OutputControls.echo: the prompt's tokens scored as `SiloLM.score` scores them, and its text
+    prompt_logprobs: list[TokenLogprob] | None = None
+    prompt_text: str | None = None
