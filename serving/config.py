@@ -43,6 +43,9 @@ class ServeConfig(StageConfig):
     max_queue: int = Field(16, ge=1, le=10_000)  # requests waiting for the worker; beyond: RESOURCE_EXHAUSTED
     # queue slots one client (an API token's name, else the peer's address) may hold; None: half the queue
     max_queue_per_client: int | None = Field(None, ge=1)
+    # batch rows one client may hold (None: all of max_batch); below max_batch, rows stay free for other
+    # clients while one keeps the batch full of long generations
+    max_batch_per_client: int | None = Field(None, ge=1)
     # gRPC threads kept for health, admin, data owners and ModelInfo: generation calls beyond what the engine
     # can hold (max_queue + max_batch) are refused at once and never take these
     control_threads: int = Field(8, ge=2, le=256)

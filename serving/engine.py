@@ -29,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -69,12 +69,14 @@ class Engine:
     def __init__(self, lm: SiloLM, max_queue: int = 16, metrics: Metrics | None = None,
                  max_score_tokens: int = 4096, policy: OutputPolicy | None = None,
                  on_result: Callable[[str, GenResult], Any] | None = None, max_batch: int = 8, id_prefix: str = "",
-                 max_queue_per_client: int | None = None):
+                 max_queue_per_client: int | None = None, max_batch_per_client: int | None = None):
         """`policy`: the operator's output controls; `on_result(request_id, result)` is called on the worker
         with every finished generation before its result is delivered (the server records it in the
         contribution ledger); a failure there is logged and does not fail the request. `id_prefix` starts every
         job id (a cluster replica's name, so request ids are unique across replicas). `max_queue_per_client`:
-        the queue slots one client may hold (default: half the queue), and clients are served in turn."""
+        the queue slots one client may hold (default: half the queue), and clients are served in turn.
+        `max_batch_per_client`: the batch rows one client may hold (default: all), so rows stay free for
+        another client's request while one client keeps the batch full of long generations."""
         self.lm = lm
         self.id_prefix = id_prefix
         self.policy = policy or NO_POLICY
@@ -82,6 +84,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_queue_per_client = max_queue_per_client or max(1, max_queue // 2)
         self.max_batch = max(1, int(max_batch))
+        self.max_batch_per_client = min(self.max_batch, max_batch_per_client or self.max_batch)
         self.decoder = BatchDecoder(lm)
         self.max_score_tokens = max_score_tokens
         self.metrics = metrics or Metrics()
@@ -229,9 +232,7 @@ class Engine:
                     return
                 controls = list(self._control)
                 self._control.clear()
-                admitted = []
-                while self._queue and self.decoder.active + len(admitted) < self.max_batch:
-                    admitted.append(self._queue.popleft())
+                admitted = self._admissible()
                 self.metrics.queue_depth.set(len(self._queue))
                 self._busy = True
             try:
@@ -256,6 +257,19 @@ class Engine:
                     self._busy = bool(self.decoder.active)
                     self.metrics.batch_size.set(self.decoder.active)
                     self._cv.notify_all()
+
+    def _admissible(self) -> list[Job]:
+        """The waiting jobs that join the batch now (called under the lock): clients in turn, each up to
+        max_batch_per_client rows, all together up to max_batch."""
+        rows = Counter(seq.tag.job.client for seq in self.decoder.seqs if seq.tag is not None)
+        admitted: list[Job] = []
+        while self._queue and self.decoder.active + len(admitted) < self.max_batch:
+            job = self._queue.popleft_where(lambda client: rows[client] < self.max_batch_per_client)
+            if job is None:
+                break
+            rows[job.client] += 1
+            admitted.append(job)
+        return admitted
 
     def _execute(self, job: Job) -> None:
         start = time.monotonic()

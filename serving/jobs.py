@@ -107,6 +107,19 @@ class FairQueue:
         self._n -= 1
         return job
 
+    def popleft_where(self, may_run: Callable[[str], bool]) -> "Job | None":
+        """The oldest job of the first client in turn for whom `may_run(client)`; that client goes to the
+        back of the turn. None when no waiting client may run now."""
+        for client in list(self._lines):
+            if may_run(client):
+                line = self._lines.pop(client)
+                job = line.popleft()
+                if line:
+                    self._lines[client] = line
+                self._n -= 1
+                return job
+        return None
+
     def remove(self, job: "Job") -> None:
         line = self._lines.get(job.client)
         if line is None:

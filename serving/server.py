@@ -389,7 +389,8 @@ class SiloServer:
                              max_score_tokens=self.cfg.max_score_tokens,
                              policy=self.cfg.resolved_output_policy(), on_result=self.record_credit,
                              id_prefix=f"{self.replica}-" if self.replica else "",
-                             max_queue_per_client=self.cfg.max_queue_per_client)
+                             max_queue_per_client=self.cfg.max_queue_per_client,
+                             max_batch_per_client=self.cfg.max_batch_per_client)
         engine = self.engine
         self.writer = writer(self) if writer is not None else LocalWriter(
             lm, on_model=lambda fn: engine.control(fn, timeout=600), store_lock=self.store_lock, ledger=self.ledger,

@@ -190,6 +190,35 @@ def test_4_one_client_cannot_fill_the_queue(tiny_model, store):
         server.stop()
 
 
+def test_4_one_client_cannot_hold_every_batch_row(tiny_model, store):
+    """max_batch_per_client: a client keeps its rows, the others stay free for other clients."""
+    server = start(tiny_model, store, max_queue=8, max_batch=3, max_batch_per_client=1)
+    gate = threading.Event()
+    try:
+        blocker = threading.Thread(target=server.engine.control, args=(gate.wait,))
+        blocker.start()
+        while not server.engine._busy:
+            time.sleep(0.01)
+        from silo.model.request import GenerationRequest
+        from silo.model.sampling import SamplingParams
+
+        req = GenerationRequest(prompt="In the beginning", sampling=SamplingParams(max_new_tokens=6, temperature=0))
+        a1, a2 = (server.engine.generate(req, client="a") for _ in range(2))
+        b1 = server.engine.generate(req, client="b")
+        gate.set()
+        assert all(j.result(120).completion_tokens >= 1 for j in (a1, a2, b1))
+
+        def admitted(job):
+            return job.created + job.record.queued_s
+
+        a1_end = admitted(a1) + a1.record.run_s
+        assert admitted(b1) < a1_end  # b joined beside a's first generation
+        assert admitted(a2) >= a1_end - 1e-3  # a's second waited for a's row, though a row was free
+    finally:
+        gate.set()
+        server.stop()
+
+
 def test_5_form_posts_are_bounded(served):
     big = b"token=" + b"x" * (served.http.body_limit + 10)
     status, _, _ = http(served, "POST", "/owner/signin", raw=big,
