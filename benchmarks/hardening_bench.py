@@ -7,9 +7,9 @@ measures, side by side in one run:
   * HTTP GET /health latency: idle, then with 100 idle TCP connections and 100 connections that send a
     request head that never ends (the header timeout closes them);
   * gRPC Health/Check latency, an owner's Lookup and an owner's removal (submitted -> applied): idle, then
-    while 64 anonymous streams of long kNN generations flood the engine;
-  * a second client's one request while one client floods the queue (the per-client fair queue): its
-    latency over the same request on the idle server.
+    while 64 streams of long kNN generations from two API clients fill the queue and the batch;
+  * a second client's one request while one client floods the queue and its rows of the batch (the fair
+    queue, serve.max_batch_per_client = --batch-per-client): its latency over the same request idle.
 Prints p50/p95 per phase and the ratios loaded/idle. Machines are shared and noisy: compare ratios of one run.
 """
 
@@ -34,8 +34,9 @@ from silo.datastore.store import Datastore
 from silo.serving.client import SiloClient
 from silo.serving.gen import silo_pb2 as pb
 
-ADMIN, OWNER, CLIENT_A, CLIENT_B = ("bench-admin-0123456789abcdef", "bench-owner-0123456789abcdef",
-                                    "bench-client-a-0123456789ab", "bench-client-b-0123456789ab")
+ADMIN, OWNER, CLIENT_A, CLIENT_B, CLIENT_C = ("bench-admin-0123456789abcdef", "bench-owner-0123456789abcdef",
+                                              "bench-client-a-0123456789ab", "bench-client-b-0123456789ab",
+                                              "bench-client-c-0123456789ab")
 
 
 def timed(fn, n: int) -> list[float]:
@@ -59,21 +60,22 @@ def grpc_health(target: str) -> None:
 
 
 class Flood:
-    """`streams` threads generating long kNN completions in a loop until stopped, with `token`."""
+    """`streams` threads generating long kNN completions in a loop until stopped, thread i with
+    tokens[i % len(tokens)]."""
 
-    def __init__(self, target: str, streams: int, token: str | None, max_tokens: int):
+    def __init__(self, target: str, streams: int, tokens: list[str], max_tokens: int):
         self.stop, self.codes, self.tokens, self.lock = threading.Event(), Counter(), 0, threading.Lock()
         self.params = pb.GenerationParams(max_tokens=max_tokens, temperature=1.0, mode="knn")
         self.started = threading.Event()
-        self.threads = [threading.Thread(target=self._loop, args=(target, token, i), daemon=True)
+        self.threads = [threading.Thread(target=self._loop, args=(target, tokens[i % len(tokens)]), daemon=True)
                         for i in range(streams)]
 
-    def _loop(self, target: str, token: str | None, i: int) -> None:
+    def _loop(self, target: str, token: str) -> None:
         with SiloClient(target, token=token, timeout=600) as c:
             while not self.stop.is_set():
                 try:
                     n = 0
-                    md = [("authorization", f"Bearer {token}")] if token else []
+                    md = [("authorization", f"Bearer {token}")]
                     for chunk in c.gen.CompleteStream(pb.CompleteRequest(prompt="In the beginning", params=self.params),
                                                       metadata=md, timeout=600):
                         self.started.set()
@@ -92,7 +94,8 @@ class Flood:
         for t in self.threads:
             t.start()
         if not self.started.wait(300):
-            raise SystemExit("the flood never produced a token")
+            self.stop.set()
+            raise SystemExit(f"the flood never produced a token (answers: {dict(self.codes)})")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -111,13 +114,19 @@ def idle_connections(host: str, port: int, n: int, slow: bool) -> list[socket.so
     return out
 
 
-def removal_seconds(target: str, doc_id: str) -> float:
+def removal_seconds(target: str, doc_id: str) -> tuple[float, float]:
+    """(submitted -> applied, submitted -> verified) in seconds. The bench waits for the verification: a
+    removal applies under the store's lock, which the previous removal's compaction holds while it runs."""
     with SiloClient(target, token=OWNER, timeout=900) as c:
         t0 = time.monotonic()
         st = c.submit_removal(document_ids=[doc_id], requester="bench", reason="benchmark")
         took = time.monotonic() - t0
-    assert st.status == "applied", st
-    return took
+        assert st.status == "applied", st
+        while st.status not in ("verified", "failed"):
+            time.sleep(0.2)
+            st = c.get_removal(st.request_id)
+        assert st.status == "verified", st
+        return took, time.monotonic() - t0
 
 
 def row(name: str, xs: list[float]) -> tuple[float, float]:
@@ -134,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=20, help="probes per phase")
     ap.add_argument("--flood", type=int, default=64, help="concurrent long generations in the flood")
     ap.add_argument("--max-tokens", type=int, default=200, help="tokens per flood generation")
+    ap.add_argument("--batch-per-client", type=int, default=4,
+                    help="serve.max_batch_per_client (of max_batch 8): rows one client may hold")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="silo-hardening-bench-"))
     try:
@@ -148,7 +159,8 @@ def run(args, store: Path) -> int:
     if len(docs) < 2:
         raise SystemExit(f"--owner {args.owner}: needs at least two documents in {store}")
     cfg = dict(model=args.model, store=str(store), port=0, http_port=0, admin_token=ADMIN,
-               owner_tokens={args.owner: OWNER}, api_tokens={"a": CLIENT_A, "b": CLIENT_B}, max_tokens_limit=1024)
+               owner_tokens={args.owner: OWNER}, api_tokens={"a": CLIENT_A, "b": CLIENT_B, "c": CLIENT_C}, max_tokens_limit=1024,
+               max_batch_per_client=args.batch_per_client)
     server, target, url = start_server(cfg)
     host, port = url.split("://", 1)[1].rsplit(":", 1)
     lookup_text = "To be, or not to be, that is the question"
@@ -166,8 +178,9 @@ def run(args, store: Path) -> int:
                 "grpc": row("gRPC Health/Check, idle", timed(lambda: grpc_health(target), args.samples)),
                 "lookup": row("owner Lookup, idle", timed(lookup, args.samples)),
                 "fair": row("client b, 8 tokens, idle", timed(lambda: small(CLIENT_B), max(3, args.samples // 4)))}
-        idle["removal"] = removal_seconds(target, docs[0])
+        idle["removal"], verified = removal_seconds(target, docs[0])
         print(f"| owner removal submitted -> applied, idle | 1 | {idle['removal'] * 1000:.0f} | - |")
+        print(f"| owner removal submitted -> compacted and verified, idle | 1 | {verified * 1000:.0f} | - |")
 
         conns = idle_connections(host, int(port), 100, slow=False) + idle_connections(host, int(port), 100, slow=True)
         try:
@@ -176,16 +189,19 @@ def run(args, store: Path) -> int:
             for s in conns:
                 s.close()
 
-        with Flood(target, args.flood, None, args.max_tokens) as flood:
+        # two clients (a and c) together fill the queue and the batch: each may hold half of the queue
+        with Flood(target, args.flood, [CLIENT_A, CLIENT_C], args.max_tokens) as flood:
             loaded = {"grpc": row(f"gRPC Health/Check, {args.flood} generations", timed(lambda: grpc_health(target),
                                                                                      args.samples)),
                       "lookup": row(f"owner Lookup, {args.flood} generations", timed(lookup, args.samples))}
-            loaded["removal"] = removal_seconds(target, docs[1])
+            loaded["removal"], verified = removal_seconds(target, docs[1])
             print(f"| owner removal submitted -> applied, {args.flood} generations | 1 | "
                   f"{loaded['removal'] * 1000:.0f} | - |")
+            print(f"| owner removal submitted -> compacted and verified, {args.flood} generations | 1 | "
+                  f"{verified * 1000:.0f} | - |")
         print(f"flood: {dict(flood.codes)}, {flood.tokens} tokens streamed")
 
-        with Flood(target, args.flood, CLIENT_A, args.max_tokens) as flood_a:
+        with Flood(target, args.flood, [CLIENT_A], args.max_tokens) as flood_a:
             fair = row(f"client b, 8 tokens, client a floods with {args.flood}",
                        timed(lambda: small(CLIENT_B), max(3, args.samples // 4)))
         print(f"client a's flood: {dict(flood_a.codes)}")
