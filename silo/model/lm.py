@@ -45,6 +45,7 @@ from .detok import decode_with_offsets
 from .guard import TokenTexts, VerbatimGuard
 from .knn import FixedMixture, KNNConfig, KNNRetriever
 from .output_policy import NO_POLICY, OutputPolicy, license_notices
+from .trace import attach_training_spans, trace_spans
 from .protocols import Retriever, SequenceRetrieval
 from .request import AUTO, MODES, ChatMessage, GenerationRequest, RetrievalParams
 from .ric import RICConfig, RICRetriever
@@ -155,6 +156,7 @@ class SiloLM:
         self._gate: tuple | None = None  # (store snapshot, Gate or None)
         self._has_blocks: tuple | None = None  # (store snapshot, bool)
         self._token_texts: TokenTexts | None = None
+        self.training_index = None  # silo.training.index.TrainingIndex: tracing and the guard over training text
         if store is not None:
             self.swap_store(store)
 
@@ -165,8 +167,12 @@ class SiloLM:
         """`device`: auto | cpu | cuda | cuda:N for the model (the store's index stays where it is opened:
         CPU FAISS unless the store is opened on cuda); `dtype`: auto (bfloat16/float16 on a GPU) or a torch
         dtype name."""
+        from silo.training.index import TrainingIndex, has_training_index
+
         model, tokenizer = load_lm(model_path, device, dtype)
         lm = cls(model, tokenizer, knn=knn, **kwargs)
+        if has_training_index(model_path):  # written by `silo train` / `silo index`; refused for other weights
+            lm.training_index = TrainingIndex.open(model_path, lm.fingerprint)
         if store_path:
             lm.swap_store(Datastore.open(store_path, fingerprint=lm.fingerprint))
         return lm
@@ -279,11 +285,13 @@ class SiloLM:
                             self.vocab_size, bos=self.tokenizer.eos_token_id)
 
     def guard(self, retriever, policy: OutputPolicy | None) -> VerbatimGuard | None:
-        """A VerbatimGuard for ONE sequence generated with `retriever` under `policy`; None when there is
-        nothing to guard (parametric mode, or no cap and no disallowed document in the policy)."""
-        if retriever is None or policy is None or not policy.guarded:
+        """A VerbatimGuard for ONE sequence generated with `retriever` under `policy` (and over the training
+        data, when the model has its training-data index); None when there is nothing to guard (no cap and
+        no disallowed document in the policy, or parametric mode without a training-data index)."""
+        if policy is None or not policy.guarded or (retriever is None and self.training_index is None):
             return None
-        return VerbatimGuard(retriever.store, policy, self.token_texts())
+        return VerbatimGuard(retriever.store if retriever is not None else None, policy, self.token_texts(),
+                             self.training_index)
 
     def _resolve(self, retriever):
         return self.retriever(retriever) if isinstance(retriever, str) or retriever is None else retriever
@@ -538,8 +546,8 @@ class SiloLM:
         state = SequenceRetrieval()
         if retriever is not None:
             ids, state = retriever.prepare(self, ids, request.sampling, allowed=guard.allowed if guard else None)
-        if attribute is None:
-            attribute = retriever is not None or request.output.attributions
+        if attribute is None:  # (with a training-data index every output is traced: its notices go out always)
+            attribute = retriever is not None or request.output.attributions or self.training_index is not None
         seq = Decoding(ids, request.sampling, retriever, guard, should_stop, retrieval=state, policy=policy,
                        attribute=attribute, logprobs=request.output.logprobs)
         seq.echo = echo
@@ -565,6 +573,7 @@ class SiloLM:
             comp.prompt_text, comp.prompt_logprobs = decoding.echo
         if decoding.attribute:
             comp.attributions = self.attribute(comp, decoding.retriever, decoding.policy, decoding.retrieval)
+            self.trace(comp, decoding.policy)
             comp.notices = license_notices(comp.attributions, decoding.policy)
         return comp
 
@@ -604,6 +613,14 @@ class SiloLM:
             return attribute_steps(comp.text, comp.steps, None)
         return retriever.attribute(comp.text, comp.steps, retrieval or SequenceRetrieval(),
                                    span_min_chars=(policy or NO_POLICY).span_min_chars)
+
+    def trace(self, comp: Completion, policy: OutputPolicy | None = None) -> None:
+        """Give each sentence of an attributed completion its spans found in the training data
+        (silo/model/trace.py); nothing without a training-data index."""
+        if self.training_index is None or not comp.attributions:
+            return
+        n = (policy or NO_POLICY).trace_min_chars
+        attach_training_spans(comp.attributions, trace_spans(self.training_index, comp.text, comp.steps, n), n)
 
     def _new_cache(self):
         from transformers import DynamicCache
