@@ -190,7 +190,7 @@ def test_generated_log_probs_are_the_gated_mixture_that_scoring_gives(gated):
     from silo.model.request import GenerationRequest, OutputControls, RetrievalParams
 
     lm, _, _ = gated
-    stored = next(d for s in lm.store.shards for d in s.documents if d["domain"] == "gcide")["text"][2000:2100]
+    stored = next(d for s in lm.store.shards for d in s.documents if d.domain == "gcide").text[2000:2100]
     for prompt in (stored, "def main():\n    return"):
         params = RetrievalParams(mode="knn", skip="off")
         comp = lm.run(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=20, temperature=1.0,
