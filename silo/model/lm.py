@@ -155,6 +155,7 @@ class SiloLM:
         self._blocks: tuple | None = None  # (store snapshot, dense model, BlockStore) for mode ric
         self._gate: tuple | None = None  # (store snapshot, Gate or None)
         self._has_blocks: tuple | None = None  # (store snapshot, bool)
+        self._ngrams: tuple | None = None  # (store snapshot, StoreNgrams | str: why it has none, inf-gram gates)
         self._token_texts: TokenTexts | None = None
         self.training_index = None  # silo.training.index.TrainingIndex: tracing and the guard over training text
         if store is not None:
@@ -194,6 +195,7 @@ class SiloLM:
             self._blocks = None  # the RIC block, gate and retriever caches belonged to the old snapshot
             self._gate = None
             self._has_blocks = None
+            self._ngrams = None
             self._retrievers = weakref.WeakValueDictionary()
         return old
 
@@ -262,6 +264,10 @@ class SiloLM:
         if mode == "ric":
             cfg = ric if isinstance(ric, RICConfig) else None
             return RICRetriever(self.blocks(cfg.dense_model if cfg else (ric or {}).get("dense_model")), ric)
+        if mode in ("infgram", "knn+infgram"):
+            base = self.retriever("knn", k, lmbda, tau, mixture=mixture, skip=skip, store=store) \
+                if mode == "knn+infgram" else None
+            return self.infgram_retriever(store, base)
         s = self.knn
         if mixture not in (None, "gated", "fixed"):
             raise SiloInputError.of("mixture", f"must be gated or fixed (got {mixture!r})")
@@ -306,6 +312,42 @@ class SiloLM:
                 self._has_blocks = (store, any(has_blocks(sh.dir) for sh in store.shards))
             return self._has_blocks[1]
 
+    def ngrams(self, store: Datastore | None = None):
+        """(StoreNgrams or None, why not, the inf-gram gates) of the attached snapshot (or `store`), cached
+        per snapshot."""
+        from silo.datastore.infgram import StoreNgrams
+
+        from .infgram import load_gates
+
+        with self._cache_lock:
+            store = store or self._store
+            cached = self._ngrams
+            if cached is not None and cached[0] is store:
+                return cached[1:]
+            try:
+                got = (StoreNgrams(store), None, load_gates(store))
+            except DatastoreError as exc:
+                got = (None, str(exc), {})
+            if store is self._store:
+                self._ngrams = (store, *got)
+            return got
+
+    def infgram_retriever(self, store: Datastore, base=None):
+        """The inf-gram retriever over `store`, mixed into the LM or (`base`) a kNN-LM retriever, through the
+        store's fitted inf-gram gate for that base."""
+        from .infgram import InfgramRetriever
+
+        ngrams, problem, gates = self.ngrams(store)
+        if ngrams is None:
+            raise SiloInputError.of("mode", problem)
+        which = "knn" if base is not None else "lm"
+        gate = gates.get(which)
+        if gate is None:
+            raise SiloInputError.of("mode", f"{store.path}: no inf-gram gate fitted over the "
+                                            f"{'kNN-LM' if base is not None else 'LM'}; fit one with "
+                                            "`silo datastore fit-infgram`")
+        return InfgramRetriever(store, ngrams, gate, self.vocab_size, base)
+
     def modes(self) -> list[str]:
         """The modes this model can serve with its attached snapshot."""
         return [m for m in MODES if self._mode_problem(m) is None]
@@ -316,6 +358,12 @@ class SiloLM:
         if mode == "ric" and not self.has_blocks():
             return ("mode 'ric' needs a datastore with RIC-LM blocks and the attached store has none (silo "
                     "datastore build-blocks); use 'knn' or 'parametric'")
+        if mode in ("infgram", "knn+infgram"):
+            ngrams, problem, gates = self.ngrams()
+            if ngrams is None:
+                return f"mode '{mode}' needs inf-gram indexes: {problem}"
+            if ("knn" if mode == "knn+infgram" else "lm") not in gates:
+                return f"mode '{mode}' needs an inf-gram gate (silo datastore fit-infgram); use 'knn' or 'parametric'"
         return None
 
     def resolve_mode(self, mode: str) -> str:
