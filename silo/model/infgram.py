@@ -280,10 +280,10 @@ class InfgramRetriever:
         bases = self.base.begin_many(hiddens, logps, ids_list) if self.base is not None else [None] * len(ids_list)
         states = []
         for logp, ids, b in zip(logps, ids_list, bases):
-            st = InfState(ids=[int(t) for t in ids][-(MAX_N + 1):], base=b)
+            st = InfState(ids=[int(t) for t in ids][-(MAX_N + 1):], n=MAX_N, base=b)  # the first search: unbounded
             n = min(self.WARMUP, len(ids) - 1)
             if n > 0:  # the recent gain over the prompt's last tokens
-                tail = [int(t) for t in ids[len(ids) - 1 - n - MAX_N:]]
+                tail = [int(t) for t in ids[max(0, len(ids) - 1 - n - MAX_N):]]
                 conts = position_continuations(self.ngrams, [tail])[-n:]
                 tg = np.asarray(ids[len(ids) - n:], dtype=np.int64)
                 lp = logp[len(ids) - 1 - n:len(ids) - 1].gather(1, torch.as_tensor(tg, device=logp.device)[:, None])
