@@ -239,7 +239,7 @@ def test_a_replica_killed_during_a_removal_comes_back_on_the_new_generation(clus
     doc = Datastore.open(store).shards[0].documents[0]
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     with SiloClient(handle.grpc_target, token=ADMIN, timeout=300) as c:  # the other replica takes the call
-        status = c.submit_removal(document_ids=[doc["id"]], requester="admin", reason="test")
+        status = c.submit_removal(document_ids=[doc.id], requester="admin", reason="test")
         assert status.status == "applied"
         # Ray Serve replaces the killed replica; the replacement opens the store's current generation (or
         # acknowledges it in the rollout, if it was already starting) before it is routed any call

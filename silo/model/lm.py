@@ -168,12 +168,15 @@ class SiloLM:
         """`device`: auto | cpu | cuda | cuda:N for the model (the store's index stays where it is opened:
         CPU FAISS unless the store is opened on cuda); `dtype`: auto (bfloat16/float16 on a GPU) or a torch
         dtype name."""
-        from silo.training.index import TrainingIndex, has_training_index
+        from silo.training.index import TrainingIndex, TrainingIndexError, has_training_index
 
         model, tokenizer = load_lm(model_path, device, dtype)
         lm = cls(model, tokenizer, knn=knn, **kwargs)
-        if has_training_index(model_path):  # written by `silo train` / `silo index`; refused for other weights
-            lm.training_index = TrainingIndex.open(model_path, lm.fingerprint)
+        if has_training_index(model_path):  # written by `silo train` / `silo index`
+            try:
+                lm.training_index = TrainingIndex.open(model_path, lm.fingerprint)
+            except TrainingIndexError as exc:  # made for other weights (a modified copy): not used, said
+                _warn_once(f"{exc}; outputs are not traced to the training data")
         if store_path:
             lm.swap_store(Datastore.open(store_path, fingerprint=lm.fingerprint))
         return lm
@@ -261,13 +264,8 @@ class SiloLM:
             store, gate = self._store, self.gate()
         if store is None:
             raise SiloInputError.of("mode", self._mode_problem(mode))
-        if mode == "ric":
-            cfg = ric if isinstance(ric, RICConfig) else None
-            return RICRetriever(self.blocks(cfg.dense_model if cfg else (ric or {}).get("dense_model")), ric)
-        if mode in ("infgram", "knn+infgram"):
-            base = self.retriever("knn", k, lmbda, tau, mixture=mixture, skip=skip, store=store) \
-                if mode == "knn+infgram" else None
-            return self.infgram_retriever(store, base)
+        if mode != "knn":  # RIC-LM, the inf-gram (alone or over kNN-LM)
+            return self._other_retriever(mode, store, ric, dict(k=k, lmbda=lmbda, tau=tau, mixture=mixture, skip=skip))
         s = self.knn
         if mixture not in (None, "gated", "fixed"):
             raise SiloInputError.of("mixture", f"must be gated or fixed (got {mixture!r})")
@@ -332,10 +330,18 @@ class SiloLM:
                 self._ngrams = (store, *got)
             return got
 
-    def infgram_retriever(self, store: Datastore, base=None):
-        """The inf-gram retriever over `store`, mixed into the LM or (`base`) a kNN-LM retriever, through the
-        store's fitted inf-gram gate for that base."""
+    def _other_retriever(self, mode: str, store: Datastore, ric, knn: dict):
+        if mode == "ric":
+            cfg = ric if isinstance(ric, RICConfig) else None
+            return RICRetriever(self.blocks(cfg.dense_model if cfg else (ric or {}).get("dense_model")), ric)
+        return self.infgram_retriever(store, mode, knn)
+
+    def infgram_retriever(self, store: Datastore, mode: str = "infgram", knn: dict | None = None):
+        """The inf-gram retriever over `store`, mixed into the LM (mode infgram) or into the kNN-LM retriever
+        that `knn`'s settings give (mode knn+infgram), through the store's inf-gram gate for that base."""
         from .infgram import InfgramRetriever
+
+        base = self.retriever("knn", store=store, **(knn or {})) if mode == "knn+infgram" else None
 
         ngrams, problem, gates = self.ngrams(store)
         if ngrams is None:
