@@ -29,7 +29,7 @@ from silo.serving.cluster.deploy import serve_on_ray
 from silo.serving.cluster.local import LocalRayCluster, free_port
 from silo.serving.config import ServeConfig
 
-ADMIN, OWNER_TOKEN = "bench-admin", "bench-owner"
+ADMIN, OWNER_TOKEN = "bench-admin-0123456789abcdef", "bench-owner-0123456789abcdef"
 
 
 class Args:  # what load.run_level reads

@@ -34,7 +34,7 @@ from silo.serving.client import SiloClient
 from silo.serving.config import ServeConfig
 from silo.serving.server import SiloServer
 
-ADMIN, OWNER = "soak-admin", "soak-owner"
+ADMIN, OWNER = "soak-admin-0123456789abcdef", "soak-owner-0123456789abcdef"
 
 
 def distinctive(doc: StoredDocument, others: list[str]) -> str | None:

@@ -106,9 +106,8 @@ class RemovalManager:
     def _load(self, request_id: str) -> RemovalState:
         p = self._state_path(request_id)
         if not p.exists():
-            known = [x.stem for x in self.removals_dir.glob("*.json")] if self.removals_dir.exists() else []
-            raise RemovalError(f"request_id: no removal request {request_id!r} in {self.path} "
-                               f"(known: {listing(known)})", "request_id")
+            raise RemovalError(f"request_id: no removal request {request_id!r} in the store {self.path.name!r} "
+                               "(`silo datastore removals` lists them)", "request_id")
         return RemovalState.from_json(json.loads(p.read_text(encoding="utf-8")))
 
     def _save(self, state: RemovalState) -> None:
@@ -213,7 +212,8 @@ class RemovalManager:
         req = RemovalRequest.coerce(request)
         with self.lock():
             if self._state_path(req.request_id).exists():
-                raise RemovalError(f"request_id: {req.request_id!r} already exists in {self.path}", "request_id")
+                raise RemovalError(f"request_id: {req.request_id!r} already exists in the store {self.path.name!r}",
+                                   "request_id")
             targets = self.resolve(req)
             state = RemovalState(request=req, status="received", timestamps={"received": now()}, targets=targets,
                                  generation_before=targets.generation, store=str(self.path),
@@ -431,7 +431,7 @@ class RemovalManager:
         t = state.targets
         mine = [r for r in read_journal(self.path / "journal.jsonl") if r.request_id == rid]
         receipt = Receipt(
-            request_id=rid, request=state.request, status=state.status, store=str(self.path),
+            request_id=rid, request=state.request, status=state.status, store=self.path.name,
             removed=Removed.of(t), shards_before=tuple(ShardVersion.of(x) for x in t.drop_shards + t.drop_documents),
             shards_after=tuple(self._after(state, manifest)),
             generations=Generations(before=state.generation_before, applied=state.generation_applied,

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -128,6 +128,7 @@ class Shard:
     _keep: object = None  # keeps the selector's id buffer alive while _params is used
     sentences: np.ndarray | None = None  # the lookup index (SENTENCE_DTYPE), sorted by hash
     checksum: str | None = None  # of shard.json: which version of the shard this is (reuse across snapshots)
+    _labels: dict = field(default_factory=dict, repr=False)  # document_labels' result, shared by the views
 
     @classmethod
     def load(cls, store_dir: Path, rec: ShardRecord, device: str = "cpu", mmap: bool = False) -> "Shard":
@@ -173,7 +174,18 @@ class Shard:
         params, keep = search_params(self.index, nprobe, dead)
         live = len(self.entries) - (0 if dead is None else len(dead))
         return Shard(self.name, self.owner, self.dir, self.index, self.entries, self.documents, frozenset(removed),
-                     live, params, keep, self.sentences, self.checksum)
+                     live, params, keep, self.sentences, self.checksum, self._labels)
+
+    def document_labels(self) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        """(a code per document, the (owner, licence) pair of each code): what an output policy's rules
+        read of a document, read once per loaded shard (a policy's allowed documents are then a lookup, not
+        a pass over every document's JSON)."""
+        if "labels" not in self._labels:
+            pairs: dict[tuple[str, str], int] = {}
+            codes = np.fromiter((pairs.setdefault((d.owner, d.license), len(pairs)) for d in self.documents),
+                                dtype=np.int64, count=len(self.documents))
+            self._labels["labels"] = (codes, list(pairs))
+        return self._labels["labels"]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._params is None:

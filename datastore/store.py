@@ -289,3 +289,20 @@ class Datastore:
             shards=[ShardSummary(name=s.name, owner=s.owner, entries=s.live_entries,
                                  documents=len(s.documents) - len(s.removed_docs)) for s in self.shards],
         )
+
+
+def removal_violations(store: Datastore, exclusions) -> list[str]:
+    """What of `store` the removals behind `exclusions` (removal_records.read_exclusions of another copy of
+    the store) took out: shards, owners' content, documents (by id or text hash). Empty when it honours
+    them all (a copy made before a removal, or with its lineage edited away, does not)."""
+    if not exclusions:
+        return []
+    out = []
+    for shard in store.shards:
+        if shard.name in exclusions.shards:
+            out.append(f"shard {shard.name!r}")
+            continue
+        for d in shard.live_documents():
+            if exclusions.excludes(d.id, d.owner, d.sha256, shard.name):
+                out.append(f"document {d.id!r} of {d.owner!r}")
+    return out

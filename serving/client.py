@@ -42,7 +42,9 @@ class SiloClient:
     def __init__(self, target: str, token: str | None = None, tls: bool | str = False,
                  timeout: float | None = 60.0):
         """`tls`: False (plaintext), True (system roots) or a path to a PEM CA certificate.
-        `token`: the admin token or a data owner's token, sent with Admin and DataOwner calls only.
+        `token`: a client token (serve.api_tokens), a data owner's token or the admin token, sent with every
+        call: generation needs one when the server sets api_tokens, and what supporting text a response
+        shows depends on who asks.
         `timeout`: default deadline per call."""
         if tls:
             roots = Path(tls).read_bytes() if isinstance(tls, str) else None
@@ -64,53 +66,53 @@ class SiloClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _admin_md(self):
+    def _md(self):
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
     # ------------------------------------------------------------------------------- generation
     def complete(self, prompt: str, timeout: float | None = None, **kw) -> pb.CompleteResponse:
         return self.gen.Complete(pb.CompleteRequest(prompt=prompt, params=params(**kw)),
-                                 timeout=timeout or self.timeout)
+                                 timeout=timeout or self.timeout, metadata=self._md())
 
     def complete_stream(self, prompt: str, timeout: float | None = None, **kw) -> Iterator[str | pb.CompleteResponse]:
         """Text deltas (str), then the final CompleteResponse. Breaking out of the loop cancels the call."""
         call = self.gen.CompleteStream(pb.CompleteRequest(prompt=prompt, params=params(**kw)),
-                                       timeout=timeout or self.timeout)
+                                       timeout=timeout or self.timeout, metadata=self._md())
         yield from _chunks(call)
 
     def chat(self, messages: Sequence[dict | tuple], timeout: float | None = None, **kw) -> pb.CompleteResponse:
         return self.gen.Chat(pb.ChatRequest(messages=_messages(messages), params=params(**kw)),
-                             timeout=timeout or self.timeout)
+                             timeout=timeout or self.timeout, metadata=self._md())
 
     def chat_stream(self, messages: Sequence[dict | tuple], timeout: float | None = None,
                     **kw) -> Iterator[str | pb.CompleteResponse]:
         call = self.gen.ChatStream(pb.ChatRequest(messages=_messages(messages), params=params(**kw)),
-                                   timeout=timeout or self.timeout)
+                                   timeout=timeout or self.timeout, metadata=self._md())
         yield from _chunks(call)
 
     def score(self, text: str, mode: str = "", k: int | None = None, lmbda: float | None = None,
               tau: float | None = None) -> pb.ScoreResponse:
         req = pb.ScoreRequest(text=text, mode=mode, **{n: v for n, v in (("k", k), ("lmbda", lmbda), ("tau", tau))
                                                         if v is not None})
-        return self.gen.Score(req, timeout=self.timeout)
+        return self.gen.Score(req, timeout=self.timeout, metadata=self._md())
 
     def tokenize(self, text: str) -> pb.TokenizeResponse:
-        return self.gen.Tokenize(pb.TokenizeRequest(text=text), timeout=self.timeout)
+        return self.gen.Tokenize(pb.TokenizeRequest(text=text), timeout=self.timeout, metadata=self._md())
 
     def info(self) -> pb.ModelInfoResponse:
         """Model and store facts; with the admin token also the server's paths."""
-        return self.gen.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, metadata=self._admin_md())
+        return self.gen.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, metadata=self._md())
 
     # ------------------------------------------------------------------------------- admin
     def list_shards(self) -> pb.StoreInfo:
-        return self.admin.ListShards(pb.ListShardsRequest(), metadata=self._admin_md(), timeout=self.timeout)
+        return self.admin.ListShards(pb.ListShardsRequest(), metadata=self._md(), timeout=self.timeout)
 
     def swap_datastore(self, path: str) -> pb.DatastoreChange:
-        return self.admin.SwapDatastore(pb.SwapDatastoreRequest(path=str(path)), metadata=self._admin_md(),
+        return self.admin.SwapDatastore(pb.SwapDatastoreRequest(path=str(path)), metadata=self._md(),
                                         timeout=self.timeout)
 
     def reload_datastore(self) -> pb.DatastoreChange:
-        return self.admin.ReloadDatastore(pb.ReloadDatastoreRequest(), metadata=self._admin_md(), timeout=self.timeout)
+        return self.admin.ReloadDatastore(pb.ReloadDatastoreRequest(), metadata=self._md(), timeout=self.timeout)
 
 
     # ---- data owners (token: the admin token or the owner's own token)
@@ -120,11 +122,11 @@ class SiloClient:
         req = pb.RemovalRequest(owner=owner or "", document_ids=list(document_ids), shards=list(shards),
                                 requester=requester, reason=reason, request_id=request_id, wait=wait,
                                 skip_verification=skip_verification)
-        return self._owner.SubmitRemoval(req, timeout=timeout or self.timeout, metadata=self._admin_md())
+        return self._owner.SubmitRemoval(req, timeout=timeout or self.timeout, metadata=self._md())
 
     def get_removal(self, request_id: str) -> pb.RemovalStatus:
         return self._owner.GetRemoval(pb.GetRemovalRequest(request_id=request_id), timeout=self.timeout,
-                                      metadata=self._admin_md())
+                                      metadata=self._md())
 
     def get_receipt(self, request_id: str) -> Receipt:
         import json
@@ -132,20 +134,20 @@ class SiloClient:
         from silo.datastore.removal_records import Receipt  # the wire's JSON read into the typed record
 
         r = self._owner.GetReceipt(pb.GetRemovalRequest(request_id=request_id), timeout=self.timeout,
-                                   metadata=self._admin_md())
+                                   metadata=self._md())
         return Receipt.from_json(json.loads(r.json))
 
     def list_removals(self, owner: str = "") -> list[pb.RemovalStatus]:
         return list(self._owner.ListRemovals(pb.ListRemovalsRequest(owner=owner), timeout=self.timeout,
-                                             metadata=self._admin_md()).removals)
+                                             metadata=self._md()).removals)
 
     def get_ledger(self, owner: str = "") -> pb.LedgerResponse:
         """Contribution ledger totals: the token's own owner, or (admin token) every owner / `owner`."""
-        return self._owner.GetLedger(pb.LedgerRequest(owner=owner), timeout=self.timeout, metadata=self._admin_md())
+        return self._owner.GetLedger(pb.LedgerRequest(owner=owner), timeout=self.timeout, metadata=self._md())
 
     def lookup(self, document_id: str = "", text: str = "") -> pb.LookupResponse:
         return self._owner.Lookup(pb.LookupRequest(document_id=document_id, text=text), timeout=self.timeout,
-                                  metadata=self._admin_md())
+                                  metadata=self._md())
 
 
 def _chunks(call) -> Iterator[str | pb.CompleteResponse]:

@@ -36,7 +36,7 @@ from silo.datastore.lookup import lookup
 from silo.datastore.removal import RemovalManager
 from silo.datastore.removal_records import Receipt, RemovalError, RemovalRequest, RemovalState
 
-from .auth import Caller, resolve_caller
+from .auth import Caller, peer_host, resolve_caller
 from .gen import silo_pb2 as pb
 from .gen import silo_pb2_grpc as pb_grpc
 from .rpc import RpcFailure, _handled
@@ -59,7 +59,8 @@ class DataOwnerService(pb_grpc.DataOwnerServicer):
     # ----------------------------------------------------------------------------------- auth
     def _caller(self, context, optional: bool = False) -> Caller | None:
         """The admin or an owner; None when no token was given and `optional`."""
-        return resolve_caller(self.server, dict(context.invocation_metadata()).get("authorization"), optional)
+        return resolve_caller(self.server, dict(context.invocation_metadata()).get("authorization"), optional,
+                              peer=peer_host(context.peer()))
 
     def _manager(self) -> RemovalManager:
         engine = self.server.engine

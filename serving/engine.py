@@ -39,7 +39,7 @@ from silo.model.output_policy import NO_POLICY, OutputPolicy
 from silo.model.request import GenerationRequest
 from silo.model.types import ScoreResult, SiloInputError
 
-from .jobs import EngineBusy, EngineClosed, GenResult, Job, JobRecord
+from .jobs import EngineBusy, EngineClosed, FairQueue, GenResult, Job, JobRecord
 from .metrics import Metrics
 from .requests import InvalidRequest, ScoreRequest
 
@@ -68,16 +68,19 @@ class ScoreOutput:
 class Engine:
     def __init__(self, lm: SiloLM, max_queue: int = 16, metrics: Metrics | None = None,
                  max_score_tokens: int = 4096, policy: OutputPolicy | None = None,
-                 on_result: Callable[[str, GenResult], Any] | None = None, max_batch: int = 8, id_prefix: str = ""):
+                 on_result: Callable[[str, GenResult], Any] | None = None, max_batch: int = 8, id_prefix: str = "",
+                 max_queue_per_client: int | None = None):
         """`policy`: the operator's output controls; `on_result(request_id, result)` is called on the worker
         with every finished generation before its result is delivered (the server records it in the
         contribution ledger); a failure there is logged and does not fail the request. `id_prefix` starts every
-        job id (a cluster replica's name, so request ids are unique across replicas)."""
+        job id (a cluster replica's name, so request ids are unique across replicas). `max_queue_per_client`:
+        the queue slots one client may hold (default: half the queue), and clients are served in turn."""
         self.lm = lm
         self.id_prefix = id_prefix
         self.policy = policy or NO_POLICY
         self.on_result = on_result
         self.max_queue = max_queue
+        self.max_queue_per_client = max_queue_per_client or max(1, max_queue // 2)
         self.max_batch = max(1, int(max_batch))
         self.decoder = BatchDecoder(lm)
         self.max_score_tokens = max_score_tokens
@@ -85,7 +88,7 @@ class Engine:
         self.records: deque[JobRecord] = deque(maxlen=512)
         self._records_cv = threading.Condition()
         self._cv = threading.Condition()
-        self._queue: deque[Job] = deque()
+        self._queue = FairQueue()
         self._control: deque[Job] = deque()
         self._accepting = True
         self._stopping = False
@@ -103,6 +106,9 @@ class Engine:
             else:
                 if len(self._queue) >= self.max_queue:
                     raise EngineBusy(f"queue full ({self.max_queue} requests waiting); retry later")
+                if self._queue.waiting(job.client) >= self.max_queue_per_client:
+                    raise EngineBusy(f"this client has {self.max_queue_per_client} requests waiting already (a "
+                                     "client may hold part of the queue only); retry when one has run")
                 self._queue.append(job)
                 self.metrics.queue_depth.set(len(self._queue))
             self._cv.notify()
@@ -119,30 +125,31 @@ class Engine:
             self.metrics.queue_depth.set(len(self._queue))
         self._finish_unstarted(job)
 
-    def generate(self, request: GenerationRequest, deadline: float | None = None) -> Job:
-        job = Job("generate", None, deadline, self.id_prefix)
+    def generate(self, request: GenerationRequest, deadline: float | None = None, client: str = "") -> Job:
+        job = Job("generate", None, deadline, self.id_prefix, client)
         job.request = request
         return self._submit(job)
 
-    def generate_all(self, requests: list[GenerationRequest], deadline: float | None = None) -> list[Job]:
+    def generate_all(self, requests: list[GenerationRequest], deadline: float | None = None,
+                     client: str = "") -> list[Job]:
         """The jobs of several generations one call asks for (HTTP: n, best_of, a batch of prompts), queued
         all or none: if the queue cannot take them all, those queued are cancelled and EngineBusy raised."""
         jobs: list[Job] = []
         try:
             for request in requests:
-                jobs.append(self.generate(request, deadline))
+                jobs.append(self.generate(request, deadline, client))
         except BaseException:
             for job in jobs:
                 self.cancel(job)
             raise
         return jobs
 
-    def score(self, req: ScoreRequest, deadline: float | None = None) -> Job:
-        return self._submit(Job("score", lambda job: self._score(req), deadline, self.id_prefix))
+    def score(self, req: ScoreRequest, deadline: float | None = None, client: str = "") -> Job:
+        return self._submit(Job("score", lambda job: self._score(req), deadline, self.id_prefix, client))
 
-    def tokenize(self, text: str) -> Job:
+    def tokenize(self, text: str, client: str = "") -> Job:
         # on the worker too: HF fast tokenizers are not safe to call from several threads at once
-        return self._submit(Job("tokenize", lambda job: self._tokenize(text), prefix=self.id_prefix))
+        return self._submit(Job("tokenize", lambda job: self._tokenize(text), prefix=self.id_prefix, client=client))
 
     def control(self, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
         """Run `fn` on the worker between requests (ahead of queued ones) and return its result."""

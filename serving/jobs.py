@@ -7,6 +7,7 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -74,10 +75,55 @@ class JobRecord:
     store_generation: int | None = None  # the datastore snapshot a generation was admitted on
 
 
+class FairQueue:
+    """The engine's waiting jobs, one line per client, served in turn: a client with many requests waiting
+    does not make another client's request wait behind all of them."""
+
+    def __init__(self):
+        self._lines: dict[str, deque] = {}
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator["Job"]:
+        return (job for line in list(self._lines.values()) for job in list(line))
+
+    def waiting(self, client: str) -> int:
+        line = self._lines.get(client)
+        return len(line) if line else 0
+
+    def append(self, job: "Job") -> None:
+        self._lines.setdefault(job.client, deque()).append(job)
+        self._n += 1
+
+    def popleft(self) -> "Job":
+        """The next client's oldest job; that client goes to the back of the turn."""
+        client, line = next(iter(self._lines.items()))
+        job = line.popleft()
+        del self._lines[client]
+        if line:
+            self._lines[client] = line  # re-inserted: the end of the turn
+        self._n -= 1
+        return job
+
+    def remove(self, job: "Job") -> None:
+        line = self._lines.get(job.client)
+        if line is None:
+            raise ValueError("not queued")
+        line.remove(job)  # ValueError when not there
+        self._n -= 1
+        if not line:
+            del self._lines[job.client]
+
+
 class Job:
     def __init__(self, kind: str, fn: Callable[["Job"], Any] | None, deadline: float | None = None,
-                 prefix: str = ""):
-        self.id = f"{prefix}{kind[:1]}{next(_ids):06d}"  # prefix: the replica's name in a cluster
+                 prefix: str = "", client: str = ""):
+        """`prefix`: the replica's name in a cluster; `client`: who asked (an API token's name or the
+        peer's address), for fair queueing."""
+        self.id = f"{prefix}{kind[:1]}{next(_ids):06d}"
+        self.client = client
         self.kind = kind
         self.fn = fn
         self.deadline = deadline  # time.monotonic() value, or None

@@ -50,14 +50,15 @@ def logprob_messages(tokens: Iterable[TokenLogprob]) -> list[pb.TokenLogprob]:
     return out
 
 
-def store_message(store: Datastore | None, show_path: bool = True) -> pb.StoreInfo:
+def store_message(store: Datastore | None, show_path: bool = True, show_shards: bool = True) -> pb.StoreInfo:
+    """A store's facts; the folder and the shards (names, owners) only where the caller may see them."""
     if store is None:
         return pb.StoreInfo()
     s = store.summary()
     return pb.StoreInfo(path=s.path if show_path else "", generation=s.generation, fingerprint=s.fingerprint, index=s.index,
                         entries=s.entries, shard_count=len(s.shards),
                         shards=[pb.ShardInfo(name=x.name, owner=x.owner, entries=x.entries,
-                                             documents=x.documents) for x in s.shards])
+                                             documents=x.documents) for x in s.shards] if show_shards else [])
 
 
 def knn_defaults(lm: SiloLM) -> pb.KnnDefaults:

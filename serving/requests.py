@@ -16,7 +16,10 @@ from silo.model.request import ChatMessage, GenerationRequest, OutputControls, R
 from silo.model.sampling import SamplingParams
 from silo.model.types import SiloInputError
 
-_WIRE = {"max_new_tokens": "max_tokens"}  # the model's field names the wire spells otherwise
+_WIRE = {"max_new_tokens": "max_tokens"}
+# a text of more characters than this per allowed token is refused before it is tokenized (no tokenizer of
+# a language model spends fewer than 1 token per 16 characters): the worker never tokenizes a megabyte
+MAX_CHARS_PER_TOKEN = 16  # the model's field names the wire spells otherwise
 
 
 class InvalidRequest(SiloInputError):
@@ -154,7 +157,8 @@ def score_request(msg, limits: Limits) -> ScoreRequest:
     if not msg.text:
         raise InvalidRequest("text", "must not be empty")
     if len(msg.text) > limits.max_score_chars:
-        raise InvalidRequest("text", f"longer than {limits.max_score_chars} characters")
+        raise InvalidRequest("text", f"{len(msg.text)} characters; at most {limits.max_score_chars} (Score reads at "
+                                     "most serve.max_score_tokens tokens)")
     try:
         retrieval = _retrieval(msg, limits)
     except SiloInputError as exc:

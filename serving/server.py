@@ -16,6 +16,8 @@ import logging
 import threading
 import time
 from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,9 +27,10 @@ from grpc_reflection.v1alpha import reflection
 
 from silo.datastore.format import Manifest
 from silo.model.lm import SiloLM
+from silo.model.output_policy import disclosed
 
-from .auth import check_generation_access, is_admin, require_admin
-from .config import ServeConfig
+from .auth import FailedAttempts, check_generation_access, is_admin, peer_host, require_admin, viewer
+from .config import OwnerTokens, ServeConfig
 from .dataowner import DataOwnerService
 from .engine import Engine, GenResult
 from .gen import silo_pb2 as pb
@@ -36,7 +39,7 @@ from .ledger import Ledger, credits_of
 from .messages import completion_message, finite, knn_defaults, logprob_messages, store_message
 from .writer import LocalWriter
 from .metrics import Metrics
-from .requests import Limits, chat_request, complete_request, score_request
+from .requests import MAX_CHARS_PER_TOKEN, Limits, chat_request, complete_request, score_request
 from .rpc import RpcFailure, _handled
 
 log = logging.getLogger("silo.serving")
@@ -53,26 +56,48 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise RpcFailure(Code.UNAVAILABLE, "the model is still loading; retry shortly")
         return self.server.engine
 
+    @contextmanager
+    def _slot(self):
+        """One of the data plane's slots for this call, or RESOURCE_EXHAUSTED at once: generation calls
+        beyond what the engine can hold never take the threads kept for health, admin and data owners."""
+        if not self.server.data_plane.acquire(blocking=False):
+            raise RpcFailure(Code.RESOURCE_EXHAUSTED, "server busy: every generation slot is taken; retry shortly")
+        try:
+            yield
+        finally:
+            self.server.data_plane.release()
+
+    def _client(self, context) -> str:
+        """Who asks, for generation access and fair queueing: a token's name, else the peer's address."""
+        peer = peer_host(context.peer())
+        name = check_generation_access(self.server, authorization(context), peer)
+        return name or peer
+
     def _run(self, req, context, info):
         """Enqueue a generation tied to this call: its deadline, and cancellation when the call ends."""
         engine = self._engine()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        job = engine.generate(req, deadline)
+        req, client = req
+        job = engine.generate(req, deadline, client)
         if not context.add_callback(lambda: engine.cancel(job)):
             engine.cancel(job)  # the call already ended
         info.update(request_id=job.id, mode=req.retrieval.mode, max_tokens=req.sampling.max_new_tokens)
         return job
 
     def _request(self, convert, request, context):
-        """The call's GenerationRequest, once its caller may generate (`convert`: the wire's converter)."""
-        check_generation_access(self.server, authorization(context))
+        """(the call's GenerationRequest, its client), once the caller may generate (`convert`: the wire's
+        converter)."""
+        client = self._client(context)
         self._engine()
-        return convert(request, self.server.limits())
+        return convert(request, self.server.limits()), client
 
-    def _done(self, res: GenResult, job, info) -> pb.CompleteResponse:
+    def _done(self, res: GenResult, job, info, context) -> pb.CompleteResponse:
         info.update(finish_reason=res.finish_reason, prompt_tokens=res.prompt_tokens,
                     completion_tokens=res.completion_tokens)
+        who = viewer(self.server, authorization(context))  # supporting text within its documents' caps
+        res = replace(res, attributions=disclosed(res.attributions, job.request.output.policy(self._engine().policy),
+                                                  who.role, who.name))
         if res.finish_reason == "cancelled" and job.deadline is not None and time.monotonic() >= job.deadline:
             # stopped by the deadline: say so, rather than racing the client's own timer with an OK
             raise RpcFailure(Code.DEADLINE_EXCEEDED, f"deadline exceeded after {res.completion_tokens} tokens")
@@ -84,32 +109,40 @@ class GenerationService(pb_grpc.GenerationServicer):
             if kind == "delta":
                 yield pb.CompleteChunk(delta=value, logprobs=logprob_messages(getattr(value, "logprobs", ())))
             elif kind == "done":  # (an echoed prompt's event: its log-probs come with `done`)
-                yield pb.CompleteChunk(done=self._done(value, job, info))
+                yield pb.CompleteChunk(done=self._done(value, job, info, context))
 
     @_handled("Complete")
     def Complete(self, request, context, info):
-        job = self._run(self._request(complete_request, request, context), context, info)
-        return self._done(job.result(), job, info)
+        with self._slot():
+            job = self._run(self._request(complete_request, request, context), context, info)
+            return self._done(job.result(), job, info, context)
 
     @_handled("CompleteStream", streaming=True)
     def CompleteStream(self, request, context, info):
-        yield from self._stream(self._request(complete_request, request, context), context, info)
+        with self._slot():
+            yield from self._stream(self._request(complete_request, request, context), context, info)
 
     @_handled("Chat")
     def Chat(self, request, context, info):
-        job = self._run(self._request(chat_request, request, context), context, info)
-        return self._done(job.result(), job, info)
+        with self._slot():
+            job = self._run(self._request(chat_request, request, context), context, info)
+            return self._done(job.result(), job, info, context)
 
     @_handled("ChatStream", streaming=True)
     def ChatStream(self, request, context, info):
-        yield from self._stream(self._request(chat_request, request, context), context, info)
+        with self._slot():
+            yield from self._stream(self._request(chat_request, request, context), context, info)
 
     @_handled("Score")
     def Score(self, request, context, info):
-        check_generation_access(self.server, authorization(context))
+        with self._slot():
+            return self._score(request, context, info)
+
+    def _score(self, request, context, info):
+        client = self._client(context)
         req = score_request(request, self.server.limits())
         remaining = context.time_remaining()
-        job = self._engine().score(req, time.monotonic() + remaining if remaining is not None else None)
+        job = self._engine().score(req, time.monotonic() + remaining if remaining is not None else None, client)
         out = job.result()
         res = out.result
         info.update(request_id=job.id, mode=req.mode, tokens=res.num_tokens)
@@ -125,14 +158,18 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     @_handled("Tokenize")
     def Tokenize(self, request, context, info):
-        if len(request.text) > self.server.limits().max_score_chars:
-            raise RpcFailure(Code.INVALID_ARGUMENT, "text: too long")
-        ids, tokens = self._engine().tokenize(request.text).result()
-        info["tokens"] = len(ids)
-        return pb.TokenizeResponse(ids=ids, tokens=tokens)
+        with self._slot():
+            client = self._client(context)
+            limit = self.server.cfg.max_prompt_chars  # bounded before it reaches the engine's worker
+            if len(request.text) > limit:
+                raise RpcFailure(Code.INVALID_ARGUMENT, f"text: {len(request.text)} characters; at most {limit}")
+            ids, tokens = self._engine().tokenize(request.text, client).result()
+            info["tokens"] = len(ids)
+            return pb.TokenizeResponse(ids=ids, tokens=tokens)
 
     @_handled("ModelInfo")
     def ModelInfo(self, request, context, info):
+        check_generation_access(self.server, authorization(context), peer_host(context.peer()))
         lm = self._engine().lm
         cfg = self.server.cfg
         admin = is_admin(self.server, authorization(context))  # server paths are the operator's business only
@@ -141,8 +178,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             context_length=lm.context_length, vocab_size=lm.vocab_size, training_policy=self.server.policy,
             knn=knn_defaults(lm), modes=lm.modes(),
             max_tokens_default=cfg.max_tokens, max_tokens_limit=cfg.max_tokens_limit)
-        if lm.store is not None:
-            msg.store.CopyFrom(store_message(lm.store, show_path=admin))
+        if lm.store is not None:  # which shards and owners: the operator's business too (counts for others)
+            msg.store.CopyFrom(store_message(lm.store, show_path=admin, show_shards=admin))
         return msg
 
 
@@ -156,7 +193,7 @@ class AdminService(pb_grpc.AdminServicer):
         self.server = server
 
     def _authorize(self, context) -> Engine:
-        require_admin(self.server, authorization(context))
+        require_admin(self.server, authorization(context), peer_host(context.peer()))
         if self.server.engine is None:
             raise RpcFailure(Code.UNAVAILABLE, "the model is still loading; retry shortly")
         return self.server.engine
@@ -208,6 +245,8 @@ class SiloServer:
         self.engine: Engine | None = None
         self.writer = None  # who changes the store (serving/writer.py); made in _load, once the engine exists
         self.admin_token = cfg.resolved_admin_token()
+        self._owner_tokens = OwnerTokens(cfg)  # checked now: a bad tokens file stops the start, naming it
+        self.auth_failures = FailedAttempts(cfg.auth_failures_per_minute, cfg.auth_lockout_seconds)
         self.policy = ""
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -218,11 +257,15 @@ class SiloServer:
         self._stop_watch = threading.Event()
         self.health = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
-        # enough threads for every queued request plus the running one plus admin/health/info calls;
-        # beyond maximum_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED
-        workers = cfg.max_queue + 8
+        # a thread for every generation the engine can hold (queued or in the batch), which `data_plane` bounds,
+        # plus control_threads that generation calls never take: health, admin and data owners always find
+        # one. Beyond maximum_concurrent_rpcs gRPC itself answers RESOURCE_EXHAUSTED. No SO_REUSEPORT: a second
+        # process cannot bind the same port and take part of the calls
+        data = cfg.max_queue + cfg.max_batch
+        self.data_plane = threading.BoundedSemaphore(data)
+        workers = data + cfg.control_threads
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="silo-rpc"),
-                                maximum_concurrent_rpcs=workers * 2)
+                                maximum_concurrent_rpcs=workers * 2, options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(GenerationService(self), self.grpc)
         pb_grpc.add_AdminServicer_to_server(AdminService(self), self.grpc)
         self.dataowner = DataOwnerService(self)
@@ -234,6 +277,10 @@ class SiloServer:
     def _set_health(self, status) -> None:
         for name in ("", *SERVICES):
             self.health.set(name, status)
+
+    def owner_tokens(self) -> dict[str, str]:
+        """owner -> token (or sha256:<hex>), as configured now."""
+        return self._owner_tokens.current()
 
     def swapped(self, prev, new, reason: str) -> None:
         """Account for a snapshot swap: the generation gauge and a log line."""
@@ -264,8 +311,8 @@ class SiloServer:
         return Limits(max_tokens_default=self.cfg.max_tokens, max_tokens_limit=self.cfg.max_tokens_limit,
                       max_stop_sequences=self.cfg.max_stop_sequences, vocab_size=lm.vocab_size,
                       max_prompt_chars=self.cfg.max_prompt_chars, max_messages=self.cfg.max_messages,
-                      max_logprobs=self.cfg.max_logprobs,
-                      modes=tuple(lm.modes()))
+                      max_logprobs=self.cfg.max_logprobs, modes=tuple(lm.modes()),
+                      max_score_chars=self.cfg.max_score_tokens * MAX_CHARS_PER_TOKEN)
 
     @property
     def target(self) -> str:
@@ -275,14 +322,17 @@ class SiloServer:
     def start(self, background_load: bool = False) -> SiloServer:
         """Bind and start serving health (NOT_SERVING); load the model (in a thread if background_load)."""
         addr = f"{self.cfg.host}:{self.cfg.port}"
-        if self.cfg.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(self.cfg.tls_key).read_bytes(),
-                                                  Path(self.cfg.tls_cert).read_bytes())])
-            self.port = self.grpc.add_secure_port(addr, creds)
-        else:
-            self.port = self.grpc.add_insecure_port(addr)
+        try:
+            if self.cfg.tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(self.cfg.tls_key).read_bytes(),
+                                                      Path(self.cfg.tls_cert).read_bytes())])
+                self.port = self.grpc.add_secure_port(addr, creds)
+            else:
+                self.port = self.grpc.add_insecure_port(addr)
+        except RuntimeError:  # grpc >= 1.60 raises where older versions returned 0
+            self.port = 0
         if not self.port:
-            raise OSError(f"could not bind {addr}")
+            raise OSError(f"could not bind {addr} (serve.host/serve.port): is another server on that port?")
         if not self.cfg.tls_cert and not _is_loopback(self.cfg.host):
             log.warning("serving on %s without TLS: bearer tokens (admin, data owners) travel in clear; "
                         "set serve.tls_cert and serve.tls_key", addr,
@@ -338,7 +388,8 @@ class SiloServer:
         self.engine = Engine(lm, max_queue=self.cfg.max_queue, max_batch=self.cfg.max_batch, metrics=self.metrics,
                              max_score_tokens=self.cfg.max_score_tokens,
                              policy=self.cfg.resolved_output_policy(), on_result=self.record_credit,
-                             id_prefix=f"{self.replica}-" if self.replica else "")
+                             id_prefix=f"{self.replica}-" if self.replica else "",
+                             max_queue_per_client=self.cfg.max_queue_per_client)
         engine = self.engine
         self.writer = writer(self) if writer is not None else LocalWriter(
             lm, on_model=lambda fn: engine.control(fn, timeout=600), store_lock=self.store_lock, ledger=self.ledger,

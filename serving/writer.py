@@ -21,7 +21,8 @@ import grpc
 from silo.datastore.removal import (
     RemovalError, RemovalForbidden, RemovalManager, RemovalRequest, RemovalState, RemovalTargets,
 )
-from silo.datastore.store import Datastore
+from silo.datastore.removal_records import read_exclusions
+from silo.datastore.store import Datastore, removal_violations
 from silo.model.lm import SiloLM
 from silo.workflows.removal import PendingRemoval, RemovalWorkflow
 
@@ -73,8 +74,8 @@ class LocalWriter:
                        ) -> RemovalState:
         """Validate (RpcFailure naming what is wrong; nothing changes), apply (live for every request once
         this returns), then compact and verify on a background thread (`wait`: before returning)."""
-        workflow = self.workflow()
-        with self.store_lock:
+        with self.store_lock:  # before the workflow takes the store's path: a swap cannot come between
+            workflow = self.workflow()
             try:
                 pending = workflow.prepare(req, owner=caller.name if caller.role == "owner" else None)
             except RemovalForbidden as exc:
@@ -147,6 +148,12 @@ class LocalWriter:
             cur = self.lm.store
             new = Datastore.open(path, fingerprint=self.lm.fingerprint, device=cur.device if cur is not None else "cpu")
             new.check_not_older(cur)
+            if cur is not None:
+                refused = removal_violations(new, read_exclusions(cur.path))
+                if refused:
+                    raise RpcFailure(Code.FAILED_PRECONDITION,
+                                     f"path: the store holds content that removals recorded for the store in use "
+                                     f"took out ({'; '.join(refused[:5])}); it would bring it back")
             prev = self.on_model(lambda: self.lm.swap_store(new))
             self._switched(prev, new, "swap")
         return prev, new

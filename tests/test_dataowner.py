@@ -14,8 +14,8 @@ from silo.serving.client import SiloClient
 from silo.serving.config import ServeConfig
 from silo.serving.server import SiloServer
 
-ADMIN = "admin-token"
-GCIDE_TOKEN = "gcide-secret"
+ADMIN = "admin-token-0123456789abcdef"
+GCIDE_TOKEN = "gcide-secret-0123456789abcdef"
 SHKSPR_TOKEN = "shakespeare-secret"
 
 

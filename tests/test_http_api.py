@@ -19,8 +19,8 @@ from silo.serving.server import SiloServer
 
 openai = pytest.importorskip("openai", reason="the HTTP API tests drive the server with the official openai client")
 
-ADMIN = "admin-token"
-GCIDE = "gcide-secret"
+ADMIN = "admin-token-0123456789abcdef"
+GCIDE = "gcide-secret-0123456789abcdef"
 SHKSPR = "shakespeare-secret"
 PROMPT = "In the beginning"
 LONG = {"max_tokens": 110, "temperature": 1.0, "seed": 0, "extra_body": {"k": 2048, "lmbda": 0.5}}
@@ -197,7 +197,7 @@ def test_owner_routes_follow_the_grpc_roles(served):
 
 def test_generation_tokens_when_configured(tiny_model, tiny_store, tmp_path):
     cfg = ServeConfig(model=str(tiny_model), store=str(tiny_store), port=0, http_port=0, admin_token=ADMIN,
-                      api_tokens={"tool": "tool-token"})
+                      api_tokens={"tool": "tool-token-0123456789abcdef"})
     server = SiloServer(cfg, lm=SiloLM.load(str(tiny_model), str(tiny_store))).start()
     try:
         for key in ("wrong", ""):
@@ -207,7 +207,7 @@ def test_generation_tokens_when_configured(tiny_model, tiny_store, tmp_path):
             with pytest.raises(openai.AuthenticationError) as ei:
                 client.completions.create(model="model", prompt=PROMPT, max_tokens=2)
             assert ei.value.status_code == 401
-        ok = openai.OpenAI(base_url=server.http.url + "/v1", api_key="tool-token", max_retries=0)
+        ok = openai.OpenAI(base_url=server.http.url + "/v1", api_key="tool-token-0123456789abcdef", max_retries=0)
         assert ok.completions.create(model="model", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
         import grpc
 

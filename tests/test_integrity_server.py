@@ -27,7 +27,7 @@ from silo.serving.client import SiloClient
 from silo.serving.config import ServeConfig
 from silo.serving.server import SiloServer
 
-ADMIN, GCIDE, SHK = "admin-t", "gcide-t", "shk-t"
+ADMIN, GCIDE, SHK = "admin-t-0123456789abcdef", "gcide-t-0123456789abcdef", "shk-t-0123456789abcdef"
 
 
 def start(tiny_model, store, lm=None, **over):

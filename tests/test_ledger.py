@@ -28,7 +28,7 @@ from silo.serving.ledger import Ledger, credits_of, write_report
 from silo.serving.server import SiloServer
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMIN, OWNER = "admin-token", "owner-token"
+ADMIN, OWNER = "admin-token-0123456789abcdef", "owner-token-0123456789abcdef"
 COPY = dict(k=4, lmbda=1.0, tau=0.01)  # continues a quoted passage from its source
 
 

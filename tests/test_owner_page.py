@@ -22,8 +22,8 @@ from silo.model.lm import SiloLM
 from silo.serving.config import ServeConfig
 from silo.serving.server import SiloServer
 
-ADMIN = "admin-token"
-GCIDE = "gcide-secret"
+ADMIN = "admin-token-0123456789abcdef"
+GCIDE = "gcide-secret-0123456789abcdef"
 SHKSPR = "shakespeare-secret"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
@@ -180,7 +180,15 @@ def test_owner_page_lookup_remove_follow_receipt(served, browser, tmp_path):
     errors = b.find_elements(By.ID, "error")
     assert not errors, errors[0].text
     assert "Not in the store" in text("#lookup-result")
-    other = urllib.request.Request(f"{url}/owner/removals/{rid}", headers={"Cookie": f"silo_owner={SHKSPR}"})
+    from silo.serving.auth import Caller
+    from silo.serving.http.owner_session import session_cookie
+
+    other = urllib.request.Request(f"{url}/owner/removals/{rid}", headers={
+        "Cookie": f"silo_owner={session_cookie(server, Caller('owner', 'shksprdata'))}"})
     with pytest.raises(urllib.error.HTTPError) as ei:
         urllib.request.urlopen(other, timeout=30)
     assert ei.value.code == 403
+    raw = urllib.request.Request(f"{url}/owner/removals/{rid}", headers={"Cookie": f"silo_owner={GCIDE}"})
+    with pytest.raises(urllib.error.HTTPError) as ei:  # a token is no session: the cookie never holds one
+        urllib.request.urlopen(raw, timeout=30)
+    assert ei.value.code == 401 and GCIDE not in cookie

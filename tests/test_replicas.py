@@ -21,7 +21,7 @@ from silo.serving.client import SiloClient
 from silo.serving.config import ServeConfig
 from silo.serving.server import SiloServer
 
-ADMIN = "admin-token"
+ADMIN = "admin-token-0123456789abcdef"
 OWNER = "shksprdata"
 
 
@@ -115,7 +115,7 @@ def cluster(ray_address, tiny_model, tiny_store, tmp_path_factory):
     handle.stop()
 
 
-OWNER_TOKEN, GCIDE_TOKEN = "shakespeare-token", "gcide-token"
+OWNER_TOKEN, GCIDE_TOKEN = "shakespeare-token", "gcide-token-0123456789abcdef"
 
 
 def _replicas_seen(request_ids) -> set[str]:

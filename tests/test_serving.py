@@ -18,7 +18,7 @@ from silo.serving.config import ServeConfig
 from silo.serving.gen import silo_pb2 as pb
 from silo.serving.server import SiloServer
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0123456789abcdef"
 PROMPT = "In the beginning"
 # ~110 steps with a wide kNN search each (about 1 s on 2 cores): long enough to interrupt reliably
 LONG = dict(max_tokens=110, temperature=1.0, seed=0, k=2048, lmbda=0.5)
@@ -164,7 +164,7 @@ def test_full_queue_answers_resource_exhausted(tiny_model, tiny_store, server):
                     codes.append(grpc.StatusCode.OK)
                 except grpc.RpcError as exc:
                     codes.append(exc.code())
-                    assert "queue full" in exc.details()
+                    assert any(w in exc.details() for w in ("queue full", "server busy", "requests waiting"))
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     finally:

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..metrics import log_request
 from .errors import HttpError, http_error
+from .guard import SECURITY_HEADERS, Guard, allowed_hosts, guarded_protocol
 from .answers import GENERATION_HEADER
 from .openai_api import build_router
 from .owner_web import build_owner_router
@@ -91,6 +92,8 @@ class HttpDoor:
             param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
             return error_response(request, HttpError(400, f"{param}: {first.get('msg', 'invalid')}", param))
 
+        app.add_middleware(Guard, body_limit=self.body_limit,
+                           hosts=allowed_hosts(self.server.cfg.http_allowed_hosts, self.host))
         app.add_middleware(_Errors, metrics=metrics, error_response=error_response, server=self.server)
 
         @app.get("/health")
@@ -126,9 +129,12 @@ class HttpDoor:
             sock.close()
             raise OSError(f"serve.http_port: could not bind {host}:{cfg.http_port}: {exc}") from None
         self.port = sock.getsockname()[1]
+        # connections, not requests, are what limit_concurrency counts: with idle and slow-header connections
+        # closed after http_header_timeout (guard.py) the limit is reached only by real traffic
         ucfg = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
                               ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key, timeout_graceful_shutdown=None,
-                              limit_concurrency=cfg.max_queue + 64)
+                              limit_concurrency=cfg.http_max_connections, timeout_keep_alive=5,
+                              http=guarded_protocol(cfg.http_header_timeout), h11_max_incomplete_event_size=16 * 1024)
         self._uvicorn = uvicorn.Server(ucfg)
         self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]}, name="silo-http",
                                         daemon=True)
@@ -184,6 +190,7 @@ class _Errors:
             if message["type"] == "http.response.start":
                 state.update(status=message["status"], sent=True)
                 self._mark_generation(message)
+                message["headers"] = list(message["headers"]) + SECURITY_HEADERS
             await send(message)
 
         m = self.metrics

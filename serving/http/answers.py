@@ -14,8 +14,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from silo.model.output_policy import disclosed
 from silo.model.request import GenerationRequest
 
+from ..auth import viewer
 from ..messages import completion_message
 from .convert import as_dict
 from .logprobs import chat_logprobs, completion_logprobs, joined, silo_token_fields
@@ -135,8 +137,9 @@ async def _result(request: Request, eng, events: _Events, jobs: list, first=None
 class CallRunner:
     """Runs one Call on the engine and answers it, whole (JSON) or as server-sent events."""
 
-    def __init__(self, server, request: Request, eng, call: Call):
-        self.server, self.request, self.eng, self.call = server, request, eng, call
+    def __init__(self, server, request: Request, eng, call: Call, client: str = ""):
+        self.server, self.request, self.eng, self.call, self.client = server, request, eng, call, client
+        self.viewer = viewer(server, request.headers.get("authorization"))
         self.model = model_id(server)
         self.created = int(time.time())
         self.object = "chat.completion" if call.chat else "text_completion"
@@ -144,7 +147,7 @@ class CallRunner:
         self.events: list[_Events] = []
 
     async def run(self):
-        self.jobs = self.eng.generate_all(self.call.requests)  # EngineBusy (429) and EngineClosed (503) here
+        self.jobs = self.eng.generate_all(self.call.requests, client=self.client)  # EngineBusy (429) and EngineClosed (503) here
         self.events = [_Events(job) for job in self.jobs]
         self.id = ("chatcmpl-" if self.call.chat else "cmpl-") + self.jobs[0].id
         try:
@@ -162,13 +165,20 @@ class CallRunner:
             raise
         return JSONResponse(self._body(results), headers=generation_header(self.jobs))
 
+    def _shown(self, job, res):
+        """A result as this caller may see it: supporting text within its documents' caps (output_policy)."""
+        policy = job.request.output.policy(self.eng.policy)
+        return dataclasses.replace(res, attributions=disclosed(res.attributions, policy, self.viewer.role,
+                                                               self.viewer.name))
+
     def _cancel(self) -> None:
         for job in self.jobs:
             self.eng.cancel(job)
 
     def _body(self, results: list) -> dict:
         make = chat_choice if self.call.chat else completion_choice
-        choices = [make(self.call, i, results[c], self.jobs[c].id) for i, c in enumerate(self.call.chosen(results))]
+        choices = [make(self.call, i, self._shown(self.jobs[c], results[c]), self.jobs[c].id)
+                   for i, c in enumerate(self.call.chosen(results))]
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.call.usage(results)}
 
@@ -203,7 +213,7 @@ class CallRunner:
             kind, value = event
             if kind == "done":
                 results.append(value)
-                yield self._chunk(stream.last(value, events.job.id))
+                yield self._chunk(stream.last(self._shown(events.job, value), events.job.id))
                 return
             yield self._chunk(stream.prompt(value) if kind == "prompt" else stream.delta(value))
             event = await events.next()

@@ -21,7 +21,7 @@ HTTP_STATUS = {Code.INVALID_ARGUMENT: 400, Code.UNAUTHENTICATED: 401, Code.PERMI
                Code.NOT_FOUND: 404, Code.FAILED_PRECONDITION: 409, Code.RESOURCE_EXHAUSTED: 429,
                Code.UNAVAILABLE: 503, Code.DEADLINE_EXCEEDED: 504, Code.CANCELLED: 499}
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-         409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
+         409: "conflict_error", 413: "invalid_request_error", 421: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 
 

@@ -51,9 +51,34 @@ async def json_body(request: Request, limit: int = 1 << 20) -> dict:
         body = json.loads(bytes(raw) or b"null")
     except ValueError as exc:
         raise HttpError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise HttpError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise HttpError(400, "the request body must be a JSON object")
+    check_json_values(body)
     return body
+
+
+MAX_JSON_DEPTH = 16
+
+
+def check_json_values(value, path: str = "", depth: int = 0) -> None:
+    """400 for a body nested deeper than any request needs, or holding a string that is not text (a lone
+    surrogate escape such as \\ud800, which no UTF-8 encoder takes), naming where."""
+    if depth > MAX_JSON_DEPTH:
+        raise bad(path or "body", f"nested more than {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad(path or "body", "holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_json_values(k, path or "body", depth + 1)
+            check_json_values(v, f"{path}.{k}" if path else str(k), depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_json_values(v, f"{path}[{i}]", depth + 1)
 
 
 # ------------------------------------------------------------------------------------------ request fields
@@ -260,7 +285,7 @@ def build_router(door) -> APIRouter:
         return server.engine
 
     def common(body: dict, request: Request):
-        check_generation_access(server, request.headers.get("authorization"))
+        client(request)
         eng = engine()
         model = body.get("model")
         if model is not None and model not in (model_id(server), "silo"):
@@ -272,22 +297,29 @@ def build_router(door) -> APIRouter:
         opts = body.get("stream_options") or {}
         return eng, stream, bool(isinstance(opts, dict) and opts.get("include_usage"))
 
+    def client(request: Request) -> str:
+        """Who asks, once they may generate: a token's name, else the peer's address (fair queueing)."""
+        peer = request.client.host if request.client else ""
+        name = check_generation_access(server, request.headers.get("authorization"), peer)
+        return name or peer
+
     @router.post("/v1/completions")
     async def completions(request: Request):
         body = await json_body(request, door.body_limit)
         eng, stream, include_usage = common(body, request)
         call = completion_call(body, server, stream, include_usage)
-        return await CallRunner(server, request, eng, call).run()
+        return await CallRunner(server, request, eng, call, client(request)).run()
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await json_body(request, door.body_limit)
         eng, stream, include_usage = common(body, request)
         call = chat_call(body, server, stream, include_usage)
-        return await CallRunner(server, request, eng, call).run()
+        return await CallRunner(server, request, eng, call, client(request)).run()
 
     @router.get("/v1/models")
     async def models(request: Request):
+        client(request)
         engine()
         lm = server.engine.lm
         info = {"context_length": lm.context_length, "fingerprint": lm.fingerprint,

@@ -137,8 +137,13 @@ class VerbatimGuard:
         if self.store is None or all(r.allow for r in (self.policy.all, *self.policy.tiers.values(),
                                                        *self.policy.owners.values())):
             return np.zeros(0, np.int64)
-        return np.array([doc_key(si, d.index) for si, sh in enumerate(self.store.shards) for d in sh.documents
-                         if not self.policy.rule_of(d).allow], dtype=np.int64)
+        out = []
+        for si, sh in enumerate(self.store.shards):
+            codes, pairs = sh.document_labels()
+            denied = np.array([not self.policy.rule(owner, license).allow for owner, license in pairs], dtype=bool)
+            if len(codes) and denied.any():
+                out.append((si << 32) | np.flatnonzero(denied[codes]).astype(np.int64))
+        return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
 
     def allowed(self, shard: int, doc: int) -> bool:
         """May this document be surfaced in generation (allow: true)?"""

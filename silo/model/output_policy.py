@@ -24,7 +24,7 @@ cap wins), owners and tiers to exclude, notices for every source. Nothing is cap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Literal
 
 from pydantic import Field, PrivateAttr, field_validator
@@ -127,6 +127,25 @@ class OutputPolicy(StageConfig):
 
 
 NO_POLICY = OutputPolicy()
+
+
+def disclosed(attributions: Iterable[SentenceAttribution], policy: OutputPolicy, role: str,
+              owner: str | None = None) -> list[SentenceAttribution]:
+    """The attributions as a caller may see them. A source's supporting sentence is the store's own text,
+    so it obeys the completion's own limit: cut to the document's `max_verbatim_chars`, unless the caller is
+    the admin or the source's own owner (the roles of the owners' Lookup). `role`: admin | owner | public."""
+    if role == "admin":
+        return list(attributions)
+    out = []
+    for a in attributions:
+        sources = []
+        for s in a.sources:
+            cap = policy.rule(s.owner, s.license).cap
+            if cap is not None and len(s.sentence) > cap and not (role == "owner" and s.owner == owner):
+                s = replace(s, sentence=s.sentence[:cap])
+            sources.append(s)
+        out.append(replace(a, sources=sources))
+    return out
 
 
 def license_notices(attributions: Iterable[SentenceAttribution], policy: OutputPolicy) -> list[Notice]:
