@@ -34,6 +34,7 @@ from pathlib import Path
 from silo.core.files import crash_point, fsync_path, sha256_file, write_json_atomic
 
 from .blocks import compact_blocks, has_blocks
+from .infgram import compact_infgram, has_infgram
 from .format import Manifest, ShardRecord, StoredDocument, now, store_lock
 from .journal import JournalRecord, append_journal, read_journal
 from .removal_records import (
@@ -311,6 +312,8 @@ class RemovalManager:
         old_dir, new_dir = self.path / rec.dir, self.path / new_rec.dir
         if has_blocks(old_dir):
             compact_blocks(old_dir, new_dir, remap, new_rec.checksum)
+        if has_infgram(old_dir):  # the inf-gram index is rebuilt from the compacted entries
+            compact_infgram(old_dir, new_dir, new_rec.checksum)
         fsync_path(new_dir)
         fsync_path(new_dir.parent)
         manifest.shards = [new_rec if r.name == name else r for r in manifest.shards]

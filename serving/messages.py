@@ -26,7 +26,8 @@ def completion_message(res: GenResult, request_id: str) -> pb.CompleteResponse:
             sources=[pb.AttributionSource(owner=s.owner, document_id=s.document_id, title=s.title, license=s.license,
                                           shard=s.shard, sentence=s.sentence, share=s.share, source=s.source,
                                           url=s.url) for s in a.sources],
-            spans=[pb.VerbatimSpan(**vars(x)) for x in a.spans]))
+            spans=[pb.VerbatimSpan(**vars(x)) for x in a.spans],
+            training=[pb.TrainingSpan(**vars(x)) for x in a.training]))
     msg.notices.extend(pb.LicenseNotice(**vars(n), text=n.text()) for n in res.notices)
     msg.guard_events.extend(pb.GuardEvent(**vars(e)) for e in res.guard_events)
     msg.logprobs.extend(logprob_messages(res.logprobs or ()))

@@ -32,6 +32,7 @@ from silo.core.files import swap_dir_atomic
 from silo.core.fingerprint import model_fingerprint
 from silo.core.licenses import POLICIES, TIERS, check_tiers
 
+from .index import write_training_index, split_stream
 from .policy import PolicyReport, apply_policy
 from .tokenizer import save_tokenizer, train_tokenizer
 
@@ -83,6 +84,9 @@ class TrainConfig(StageConfig):
     save_every: int = Field(100, gt=0)
     seed: int = 0
     threads: int | None = Field(None, gt=0)
+    # write the training-data index (training/index.py) beside the weights: tracing and the guard over
+    # training text need it
+    training_index: bool = True
 
     @field_validator("allowed_tiers")
     @classmethod
@@ -247,10 +251,43 @@ def train(cfg: TrainConfig, config_source: str = "", progress: bool = True) -> d
         "config_source": config_source,
     }
     (tmp_dir / "provenance.json").write_text(json.dumps(provenance, indent=1))
+    if cfg.training_index:
+        info = write_training_index(tmp_dir, kept, split_stream(stream, doc_tokens), provenance["fingerprint"],
+                                    tokenizer.eos_token_id, int(model.config.vocab_size))
+        say(f"training-data index: {info['tokens']:,} tokens of {info['documents']} documents, "
+            f"{info['bytes'] / max(info['tokens'], 1):.1f} bytes/token")
     swap_dir_atomic(tmp_dir, out_dir)
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # the finished model supersedes the resumable state
     return provenance
+
+
+def index_trained_model(cfg: TrainConfig, model_dir: str | None = None, progress: bool = True) -> dict:
+    """Write the training-data index of a model trained before `silo train` wrote one: the config's corpus
+    through the same policy and de-duplication, refused unless the documents (ids and sha256, in order) are
+    those of the model's provenance record. Returns index.json's content."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    say = print if progress else (lambda *a, **k: None)
+    model_dir = Path(model_dir or cfg.output_dir)
+    prov_path = model_dir / "provenance.json"
+    if not prov_path.exists():
+        raise ValueError(f"{prov_path}: missing; the training-data index is tied to the provenance record")
+    prov = json.loads(prov_path.read_text(encoding="utf-8"))
+    kept = _training_documents(cfg, cfg.tiers(), say).kept
+    want = [(d["id"], d["sha256"]) for d in prov["documents"]]
+    got = [(d.id, d.sha256) for d in kept]
+    if got != want:
+        differ = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise ValueError(f"train.corpus: the documents differ from {prov_path} (first at position {differ}: "
+                         f"{got[differ][0] if differ < len(got) else 'none'} vs "
+                         f"{want[differ][0] if differ < len(want) else 'none'}); index the corpus the model was "
+                         "trained on")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    vocab = int(AutoConfig.from_pretrained(str(model_dir)).vocab_size)
+    stream, counts = encode_stream(kept, tokenizer, "tokenising training text")
+    return write_training_index(model_dir, kept, split_stream(stream, counts), prov["fingerprint"],
+                                tokenizer.eos_token_id, vocab)
 
 
 def _training_documents(cfg: TrainConfig, tiers: tuple[str, ...], say) -> PolicyReport:

@@ -123,7 +123,7 @@ class VerbatimSpan(_message.Message):
     def __init__(self, document_id: _Optional[str] = ..., owner: _Optional[str] = ..., shard: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., doc_start: _Optional[int] = ..., doc_end: _Optional[int] = ...) -> None: ...
 
 class SentenceAttribution(_message.Message):
-    __slots__ = ("sentence", "start", "end", "parametric_share", "sources", "other_share", "spans", "tokens")
+    __slots__ = ("sentence", "start", "end", "parametric_share", "sources", "other_share", "spans", "tokens", "training")
     SENTENCE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class SentenceAttribution(_message.Message):
     OTHER_SHARE_FIELD_NUMBER: _ClassVar[int]
     SPANS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
     sentence: str
     start: int
     end: int
@@ -140,10 +141,39 @@ class SentenceAttribution(_message.Message):
     other_share: float
     spans: _containers.RepeatedCompositeFieldContainer[VerbatimSpan]
     tokens: int
-    def __init__(self, sentence: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., parametric_share: _Optional[float] = ..., sources: _Optional[_Iterable[_Union[AttributionSource, _Mapping]]] = ..., other_share: _Optional[float] = ..., spans: _Optional[_Iterable[_Union[VerbatimSpan, _Mapping]]] = ..., tokens: _Optional[int] = ...) -> None: ...
+    training: _containers.RepeatedCompositeFieldContainer[TrainingSpan]
+    def __init__(self, sentence: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., parametric_share: _Optional[float] = ..., sources: _Optional[_Iterable[_Union[AttributionSource, _Mapping]]] = ..., other_share: _Optional[float] = ..., spans: _Optional[_Iterable[_Union[VerbatimSpan, _Mapping]]] = ..., tokens: _Optional[int] = ..., training: _Optional[_Iterable[_Union[TrainingSpan, _Mapping]]] = ...) -> None: ...
+
+class TrainingSpan(_message.Message):
+    __slots__ = ("document_id", "owner", "license", "title", "source", "url", "tier", "start", "end", "doc_start", "doc_end", "count")
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LICENSE_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    DOC_START_FIELD_NUMBER: _ClassVar[int]
+    DOC_END_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    document_id: str
+    owner: str
+    license: str
+    title: str
+    source: str
+    url: str
+    tier: str
+    start: int
+    end: int
+    doc_start: int
+    doc_end: int
+    count: int
+    def __init__(self, document_id: _Optional[str] = ..., owner: _Optional[str] = ..., license: _Optional[str] = ..., title: _Optional[str] = ..., source: _Optional[str] = ..., url: _Optional[str] = ..., tier: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., doc_start: _Optional[int] = ..., doc_end: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class LicenseNotice(_message.Message):
-    __slots__ = ("document_id", "title", "owner", "license", "source", "url", "share", "text")
+    __slots__ = ("document_id", "title", "owner", "license", "source", "url", "share", "text", "origin")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +182,7 @@ class LicenseNotice(_message.Message):
     URL_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     title: str
     owner: str
@@ -160,7 +191,8 @@ class LicenseNotice(_message.Message):
     url: str
     share: float
     text: str
-    def __init__(self, document_id: _Optional[str] = ..., title: _Optional[str] = ..., owner: _Optional[str] = ..., license: _Optional[str] = ..., source: _Optional[str] = ..., url: _Optional[str] = ..., share: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+    origin: str
+    def __init__(self, document_id: _Optional[str] = ..., title: _Optional[str] = ..., owner: _Optional[str] = ..., license: _Optional[str] = ..., source: _Optional[str] = ..., url: _Optional[str] = ..., share: _Optional[float] = ..., text: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class GuardEvent(_message.Message):
     __slots__ = ("offset", "document_id", "owner", "shard", "span", "cap", "blocked_tokens", "blocked_mass")

@@ -78,6 +78,36 @@ def cmd_fit_gate(args) -> int:
     return 0
 
 
+def cmd_build_infgram(args) -> int:
+    from transformers import AutoTokenizer
+
+    from silo.datastore.format import DatastoreError, Manifest
+    from silo.datastore.infgram import build_infgram
+
+    model = args.model or Manifest.read(Path(args.store)).model.path
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except OSError as exc:
+        raise DatastoreError(f"cannot load the tokenizer of {model!r}: {exc}; pass --model") from None
+    info = build_infgram(args.store, tok.eos_token_id)
+    print(json.dumps({k: {f: v[f] for f in ("documents", "tokens", "bytes", "seconds")} for k, v in info.items()},
+                     indent=1))
+    return 0
+
+
+def cmd_fit_infgram(args) -> int:
+    from silo.core.config import load_section
+    from silo.workflows.gate_fit import GateConfig
+    from silo.workflows.infgram_fit import fit_store_infgram
+
+    over = {k: v for k, v in (("store", args.store), ("max_tokens", args.max_tokens)) if v is not None}
+    cfg = load_section(args.config, "gate", GateConfig, over)
+    gates = fit_store_infgram(cfg, bases=tuple(args.base or ("lm", "knn")))
+    print(json.dumps({k: {**g.describe(), "validation": g.report.get("domains"), "warnings": g.report.get("warnings")}
+                      for k, g in gates.items()}, indent=1))
+    return 0
+
+
 def cmd_build_blocks(args) -> int:
     from transformers import AutoTokenizer
 
@@ -238,6 +268,18 @@ def _register_build(ds) -> None:
                    help="index to build (repeatable; default: bm25 and dense)")
     b.add_argument("--dense-model", help="local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)")
     b.set_defaults(func=cmd_build_blocks)
+    ig = ds.add_parser("build-infgram", help="an inf-gram (suffix-array) index in each shard's folder, from its "
+                                             "entries: mode infgram, and removal drops it with the shard")
+    ig.add_argument("--store", required=True, help="datastore folder")
+    ig.add_argument("--model", help="model whose BOS separates documents (default: the manifest's model)")
+    ig.set_defaults(func=cmd_build_infgram)
+    fi = ds.add_parser("fit-infgram", help="fit the inf-gram's gates (over the LM, over the served kNN-LM) on "
+                                           "validation text, by the kNN gate's machinery: STORE/infgram.json")
+    fi.add_argument("--config", required=True, help="YAML file with a gate section (model, store, val, ...)")
+    fi.add_argument("--store", help="override gate.store")
+    fi.add_argument("--max-tokens", type=int, help="override gate.max_tokens (validation tokens per domain)")
+    fi.add_argument("--base", action="append", choices=["lm", "knn"], help="which gate (repeatable; default both)")
+    fi.set_defaults(func=cmd_fit_infgram)
 
 
 def _register_removal(ds) -> None:

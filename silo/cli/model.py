@@ -61,10 +61,13 @@ def print_attributed(comp, out=None) -> None:
         for v in a.spans:
             print(f"    verbatim: completion [{v.start}:{v.end}] = {v.document_id} [{v.doc_start}:{v.doc_end}] "
                   f"{comp.text[v.start:v.end][:100]!r}", file=out)
+        for t in a.training:
+            print(f"    training data: completion [{t.start}:{t.end}] = {t.document_id} [{t.doc_start}:{t.doc_end}] "
+                  f"({t.license}; {t.count} occurrence(s)) {comp.text[t.start:t.end][:100]!r}", file=out)
     if comp.notices:
         print("\nlicence notices:", file=out)
         for n in comp.notices:
-            print(f"  {n.text()}", file=out)
+            print(f"  {n.text()}" + (" [training data]" if n.origin == "training" else ""), file=out)
     for e in comp.guard_events:
         print(f"\n[guard: at character {e.offset} the completion held {e.span} characters of {e.document_id} "
               f"verbatim (cap {e.cap}); {e.blocked_tokens} continuing token(s) blocked]", file=out)

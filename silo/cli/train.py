@@ -22,6 +22,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from silo.core.config import load_section
+    from silo.training.train import TrainConfig, index_trained_model
+
+    overrides = {"output_dir": args.model} if args.model else {}
+    cfg = load_section(args.config, args.section, TrainConfig, overrides)
+    info = index_trained_model(cfg, args.model)
+    print(f"training-data index of {args.model or cfg.output_dir}: {info['documents']} documents, "
+          f"{info['tokens']:,} tokens, {info['bytes'] / max(info['tokens'], 1):.1f} bytes/token")
+    return 0
+
+
 def register(sub) -> None:
     t = sub.add_parser("train", help="train the parametric LM on permitted text (writes provenance.json)")
     t.add_argument("--config", required=True, help="YAML file with a train section")
@@ -32,3 +44,9 @@ def register(sub) -> None:
     t.add_argument("--max-steps", type=int, help="override train.max_steps")
     t.add_argument("--output-dir", help="override train.output_dir")
     t.set_defaults(func=cmd_train)
+    i = sub.add_parser("index", help="write the training-data index (tracing, guard over training text) of a "
+                                     "model trained without one")
+    i.add_argument("--config", required=True, help="YAML file with the train section the model was trained with")
+    i.add_argument("--section", default="train", help="section of the YAML (default: %(default)s)")
+    i.add_argument("--model", help="the model folder (default: the section's output_dir)")
+    i.set_defaults(func=cmd_index)

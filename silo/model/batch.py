@@ -302,8 +302,10 @@ class BatchDecoder:
         self._logprobs(seqs, tokens, p, mixes)
         for row, s in enumerate(seqs):
             s._support = sups[row]
-            if s.guard is not None:
+            if s.guard is not None and s.retriever is not None:
                 s._docs = lambda s=s, m=mixes[row]: s.retriever.documents(s.retrieval, m)
+            elif s.guard is not None:  # the parametric model: the guard follows training documents only
+                s._docs = tuple
         return tokens
 
     def _logprobs(self, seqs: list[Decoding], tokens: list[int], p: torch.Tensor, mixes: list) -> None:
@@ -340,7 +342,7 @@ class BatchDecoder:
         seq.out_ids.append(token)
         seq.text += seq._detok.push(token)
         if seq.guard is not None:
-            seq.guard.observe(seq.text, seq._docs())
+            seq.guard.observe(seq.text, seq._docs(), token)
         stop_at = find_stop(seq.text, seq.sampling.stop, start=max(0, offset - seq._max_stop))
         if stop_at is not None:
             seq.text = seq.text[:stop_at]

@@ -25,7 +25,16 @@ neighbours are dropped from the mixture for the step and the blocked tokens get 
 text is taken as it decodes after a word (`TokenTexts.of`); the spans themselves are always measured on
 the decoded completion.
 
-Not seen: documents that never show up among the neighbours (or RIC blocks) while the overlap grows, and
+Training documents (with the model's training-data index, silo.training.index): after each token the guard
+finds the longest run of generated tokens that occurs in the training stream (the suffix array, growing by
+at most one token a step); once it is TRAINING_FOLLOW_TOKENS long and occurs at most TRAINING_FOLLOW_MAX
+times, the documents it occurs in are followed like a neighbour's document, under their own tier's and
+owner's caps (a training document the policy does not allow to surface is capped at MIN_CAP characters:
+its text is in the weights and cannot be dropped from a mixture). The parametric model is guarded this way
+too.
+
+Not seen: documents that never show up among the neighbours (or RIC blocks) while the overlap grows, training
+documents whose text the completion repeats with another tokenization than the training stream's, and
 spans that start in the prompt (only the completion is measured).
 """
 
@@ -39,8 +48,12 @@ import torch
 
 from silo.datastore.format import StoredDocument
 
-from .output_policy import OutputPolicy
+from .output_policy import MIN_CAP, OutputPolicy
 from .verbatim import SuffixMatch
+
+TRAINING = 1 << 30  # the "shard" of training documents in document keys (a store never has this many shards)
+TRAINING_FOLLOW_TOKENS = 4  # a run of generated tokens this long found in the training data is followed ...
+TRAINING_FOLLOW_MAX = 256  # ... once it occurs at most this often (its documents are then few)
 
 
 class TokenTexts:
@@ -97,8 +110,11 @@ def doc_key(shard: int, doc: int) -> int:
 class VerbatimGuard:
     FOLLOW_MIN = 8  # a document whose overlap falls below this is no longer followed (unless retrieved again)
 
-    def __init__(self, store, policy: OutputPolicy, tokens: TokenTexts):
-        self.store = store
+    def __init__(self, store, policy: OutputPolicy, tokens: TokenTexts, training=None):
+        self.store = store  # None: no datastore (the parametric model, guarded on its training data)
+        self.training = training  # silo.training.index.TrainingIndex, or None
+        self._ids: list[int] = []  # the completion's tokens (for the training-data index)
+        self._run = 0  # how many of them, ending at the last, occur in the training stream
         self.policy = policy
         self.tokens = tokens
         self.text = ""  # the completion so far
@@ -110,10 +126,16 @@ class VerbatimGuard:
         self._plan: dict[int, np.ndarray] | None = None
 
     def _doc(self, key: int) -> StoredDocument:
+        if key >> 32 == TRAINING:
+            return self.training.document(key & 0xFFFFFFFF)
         return self.store.shards[key >> 32].documents[key & 0xFFFFFFFF]
 
+    def _shard_name(self, key: int) -> str:
+        return "training" if key >> 32 == TRAINING else self.store.shards[key >> 32].name
+
     def _denied_keys(self) -> np.ndarray:
-        if all(r.allow for r in (self.policy.all, *self.policy.tiers.values(), *self.policy.owners.values())):
+        if self.store is None or all(r.allow for r in (self.policy.all, *self.policy.tiers.values(),
+                                                       *self.policy.owners.values())):
             return np.zeros(0, np.int64)
         out = []
         for si, sh in enumerate(self.store.shards):
@@ -129,7 +151,11 @@ class VerbatimGuard:
 
     def cap(self, key: int) -> int | None:
         if key not in self._caps:
-            self._caps[key] = self.policy.rule_of(self._doc(key)).cap
+            rule = self.policy.rule_of(self._doc(key))
+            if key >> 32 == TRAINING and not rule.allow:
+                self._caps[key] = min(rule.cap or MIN_CAP, MIN_CAP)
+            else:
+                self._caps[key] = rule.cap
         return self._caps[key]
 
     # ------------------------------------------------------------------------------ per step
@@ -150,7 +176,7 @@ class VerbatimGuard:
         for key, ids in plan.items():
             d = self._doc(key)
             self.events.append(GuardEvent(offset=len(self.text), document_id=d.id, owner=d.owner,
-                                          shard=self.store.shards[key >> 32].name, span=self._follow[key].length,
+                                          shard=self._shard_name(key), span=self._follow[key].length,
                                           cap=int(self.cap(key)), blocked_tokens=int(len(ids)),
                                           blocked_mass=float(p[torch.from_numpy(ids)].sum())))
         out = p.clone()
@@ -162,10 +188,13 @@ class VerbatimGuard:
             total = float(out.sum())
         return out / total
 
-    def observe(self, text: str, documents=()) -> None:
+    def observe(self, text: str, documents=(), token: int | None = None) -> None:
         """After a token: `text` is the completion so far, `documents` the keys of the documents that
-        carried the step (its neighbours' or RIC blocks' documents)."""
+        carried the step (its neighbours' or RIC blocks' documents), `token` the token itself (for the
+        training-data index)."""
         self._plan = None
+        if self.training is not None and token is not None:
+            documents = [*documents, *self._training_documents(token)]
         if text.startswith(self.text):
             start = len(self.text)
             self.text = text
@@ -185,6 +214,20 @@ class VerbatimGuard:
             self.longest[key] = max(self.longest.get(key, 0), m.best)
             if m.length < self.FOLLOW_MIN and key not in seen:
                 del self._follow[key]
+
+    def _training_documents(self, token: int) -> list[int]:
+        """Keys of the training documents the completion's last tokens occur in, once the run is long and
+        rare enough to name few documents (see the module docstring)."""
+        self._ids.append(int(token))
+        idx = self.training.tokens
+        self._run = idx.longest_suffix(self._ids[len(self._ids) - min(self._run + 1, len(self._ids)):])
+        if self._run < TRAINING_FOLLOW_TOKENS:
+            return []
+        run = self._ids[len(self._ids) - self._run:]
+        if idx.count(run) > TRAINING_FOLLOW_MAX:
+            return []
+        docs = np.unique(idx.occurrences(run, limit=TRAINING_FOLLOW_MAX).doc)
+        return [(TRAINING << 32) | int(d) for d in docs]
 
     # ------------------------------------------------------------------------------ the plan
     def _planned(self) -> dict[int, np.ndarray]:

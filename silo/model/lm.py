@@ -45,6 +45,7 @@ from .detok import decode_with_offsets
 from .guard import TokenTexts, VerbatimGuard
 from .knn import FixedMixture, KNNConfig, KNNRetriever
 from .output_policy import NO_POLICY, OutputPolicy, license_notices
+from .trace import attach_training_spans, trace_spans
 from .protocols import Retriever, SequenceRetrieval
 from .request import AUTO, MODES, ChatMessage, GenerationRequest, RetrievalParams
 from .ric import RICConfig, RICRetriever
@@ -154,7 +155,9 @@ class SiloLM:
         self._blocks: tuple | None = None  # (store snapshot, dense model, BlockStore) for mode ric
         self._gate: tuple | None = None  # (store snapshot, Gate or None)
         self._has_blocks: tuple | None = None  # (store snapshot, bool)
+        self._ngrams: tuple | None = None  # (store snapshot, StoreNgrams | str: why it has none, inf-gram gates)
         self._token_texts: TokenTexts | None = None
+        self.training_index = None  # silo.training.index.TrainingIndex: tracing and the guard over training text
         if store is not None:
             self.swap_store(store)
 
@@ -165,8 +168,15 @@ class SiloLM:
         """`device`: auto | cpu | cuda | cuda:N for the model (the store's index stays where it is opened:
         CPU FAISS unless the store is opened on cuda); `dtype`: auto (bfloat16/float16 on a GPU) or a torch
         dtype name."""
+        from silo.training.index import TrainingIndex, TrainingIndexError, has_training_index
+
         model, tokenizer = load_lm(model_path, device, dtype)
         lm = cls(model, tokenizer, knn=knn, **kwargs)
+        if has_training_index(model_path):  # written by `silo train` / `silo index`
+            try:
+                lm.training_index = TrainingIndex.open(model_path, lm.fingerprint)
+            except TrainingIndexError as exc:  # made for other weights (a modified copy): not used, said
+                _warn_once(f"{exc}; outputs are not traced to the training data")
         if store_path:
             lm.swap_store(Datastore.open(store_path, fingerprint=lm.fingerprint))
         return lm
@@ -188,6 +198,7 @@ class SiloLM:
             self._blocks = None  # the RIC block, gate and retriever caches belonged to the old snapshot
             self._gate = None
             self._has_blocks = None
+            self._ngrams = None
             self._retrievers = weakref.WeakValueDictionary()
         return old
 
@@ -253,9 +264,8 @@ class SiloLM:
             store, gate = self._store, self.gate()
         if store is None:
             raise SiloInputError.of("mode", self._mode_problem(mode))
-        if mode == "ric":
-            cfg = ric if isinstance(ric, RICConfig) else None
-            return RICRetriever(self.blocks(cfg.dense_model if cfg else (ric or {}).get("dense_model")), ric)
+        if mode != "knn":  # RIC-LM, the inf-gram (alone or over kNN-LM)
+            return self._other_retriever(mode, store, ric, dict(k=k, lmbda=lmbda, tau=tau, mixture=mixture, skip=skip))
         s = self.knn
         if mixture not in (None, "gated", "fixed"):
             raise SiloInputError.of("mixture", f"must be gated or fixed (got {mixture!r})")
@@ -279,11 +289,13 @@ class SiloLM:
                             self.vocab_size, bos=self.tokenizer.eos_token_id)
 
     def guard(self, retriever, policy: OutputPolicy | None) -> VerbatimGuard | None:
-        """A VerbatimGuard for ONE sequence generated with `retriever` under `policy`; None when there is
-        nothing to guard (parametric mode, or no cap and no disallowed document in the policy)."""
-        if retriever is None or policy is None or not policy.guarded:
+        """A VerbatimGuard for ONE sequence generated with `retriever` under `policy` (and over the training
+        data, when the model has its training-data index); None when there is nothing to guard (no cap and
+        no disallowed document in the policy, or parametric mode without a training-data index)."""
+        if policy is None or not policy.guarded or (retriever is None and self.training_index is None):
             return None
-        return VerbatimGuard(retriever.store, policy, self.token_texts())
+        return VerbatimGuard(retriever.store if retriever is not None else None, policy, self.token_texts(),
+                             self.training_index)
 
     def _resolve(self, retriever):
         return self.retriever(retriever) if isinstance(retriever, str) or retriever is None else retriever
@@ -298,6 +310,50 @@ class SiloLM:
                 self._has_blocks = (store, any(has_blocks(sh.dir) for sh in store.shards))
             return self._has_blocks[1]
 
+    def ngrams(self, store: Datastore | None = None):
+        """(StoreNgrams or None, why not, the inf-gram gates) of the attached snapshot (or `store`), cached
+        per snapshot."""
+        from silo.datastore.infgram import StoreNgrams
+
+        from .infgram import load_gates
+
+        with self._cache_lock:
+            store = store or self._store
+            cached = self._ngrams
+            if cached is not None and cached[0] is store:
+                return cached[1:]
+            try:
+                got = (StoreNgrams(store), None, load_gates(store))
+            except DatastoreError as exc:
+                got = (None, str(exc), {})
+            if store is self._store:
+                self._ngrams = (store, *got)
+            return got
+
+    def _other_retriever(self, mode: str, store: Datastore, ric, knn: dict):
+        if mode == "ric":
+            cfg = ric if isinstance(ric, RICConfig) else None
+            return RICRetriever(self.blocks(cfg.dense_model if cfg else (ric or {}).get("dense_model")), ric)
+        return self.infgram_retriever(store, mode, knn)
+
+    def infgram_retriever(self, store: Datastore, mode: str = "infgram", knn: dict | None = None):
+        """The inf-gram retriever over `store`, mixed into the LM (mode infgram) or into the kNN-LM retriever
+        that `knn`'s settings give (mode knn+infgram), through the store's inf-gram gate for that base."""
+        from .infgram import InfgramRetriever
+
+        base = self.retriever("knn", store=store, **(knn or {})) if mode == "knn+infgram" else None
+
+        ngrams, problem, gates = self.ngrams(store)
+        if ngrams is None:
+            raise SiloInputError.of("mode", problem)
+        which = "knn" if base is not None else "lm"
+        gate = gates.get(which)
+        if gate is None:
+            raise SiloInputError.of("mode", f"{store.path}: no inf-gram gate fitted over the "
+                                            f"{'kNN-LM' if base is not None else 'LM'}; fit one with "
+                                            "`silo datastore fit-infgram`")
+        return InfgramRetriever(store, ngrams, gate, self.vocab_size, base)
+
     def modes(self) -> list[str]:
         """The modes this model can serve with its attached snapshot."""
         return [m for m in MODES if self._mode_problem(m) is None]
@@ -308,6 +364,12 @@ class SiloLM:
         if mode == "ric" and not self.has_blocks():
             return ("mode 'ric' needs a datastore with RIC-LM blocks and the attached store has none (silo "
                     "datastore build-blocks); use 'knn' or 'parametric'")
+        if mode in ("infgram", "knn+infgram"):
+            ngrams, problem, gates = self.ngrams()
+            if ngrams is None:
+                return f"mode '{mode}' needs inf-gram indexes: {problem}"
+            if ("knn" if mode == "knn+infgram" else "lm") not in gates:
+                return f"mode '{mode}' needs an inf-gram gate (silo datastore fit-infgram); use 'knn' or 'parametric'"
         return None
 
     def resolve_mode(self, mode: str) -> str:
@@ -538,8 +600,8 @@ class SiloLM:
         state = SequenceRetrieval()
         if retriever is not None:
             ids, state = retriever.prepare(self, ids, request.sampling, allowed=guard.allowed if guard else None)
-        if attribute is None:
-            attribute = retriever is not None or request.output.attributions
+        if attribute is None:  # (with a training-data index every output is traced: its notices go out always)
+            attribute = retriever is not None or request.output.attributions or self.training_index is not None
         seq = Decoding(ids, request.sampling, retriever, guard, should_stop, retrieval=state, policy=policy,
                        attribute=attribute, logprobs=request.output.logprobs)
         seq.echo = echo
@@ -565,6 +627,7 @@ class SiloLM:
             comp.prompt_text, comp.prompt_logprobs = decoding.echo
         if decoding.attribute:
             comp.attributions = self.attribute(comp, decoding.retriever, decoding.policy, decoding.retrieval)
+            self.trace(comp, decoding.policy)
             comp.notices = license_notices(comp.attributions, decoding.policy)
         return comp
 
@@ -604,6 +667,14 @@ class SiloLM:
             return attribute_steps(comp.text, comp.steps, None)
         return retriever.attribute(comp.text, comp.steps, retrieval or SequenceRetrieval(),
                                    span_min_chars=(policy or NO_POLICY).span_min_chars)
+
+    def trace(self, comp: Completion, policy: OutputPolicy | None = None) -> None:
+        """Give each sentence of an attributed completion its spans found in the training data
+        (silo/model/trace.py); nothing without a training-data index."""
+        if self.training_index is None or not comp.attributions:
+            return
+        n = (policy or NO_POLICY).trace_min_chars
+        attach_training_spans(comp.attributions, trace_spans(self.training_index, comp.text, comp.steps, n), n)
 
     def _new_cache(self):
         from transformers import DynamicCache

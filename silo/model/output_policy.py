@@ -37,6 +37,9 @@ from .types import Notice, SentenceAttribution
 
 MIN_CAP = 8  # a cap shorter than a few words would forbid the commonest phrases of a language
 NOTICE_TIERS = ("by", "copyleft", "nc")  # whose licences ask for a notice with the text, by default
+# whose licences ask for their notice with a verbatim copy: a training document's span found in an output
+# (MIT, BSD, Apache-2.0, PSF-2.0 want the copyright and licence notice to travel with substantial copies)
+COPY_NOTICE_TIERS = ("sw",) + NOTICE_TIERS
 
 
 class OutputRule(StageConfig):
@@ -52,6 +55,7 @@ class Rule:
     cap: int | None
     notice: bool
     allow: bool
+    copy_notice: bool = False  # a verbatim span of the document (training data) needs its notice
 
 
 def _min_cap(*caps: int | None) -> int | None:
@@ -66,6 +70,8 @@ class OutputPolicy(StageConfig):
     # a source whose share of some sentence reaches this gets its notice in the response (if required)
     notice_min_share: float = Field(0.05, ge=0.0, le=1.0)
     span_min_chars: int = Field(20, ge=4)  # shortest verbatim span reported as evidence in attributions
+    # shortest span of an output found in the training data that is traced (attributions, notices)
+    trace_min_chars: int = Field(32, ge=8)
     _rules: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("tiers")
@@ -84,9 +90,11 @@ class OutputPolicy(StageConfig):
             tier = tier_of(license)
             parts = [r for r in (self.all, self.tiers.get(tier), self.owners.get(owner)) if r is not None]
             notice_default = tier in NOTICE_TIERS and (self.tiers.get(tier) is None or self.tiers[tier].notice is None)
+            said = [r.notice for r in parts if r.notice is not None]
             got = Rule(cap=_min_cap(*(r.max_verbatim_chars for r in parts)),
                        notice=notice_default or any(r.notice == "required" for r in parts),
-                       allow=all(r.allow for r in parts))
+                       allow=all(r.allow for r in parts),
+                       copy_notice="required" in said or (tier in COPY_NOTICE_TIERS and "none" not in said))
             self._rules[key] = got
         return got
 
@@ -142,8 +150,21 @@ def disclosed(attributions: Iterable[SentenceAttribution], policy: OutputPolicy,
 
 def license_notices(attributions: Iterable[SentenceAttribution], policy: OutputPolicy) -> list[Notice]:
     """The notices a response must carry: one per source document whose rule requires a notice and whose
-    share of some sentence reaches `policy.notice_min_share`, largest share first."""
+    share of some sentence reaches `policy.notice_min_share`, and one per training document a sentence
+    repeats verbatim whose licence asks for its notice with a copy (`Rule.copy_notice`; share: the
+    characters of the sentence the span covers), largest share first."""
+    attributions = list(attributions)
     found: dict[tuple[str, str], Notice] = {}
+    for a in attributions:
+        for sp in a.training:
+            if not policy.rule(sp.owner, sp.license).copy_notice:
+                continue
+            key, share = ("training", sp.document_id), (sp.end - sp.start) / max(1, a.end - a.start)
+            if key in found:
+                found[key].share = max(found[key].share, share)
+            else:
+                found[key] = Notice(document_id=sp.document_id, title=sp.title, owner=sp.owner, license=sp.license,
+                                    source=sp.source, url=sp.url, share=share, origin="training")
     for a in attributions:
         for s in a.sources:
             if s.share < policy.notice_min_share or not policy.rule(s.owner, s.license).notice:

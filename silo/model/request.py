@@ -23,7 +23,9 @@ from .output_policy import MIN_CAP, OutputPolicy
 from .sampling import SamplingParams
 from .types import SiloInputError
 
-MODES = ("parametric", "knn", "ric")  # ric: retrieval in context (silo/model/ric.py)
+# ric: retrieval in context (silo/model/ric.py); infgram: the inf-gram over the store's suffix arrays mixed into
+# the LM, knn+infgram: into the served kNN-LM (silo/model/infgram.py)
+MODES = ("parametric", "knn", "ric", "infgram", "knn+infgram")
 AUTO = "auto"  # knn when the model has a store attached, else parametric
 MIXTURES = ("gated", "fixed")
 RIC_RETRIEVERS = ("bm25", "dense")

@@ -226,6 +226,26 @@ class Span:
 
 
 @dataclass
+class TrainingSpan:
+    """A span of the output found verbatim in the model's training data (silo/model/trace.py):
+    completion text[start:end] == the training document's text[doc_start:doc_end]; `count` is how often
+    the span's tokens occur in the training stream (its documents: the first few, listed one span each)."""
+
+    document_id: str
+    owner: str
+    license: str
+    title: str
+    source: str
+    url: str
+    tier: str
+    start: int
+    end: int
+    doc_start: int
+    doc_end: int
+    count: int = 1
+
+
+@dataclass
 class SentenceAttribution:
     sentence: str
     start: int
@@ -235,6 +255,8 @@ class SentenceAttribution:
     other_share: float = 0.0  # the sources below the listing cut, together: all the shares sum to 1
     spans: list[Span] = field(default_factory=list)  # verbatim spans of the sentence in its sources' documents
     tokens: int = 0  # generated tokens that start in the sentence (a source's credit: share * tokens)
+    # spans of the sentence found verbatim in the model's training data (beside the datastore's `spans`)
+    training: list[TrainingSpan] = field(default_factory=list)
 
 
 @dataclass
@@ -248,6 +270,7 @@ class Notice:
     source: str
     url: str = ""
     share: float = 0.0  # the source's largest share of one sentence
+    origin: str = "datastore"  # datastore | training (a verbatim span of a training document)
 
     def text(self) -> str:
         where = self.url or self.source

@@ -80,13 +80,49 @@ def mixture_logp(D, valid, hit, logp_lm, have, X, w, b, log_tau, bonus=None, lam
     neg = torch.tensor(-1e30, dtype=a.dtype)
     lse_all = torch.logsumexp(torch.where(valid, a, neg), dim=1)
     lse_hit = torch.logsumexp(torch.where(hit, a, neg), dim=1)
-    log_pknn = lse_hit - lse_all
-    z = (X @ w if X.shape[1] else torch.zeros_like(logp_lm)) + b
+    return gated_logp(lse_hit - lse_all, logp_lm, have, X, w, b, lambda_max)
+
+
+def gated_logp(log_pret, logp_base, have, X, w, b, lambda_max=LAMBDA_MAX) -> torch.Tensor:
+    """log(lambda * p_ret + (1 - lambda) * p_base) per row, lambda = lambda_max * sigmoid(X w + b) (torch,
+    differentiable); the base alone where `have` is false. Shared by kNN-LM's mixture (p_ret = p_kNN) and
+    the inf-gram's (p_ret = p_inf, silo.workflows.infgram_fit)."""
+    z = (X @ w if X.shape[1] else torch.zeros_like(logp_base)) + b
     log_lam = math.log(lambda_max) + torch.nn.functional.logsigmoid(z)
     # log(1 - lambda_max * sigmoid(z)) = log(1 - lambda_max + e^-z) - log(1 + e^-z), stable at any z
     log_rest = torch.logaddexp(torch.tensor(math.log1p(-lambda_max), dtype=z.dtype), -z) - torch.nn.functional.softplus(-z)
-    mixed = torch.logaddexp(log_lam + log_pknn, log_rest + logp_lm)
-    return torch.where(have, mixed, logp_lm)
+    mixed = torch.logaddexp(log_lam + log_pret, log_rest + logp_base)
+    return torch.where(have, mixed, logp_base)
+
+
+def fit_lambda(log_pret: np.ndarray, logp_base: np.ndarray, X: np.ndarray, have: np.ndarray,
+               prior: Prior | None = None, lambda_max: float = LAMBDA_MAX, guard: Guard | None = None,
+               max_iter: int = 60) -> Fit:
+    """Maximum-likelihood (w, b) of lambda = lambda_max * sigmoid(X w + b) for a retrieval distribution
+    whose log-probability of each target is given (`log_pret`, -inf where it has none): the same bounded
+    objective, prior and guard as `fit_mixture`, without kNN's bandwidth. X [n, 0] fits a fixed lambda."""
+    prior = prior or Prior(bias=math.log(0.2 / (lambda_max - 0.2)))
+    lr, lp, have_t, Xt = _t(np.maximum(log_pret, -1e30)), _t(logp_base), _t(have, torch.bool), _t(X)
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(prior.bias, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logp = gated_logp(lr, lp, have_t, Xt, w, b, lambda_max)
+        pull = L2 * (w ** 2).sum() + prior.strength * ((w ** 2).sum() + (b - prior.bias) ** 2)
+        loss = -logp.mean() + pull + (guard.penalty(logp, lp) if guard is not None else 0.0)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        nll = float(-gated_logp(lr, lp, have_t, Xt, w, b, lambda_max).mean())
+    fit = Fit(k=0, tau=1.0, weights=w.detach().numpy().copy(), bias=float(b.detach()), nll=nll, lambda_max=lambda_max)
+    if not all(math.isfinite(v) for v in [nll, fit.bias, *fit.weights.tolist()]):
+        raise GateFitError(f"the inf-gram mixture fit produced a non-finite value (nll {nll}, bias {fit.bias}); "
+                           "nothing is saved")
+    return fit
 
 
 def mixture_nll(*args, **kw) -> torch.Tensor:

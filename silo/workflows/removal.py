@@ -249,7 +249,44 @@ def verify_removal(lm: SiloLM, before: Datastore, removed: list[StoredDocument],
     verbatim["tolerance"] = VERBATIM_TOLERANCE
     out["verbatim"] = verbatim
     out["passed"] = bool(probe["passed"] and verbatim["passed"])
+    infgram = infgram_probe(lm, after, docs, removed_keys, probe_chars)
+    if infgram is not None:  # the store's inf-gram indexes: the removed text's n-grams must count 0 there
+        out["infgram"] = infgram
+        out["passed"] = bool(out["passed"] and infgram["passed"])
     return out
+
+
+INFGRAM_PROBE_N = 12  # tokens per probed n-gram
+INFGRAM_PROBES = 16  # n-grams per removed document
+
+
+def infgram_probe(lm: SiloLM, after: Datastore, docs: list[StoredDocument], removed_keys: set,
+                  probe_chars: int = 2000) -> dict | None:
+    """n-grams cut from the removed documents, counted in `after`'s inf-gram indexes: none may occur in a
+    removed document (occurrences in kept documents are counted apart: other owners may share a phrase).
+    None when the store has no inf-gram index."""
+    from silo.datastore.format import DatastoreError
+    from silo.datastore.infgram import StoreNgrams, has_infgram
+
+    if not any(has_infgram(s.dir) for s in after.shards):
+        return None
+    try:
+        ngrams = StoreNgrams(after)
+    except DatastoreError as exc:
+        return {"passed": False, "error": str(exc)}
+    n, owner_hits, elsewhere, probed = INFGRAM_PROBE_N, 0, 0, 0
+    for d in docs:
+        ids = lm.encode(d.text[:probe_chars])
+        for at in range(0, max(0, len(ids) - n), max(1, (len(ids) - n) // INFGRAM_PROBES))[:INFGRAM_PROBES]:
+            probed += 1
+            for s, doc in ngrams.document_hits(ids[at:at + n]):
+                sd = after.document(s, doc)
+                if (sd.owner, sd.id) in removed_keys:
+                    owner_hits += 1
+                else:
+                    elsewhere += 1
+    return {"ngrams": probed, "n": n, "removed_hits": owner_hits, "kept_hits": elsewhere,
+            "passed": owner_hits == 0}
 
 
 def probe_served_store(lm: SiloLM, removed: list[StoredDocument], owner: str | None = None, max_probes: int = 8,
