@@ -244,10 +244,6 @@ class Manifest:
         self.updated = now()
 
 
-def read_manifest(store: str | Path) -> Manifest:
-    return Manifest.read(store)
-
-
 @contextmanager
 def store_lock(store: str | Path) -> Iterator[None]:
     """Exclusive lock on a store's mutations (removals, rebuilds, block builds): one writer at a time,

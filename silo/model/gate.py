@@ -54,7 +54,6 @@ alone, before searching; where it is below a threshold the search is skipped and
 from __future__ import annotations
 
 import json
-import time
 from functools import cached_property
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -267,6 +266,3 @@ class Gate:
         gate.skip = SkipPredictor(**skip) if skip else None
         return gate
 
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -27,8 +27,9 @@ from pydantic import Field
 
 from silo.core.config import StageConfig
 from silo.core.corpus import Document
+from silo.datastore.format import now
 from silo.datastore.store import Datastore, Neighbors
-from silo.model.gate import LAMBDA_MAX, MATCH_K, STD_FLOOR, FEATURE_CLIP, Gate, SkipPredictor, knn_features, now, \
+from silo.model.gate import LAMBDA_MAX, MATCH_K, STD_FLOOR, FEATURE_CLIP, Gate, SkipPredictor, knn_features, \
     recent_gain, token_gain
 from silo.model.knn import knn_target_logprob, mix_logp
 from silo.model.types import PositionBatch, SiloInputError

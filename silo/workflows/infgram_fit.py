@@ -19,7 +19,8 @@ import numpy as np
 
 from silo.model.infgram import InfgramGate, InfgramRetriever, PositionStats, features, load_gates, mix, \
     position_continuations, save_gates
-from silo.model.gate import STD_FLOOR, FEATURE_CLIP, now
+from silo.datastore.format import now
+from silo.model.gate import STD_FLOOR, FEATURE_CLIP
 from silo.model.types import PositionBatch, SiloInputError
 
 from .gate_check import LM_SAMPLES_FACTOR, MIN_FIXED_LAMBDA, failures, held_out_rows
