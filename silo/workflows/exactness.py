@@ -156,7 +156,7 @@ def _search_gap(a: Datastore, b: Datastore, keys: np.ndarray, k: int) -> dict:
     ka = np.where(na.tokens >= 0, smap[na.shard.astype(np.int64)] * (1 << 40) + na.ids, -1)
     kb = np.where(nb.tokens >= 0, nb.shard.astype(np.int64) * (1 << 40) + nb.ids, -1)
     fin = np.isfinite(na.distances) & np.isfinite(nb.distances)
-    gap = float(np.abs(na.distances - nb.distances)[fin].max()) if fin.any() else 0.0
+    gap = float(np.abs(na.distances[fin] - nb.distances[fin]).max()) if fin.any() else 0.0  # no inf - inf
     return {"queries": int(len(keys)), "k": int(k), "queries_differing": int((ka != kb).any(axis=1).sum()),
             "max_distance_change": gap}
 
