@@ -287,7 +287,7 @@ def _register_removal(ds) -> None:
         description="Build the store again from its recorded config without everything its removals removed (same "
                     "seed), then compare: every file of every shard, the quantizer, search results for probe "
                     "queries and the served next-token distributions on held-out text (within 1e-5). Adds a "
-                    "MUSE-style report (verbatim, Min-K%%++ membership AUC and PrivLeak against never-seen "
+                    "MUSE-style report (verbatim, Min-K%++ membership AUC and PrivLeak against never-seen "
                     "documents of the same kind, utility per held-out domain relative to the rebuild, "
                     "sustainability over the store's removals) and scans every file of the store for the removed "
                     "documents' text, token ids, keys and codes. Exit 1 when anything differs or is found.",
