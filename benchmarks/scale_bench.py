@@ -144,7 +144,10 @@ def tiled_store(src: Datastore, dest: Path, n_entries: int, factory: str, nprobe
     bar.close()
     manifest = dataclasses.replace(src.manifest, generation=1, shards=recs, extra={}, lineage=uuid.uuid4().hex,
                                    index=IndexRef(factory=factory, nprobe=nprobe,
-                                                  quantizer="quantizer.faiss" if (dest / "quantizer.faiss").exists() else None),
+                                                  quantizer="quantizer.faiss" if (dest / "quantizer.faiss").exists() else None,
+                                                  # trained on the source store's keys, not the tiled shards': no
+                                                  # owner of this store is in it, so a removal keeps it
+                                                  trained_on="corpus", train_corpus=[str(src.path)]),
                                    build={"synthetic": "demo keys tiled with 1% noise"})
     manifest.write(dest)
     append_journal(dest / "journal.jsonl", "build", generation=1, entries=sum(r.entries for r in recs))

@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-import faiss
 import numpy as np
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
@@ -40,8 +39,9 @@ from .format import (
 )
 from .journal import append_journal
 from .removal_records import Exclusions, read_exclusions
+from .indexing import TRAIN_SEED, fill_index, keys_digest, make_index, train_quantizer
 from .keys import KeyExtractor
-from .keys_store import keys_from_f32
+from .keys_store import KEYS_DTYPE, keys_from_f32, open_keys, sample_keys
 from .shard import write_index, write_shard_info
 from .store import Datastore
 
@@ -50,6 +50,11 @@ class IndexSpec(StageConfig):
     factory: str = "Flat"  # any FAISS index_factory string: Flat, SQfp16, IVF1024,PQ32, IVF256,SQ8 ...
     nprobe: int = Field(16, gt=0)  # IVF lists visited per query
     train_sample: int = Field(200_000, gt=0)  # keys sampled to train an IVF/PQ quantizer
+    # Text whose keys train the quantizer, held by the model owner and never removable (e.g. the permissive
+    # training text, pkg:demo/train): the quantizer then owes nothing to any store owner and a removal
+    # keeps it. None: keys sampled across the store's shards, which every removal then retrains from the
+    # keys that stay (a pass over the whole store). README "Opt-out: exactness".
+    train_corpus: list[str] | None = None
     device: Literal["cpu", "cuda"] = "cpu"
     mmap: bool = True  # readers map the shards instead of reading them (recorded in the manifest)
 
@@ -104,9 +109,22 @@ def _first_chars(docs: list[Document], budget: int) -> list[Document]:
     return kept
 
 
-def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: str = "") -> Datastore | None:
+def corpus_groups(cfg: DatastoreConfig, docs: list[Document] | None = None) -> dict[str, list[Document]]:
+    """The documents a build of `cfg` takes from its corpus, by owner (or domain; the shard's name is its
+    `slug`) and before any removal leaves out its documents: grouped, then each group's `max_chars_per_shard`
+    slice."""
+    docs = load_documents(cfg.corpus, cfg.domains) if docs is None else docs
+    groups = _group_documents(docs, cfg.shard_by)
+    if cfg.max_chars_per_shard:
+        groups = {k: _first_chars(v, cfg.max_chars_per_shard) for k, v in groups.items()}
+    return groups
+
+
+def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: str = "",
+                    bound_by: Exclusions | None = None) -> Datastore | None:
     """Build a store from a corpus and a model; the finished store replaces `output_dir` atomically.
-    Under accelerate, ranks other than the main one return None once their share is encoded."""
+    Under accelerate, ranks other than the main one return None once their share is encoded. `bound_by`:
+    removals of another store to honour as well (a reference build for the equivalence check)."""
     import torch
 
     ranks = BuildRanks.from_env()  # one process unless launched by accelerate (distributed.py)
@@ -126,18 +144,19 @@ def build_datastore(cfg: DatastoreConfig, progress: bool = True, config_source: 
     # the barrier); it reads the removal records under the lock and sends them to every rank, so all ranks
     # leave out the same documents and a removal cannot slip in before the swap.
     with store_lock(out) if ranks.is_main else nullcontext():
-        return _build(cfg, out, model, tokenizer, fp, docs, progress, config_source, ranks)
+        return _build(cfg, out, model, tokenizer, fp, docs, progress, config_source, ranks, bound_by)
 
 
 def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: list[Document], progress: bool,
-           config_source: str, ranks: BuildRanks) -> Datastore | None:
+           config_source: str, ranks: BuildRanks, bound_by: Exclusions | None) -> Datastore | None:
     previous = Manifest.read(out) if ranks.is_main and (out / MANIFEST).exists() else None
-    excl = ranks.broadcast(read_exclusions(out) if previous is not None else Exclusions())
+    excl = read_exclusions(out) if previous is not None else Exclusions()
+    excl = ranks.broadcast(excl.union(bound_by) if bound_by is not None else excl)
     progress = progress and ranks.is_main
-    docs, excluded = _leave_out_removed(cfg, out, docs, excl, progress)
-    groups = _group_documents(docs, cfg.shard_by)
-    if cfg.max_chars_per_shard:
-        groups = {k: _first_chars(v, cfg.max_chars_per_shard) for k, v in groups.items()}
+    # The slice of each shard is taken before the removed documents leave it: a removal takes its documents
+    # out of the slice without pulling others in, so the store after a removal and a rebuild without the
+    # removed content hold the same documents.
+    groups, excluded = _leave_out_removed(cfg, out, corpus_groups(cfg, docs), excl, progress)
 
     tmp = ranks.shared_tmp(out)
     if ranks.is_main:
@@ -157,7 +176,7 @@ def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: lis
     n_total = sum(r.entries for r in shard_recs)
 
     t1 = time.time()
-    trained = _index_shards(cfg, tmp, shard_recs, key_dim, progress)
+    index_ref = _index_shards(cfg, tmp, shard_recs, key_dim, extractor, progress)
     index_s = time.time() - t1
 
     generation = previous.generation + 1 if previous is not None else 1
@@ -165,8 +184,7 @@ def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: lis
     manifest = Manifest(
         generation=generation, created=now(), updated=now(), lineage=lineage,
         model=ModelRef(fingerprint=fp, path=cfg.model, key_dim=key_dim, vocab_size=len(tokenizer)),
-        index=IndexRef(factory=cfg.index.factory, metric="l2", nprobe=cfg.index.nprobe,
-                       quantizer="quantizer.faiss" if trained else None, mmap=cfg.index.mmap),
+        index=index_ref,
         build={"window": cfg.window, "stride": cfg.stride, "config_source": config_source,
                "config": cfg.model_dump(exclude={"overwrite"}), "processes": ranks.world,
                "encode_seconds": round(encode_s, 2), "index_seconds": round(index_s, 2)},
@@ -185,52 +203,77 @@ def _build(cfg: DatastoreConfig, out: Path, model, tokenizer, fp: str, docs: lis
     return Datastore.open(out, fingerprint=fp, device=cfg.index.device)
 
 
-def _leave_out_removed(cfg: DatastoreConfig, out: Path, docs: list[Document], excl: Exclusions,
-                       progress: bool) -> tuple[list[Document], int]:
-    """The documents earlier removals of this store do not bind the build to leave out, and how many they did."""
+def _leave_out_removed(cfg: DatastoreConfig, out: Path, groups: dict[str, list[Document]], excl: Exclusions,
+                       progress: bool) -> tuple[dict[str, list[Document]], int]:
+    """The groups without the documents earlier removals of this store bind the build to leave out (a group
+    left empty goes), and how many documents that was."""
     if not excl:
-        return docs, 0
-    kept = [d for d in docs if not excl.excludes(d.id, d.owner, d.sha256,
-                                                 slug(d.owner if cfg.shard_by == "owner" else (d.domain or "default")))]
+        return groups, 0
+    n = sum(len(v) for v in groups.values())
+    kept = {g: [d for d in docs if not excl.excludes(d.id, d.owner, d.sha256, slug(g))] for g, docs in groups.items()}
+    kept = {g: docs for g, docs in kept.items() if docs}
+    left = n - sum(len(v) for v in kept.values())
     if progress:
-        print(f"datastore: {len(docs) - len(kept)} document(s) left out: earlier opt-outs of this store bind its "
+        print(f"datastore: {left} document(s) left out: earlier opt-outs of this store bind its "
               f"rebuilds ({len(excl.requests)} removal request(s): {', '.join(excl.requests[:5])}"
               f"{' ...' if len(excl.requests) > 5 else ''})")
     if not kept:
         raise DatastoreError(f"{out}: every document of {cfg.corpus} was removed by an earlier opt-out")
-    return kept, len(docs) - len(kept)
+    return kept, left
 
 
 def _index_shards(cfg: DatastoreConfig, tmp: Path, shard_recs: list[ShardRecord], key_dim: int,
-                  progress: bool) -> Path | None:
-    """Train the quantizer once on a sample of all keys (when the index type needs one), then fill one
-    index per shard from its scratch keys and write its shard.json (setting the records' checksums).
-    Returns the quantizer file, None for an index that needs no training."""
-    probe = faiss.index_factory(key_dim, cfg.index.factory, faiss.METRIC_L2)
+                  extractor: KeyExtractor, progress: bool) -> IndexRef:
+    """Keep every shard's keys (keys.npy, float16), train the quantizer once when the index type needs one
+    (indexing.py: on `train_corpus` keys, or on keys sampled across the shards), then fill one index per
+    shard from its stored keys and write its shard.json (setting the records' checksums). Returns the
+    manifest's index description."""
+    for rec in shard_recs:
+        keys_from_f32(tmp / rec.dir, tmp / rec.dir / SCRATCH_KEYS, key_dim)  # kept once, float16
+    spec = cfg.index
+    ref = IndexRef(factory=spec.factory, metric="l2", nprobe=spec.nprobe, mmap=spec.mmap)
     trained = None
-    if not probe.is_trained:
-        sample = _sample_keys(tmp, shard_recs, key_dim, cfg.index.train_sample, seed=0)
-        if len(sample) < 2:
-            raise DatastoreError("too few keys to train the index quantizer")
-        if progress:
-            print(f"training index {cfg.index.factory} on {len(sample):,} sampled keys")
-        probe.train(sample)
-        faiss.write_index(probe, str(tmp / "quantizer.faiss"))
-        trained = tmp / "quantizer.faiss"
+    if not make_index(spec.factory, key_dim).is_trained:
+        if spec.train_corpus:
+            sample = _corpus_keys(spec, extractor, progress)
+        else:
+            sample = sample_keys([open_keys(tmp / r.dir, key_dim) for r in shard_recs], spec.train_sample, TRAIN_SEED)
+        trained = train_quantizer(spec.factory, key_dim, sample, tmp / "quantizer.faiss", progress)
+        ref.quantizer, ref.train_sample = "quantizer.faiss", spec.train_sample
+        ref.trained_on, ref.train_corpus = ("corpus", list(spec.train_corpus)) if spec.train_corpus else ("store", None)
     for rec in tqdm(shard_recs, desc="datastore: indexing", unit="shard", disable=not progress or None):
         sdir = tmp / rec.dir
-        index = faiss.read_index(str(trained)) if trained else faiss.index_factory(key_dim, cfg.index.factory, faiss.METRIC_L2)
-        keys = np.memmap(sdir / SCRATCH_KEYS, dtype=np.float32, mode="r").reshape(-1, key_dim)
-        for i in range(0, len(keys), 65536):
-            index.add(np.ascontiguousarray(keys[i:i + 65536]))
-        del keys
-        write_index(sdir, index)
-        keys_from_f32(sdir, sdir / SCRATCH_KEYS, key_dim)  # kept once, float16, for reindexing
+        write_index(sdir, fill_index(trained, spec.factory, key_dim, open_keys(sdir, key_dim)))
         rec.checksum = write_shard_info(sdir, {
             "name": rec.name, "owner": rec.owner, "entries": rec.entries, "documents": rec.documents,
-            "created": now(), "key_dim": key_dim, "index_factory": cfg.index.factory,
+            "created": now(), "key_dim": key_dim, "index_factory": spec.factory,
             "built_from": {"corpus": cfg.corpus, "domains": cfg.domains, "window": cfg.window, "stride": cfg.stride}})
-    return trained
+    if ref.trained_on == "store":
+        ref.trained_keys = keys_digest(tmp, shard_recs)
+    return ref
+
+
+def _corpus_keys(spec: IndexSpec, extractor: KeyExtractor, progress: bool) -> np.ndarray:
+    """`spec.train_sample` keys of the `train_corpus` text (rounded to float16 as stored keys are): its
+    documents in an order drawn with the training seed, encoded until enough keys are in hand, then that
+    many drawn with the same seed. A function of the corpus, the model and the config alone."""
+    docs = load_documents(spec.train_corpus)
+    if not docs:
+        raise DatastoreError(f"datastore.index.train_corpus: no documents in {spec.train_corpus}")
+    order = np.random.default_rng(TRAIN_SEED).permutation(len(docs))
+    parts, have = [], 0
+    bar = tqdm(total=spec.train_sample, desc="datastore: quantizer keys", unit="key", unit_scale=True,
+               disable=not progress or None)
+    for start in range(0, len(order), 8):
+        for dk in extractor.iter_documents([docs[int(i)].text for i in order[start:start + 8]]):
+            parts.append(dk.keys.astype(KEYS_DTYPE))
+            have += len(dk.keys)
+            bar.update(len(dk.keys))
+        if have >= spec.train_sample:
+            break
+    bar.close()
+    keys = np.concatenate(parts) if parts else np.zeros((0, extractor.model.get_output_embeddings().in_features))
+    return sample_keys([keys], spec.train_sample, TRAIN_SEED)
 
 
 def _carry_history(out: Path, tmp: Path) -> None:
@@ -241,16 +284,3 @@ def _carry_history(out: Path, tmp: Path) -> None:
     for folder in ("removals", "receipts"):
         if (out / folder).is_dir():
             shutil.copytree(out / folder, tmp / folder)
-
-
-def _sample_keys(tmp: Path, shard_recs: list[ShardRecord], dim: int, n: int, seed: int) -> np.ndarray:
-    total = sum(r.entries for r in shard_recs)
-    rng = np.random.default_rng(seed)
-    take = np.sort(rng.choice(total, size=min(n, total), replace=False))
-    out, base = [], 0
-    for rec in shard_recs:
-        keys = np.memmap(tmp / rec.dir / SCRATCH_KEYS, dtype=np.float32, mode="r").reshape(-1, dim)
-        local = take[(take >= base) & (take < base + rec.entries)] - base
-        out.append(np.asarray(keys[local]))
-        base += rec.entries
-    return np.ascontiguousarray(np.concatenate(out))

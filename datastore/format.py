@@ -171,7 +171,27 @@ class IndexRef:
     nprobe: int = 16
     quantizer: str | None = None  # "quantizer.faiss" when trained (IVF/PQ)
     mmap: bool = True  # readers map the shards (datastore/ondisk.py) unless they ask otherwise
+    # what a trained quantizer was trained on (datastore/indexing.py): "store" (keys sampled across the
+    # shards; a removal retrains it) or "corpus" (keys of `train_corpus`, text no store owner can withdraw)
+    trained_on: str | None = None
+    train_corpus: list[str] | None = None
+    train_sample: int | None = None  # keys drawn to train it (seed indexing.TRAIN_SEED)
+    trained_keys: str | None = None  # "store": digest of the shards' keys it was trained on (indexing.keys_digest)
     extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = _flat(self)
+        for key in ("trained_on", "train_corpus", "train_sample", "trained_keys"):
+            if out[key] is None:
+                del out[key]  # a flat store's manifest, or one written before these existed, reads the same
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "IndexRef":
+        ref = _sub(cls, data)
+        if ref.quantizer and ref.trained_on is None:
+            ref.trained_on = "store"  # stores built before the field existed trained on their own keys
+        return ref
 
 
 def _sub(cls, data: dict):
@@ -204,13 +224,13 @@ class Manifest:
     def from_json(cls, data: dict) -> "Manifest":
         known, extra = _split(cls, data)
         known["model"] = _sub(ModelRef, known["model"])
-        known["index"] = _sub(IndexRef, known["index"])
+        known["index"] = IndexRef.from_json(known["index"])
         known["shards"] = [ShardRecord.from_json(r) for r in known["shards"]]
         return cls(**known, extra=extra)
 
     def to_json(self) -> dict:
         out = {"format": self.format, "generation": int(self.generation), "created": self.created,
-               "updated": self.updated, "model": _flat(self.model), "index": _flat(self.index),
+               "updated": self.updated, "model": _flat(self.model), "index": self.index.to_json(),
                "build": self.build, "shards": [r.to_json() for r in self.shards], **self.extra}
         if self.lineage:
             out["lineage"] = self.lineage

@@ -118,8 +118,13 @@ class KeyExtractor:
 
     @torch.inference_mode()
     def hidden(self, batch_ids: list[list[int]]) -> torch.Tensor:
-        """Output-layer inputs for a batch of token lists (right-padded): [B, T, d] float32."""
-        T = max(len(x) for x in batch_ids)
+        """Output-layer inputs for a batch of token lists, right-padded to the window: [B, window, d] float32.
+
+        Always the window's length, never the batch's longest list: the arithmetic then has the same shape
+        whatever else is in the batch, so a position's key is a function of its document alone (bit for
+        bit on the CPU: padding to the batch's longest list moved keys by up to 1e-6). A store rebuilt
+        without some documents then holds exactly the keys the others had (datastore/equivalence.py)."""
+        T = max(self.window, max(len(x) for x in batch_ids))
         ids = torch.full((len(batch_ids), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch_ids), T), dtype=torch.long)
         for i, x in enumerate(batch_ids):

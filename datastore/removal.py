@@ -28,7 +28,7 @@ are listed in `CRASH_POINTS`.
 from __future__ import annotations
 
 import json
-import shutil
+import time
 from pathlib import Path
 
 from silo.core.files import crash_point, fsync_path, sha256_file, write_json_atomic
@@ -36,7 +36,9 @@ from silo.core.files import crash_point, fsync_path, sha256_file, write_json_ato
 from .blocks import compact_blocks, has_blocks
 from .infgram import compact_infgram, has_infgram
 from .format import Manifest, ShardRecord, StoredDocument, now, store_lock
+from .indexing import keys_digest, quantizer_is_stale, reindex_shards, remove_unreferenced
 from .journal import JournalRecord, append_journal, read_journal
+from .keys_store import has_keys
 from .removal_records import (
     REQUEST_ID_RE, Generations, JournalLink, Receipt, RemovalError, RemovalForbidden, RemovalRequest, RemovalState,
     RemovalTargets, Removed, ShardTarget, ShardVersion, listing,
@@ -49,6 +51,7 @@ CRASH_POINTS = (
     "mid_compaction_write",  # half of the new shard folder written, manifest still on the old folder
     "after_compaction_manifest_write",  # manifest points to the compacted folder, state still "applied"
     "before_old_shard_delete",  # manifest no longer references the old folder(s), they still exist
+    "after_retrain_manifest_write",  # a store-trained quantizer retrained, state still "applied"
     "before_receipt",  # everything done except the receipt
 )
 
@@ -282,9 +285,13 @@ class RemovalManager:
                 self._compact_shard(target.name)
             crash_point("before_old_shard_delete")
             self.collect_garbage()
+            retrained = self._retrain_quantizer(state)
             manifest = Manifest.read(self.path)
             self._journal_once("removal_compacted", rid, generation=int(manifest.generation),
-                               shards=[x.to_json() for x in self._after(state, manifest)])
+                               shards=[x.to_json() for x in self._after(state, manifest)],
+                               **({"retrained": retrained} if retrained else {}))
+            if retrained:
+                state.retrained = retrained
             self._set_status(state, "compacted", generation_compacted=int(manifest.generation))
         crash_point("before_receipt")
         return self._ensure_receipt(state)
@@ -322,24 +329,59 @@ class RemovalManager:
         manifest.write(self.path)
         crash_point("after_compaction_manifest_write")
 
+    def _retrain_quantizer(self, state: RemovalState) -> dict | None:
+        """A quantizer trained on keys sampled across the store still averages the removed keys: retrain it
+        from the keys that stay, with the build's sample size and seed, and rebuild every shard's index from
+        its stored keys (new folders, one manifest write, the old ones deleted), so the store equals a build
+        without the removed content. A pass over the whole store; a quantizer trained on `train_corpus`
+        keys (no store owner's) is kept and this costs nothing. Idempotent: a quantizer already trained on
+        the current keys is kept (resume after a crash)."""
+        manifest = Manifest.read(self.path)
+        if not quantizer_is_stale(self.path, manifest):
+            return self._retrained_before_crash(manifest, state)
+        t0 = time.time()
+        unkept = [r.name for r in manifest.shards if not has_keys(self.path / r.dir)]
+        if unkept:  # a store built before shards kept their keys: nothing to retrain from; said in the receipt
+            return {"skipped": f"shards {', '.join(unkept[:5])} keep no keys (keys.npy; built before they existed): "
+                               "the quantizer still holds what the removed keys added until the store is rebuilt"}
+        if not manifest.shards:  # nothing left to train on: the quantizer goes with the last shard
+            manifest.index.quantizer, manifest.index.trained_keys = None, None
+            recs, name, train_s = [], None, 0.0
+        else:
+            gen = int(manifest.generation) + 1
+            ix = manifest.index
+            recs, name, train_s = reindex_shards(self.path, manifest, ix.factory, ix.train_sample or 200_000, gen)
+            manifest.shards, manifest.index.quantizer = recs, name
+            manifest.index.trained_keys = keys_digest(self.path, recs)
+        manifest.next_generation()
+        manifest.write(self.path)
+        crash_point("after_retrain_manifest_write")
+        self.collect_garbage(manifest)
+        return {"quantizer": manifest.index.quantizer, "generation": int(manifest.generation),
+                "train_sample": manifest.index.train_sample, "keys": sum(r.entries for r in recs),
+                "train_seconds": round(train_s, 2), "seconds": round(time.time() - t0, 2)}
+
+    @staticmethod
+    def _retrained_before_crash(manifest: Manifest, state: RemovalState) -> dict | None:
+        """The record of a retraining this request finished before a crash cut it short (its quantizer is
+        newer than the request's "applied" generation), so the receipt still says so; else None."""
+        name = manifest.index.quantizer or ""
+        gen = name.removeprefix("quantizer@g").removesuffix(".faiss")
+        if manifest.index.trained_on != "store" or not gen.isdigit() or int(gen) <= (state.generation_applied or 0):
+            return None
+        return {"quantizer": name, "generation": int(gen), "train_sample": manifest.index.train_sample,
+                "keys": sum(r.entries for r in manifest.shards), "resumed": True}
+
     # ------------------------------------------------------------------------------ gc / resume
     def collect_garbage(self, manifest: Manifest | None = None) -> list[str]:
-        """Delete folders under shards/ that the manifest does not reference (dropped or superseded
-        shards, half-written compactions) and stray temp files. Lists one folder; reads no shard."""
+        """Delete folders under shards/ and quantizer files that the manifest does not reference (dropped or
+        superseded shards, half-written compactions or retrainings) and stray temp files. Lists one folder;
+        reads no shard."""
         manifest = manifest or Manifest.read(self.path)
-        # Compare names, not resolved paths: one listing, no per-shard syscalls (cost stays flat).
-        live = {Path(r.dir).as_posix().strip("/") for r in manifest.shards}
-        gone = []
-        sdir = self.path / "shards"
-        for p in sorted(sdir.iterdir()) if sdir.exists() else []:
-            if f"shards/{p.name}" not in live and p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-                gone.append(p.name)
+        gone = remove_unreferenced(self.path, manifest)
         for folder in (self.path, self.removals_dir, self.receipts_dir):
             for tmp in folder.glob(".*.tmp-*") if folder.exists() else []:
                 tmp.unlink(missing_ok=True)
-        if gone and sdir.exists():
-            fsync_path(sdir)
         return gone
 
     def resume(self, request_id: str) -> Receipt:
@@ -415,6 +457,22 @@ class RemovalManager:
             self._set_status(state, "verified", verification=verification)
             return self._write_receipt(state)
 
+    def record_exactness(self, request_id: str, report: dict) -> Receipt:
+        """Attach the equivalence check and MUSE report (`silo.workflows.exactness`) to the request's state
+        and receipt; journal ``removal_exactness`` with its verdict and the new receipt's hash (each run is
+        journaled: a later run replaces the report, the chain keeps every verdict). Returns the receipt."""
+        with self.lock():
+            state = self._load(request_id)
+            if state.status not in ("compacted", "verified"):
+                raise RemovalError(f"request {request_id!r} is {state.status}; compact it first", "request_id")
+            state.exactness = report
+            self._save(state)
+            receipt = self._write_receipt(state)
+            append_journal(self.path / "journal.jsonl", "removal_exactness", request_id=request_id,
+                           passed=bool(report.get("passed")), generation=int(Manifest.read(self.path).generation),
+                           receipt_sha256=sha256_file(self.receipts_dir / f"{request_id}.json"))
+            return receipt
+
     # ------------------------------------------------------------------------------ receipt
     def _after(self, state: RemovalState, manifest: Manifest) -> list[ShardVersion]:
         out = []
@@ -439,6 +497,7 @@ class RemovalManager:
             timestamps=dict(state.timestamps, receipt=now()), verification=state.verification,
             journal=tuple(JournalLink(r.seq, r.event, r.hash) for r in mine),
             rollouts=list(state.rollouts) if state.rollout_required else None,
+            retrained=state.retrained, exactness=state.exactness,
         )
         self.receipts_dir.mkdir(exist_ok=True)
         path = self.receipts_dir / f"{rid}.json"

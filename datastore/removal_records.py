@@ -183,6 +183,10 @@ class RemovalState:
     # record per generation rolled out, with each replica's acknowledgement)
     rollout_required: bool = False
     rollouts: list = field(default_factory=list)
+    # a quantizer trained on the store's own keys, retrained at compaction without the removed ones
+    # (RemovalManager._retrain_quantizer): its file, generation, keys and seconds
+    retrained: dict | None = None
+    exactness: dict | None = None  # the equivalence check and MUSE report (`silo datastore verify-removal`)
 
     @property
     def request_id(self) -> str:
@@ -356,6 +360,10 @@ class Receipt:
     verification: dict | None
     journal: tuple[JournalLink, ...]
     rollouts: list | None = None  # a cluster's store: each generation's rollout to the replicas (acks)
+    retrained: dict | None = None  # the store-trained quantizer retrained at compaction (RemovalState.retrained)
+    # the comparison with a store built without the removed content, and the MUSE-style report (privacy
+    # leakage, utility, sustainability, verbatim): `silo datastore verify-removal`; ids, counts and scores only
+    exactness: dict | None = None
 
     @property
     def passed(self) -> bool | None:
@@ -370,6 +378,8 @@ class Receipt:
                 "generations": self.generations.to_json(), "timestamps": dict(self.timestamps),
                 "verification": self.verification,
                 **({"rollouts": list(self.rollouts)} if self.rollouts is not None else {}),
+                **({"retrained": self.retrained} if self.retrained is not None else {}),
+                **({"exactness": self.exactness} if self.exactness is not None else {}),
                 "journal": [x.to_json() for x in self.journal]}
 
     @classmethod
@@ -380,7 +390,8 @@ class Receipt:
                    shards_after=tuple(ShardVersion.from_json(x) for x in data["shards_after"]),
                    generations=Generations(**data["generations"]), timestamps=dict(data["timestamps"]),
                    verification=data.get("verification"),
-                   journal=tuple(JournalLink(**x) for x in data["journal"]), rollouts=data.get("rollouts"))
+                   journal=tuple(JournalLink(**x) for x in data["journal"]), rollouts=data.get("rollouts"),
+                   retrained=data.get("retrained"), exactness=data.get("exactness"))
 
 
 @dataclass
@@ -399,6 +410,12 @@ class Exclusions:
 
     def __bool__(self) -> bool:
         return bool(self.requests)
+
+    def union(self, other: "Exclusions") -> "Exclusions":
+        """What both bind a build to leave out (a reference build honours another store's removals too)."""
+        return Exclusions(self.owners | other.owners, self.shards | other.shards,
+                          self.document_ids | other.document_ids, self.sha256 | other.sha256,
+                          self.requests + [r for r in other.requests if r not in self.requests])
 
 
 def read_exclusions(store_path) -> Exclusions:

@@ -352,7 +352,9 @@ def test_crash_at_every_point_then_open_and_resume(tiny_store, tmp_path):
     finish the request exactly."""
     base = Manifest.read(tiny_store).generation
     _, doc, passage = play_doc(tiny_store)
-    cases = [("documents", p) for p in CRASH_POINTS] + [("owner", p) for p in OWNER_POINTS]
+    # a flat store has no quantizer to retrain: test_exactness crashes a retraining
+    cases = [("documents", p) for p in CRASH_POINTS if p != "after_retrain_manifest_write"]
+    cases += [("owner", p) for p in OWNER_POINTS]
     procs = []
     for kind, point in cases:
         dst = tmp_path / f"{kind}-{point}"

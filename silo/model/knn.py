@@ -160,27 +160,33 @@ class MixedPositions:
         """The n most probable tokens at each position under the mixture (needs `pos.logp_rows`)."""
         N = len(pos.targets)
         ids, vals = np.zeros((N, n), np.int64), np.zeros((N, n))
-        tau = np.broadcast_to(np.asarray(self.tau, dtype=np.float64), (N,))
         for s in range(0, N, chunk):
             rows = slice(s, min(N, s + chunk))
-            p = torch.from_numpy(pos.logp_rows[rows]).double().exp()
-            lam = self.fixed if self.fixed is not None else self.lmbda[rows]
-            lam_t = torch.as_tensor(np.broadcast_to(np.asarray(lam, np.float64), (p.shape[0],)).copy())[:, None]
-            mixed = (1 - lam_t) * p
-            if self.nb is not None and self.nb.tokens.shape[1]:
-                toks = self.nb.tokens[rows, :k]
-                with np.errstate(invalid="ignore"):
-                    w = np.exp(neighbor_log_weights(self.nb.distances[rows, :k], toks, tau[rows],
-                                                    None if self.bonus is None else self.bonus[rows]))
-                w = np.where(toks >= 0, np.nan_to_num(w), 0.0)
-                p_knn = torch.zeros_like(p).scatter_add_(1, torch.from_numpy(np.maximum(toks, 0).astype(np.int64)),
-                                                        torch.from_numpy(w))
-                mixed = mixed + lam_t * p_knn
-            mixed = torch.where(lam_t > 0, mixed, p)  # lambda 0: the LM's distribution itself
-            with np.errstate(divide="ignore"):
-                best = torch.topk(torch.log(mixed), min(n, vocab_size), dim=-1)
+            best = torch.topk(self.log_rows(pos, rows, k), min(n, vocab_size), dim=-1)
             ids[rows], vals[rows] = best.indices.numpy(), best.values.numpy()
         return TopTokens(ids, vals)
+
+    def log_rows(self, pos: PositionBatch, rows: slice, k: int) -> torch.Tensor:
+        """The mixture's whole next-token log-distribution at positions `rows` ([n, vocab] float64; needs
+        `pos.logp_rows`): what `top` ranks, a removal's equivalence check compares and Min-K%++ scores."""
+        N = len(pos.targets)
+        tau = np.broadcast_to(np.asarray(self.tau, dtype=np.float64), (N,))
+        p = torch.from_numpy(pos.logp_rows[rows]).double().exp()
+        lam = self.fixed if self.fixed is not None else self.lmbda[rows]
+        lam_t = torch.as_tensor(np.broadcast_to(np.asarray(lam, np.float64), (p.shape[0],)).copy())[:, None]
+        mixed = (1 - lam_t) * p
+        if self.nb is not None and self.nb.tokens.shape[1]:
+            toks = self.nb.tokens[rows, :k]
+            with np.errstate(invalid="ignore"):
+                w = np.exp(neighbor_log_weights(self.nb.distances[rows, :k], toks, tau[rows],
+                                                None if self.bonus is None else self.bonus[rows]))
+            w = np.where(toks >= 0, np.nan_to_num(w), 0.0)
+            p_knn = torch.zeros_like(p).scatter_add_(1, torch.from_numpy(np.maximum(toks, 0).astype(np.int64)),
+                                                    torch.from_numpy(w))
+            mixed = mixed + lam_t * p_knn
+        mixed = torch.where(lam_t > 0, mixed, p)  # lambda 0: the LM's distribution itself
+        with np.errstate(divide="ignore"):
+            return torch.log(mixed)
 
 
 @dataclass
