@@ -153,3 +153,74 @@ def test_document_removal_hides_then_rebuilds_the_shards_index(infstore, tmp_pat
     assert info["shard_checksum"] == compacted.manifest.shard(shard.name).checksum
     assert info["documents"] == len(shard.documents) - 1
     assert all(compacted.document(s, d).id != doc.id for s, d in StoreNgrams(compacted).document_hits(run))
+
+
+def test_report_adds_infgram_rows_and_plots_perplexity_against_bytes(infstore, tiny_model, tmp_path):
+    """`silo report` on a store with inf-gram indexes and gates: the inf-gram columns per test domain, the
+    bytes each mode's files take on disk (checked against the files themselves) and the plot."""
+    import math
+
+    import yaml
+
+    from silo.cli import main
+    from silo.datastore.store import Datastore
+    from silo.research import load_research
+    from silo.research.tables import main_rows
+    from silo.workflows.evaluate import DomainResult, EvalResult
+
+    _, store0 = infstore
+    store = tmp_path / "store"
+    shutil.copytree(store0, store)  # the report builds BM25 blocks into it
+    out = tmp_path / "report"
+    cfg = {"eval": {"model": str(tiny_model), "store": str(store), "reference_model": str(tiny_model),
+                    "val": ["pkg:demo/val"], "test": ["pkg:demo/test"], "domains": ["shakespeare", "gcide"],
+                    "max_tokens": 120, "grid": {"k": [8], "lmbda": [0.0, 0.3], "tau": [1.0]},
+                    "ric": {"retrievers": ["bm25"]}, "output_dir": str(tmp_path / "eval")},
+           "research": {"output_dir": str(out), "blocks": {"block_tokens": 32, "stride": 16, "retrievers": ["bm25"]},
+                        "sweep": {"ric_blocks": [1], "ric_ensemble": [False]}, "scaling": {"enabled": False},
+                        "owner_effect": {"enabled": False}}}
+    path = tmp_path / "research.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["report", "--config", str(path)]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert {r["domain"] for r in results} == {"shakespeare", "gcide"}
+    for r in results:
+        for col in ("inf-gram", "kNN-LM + inf-gram", "kNN-LM gated", "RIC-LM (bm25)"):
+            assert isinstance(r[col], float) and math.isfinite(r[col]) and r[col] > 1, (col, r)
+    inf = json.loads((out / "infgram_rows.json").read_text())
+    assert set(inf["gates"]) == {"infgram", "knn+infgram"} and not inf["absent"]
+    assert all(0 <= row["infgram mean λ"] <= 1 for row in inf["domains"].values())
+
+    # bytes per mode: the sum of the real files in every shard folder, per stored token (entries.npy rows)
+    shards = [s.dir for s in Datastore.open(store).shards]
+    size = lambda paths: sum(p.stat().st_size for p in paths)  # noqa: E731
+    knn = size(d / f for d in shards for f in ("index.faiss", "entries.npy", "keys.npy"))
+    ig = size(d / "infgram" / f for d in shards for f in ("tokens.bin", "table.idx", "rows.npy", "starts.npy"))
+    bm25 = size([d / "blocks" / "blocks.jsonl" for d in shards] + [p for d in shards
+                                                                   for p in (d / "blocks" / "bm25").rglob("*") if p.is_file()])
+    tokens = sum(len(np.load(d / "entries.npy", mmap_mode="r")) for d in shards)
+    by = {r["mode"]: r for r in json.loads((out / "bytes.json").read_text())}
+    expect = {"kNN-LM": knn, "RIC-LM (bm25)": bm25, "inf-gram": ig, "kNN-LM + inf-gram": knn + ig}
+    assert set(by) == {"parametric", *expect}  # no dense blocks were built: RIC-LM (dense) is left out
+    for mode, want in expect.items():
+        assert want > 0 and by[mode]["bytes"] == want, mode
+        assert by[mode]["bytes per token"] == pytest.approx(want / tokens)
+        assert math.isfinite(by[mode]["mean perplexity"]), mode
+    assert by["inf-gram"]["bytes per token"] < by["kNN-LM"]["bytes per token"]  # a few bytes against the keys
+    assert by["inf-gram"]["mean perplexity"] == pytest.approx(np.mean([r["inf-gram"] for r in results]))
+    assert by["kNN-LM"]["column"] == "kNN-LM gated"
+    assert (out / "perplexity_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "perplexity_vs_bytes.png" in md and "RIC-LM (dense): left out: no RIC-LM (dense) blocks" in md
+
+    # the gap closed of the inf-gram columns is computed as for the other rows, given a better reference
+    ev, _ = load_research(path)
+    rows = inf
+    dom = next(iter(rows["domains"]))
+    d = DomainResult(domain=dom, tokens=rows["domains"][dom]["tokens"], parametric=1000.0, reference=500.0)
+    res = EvalResult(model=ev.model, store=ev.store, reference_model=None, store_entries=0, window=1, stride=1,
+                     max_tokens=ev.max_tokens, tuned=False, domains=[d])
+    row = main_rows(res, None, rows)[0]
+    v = rows["domains"][dom]["infgram"]
+    assert row["inf-gram"] == v and row["gap closed inf-gram"] == f"{100 * (1000 - v) / 500:.0f}%"

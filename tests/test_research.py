@@ -135,3 +135,13 @@ def test_report_command_produces_tables_and_plots(research_setup):
         assert r["same (parametric)"] == pytest.approx(r["parametric"])
     report_md = (out / "report.md").read_text()
     assert "PD" in report_md and "not trained" in report_md and "scaling.png" in report_md
+    # a store without inf-gram indexes: no inf-gram columns, and the report says why in one line each
+    assert not any("inf-gram" in k for r in results for k in r)
+    why = [line for line in report_md.splitlines() if line.startswith("no inf-gram rows")]
+    assert len(why) == 1 and why[0].startswith("no inf-gram rows (infgram, knn+infgram): no inf-gram indexes")
+    assert "silo datastore build-infgram" in why[0] and "silo datastore fit-infgram" in why[0]
+    by = {r["mode"]: r for r in json.loads((out / "bytes.json").read_text())}
+    assert set(by) == {"parametric", "kNN-LM", "RIC-LM (bm25)", "RIC-LM (dense)"}
+    assert all(by[m]["bytes"] > 0 and by[m]["mean perplexity"] > 1 for m in by if m != "parametric")
+    assert "inf-gram: left out: no inf-gram indexes" in report_md
+    assert (out / "perplexity_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

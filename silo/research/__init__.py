@@ -1,7 +1,8 @@
 """The research harness: SILO's risk-performance trade-off in one command (`silo report`).
 
 config.py (the `research:` section), snapshots.py (in-memory views of a store), experiments.py (sweep,
-scaling, opt-out effect, variants), tables.py and plots.py (outputs), report.py (all of it in one folder).
+scaling, opt-out effect, variants), modes.py (the inf-gram rows, each mode's bytes on disk), tables.py and
+plots.py (outputs), report.py (all of it in one folder).
 """
 
 from .config import ResearchConfig, load_research

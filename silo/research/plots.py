@@ -120,3 +120,38 @@ def plot_skip(curve: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_bytes(rows: list[dict], path: Path) -> None:
+    """Mean test perplexity over the store's domains against datastore bytes per stored token, one point per
+    mode (log x); the parametric LM (no datastore) as a horizontal line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    for r in rows:
+        y = r.get("mean perplexity")
+        if y is None:
+            continue
+        if r["mode"] == "parametric":
+            ax.axhline(y, color="gray", ls=":", label=f"parametric ({y:.1f})")
+            continue
+        marker = "s" if r["mode"].startswith("RIC") else "^" if "inf-gram" in r["mode"] else "o"
+        ax.scatter([r["bytes per token"]], [y], marker=marker, s=40, label=f"{r['mode']} ({y:.1f})")
+        ax.annotate(f"{r['bytes per token']:.1f} B", (r["bytes per token"], y), fontsize=6, xytext=(4, 3),
+                    textcoords="offset points")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.margins(x=0.15)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("datastore bytes per stored token on disk (log scale)")
+    ax.set_ylabel("test perplexity, mean over the store's domains")
+    ax.set_title("Perplexity against datastore size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -15,7 +15,8 @@ from silo.workflows.evaluate import EvalConfig, cached_collect, domain_texts, ev
 
 from .config import ResearchConfig
 from .experiments import ensure_blocks, owner_effect, scaling, sweep, variant_rows
-from .plots import plot_domains, plot_gate, plot_lambda, plot_scaling, plot_skip
+from .modes import bytes_rows, infgram_rows
+from .plots import plot_bytes, plot_domains, plot_gate, plot_lambda, plot_scaling, plot_skip
 from .tables import main_rows, write_table
 
 
@@ -45,10 +46,12 @@ def report(ev: EvalConfig, rc: ResearchConfig, progress: bool = True) -> dict:
     lm.swap_store(Datastore.open(ev.store, fingerprint=lm.fingerprint))
     ref = SiloLM.load(ev.reference_model, window=ev.window, stride=ev.stride) if ev.reference_model else None
     cache: dict = {}
-    steps = tqdm(total=6, desc="report", unit="step", disable=not progress or None)
+    steps = tqdm(total=7, desc="report", unit="step", disable=not progress or None)
 
     res = evaluate(ev, progress=progress, lm=lm, ref=ref, cache=cache, write=False)
     knn_sweeps = res.sweeps
+    steps.update()
+    inf = infgram_rows(ev, lm, cache)
     steps.update()
     sw = sweep(ev, rc, lm, cache, progress, knn_sweeps=knn_sweeps if not rc.sweep.max_tokens else None)
     steps.update()
@@ -60,11 +63,15 @@ def report(ev: EvalConfig, rc: ResearchConfig, progress: bool = True) -> dict:
     steps.update()
 
     md = [_header(ev, res)]
-    rows = main_rows(res, va)
+    rows = main_rows(res, va, inf)
     md.append(write_table(out, "results", rows, "Test perplexity per domain (kNN-LM tuned on validation)"))
+    md.append(_infgram_lines(inf))
     (out / "results_full.json").write_text(json.dumps(res.to_json(), indent=1))
+    (out / "infgram_rows.json").write_text(json.dumps(inf, indent=1))
     md += _sweep_tables(out, sw)
     plots = _plots(ev, rc, lm, cache, out, sw, rows)
+    by = _bytes_section(out, rc, lm.store, rows, plots)
+    md.append(by["md"])
     if sc is not None:
         md.append(_scaling_table(out, rc, sc, plots))
     if oo is not None:
@@ -78,7 +85,7 @@ def report(ev: EvalConfig, rc: ResearchConfig, progress: bool = True) -> dict:
     (out / "report.md").write_text("\n".join(md))
     steps.update()
     steps.close()
-    return {"output_dir": str(out), "results": res, "rows": rows, "sweep": sw, "scaling": sc, "owner_effect": oo,
+    return {"output_dir": str(out), "results": res, "rows": rows, "infgram": inf, "bytes": by["rows"], "sweep": sw, "scaling": sc, "owner_effect": oo,
             "variants": va, "plots": sorted(plots), "seconds": round(time.time() - t0, 1)}
 
 
@@ -136,6 +143,30 @@ def _plots(ev: EvalConfig, rc: ResearchConfig, lm: SiloLM, cache: dict, out: Pat
             plot_skip(gate.skip.curve, out / "skip_curve.png")
             plots["skip_curve.png"] = "retrieval skipping: validation perplexity against the share of searches skipped"
     return plots
+
+
+def _infgram_lines(inf: dict) -> str:
+    """Under the results: the inf-gram gates served, and why an inf-gram mode has no column."""
+    lines = [f"inf-gram column {m!r}: served gate over the {g['base']} ({g['mode']}"
+             + (f": {g['fallback']}" if g.get("fallback") else "") + ")" for m, g in inf["gates"].items()]
+    by_reason: dict[str, list[str]] = {}
+    for m, why in inf["absent"].items():
+        by_reason.setdefault(why, []).append(m)
+    lines += [f"no inf-gram rows ({', '.join(ms)}): {why}" for why, ms in by_reason.items()]
+    return "".join(f"{line}\n\n" for line in lines)
+
+
+def _bytes_section(out: Path, rc: ResearchConfig, store: Datastore, rows: list[dict], plots: dict[str, str]) -> dict:
+    """The bytes-per-token table (bytes.md/json/csv) and (with rc.plots) its plot, added to `plots`."""
+    brows, notes = bytes_rows(store, rows)
+    md = write_table(out, "bytes", brows, "Datastore bytes per stored token on disk against test perplexity "
+                                          "(mean over the store's domains)")
+    md += "".join(f"\n{n}\n" for n in notes)
+    if rc.plots and any(r["mean perplexity"] is not None for r in brows if r["mode"] != "parametric"):
+        plot_bytes(brows, out / "perplexity_vs_bytes.png")
+        plots["perplexity_vs_bytes.png"] = ("test perplexity (mean over the store's domains) against datastore bytes "
+                                            "per stored token, per mode")
+    return {"md": md, "rows": brows, "notes": notes}
 
 
 def _scaling_table(out: Path, rc: ResearchConfig, sc: dict, plots: dict[str, str]) -> str:
