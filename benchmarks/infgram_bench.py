@@ -141,10 +141,15 @@ def main() -> None:
     lm = SiloLM.load(a.model, a.store)
     ref = SiloLM.load(a.reference) if a.reference else None
     out = {"bytes": store_bytes(lm)}
-    for name, fn in (("perplexity", lambda: perplexities(lm, a.tokens, ref)), ("latency", lambda: latency(lm, a.queries)),
-                     ("opt_out", lambda: opt_out(lm, a.owner, a.domain, a.tokens)),
-                     ("reproduction", lambda: reproduction(lm, a.prompts, a.cap))):
-        if name.split("_")[0] not in a.skip:
+    parts = (("ppl", "perplexity", lambda: perplexities(lm, a.tokens, ref)),
+             ("latency", "latency", lambda: latency(lm, a.queries)),
+             ("optout", "opt_out", lambda: opt_out(lm, a.owner, a.domain, a.tokens)),
+             ("reproduction", "reproduction", lambda: reproduction(lm, a.prompts, a.cap)))
+    unknown = set(a.skip) - {part for part, _, _ in parts}
+    if unknown:
+        ap.error(f"--skip: unknown part(s) {sorted(unknown)}; the parts are ppl, latency, optout, reproduction")
+    for part, name, fn in parts:
+        if part not in a.skip:
             out[name] = fn()
             print(json.dumps({name: out[name]}, indent=1), flush=True)
     print(json.dumps(out, indent=1))
