@@ -204,7 +204,8 @@ def test_generated_log_probs_are_the_gated_mixture_that_scoring_gives(gated):
         assert np.abs(got - rescored.logp[n:]).max() < 1e-4
         assert np.abs(np.array([t.lmbda for t in comp.logprobs]) - rescored.lmbda[n:]).max() < 1e-4
         assert np.abs(np.array([t.logprob for t in comp.prompt_logprobs]) - rescored.logp[:n]).max() < 1e-6
-        assert max(t.lmbda for t in comp.logprobs) > 0
+        if prompt == stored:  # the store's own text: the comparison covers steps where the store counts (text
+            assert max(t.lmbda for t in comp.logprobs) > 0.5  # the store does not hold may rightly get lambda 0)
 
 
 def test_joint_prefill_searches_all_prompts_at_once_with_the_same_states(gated, monkeypatch):
