@@ -44,6 +44,7 @@ from silo.datastore.store import Datastore
 
 from .attribution import attribute_steps
 from .evidence import RecentGain, recent_gain, token_gain
+from .knn import mix_logp
 from .protocols import SequenceRetrieval
 from .sampling import row_values
 from .types import LMState, PositionBatch, ScoreResult, SiloInputError, StepSupport
@@ -97,14 +98,6 @@ def features(st: PositionStats, lm: LMState, recent: np.ndarray) -> np.ndarray:
                     lm.entropy, lm.top_p, recent[:, 0], recent[:, 1]], axis=1)
     out[~st.have] = 0.0
     return out
-
-
-def mix(logp_base: np.ndarray, logp_inf: np.ndarray, lam: np.ndarray) -> np.ndarray:
-    """log(lambda * p_inf + (1 - lambda) * p_base), exactly the base where lambda is 0."""
-    lam = np.clip(lam.astype(np.float64), 0.0, 1.0)
-    with np.errstate(divide="ignore"):
-        mixed = np.logaddexp(np.log(lam) + logp_inf, np.log1p(-lam) + logp_base)
-    return np.where(lam > 0, mixed, logp_base.astype(np.float64))
 
 
 @dataclass
@@ -256,7 +249,7 @@ class InfgramRetriever:
         st = PositionStats.of(conts, pos.targets, pos.lm.top_token)
         recent = recent_gain(token_gain(st.logp, pos.logp_lm), st.have, pos.text_index)
         lam = self.gate.lambdas(features(st, pos.lm, recent), st.have)
-        return mix(base_logp, st.logp, lam), lam, st
+        return mix_logp(base_logp, st.logp, lam), lam, st
 
     def score_ids(self, lm, id_lists: Sequence[Sequence[int]], top: int = 0) -> list[ScoreResult]:
         if top:

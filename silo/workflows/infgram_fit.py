@@ -17,10 +17,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from silo.model.infgram import InfgramGate, InfgramRetriever, PositionStats, features, load_gates, mix, \
+from silo.model.infgram import InfgramGate, InfgramRetriever, PositionStats, features, load_gates, \
     position_continuations, save_gates
 from silo.datastore.format import now
 from silo.model.gate import STD_FLOOR, FEATURE_CLIP
+from silo.model.knn import mix_logp
 from silo.model.types import PositionBatch, SiloInputError
 
 from .gate_check import LM_SAMPLES_FACTOR, MIN_FIXED_LAMBDA, failures, held_out_rows
@@ -107,11 +108,11 @@ def _fit(prob: Problem, cfg: GateConfig) -> tuple[InfgramGate, dict]:
 
     fixed_A, gated_A = pair(A)
     held = {"labels": prob.labels[B], "parametric": prob.base[B],
-            "fixed": mix(prob.base[B], prob.logp_inf[B], _lam(fixed_A, none[B], prob.have[B])),
-            "gated": mix(prob.base[B], prob.logp_inf[B], _lam(gated_A, prob.X[B], prob.have[B]))}
+            "fixed": mix_logp(prob.base[B], prob.logp_inf[B], _lam(fixed_A, none[B], prob.have[B])),
+            "gated": mix_logp(prob.base[B], prob.logp_inf[B], _lam(gated_A, prob.X[B], prob.have[B]))}
     fixed, gated = pair(np.ones(n, bool))
     lam = _lam(gated, prob.X, prob.have)
-    floor, floor_report = fit_floor(lam, lambda floored: mix(prob.base, prob.logp_inf, floored), prob.labels)
+    floor, floor_report = fit_floor(lam, lambda floored: mix_logp(prob.base, prob.logp_inf, floored), prob.labels)
     gate = InfgramGate(base="lm", mean=prob.mean.tolist(), std=prob.std.tolist(), weights=gated.weights.tolist(),
                        bias=gated.bias, lambda_max=cfg.lambda_max, min_lambda=floor, fitted=now())
     report = {"positions": n, "nll_base": float(-prob.base.mean()), "nll_gated": gated.nll, "nll_fixed": fixed.nll,
@@ -138,7 +139,7 @@ def _fallback(gate: InfgramGate, prob: Problem, lam0: float, tolerance: float, r
     doms = sorted(set(prob.labels.tolist()))
     lam = lam0
     while lam >= MIN_FIXED_LAMBDA:
-        lp = mix(prob.base, prob.logp_inf, np.where(prob.have, lam, 0.0))
+        lp = mix_logp(prob.base, prob.logp_inf, np.where(prob.have, lam, 0.0))
         ok = all(-lp[prob.labels == d].mean() <= -prob.base[prob.labels == d].mean()
                  + math.log1p((LM_SAMPLES_FACTOR if d == LM_SAMPLES else 1.0) * tolerance) for d in doms)
         if ok:
